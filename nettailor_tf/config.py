@@ -1,0 +1,88 @@
+"""A run's whole configuration, read once from the flags and checked before any work.
+
+Library code takes a `Config` (or pieces of it), never absl FLAGS.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from nettailor_tf.backbones import BACKBONES, PACKAGED_IMAGENET, build_backbone
+from nettailor_tf.train import STRATEGIES, Schedule
+
+STAGES = ("teacher",)
+
+
+class ConfigError(ValueError):
+    """A bad flag value: one line naming the flag and what it accepts."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    workdir: str
+    tasks: tuple[str, ...]
+    stages: tuple[str, ...] = STAGES
+    backbone: str = "efficientnet_lite0"
+    backbone_weights: str = "imagenet"  # 'imagenet', 'random', or a weights file
+    image_size: int = 64
+    teacher: Schedule = Schedule(epochs=2, batch_size=32, learning_rate=0.01, decay_epochs=20)
+    data_dir: str | None = None
+    download: bool = False
+    seed: int = 0
+    strategy: str = "default"
+    num_cpu_devices: int = 1
+    jit_compile: bool = False
+    checkpoint_every: int = 200
+    log_every: int = 20
+    eval_batch_size: int = 128
+    max_steps: int | None = None  # stop each stage early, as an interruption would
+
+    def validate(self) -> None:
+        """Raises ConfigError on the first bad value; cheap, runs before any work."""
+        if not self.workdir:
+            raise ConfigError("--workdir is required: the folder every output of the run goes to")
+        if not self.tasks:
+            raise ConfigError("--tasks is required: e.g. --tasks=mnist5k,digits")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"--tasks lists a task twice: {','.join(self.tasks)}")
+        for stage in self.stages:
+            if stage not in STAGES:
+                raise ConfigError(f"--stages: unknown stage {stage!r}; accepted: {', '.join(STAGES)}")
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"--backbone={self.backbone!r} is not one of {', '.join(BACKBONES)}")
+        if self.backbone_weights == "imagenet" and self.backbone not in PACKAGED_IMAGENET:
+            raise ConfigError(
+                f"--backbone_weights=imagenet: no packaged ImageNet weights for {self.backbone} "
+                f"(packaged: {', '.join(PACKAGED_IMAGENET)}); pass a weights file or 'random'")
+        if self.backbone_weights not in ("imagenet", "random") and not os.path.isfile(
+                self.backbone_weights):
+            raise ConfigError(f"--backbone_weights={self.backbone_weights!r}: no such file "
+                              f"(accepted: imagenet, random, or a .pth / .weights.h5 file)")
+        minimum = build_backbone(self.backbone).min_image_size
+        if self.image_size < minimum:
+            raise ConfigError(f"--image_size={self.image_size} is too small for {self.backbone}: "
+                              f"its blocks reduce the image {minimum}x, so use >= {minimum}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"--strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.num_cpu_devices < 1:
+            raise ConfigError(f"--num_cpu_devices={self.num_cpu_devices} must be >= 1")
+        _check_schedule("teacher", self.teacher)
+        for flag, value in (("checkpoint_every", self.checkpoint_every),
+                            ("log_every", self.log_every), ("eval_batch_size", self.eval_batch_size)):
+            if value < 1:
+                raise ConfigError(f"--{flag}={value} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"--max_steps={self.max_steps} must be >= 1 (or unset)")
+
+
+def _check_schedule(stage: str, s: Schedule) -> None:
+    if s.epochs < 1:
+        raise ConfigError(f"--{stage}_epochs={s.epochs} must be >= 1")
+    if s.batch_size < 1:
+        raise ConfigError(f"--{stage}_batch_size={s.batch_size} must be >= 1")
+    if not 0 < s.learning_rate <= 10:
+        raise ConfigError(f"--{stage}_lr={s.learning_rate} must be in (0, 10]")
+    if s.decay_epochs < 1:
+        raise ConfigError(f"--{stage}_decay_epochs={s.decay_epochs} must be >= 1")
+    if not 0 <= s.weight_decay < 1:
+        raise ConfigError(f"--weight_decay={s.weight_decay} must be in [0, 1)")

@@ -1,0 +1,274 @@
+"""Keras layers the backbones are made of.
+
+Every block returns its *pre-activation* output (NetTailor mixes the universal
+block with its proxies before the activation, SPEC.md section 3); the backbone
+states which activation follows a block.  All layers are registered and carry
+`get_config`, so models that use them survive a `.keras` round trip.
+"""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+PACKAGE = "nettailor_tf"
+
+# PyTorch's BN momentum 0.1 is Keras's 0.9.  Keras's default 0.99 makes the
+# moving statistics lag a fine-tuned network by about an epoch (SPEC.md 10).
+BN_MOMENTUM = 0.9
+
+ACTIVATIONS = {None: None, "relu": tf.nn.relu, "relu6": tf.nn.relu6}
+
+
+def apply_activation(x, name: str | None):
+    fn = ACTIVATIONS[name]
+    return x if fn is None else fn(x)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Normalize(keras.layers.Layer):
+    """Maps RGB pixel values in 0..255 to the backbone's input range.
+
+    Living inside the model, the normalisation is the same in training,
+    evaluation and every exported graph, so a phone feeds raw pixels.
+
+    Args:
+        mean: per-channel (or scalar) value subtracted.
+        std: per-channel (or scalar) divisor.
+    """
+
+    def __init__(self, mean, std, **kwargs):
+        super().__init__(**kwargs)
+        self.mean = [float(v) for v in mean]
+        self.std = [float(v) for v in std]
+
+    def call(self, images):
+        x = tf.cast(images, self.compute_dtype)
+        return (x - tf.constant(self.mean, x.dtype)) / tf.constant(self.std, x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "mean": self.mean, "std": self.std}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ConvBN(keras.layers.Layer):
+    """Convolution (no bias), batch norm, optional activation.
+
+    Args:
+        filters: output channels (ignored for depthwise, which keeps channels).
+        kernel_size: square kernel size.
+        strides: stride of the convolution.
+        padding: 'same' (TensorFlow's asymmetric padding, as the converted
+            EfficientNet checkpoint needs) or 'symmetric' (PyTorch's
+            `padding=kernel_size // 2`, as torchvision weights need).
+        depthwise: depthwise convolution instead of a full one.
+        activation: None, 'relu' or 'relu6', applied after the BN.
+        bn_epsilon: BN epsilon of the weights' source framework.
+    """
+
+    def __init__(self, filters, kernel_size=1, strides=1, padding="same", depthwise=False,
+                 activation=None, bn_epsilon=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        if padding not in ("same", "symmetric"):
+            raise ValueError(f"padding must be 'same' or 'symmetric', got {padding!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.strides = strides
+        self.padding = padding
+        self.depthwise = depthwise
+        self.activation = activation
+        self.bn_epsilon = bn_epsilon
+        pad = kernel_size // 2
+        self.pad = (keras.layers.ZeroPadding2D(pad, name="pad")
+                    if padding == "symmetric" and pad > 0 else None)
+        conv_padding = "same" if padding == "same" else "valid"
+        if depthwise:
+            self.conv = keras.layers.DepthwiseConv2D(
+                kernel_size, strides, padding=conv_padding, use_bias=False,
+                depthwise_initializer="he_normal", name="conv")
+        else:
+            self.conv = keras.layers.Conv2D(
+                filters, kernel_size, strides, padding=conv_padding, use_bias=False,
+                kernel_initializer="he_normal", name="conv")
+        self.bn = keras.layers.BatchNormalization(
+            momentum=BN_MOMENTUM, epsilon=bn_epsilon, name="bn")
+
+    def build(self, input_shape):
+        shape = input_shape
+        if self.pad is not None:
+            self.pad.build(shape)
+            shape = self.pad.compute_output_shape(shape)
+        self.conv.build(shape)
+        shape = self.conv.compute_output_shape(shape)
+        self.bn.build(shape)
+
+    def call(self, x, training=None):
+        if self.pad is not None:
+            x = self.pad(x)
+        return apply_activation(self.bn(self.conv(x), training=training), self.activation)
+
+    def compute_output_shape(self, input_shape):
+        shape = input_shape if self.pad is None else self.pad.compute_output_shape(input_shape)
+        return self.conv.compute_output_shape(shape)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
+                "strides": self.strides, "padding": self.padding, "depthwise": self.depthwise,
+                "activation": self.activation, "bn_epsilon": self.bn_epsilon}
+
+
+class _Block(keras.layers.Layer):
+    """Base of the universal blocks: shape bookkeeping shared by all of them."""
+
+    def __init__(self, in_channels, out_channels, strides, **kwargs):
+        super().__init__(**kwargs)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.strides = strides
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, _ = input_shape
+        out = lambda d: None if d is None else -(-d // self.strides)
+        return (n, out(h), out(w), self.out_channels)
+
+    def get_config(self):
+        return {**super().get_config(), "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "strides": self.strides}
+
+    def _build_chain(self, layers, input_shape):
+        shape = input_shape
+        for layer in layers:
+            layer.build(shape)
+            shape = layer.compute_output_shape(shape)
+        return shape
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class InvertedResidual(_Block):
+    """MobileNetV2 / EfficientNet-Lite block: expand, depthwise, linear project.
+
+    Returns the linear-bottleneck output (plus the identity where stride is 1
+    and channels match); these backbones apply no activation after a block.
+
+    Args:
+        in_channels, out_channels, strides: block geometry.
+        expand_ratio: hidden width multiplier; 1 means no expand conv.
+        kernel_size: depthwise kernel size.
+        padding: 'same' or 'symmetric', see `ConvBN`.
+        bn_epsilon: BN epsilon of the weights' source.
+    """
+
+    def __init__(self, in_channels, out_channels, strides, expand_ratio, kernel_size=3,
+                 padding="same", bn_epsilon=1e-3, **kwargs):
+        super().__init__(in_channels, out_channels, strides, **kwargs)
+        self.expand_ratio = expand_ratio
+        self.kernel_size = kernel_size
+        self.padding = padding
+        self.bn_epsilon = bn_epsilon
+        hidden = in_channels * expand_ratio
+        self.expand = (ConvBN(hidden, 1, activation="relu6", bn_epsilon=bn_epsilon, name="expand")
+                       if expand_ratio != 1 else None)
+        self.depthwise = ConvBN(hidden, kernel_size, strides, padding, depthwise=True,
+                                activation="relu6", bn_epsilon=bn_epsilon, name="depthwise")
+        self.project = ConvBN(out_channels, 1, bn_epsilon=bn_epsilon, name="project")
+        self.residual = strides == 1 and in_channels == out_channels
+
+    def build(self, input_shape):
+        self._build_chain([l for l in (self.expand, self.depthwise, self.project) if l], input_shape)
+
+    def call(self, x, training=None):
+        y = x if self.expand is None else self.expand(x, training=training)
+        y = self.project(self.depthwise(y, training=training), training=training)
+        return x + y if self.residual else y
+
+    def get_config(self):
+        return {**super().get_config(), "expand_ratio": self.expand_ratio,
+                "kernel_size": self.kernel_size, "padding": self.padding,
+                "bn_epsilon": self.bn_epsilon}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class BasicBlock(_Block):
+    """ResNet basic block returning `bn2(conv2(relu(bn1(conv1(x))))) + shortcut`.
+
+    Args:
+        in_channels, out_channels, strides: block geometry.
+        shortcut: 'conv' (torchvision: 1x1 conv + BN where the shape changes)
+            or 'pad' (the WRN-26 of Visual Decathlon: 2x2 average pool, then
+            zero-padding of the extra channels; no weights).
+        bn_epsilon: BN epsilon.
+    """
+
+    def __init__(self, in_channels, out_channels, strides, shortcut="conv", bn_epsilon=1e-5,
+                 **kwargs):
+        super().__init__(in_channels, out_channels, strides, **kwargs)
+        if shortcut not in ("conv", "pad"):
+            raise ValueError(f"shortcut must be 'conv' or 'pad', got {shortcut!r}")
+        self.shortcut = shortcut
+        self.bn_epsilon = bn_epsilon
+        self.conv1 = ConvBN(out_channels, 3, strides, "symmetric", activation="relu",
+                            bn_epsilon=bn_epsilon, name="conv1")
+        self.conv2 = ConvBN(out_channels, 3, 1, "symmetric", bn_epsilon=bn_epsilon, name="conv2")
+        reshapes = strides != 1 or in_channels != out_channels
+        self.downsample = (ConvBN(out_channels, 1, strides, bn_epsilon=bn_epsilon, name="downsample")
+                           if reshapes and shortcut == "conv" else None)
+
+    def build(self, input_shape):
+        self._build_chain([self.conv1, self.conv2], input_shape)
+        if self.downsample is not None:
+            self.downsample.build(input_shape)
+
+    def call(self, x, training=None):
+        y = self.conv2(self.conv1(x, training=training), training=training)
+        return y + self._shortcut(x, training)
+
+    def _shortcut(self, x, training):
+        if self.downsample is not None:
+            return self.downsample(x, training=training)
+        if self.strides != 1:
+            x = tf.nn.avg_pool2d(x, 2, self.strides, "SAME")
+        extra = self.out_channels - self.in_channels
+        if extra > 0:
+            x = tf.pad(x, [[0, 0], [0, 0], [0, 0], [0, extra]])
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "shortcut": self.shortcut, "bn_epsilon": self.bn_epsilon}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Bottleneck(_Block):
+    """torchvision ResNet-50 bottleneck (stride on the 3x3 conv, "v1.5").
+
+    Args:
+        in_channels, out_channels, strides: block geometry.
+        width: channels of the inner 1x1 and 3x3 convs.
+        bn_epsilon: BN epsilon.
+    """
+
+    def __init__(self, in_channels, out_channels, strides, width, bn_epsilon=1e-5, **kwargs):
+        super().__init__(in_channels, out_channels, strides, **kwargs)
+        self.width = width
+        self.bn_epsilon = bn_epsilon
+        self.conv1 = ConvBN(width, 1, activation="relu", bn_epsilon=bn_epsilon, name="conv1")
+        self.conv2 = ConvBN(width, 3, strides, "symmetric", activation="relu",
+                            bn_epsilon=bn_epsilon, name="conv2")
+        self.conv3 = ConvBN(out_channels, 1, bn_epsilon=bn_epsilon, name="conv3")
+        reshapes = strides != 1 or in_channels != out_channels
+        self.downsample = (ConvBN(out_channels, 1, strides, bn_epsilon=bn_epsilon, name="downsample")
+                           if reshapes else None)
+
+    def build(self, input_shape):
+        self._build_chain([self.conv1, self.conv2, self.conv3], input_shape)
+        if self.downsample is not None:
+            self.downsample.build(input_shape)
+
+    def call(self, x, training=None):
+        y = self.conv3(self.conv2(self.conv1(x, training=training), training=training),
+                       training=training)
+        shortcut = x if self.downsample is None else self.downsample(x, training=training)
+        return y + shortcut
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "bn_epsilon": self.bn_epsilon}

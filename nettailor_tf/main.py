@@ -1,0 +1,97 @@
+"""Command line: python -m nettailor_tf.main --flagfile=flags/quickstart.cfg
+
+Flags -> Config -> strategy -> stages.  Every user error ends in one line on
+stderr naming the flag, file or value, and exit code 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("workdir", None, "Folder for everything the run writes (checkpoints, "
+                    "report.json, exports). Re-running the same command resumes.")
+flags.DEFINE_list("tasks", None, "Task specs: mnist5k, digits, tfds:NAME[/CONFIG], folder:PATH.")
+flags.DEFINE_list("stages", ["teacher"], "Stages to run, in order: teacher.")
+flags.DEFINE_string("backbone", "efficientnet_lite0", "Backbone: efficientnet_lite0, "
+                    "mobilenet_v2, resnet18, resnet34, resnet50, wrn26, tiny.")
+flags.DEFINE_string("backbone_weights", "imagenet", "'imagenet' (packaged weights), 'random', "
+                    "or a torchvision .pth / .weights.h5 file.")
+flags.DEFINE_integer("image_size", 64, "Square input size of the network, in pixels.")
+flags.DEFINE_string("data_dir", None, "tensorflow-datasets data dir (default: TFDS_DATA_DIR "
+                    "or ~/tensorflow_datasets).")
+flags.DEFINE_bool("download", False, "Let tfds download and prepare datasets (needs internet).")
+flags.DEFINE_integer("teacher_epochs", 2, "Teacher fine-tuning epochs.")
+flags.DEFINE_integer("teacher_batch_size", 32, "Teacher global batch size.")
+flags.DEFINE_float("teacher_lr", 0.01, "Teacher learning rate.")
+flags.DEFINE_integer("teacher_decay_epochs", 20, "Teacher lr x0.1 every this many epochs.")
+flags.DEFINE_float("weight_decay", 5e-4, "Coupled (PyTorch-style) weight decay.")
+flags.DEFINE_integer("seed", 0, "Seed of initialisation, data order and augmentation.")
+flags.DEFINE_string("strategy", "default", "tf.distribute strategy: default, mirrored, "
+                    "multi_worker (TF_CONFIG), tpu.")
+flags.DEFINE_integer("num_cpu_devices", 1, "Split the CPU into this many logical devices "
+                     "(to run --strategy=mirrored without GPUs).")
+flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step (slower on CPU).")
+flags.DEFINE_integer("checkpoint_every", 200, "Steps between checkpoints.")
+flags.DEFINE_integer("log_every", 20, "Steps between log lines and TensorBoard summaries.")
+flags.DEFINE_integer("eval_batch_size", 128, "Batch size of evaluation.")
+flags.DEFINE_integer("max_steps", None, "Stop each stage after this many steps "
+                     "(an interruption on purpose; re-run to resume).")
+
+
+def config_from_flags():
+    from nettailor_tf.config import Config
+    from nettailor_tf.train import Schedule
+    return Config(
+        workdir=FLAGS.workdir, tasks=tuple(FLAGS.tasks or ()), stages=tuple(FLAGS.stages),
+        backbone=FLAGS.backbone, backbone_weights=FLAGS.backbone_weights,
+        image_size=FLAGS.image_size,
+        teacher=Schedule(FLAGS.teacher_epochs, FLAGS.teacher_batch_size, FLAGS.teacher_lr,
+                         FLAGS.teacher_decay_epochs, FLAGS.weight_decay),
+        data_dir=FLAGS.data_dir, download=FLAGS.download, seed=FLAGS.seed,
+        strategy=FLAGS.strategy, num_cpu_devices=FLAGS.num_cpu_devices,
+        jit_compile=FLAGS.jit_compile, checkpoint_every=FLAGS.checkpoint_every,
+        log_every=FLAGS.log_every, eval_batch_size=FLAGS.eval_batch_size,
+        max_steps=FLAGS.max_steps)
+
+
+def _fail(message: str) -> None:
+    print(f"nettailor_tf: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {' '.join(argv[1:])}; every option is a --flag")
+    # Imported here so that --help and flag errors answer without loading TF.
+    from nettailor_tf import data, stages, train, weights
+    from nettailor_tf.config import ConfigError
+
+    config = config_from_flags()
+    try:
+        config.validate()
+        strategy = train.make_strategy(config.strategy, config.num_cpu_devices)
+        report = stages.run(config, strategy)
+    except (ConfigError, data.DataError, weights.WeightsError, train.TrainingError) as err:
+        _fail(str(err))
+    except OSError as err:
+        _fail(f"cannot write to --workdir={config.workdir}: {err.strerror} ({err.filename})")
+    logging.info("done: %s", report.json_path)
+
+
+def run():
+    # A missing flagfile would otherwise end in absl's multi-line usage dump.
+    for arg in sys.argv[1:]:
+        if arg.startswith("--flagfile="):
+            path = arg.split("=", 1)[1]
+            if not os.path.isfile(path):
+                _fail(f"--flagfile={path}: no such file")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

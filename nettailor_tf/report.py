@@ -1,0 +1,99 @@
+"""`<workdir>/report.json` (the contract of SPEC.md section 9) and `report.md`.
+
+Both files are rewritten whole through a temporary file and a rename, so a
+run killed mid-write leaves the previous report, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` so that readers see the old or the new file, never a mix."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class Report:
+    """The run's results, keyed as SPEC.md section 9 fixes; saved after each change."""
+
+    def __init__(self, workdir: str, backbone: str, image_size: int):
+        self.json_path = os.path.join(workdir, "report.json")
+        self.md_path = os.path.join(workdir, "report.md")
+        if os.path.exists(self.json_path):
+            with open(self.json_path, encoding="utf-8") as f:
+                self.data = json.load(f)
+            if (self.data.get("backbone"), self.data.get("image_size")) != (backbone, image_size):
+                raise ValueError(
+                    f"{self.json_path} belongs to a run with --backbone="
+                    f"{self.data.get('backbone')} --image_size={self.data.get('image_size')}; "
+                    f"use another --workdir or the same flags")
+        else:
+            self.data = {"backbone": backbone, "image_size": image_size, "tasks": {}}
+
+    def task(self, name: str) -> dict:
+        return self.data["tasks"].setdefault(name, {})
+
+    def get(self, task: str, part: str) -> dict | None:
+        return self.data["tasks"].get(task, {}).get(part)
+
+    def set(self, task: str, part: str, value: dict) -> None:
+        self.task(task)[part] = value
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_text(self.json_path, json.dumps(self.data, indent=2, sort_keys=False) + "\n")
+        atomic_write_text(self.md_path, render_markdown(self.data))
+
+
+def _fmt_count(n) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _fmt_acc(a) -> str:
+    return "-" if a is None else f"{100 * a:.2f}%"
+
+
+def render_markdown(data: dict) -> str:
+    lines = [f"# NetTailor report: {data['backbone']} at {data['image_size']} px", ""]
+    for name, task in data["tasks"].items():
+        lines += [f"## {name} ({task.get('num_classes', '?')} classes)", "",
+                  "| network | test accuracy | params | multiply-adds |",
+                  "| --- | --- | --- | --- |"]
+        teacher = task.get("teacher")
+        if teacher:
+            lines.append(f"| fine-tuned teacher | {_fmt_acc(teacher['accuracy'])} | "
+                         f"{_fmt_count(teacher['params'])} | {_fmt_count(teacher['flops'])} |")
+        student = task.get("student")
+        if student:
+            lines.append(f"| NetTailor student (before pruning) | {_fmt_acc(student['accuracy'])}"
+                         f" | - | - |")
+        pruned = task.get("pruned")
+        if pruned:
+            lines.append(f"| NetTailor pruned | {_fmt_acc(pruned['accuracy'])} | "
+                         f"{_fmt_count(pruned['params_total'])} total, "
+                         f"{_fmt_count(pruned['params_task_specific'])} task-specific | "
+                         f"{_fmt_count(pruned['flops'])} |")
+        if teacher and "train_images_per_second" in teacher:
+            lines += ["", f"Teacher: {teacher.get('epochs')} epochs, {teacher.get('steps')} steps, "
+                          f"{teacher['train_images_per_second']:.0f} training images/s."]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,292 @@
+"""The custom training loop: tf.function steps under a tf.distribute strategy.
+
+One loop serves every stage (teacher, student, finetune): a stage hands it a
+loss function, the variables to train and those to decay.  The loop owns the
+optimizer (SGD with PyTorch-style coupled weight decay and step LR decay,
+SPEC.md section 4), checkpoints, resumption, TensorBoard and progress.
+
+Resumption is exact: the data order and augmentation of an epoch are a pure
+function of (seed, epoch) (see `data.train_pipeline`), so a run restored at
+step s skips the first `s % steps_per_epoch` batches of its epoch and goes on
+as if it had never stopped: no step done twice, none skipped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from nettailor_tf import data as data_lib
+
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (for example a non-finite loss); one line."""
+
+
+def make_strategy(name: str, num_cpu_devices: int = 1) -> tf.distribute.Strategy:
+    """Builds the strategy; `num_cpu_devices` > 1 splits the CPU into logical
+    devices so that the multi-replica path can be exercised without GPUs.
+
+    Must run before TensorFlow initialises its devices (before any op).
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"--strategy={name!r} is not one of {', '.join(STRATEGIES)}")
+    if num_cpu_devices > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * num_cpu_devices)
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = None if gpus else [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How long and how fast one stage trains."""
+    epochs: int
+    batch_size: int          # global batch, over all replicas
+    learning_rate: float
+    decay_epochs: int        # lr *= 0.1 every decay_epochs epochs
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+
+
+@keras.saving.register_keras_serializable(package="nettailor_tf")
+class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """`lr * 0.1 ** (epoch // decay_epochs)`, evaluated from the step count."""
+
+    def __init__(self, learning_rate, decay_steps):
+        self.learning_rate = float(learning_rate)
+        self.decay_steps = int(decay_steps)
+
+    def __call__(self, step):
+        drops = tf.math.floordiv(tf.cast(step, tf.int64), self.decay_steps)
+        return self.learning_rate * tf.pow(0.1, tf.cast(drops, tf.float32))
+
+    def get_config(self):
+        return {"learning_rate": self.learning_rate, "decay_steps": self.decay_steps}
+
+
+# loss_fn(images, labels, training) -> (total loss of the local batch, logits,
+# {name: scalar term}); the loop scales it to the global batch.
+LossFn = Callable[[tf.Tensor, tf.Tensor, bool], tuple]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    test_accuracy: float
+    train_images_per_second: float
+    resumed_from_step: int
+
+
+def _progress_reporter(total_steps, log_every):
+    """A Keras progress bar on a terminal, periodic log lines otherwise."""
+    if sys.stderr.isatty():
+        bar = keras.utils.Progbar(total_steps, stateful_metrics=["loss", "acc", "img/s", "lr"])
+        return lambda step, values: bar.update(step, list(values.items()))
+
+    def log(step, values):
+        if step % log_every == 0 or step == total_steps:
+            text = " ".join(f"{k}={v:.4g}" for k, v in values.items())
+            logging.info("step %d/%d %s", step, total_steps, text)
+    return log
+
+
+class Trainer:
+    """Trains `model`'s `trainable` variables with `loss_fn` on one task.
+
+    Build the model (and anything the loss reads) inside `strategy.scope()`
+    before creating the trainer.
+
+    Args:
+        strategy: the tf.distribute strategy the model was built under.
+        model: the Keras model; its weights are checkpointed.
+        loss_fn: see `LossFn`.
+        trainable: variables the optimizer updates.
+        decayed: subset of `trainable` that gets coupled weight decay.
+        schedule: epochs, batch size and learning rate.
+        checkpoint_dir: where `tf.train.CheckpointManager` keeps its files.
+        summary_dir: TensorBoard event directory (None: no summaries).
+        jit_compile: XLA for the train step (slower on CPU, SPEC.md 10).
+        checkpoint_every: steps between checkpoints (and at each epoch end).
+        log_every: steps between log lines and summaries.
+        predict_fn: images -> logits for evaluation (default: the model's
+            first output in inference mode).
+    """
+
+    def __init__(self, strategy, model, loss_fn: LossFn, trainable, decayed, schedule: Schedule,
+                 checkpoint_dir: str, summary_dir: str | None = None, jit_compile: bool = False,
+                 checkpoint_every: int = 200, log_every: int = 20, predict_fn=None):
+        self.strategy = strategy
+        self.predict_fn = predict_fn or (lambda images: model(images, training=False)[0])
+        self.model = model
+        self.loss_fn = loss_fn
+        self.trainable = list(trainable)
+        decayed_ids = {id(v) for v in decayed}
+        self.decay_mask = [id(v) in decayed_ids for v in self.trainable]
+        self.schedule = schedule
+        self.checkpoint_dir = checkpoint_dir
+        self.summary_dir = summary_dir
+        self.jit_compile = jit_compile
+        self.checkpoint_every = checkpoint_every
+        self.log_every = log_every
+        replicas = strategy.num_replicas_in_sync
+        if schedule.batch_size % replicas:
+            raise ValueError(f"batch size {schedule.batch_size} is not divisible by the "
+                             f"{replicas} replicas")
+
+    # --- update step ---------------------------------------------------------
+
+    def _build_steps(self, steps_per_epoch):
+        schedule, replicas = self.schedule, self.strategy.num_replicas_in_sync
+        with self.strategy.scope():
+            self.optimizer = keras.optimizers.SGD(
+                StepDecay(schedule.learning_rate, schedule.decay_epochs * steps_per_epoch),
+                momentum=schedule.momentum)
+            # Keras 3 optimizers must create their slots inside the scope
+            # before the first distributed step (SPEC.md section 10).
+            self.optimizer.build(self.trainable)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        decay = schedule.weight_decay
+
+        def replica_step(images, labels):
+            with tf.GradientTape() as tape:
+                loss, logits, terms = self.loss_fn(images, labels, True)
+                # Replicas' gradients are summed: scale to the global batch.
+                scaled = loss / replicas
+            grads = tape.gradient(scaled, self.trainable)
+            # Coupled (PyTorch) weight decay: g += wd * w, split over replicas
+            # for the same reason as the loss.
+            grads = [g + (decay / replicas) * v if m and g is not None else g
+                     for g, v, m in zip(grads, self.trainable, self.decay_mask)]
+            self.optimizer.apply_gradients(zip(grads, self.trainable))
+            correct = tf.reduce_sum(tf.cast(
+                tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
+            stats = {"loss": loss, "correct": correct, **terms}
+            return {k: tf.cast(v, tf.float32) for k, v in stats.items()}
+
+        @tf.function(jit_compile=self.jit_compile)
+        def train_step(batch):
+            stats = self.strategy.run(replica_step, args=batch)
+            self.step.assign_add(1)
+            return {k: self.strategy.reduce("SUM", v, axis=None) for k, v in stats.items()}
+
+        def replica_eval(images, labels):
+            logits = self.predict_fn(images)
+            correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
+                              tf.float32)
+            return tf.reduce_sum(correct), tf.cast(tf.size(labels), tf.float32)
+
+        @tf.function
+        def eval_step(batch):
+            correct, count = self.strategy.run(replica_eval, args=batch)
+            return (self.strategy.reduce("SUM", correct, axis=None),
+                    self.strategy.reduce("SUM", count, axis=None))
+
+        self.train_step, self.eval_step = train_step, eval_step
+
+    # --- evaluation ----------------------------------------------------------
+
+    def evaluate(self, task: data_lib.TaskData, image_size: int, batch_size: int) -> float:
+        dataset = self.strategy.experimental_distribute_dataset(
+            data_lib.eval_pipeline(task, image_size, batch_size))
+        correct = total = 0.0
+        for batch in dataset:
+            c, n = self.eval_step(batch)
+            correct, total = correct + float(c), total + float(n)
+        return correct / max(total, 1.0)
+
+    # --- the loop ------------------------------------------------------------
+
+    def fit(self, task: data_lib.TaskData, image_size: int, seed: int,
+            eval_batch_size: int | None = None, max_steps: int | None = None) -> TrainResult:
+        """Trains to the end of the schedule, resuming from the last checkpoint.
+
+        `max_steps` stops early (after a checkpoint), as an interruption would.
+        """
+        schedule = self.schedule
+        steps_per_epoch = data_lib.steps_per_epoch(task, schedule.batch_size)
+        total_steps = steps_per_epoch * schedule.epochs
+        self._build_steps(steps_per_epoch)
+        checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step)
+        manager = tf.train.CheckpointManager(checkpoint, self.checkpoint_dir, max_to_keep=2)
+        if manager.latest_checkpoint:
+            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+            logging.info("%s: resuming from %s (step %d of %d)", task.name,
+                         manager.latest_checkpoint, int(self.step), total_steps)
+        resumed_from = int(self.step)
+        writer = (tf.summary.create_file_writer(self.summary_dir) if self.summary_dir
+                  else tf.summary.create_noop_file_writer())
+        report = _progress_reporter(total_steps, self.log_every)
+        eval_batch_size = eval_batch_size or schedule.batch_size
+        step, images_seen, train_time = resumed_from, 0, 0.0
+        stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
+        accuracy = float("nan")
+
+        while step < stop_at:
+            epoch, skip = divmod(step, steps_per_epoch)
+            dataset = self.strategy.experimental_distribute_dataset(data_lib.train_pipeline(
+                task, image_size, schedule.batch_size, epoch, seed, skip_batches=skip))
+            sums, count, tic = {}, 0, time.perf_counter()
+            for batch in dataset:
+                stats = {k: float(v) for k, v in self.train_step(batch).items()}
+                step += 1
+                if not math.isfinite(stats["loss"]):
+                    # The last checkpoint is from before this step: keep it.
+                    raise TrainingError(
+                        f"{task.name}: loss became {stats['loss']} at step {step}; the last good "
+                        f"checkpoint is kept in {self.checkpoint_dir} (lower the learning rate?)")
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+                elapsed = time.perf_counter() - tic
+                values = {"loss": sums["loss"] / (count * self.strategy.num_replicas_in_sync),
+                          "acc": sums["correct"] / (count * schedule.batch_size),
+                          "img/s": count * schedule.batch_size / max(elapsed, 1e-9),
+                          "lr": float(self.optimizer.learning_rate)}
+                report(step, values)
+                if step % self.log_every == 0:
+                    with writer.as_default(step=step):
+                        for k, v in values.items():
+                            tf.summary.scalar(f"train/{k.replace('/', '_per_')}", v)
+                        for k, v in sums.items():
+                            if k not in ("loss", "correct"):
+                                tf.summary.scalar(f"train/{k}", v / count / self.strategy.num_replicas_in_sync)
+                end_of_epoch = step % steps_per_epoch == 0
+                if step % self.checkpoint_every == 0 or end_of_epoch or step == stop_at:
+                    manager.save(checkpoint_number=step)
+                if end_of_epoch or step == stop_at:
+                    break
+            train_time += time.perf_counter() - tic
+            images_seen += count * schedule.batch_size
+            if step % steps_per_epoch == 0:
+                accuracy = self.evaluate(task, image_size, eval_batch_size)
+                logging.info("%s: epoch %d/%d test accuracy %.4f", task.name,
+                             step // steps_per_epoch, schedule.epochs, accuracy)
+                with writer.as_default(step=step):
+                    tf.summary.scalar("test/accuracy", accuracy)
+        writer.flush()
+        if step >= total_steps and not math.isfinite(accuracy):
+            # Resumed after the last epoch ended: evaluate what was restored.
+            accuracy = self.evaluate(task, image_size, eval_batch_size)
+        return TrainResult(step, accuracy, images_seen / max(train_time, 1e-9), resumed_from)
