@@ -72,8 +72,15 @@ def main(argv):
 
     config = config_from_flags()
     try:
+        # The strategy first: splitting the CPU into logical devices must
+        # happen before anything (validation included) touches TensorFlow.
+        try:
+            strategy = train.make_strategy(config.strategy, config.num_cpu_devices)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         config.validate()
-        strategy = train.make_strategy(config.strategy, config.num_cpu_devices)
+        logging.info("strategy %s with replicas=%d", config.strategy,
+                     strategy.num_replicas_in_sync)
         report = stages.run(config, strategy)
     except (ConfigError, data.DataError, weights.WeightsError, train.TrainingError) as err:
         _fail(str(err))

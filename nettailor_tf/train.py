@@ -233,10 +233,10 @@ class Trainer:
         if manager.latest_checkpoint:
             checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
             logging.info("%s: resuming from %s (step %d of %d)", task.name,
-                         manager.latest_checkpoint, int(self.step), total_steps)
-        resumed_from = int(self.step)
+                         manager.latest_checkpoint, int(self.step.numpy()), total_steps)
+        resumed_from = int(self.step.numpy())
         writer = (tf.summary.create_file_writer(self.summary_dir) if self.summary_dir
-                  else tf.summary.create_noop_file_writer())
+                  else tf.summary.create_noop_writer())
         report = _progress_reporter(total_steps, self.log_every)
         eval_batch_size = eval_batch_size or schedule.batch_size
         step, images_seen, train_time = resumed_from, 0, 0.0

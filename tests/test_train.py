@@ -1,0 +1,110 @@
+"""The training loop: resumption, the optimizer's arithmetic, a non-finite loss, 2 replicas."""
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from nettailor_tf import backbones, data, train
+from nettailor_tf.stages import cross_entropy
+
+SCHEDULE = train.Schedule(epochs=2, batch_size=32, learning_rate=0.05, decay_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_task("digits")
+
+
+def _trainer(tmp_dir, schedule=SCHEDULE, seed=0):
+    keras.utils.set_random_seed(seed)
+    strategy = tf.distribute.get_strategy()
+    model = backbones.classifier_model(backbones.build_backbone("tiny"), 10)
+
+    def loss_fn(images, labels, training):
+        logits, _ = model(images, training=training)
+        return cross_entropy(logits, labels), logits, {}
+
+    trainer = train.Trainer(strategy, model, loss_fn, model.trainable_variables,
+                            model.trainable_variables, schedule, checkpoint_dir=str(tmp_dir),
+                            checkpoint_every=10, log_every=10)
+    return trainer, model
+
+
+def test_interrupted_run_resumes_to_the_same_weights(digits, tmp_path):
+    steps_per_epoch = data.steps_per_epoch(digits, SCHEDULE.batch_size)
+    straight, straight_model = _trainer(tmp_path / "straight")
+    result = straight.fit(digits, 16, seed=3)
+    assert result.steps == 2 * steps_per_epoch and result.resumed_from_step == 0
+
+    # Stop mid-epoch 1 (not on a checkpoint boundary of the epoch), as a kill would.
+    stop = steps_per_epoch + 7
+    first, _ = _trainer(tmp_path / "resumed")
+    assert first.fit(digits, 16, seed=3, max_steps=stop).steps == stop
+    # A new process would build everything afresh, with another initialisation.
+    second, resumed_model = _trainer(tmp_path / "resumed", seed=99)
+    result2 = second.fit(digits, 16, seed=3)
+    assert result2.resumed_from_step == stop and result2.steps == 2 * steps_per_epoch
+    for a, b in zip(straight_model.weights, resumed_model.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    assert result2.test_accuracy == pytest.approx(result.test_accuracy, abs=1e-6)
+    # Training learned something: 10 balanced classes, chance is 0.1.
+    assert result.test_accuracy > 0.3
+
+
+def test_finished_run_is_not_trained_again(digits, tmp_path):
+    trainer, _ = _trainer(tmp_path, train.Schedule(1, 32, 0.05, 1))
+    first = trainer.fit(digits, 16, seed=0)
+    again, _ = _trainer(tmp_path, train.Schedule(1, 32, 0.05, 1))
+    second = again.fit(digits, 16, seed=0)
+    assert second.resumed_from_step == second.steps == first.steps
+    assert second.test_accuracy == pytest.approx(first.test_accuracy)
+
+
+def test_sgd_with_coupled_weight_decay_and_step_decay():
+    # One variable, loss = x (gradient 1): PyTorch's SGD with weight decay wd
+    # and momentum m gives v1 = g + wd*x0, x1 = x0 - lr*v1.
+    strategy = tf.distribute.get_strategy()
+    w = keras.Variable(np.array([2.0], np.float32))
+    schedule = train.Schedule(epochs=1, batch_size=1, learning_rate=0.1, decay_epochs=1,
+                              weight_decay=0.5, momentum=0.9)
+
+    def loss_fn(images, labels, training):
+        return tf.reduce_sum(w), tf.zeros((1, 2)), {}
+
+    trainer = train.Trainer(strategy, None, loss_fn, [w], [w], schedule, checkpoint_dir="unused")
+    trainer._build_steps(steps_per_epoch=2)
+    batch = (tf.zeros((1, 4, 4, 3)), tf.zeros((1,), tf.int32))
+    trainer.train_step(batch)
+    v1 = 1 + 0.5 * 2.0
+    x1 = 2.0 - 0.1 * v1
+    assert float(w[0]) == pytest.approx(x1, abs=1e-6)
+    trainer.train_step(batch)
+    v2 = 0.9 * v1 + (1 + 0.5 * x1)
+    assert float(w[0]) == pytest.approx(x1 - 0.1 * v2, abs=1e-6)
+    # Step 2 starts epoch 1: the learning rate drops tenfold.
+    assert float(trainer.optimizer.learning_rate) == pytest.approx(0.01)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(digits, tmp_path):
+    trainer, _ = _trainer(tmp_path, train.Schedule(2, 32, 1e12, 1))
+    with pytest.raises(train.TrainingError, match=r"at step \d+.*last good checkpoint"):
+        trainer.fit(digits, 16, seed=0)
+
+
+def test_two_replicas_train_with_mirrored_strategy(tmp_path):
+    # Logical devices must be set before TensorFlow starts: a fresh process.
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "nettailor_tf.main", f"--workdir={workdir}", "--tasks=digits",
+           "--backbone=tiny", "--backbone_weights=random", "--image_size=16",
+           "--teacher_epochs=2", "--teacher_lr=0.05", "--teacher_batch_size=32",
+           "--strategy=mirrored", "--num_cpu_devices=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "strategy mirrored with replicas=2" in proc.stderr
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["tasks"]["digits"]["teacher"]["accuracy"] > 0.3
