@@ -1,0 +1,82 @@
+"""Median milliseconds of one training step, printed as one JSON line.
+
+    python benchmarks/train_step.py --backbone=efficientnet_lite0 --image_size=96 --batch_size=32
+
+Times the real `Trainer` step (forward, backward, coupled weight decay, SGD
+update) on a fixed random batch, so that the figure is the model's cost and not
+the input pipeline's (benchmarks/ has the pipeline's own figure).  Weights are
+random: speed does not depend on their values.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from absl import app, flags
+
+flags.DEFINE_string("backbone", "efficientnet_lite0", "Backbone to time.")
+flags.DEFINE_integer("image_size", 96, "Input size in pixels.")
+flags.DEFINE_integer("batch_size", 32, "Batch size.")
+flags.DEFINE_integer("num_classes", 10, "Classifier outputs.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps (tracing and caches).")
+flags.DEFINE_integer("steps", 15, "Timed steps (>= 10).")
+flags.DEFINE_bool("jit_compile", False, "XLA-compile the step.")
+FLAGS = flags.FLAGS
+
+
+def median_step_ms(trainer, batch, warmup, steps):
+    for _ in range(warmup):
+        trainer.train_step(batch)
+    times = []
+    for _ in range(steps):
+        tic = time.perf_counter()
+        stats = trainer.train_step(batch)
+        float(stats["loss"])  # wait for the step to finish
+        times.append(1000 * (time.perf_counter() - tic))
+    return statistics.median(times)
+
+
+def main(argv):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from nettailor_tf import backbones, stages, train
+
+    if FLAGS.steps < 10:
+        raise app.UsageError("--steps must be >= 10")
+    keras.utils.set_random_seed(0)
+    strategy = tf.distribute.get_strategy()
+    batch = (tf.constant(np.random.RandomState(0).uniform(
+                 0, 255, (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, 3)), tf.float32),
+             tf.constant(np.arange(FLAGS.batch_size) % FLAGS.num_classes, tf.int32))
+    schedule = train.Schedule(1, FLAGS.batch_size, 0.01, 1)
+
+    teacher = backbones.classifier_model(backbones.build_backbone(FLAGS.backbone),
+                                         FLAGS.num_classes)
+
+    def teacher_loss(images, labels, training):
+        logits, _ = teacher(images, training=training)
+        return stages.cross_entropy(logits, labels), logits, {}
+
+    trainer = train.Trainer(strategy, teacher, teacher_loss, teacher.trainable_variables,
+                            teacher.trainable_variables, schedule, checkpoint_dir="",
+                            jit_compile=FLAGS.jit_compile)
+    trainer._build_steps(steps_per_epoch=1_000_000)
+    result = {
+        "backbone": FLAGS.backbone, "image_size": FLAGS.image_size,
+        "batch_size": FLAGS.batch_size, "jit_compile": FLAGS.jit_compile,
+        "devices": [d.name for d in tf.config.list_logical_devices()],
+        "teacher_step_ms": round(median_step_ms(trainer, batch, FLAGS.warmup, FLAGS.steps), 2),
+    }
+    result["teacher_images_per_second"] = round(
+        1000 * FLAGS.batch_size / result["teacher_step_ms"], 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)
