@@ -7,7 +7,10 @@ states which activation follows a block.  All layers are registered and carry
 """
 from __future__ import annotations
 
+import functools
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 PACKAGE = "nettailor_tf"
@@ -63,10 +66,13 @@ class ConvBN(keras.layers.Layer):
         depthwise: depthwise convolution instead of a full one.
         activation: None, 'relu' or 'relu6', applied after the BN.
         bn_epsilon: BN epsilon of the weights' source framework.
+        folded: the BN is folded into the convolution (which then has a
+            bias): the inference form of a frozen layer, one op instead of
+            two.  Made by `fold_batchnorm`.
     """
 
     def __init__(self, filters, kernel_size=1, strides=1, padding="same", depthwise=False,
-                 activation=None, bn_epsilon=1e-5, **kwargs):
+                 activation=None, bn_epsilon=1e-5, folded=False, **kwargs):
         super().__init__(**kwargs)
         if padding not in ("same", "symmetric"):
             raise ValueError(f"padding must be 'same' or 'symmetric', got {padding!r}")
@@ -79,19 +85,20 @@ class ConvBN(keras.layers.Layer):
         self.depthwise = depthwise
         self.activation = activation
         self.bn_epsilon = bn_epsilon
+        self.folded = folded
         pad = kernel_size // 2
         self.pad = (keras.layers.ZeroPadding2D(pad, name="pad")
                     if padding == "symmetric" and pad > 0 else None)
         conv_padding = "same" if padding == "same" else "valid"
         if depthwise:
             self.conv = keras.layers.DepthwiseConv2D(
-                kernel_size, strides, padding=conv_padding, use_bias=False,
+                kernel_size, strides, padding=conv_padding, use_bias=folded,
                 depthwise_initializer="he_normal", name="conv")
         else:
             self.conv = keras.layers.Conv2D(
-                filters, kernel_size, strides, padding=conv_padding, use_bias=False,
+                filters, kernel_size, strides, padding=conv_padding, use_bias=folded,
                 kernel_initializer="he_normal", name="conv")
-        self.bn = keras.layers.BatchNormalization(
+        self.bn = None if folded else keras.layers.BatchNormalization(
             momentum=BN_MOMENTUM, epsilon=bn_epsilon, name="bn")
 
     def build(self, input_shape):
@@ -101,12 +108,16 @@ class ConvBN(keras.layers.Layer):
             shape = self.pad.compute_output_shape(shape)
         self.conv.build(shape)
         shape = self.conv.compute_output_shape(shape)
-        self.bn.build(shape)
+        if self.bn is not None:
+            self.bn.build(shape)
 
     def call(self, x, training=None):
         if self.pad is not None:
             x = self.pad(x)
-        return apply_activation(self.bn(self.conv(x), training=training), self.activation)
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x, training=training)
+        return apply_activation(x, self.activation)
 
     def compute_output_shape(self, input_shape):
         shape = input_shape if self.pad is None else self.pad.compute_output_shape(input_shape)
@@ -115,17 +126,19 @@ class ConvBN(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
                 "strides": self.strides, "padding": self.padding, "depthwise": self.depthwise,
-                "activation": self.activation, "bn_epsilon": self.bn_epsilon}
+                "activation": self.activation, "bn_epsilon": self.bn_epsilon,
+                "folded": self.folded}
 
 
 class _Block(keras.layers.Layer):
     """Base of the universal blocks: shape bookkeeping shared by all of them."""
 
-    def __init__(self, in_channels, out_channels, strides, **kwargs):
+    def __init__(self, in_channels, out_channels, strides, folded=False, **kwargs):
         super().__init__(**kwargs)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.strides = strides
+        self.folded = folded
 
     def compute_output_shape(self, input_shape):
         n, h, w, _ = input_shape
@@ -134,7 +147,8 @@ class _Block(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "in_channels": self.in_channels,
-                "out_channels": self.out_channels, "strides": self.strides}
+                "out_channels": self.out_channels, "strides": self.strides,
+                "folded": self.folded}
 
     def _build_chain(self, layers, input_shape):
         shape = input_shape
@@ -162,16 +176,17 @@ class InvertedResidual(_Block):
     def __init__(self, in_channels, out_channels, strides, expand_ratio, kernel_size=3,
                  padding="same", bn_epsilon=1e-3, **kwargs):
         super().__init__(in_channels, out_channels, strides, **kwargs)
+        conv_bn = functools.partial(ConvBN, bn_epsilon=bn_epsilon, folded=self.folded)
         self.expand_ratio = expand_ratio
         self.kernel_size = kernel_size
         self.padding = padding
         self.bn_epsilon = bn_epsilon
         hidden = in_channels * expand_ratio
-        self.expand = (ConvBN(hidden, 1, activation="relu6", bn_epsilon=bn_epsilon, name="expand")
+        self.expand = (conv_bn(hidden, 1, activation="relu6", name="expand")
                        if expand_ratio != 1 else None)
-        self.depthwise = ConvBN(hidden, kernel_size, strides, padding, depthwise=True,
-                                activation="relu6", bn_epsilon=bn_epsilon, name="depthwise")
-        self.project = ConvBN(out_channels, 1, bn_epsilon=bn_epsilon, name="project")
+        self.depthwise = conv_bn(hidden, kernel_size, strides, padding, depthwise=True,
+                                 activation="relu6", name="depthwise")
+        self.project = conv_bn(out_channels, 1, name="project")
         self.residual = strides == 1 and in_channels == out_channels
 
     def build(self, input_shape):
@@ -207,11 +222,11 @@ class BasicBlock(_Block):
             raise ValueError(f"shortcut must be 'conv' or 'pad', got {shortcut!r}")
         self.shortcut = shortcut
         self.bn_epsilon = bn_epsilon
-        self.conv1 = ConvBN(out_channels, 3, strides, "symmetric", activation="relu",
-                            bn_epsilon=bn_epsilon, name="conv1")
-        self.conv2 = ConvBN(out_channels, 3, 1, "symmetric", bn_epsilon=bn_epsilon, name="conv2")
+        conv_bn = functools.partial(ConvBN, bn_epsilon=bn_epsilon, folded=self.folded)
+        self.conv1 = conv_bn(out_channels, 3, strides, "symmetric", activation="relu", name="conv1")
+        self.conv2 = conv_bn(out_channels, 3, 1, "symmetric", name="conv2")
         reshapes = strides != 1 or in_channels != out_channels
-        self.downsample = (ConvBN(out_channels, 1, strides, bn_epsilon=bn_epsilon, name="downsample")
+        self.downsample = (conv_bn(out_channels, 1, strides, name="downsample")
                            if reshapes and shortcut == "conv" else None)
 
     def build(self, input_shape):
@@ -251,12 +266,12 @@ class Bottleneck(_Block):
         super().__init__(in_channels, out_channels, strides, **kwargs)
         self.width = width
         self.bn_epsilon = bn_epsilon
-        self.conv1 = ConvBN(width, 1, activation="relu", bn_epsilon=bn_epsilon, name="conv1")
-        self.conv2 = ConvBN(width, 3, strides, "symmetric", activation="relu",
-                            bn_epsilon=bn_epsilon, name="conv2")
-        self.conv3 = ConvBN(out_channels, 1, bn_epsilon=bn_epsilon, name="conv3")
+        conv_bn = functools.partial(ConvBN, bn_epsilon=bn_epsilon, folded=self.folded)
+        self.conv1 = conv_bn(width, 1, activation="relu", name="conv1")
+        self.conv2 = conv_bn(width, 3, strides, "symmetric", activation="relu", name="conv2")
+        self.conv3 = conv_bn(out_channels, 1, name="conv3")
         reshapes = strides != 1 or in_channels != out_channels
-        self.downsample = (ConvBN(out_channels, 1, strides, bn_epsilon=bn_epsilon, name="downsample")
+        self.downsample = (conv_bn(out_channels, 1, strides, name="downsample")
                            if reshapes else None)
 
     def build(self, input_shape):
@@ -272,3 +287,58 @@ class Bottleneck(_Block):
 
     def get_config(self):
         return {**super().get_config(), "width": self.width, "bn_epsilon": self.bn_epsilon}
+
+
+# --- BN folding ----------------------------------------------------------------
+
+def _conv_bns(layer) -> list[ConvBN]:
+    """The ConvBN layers inside `layer`, in a fixed (construction) order."""
+    if isinstance(layer, ConvBN):
+        return [layer]
+    return [l for l in layer._flatten_layers(include_self=False, recursive=True)
+            if isinstance(l, ConvBN)]
+
+
+def _folded_config(layer) -> dict:
+    config = layer.get_config()
+    if "folded" in config:
+        config["folded"] = True
+    return config
+
+
+def fold_batchnorm(layer, input_shape=(None, None, None, 3)):
+    """A copy of `layer` in inference form: every ConvBN's BN folded into its conv.
+
+    Exact for BN in inference mode: `gamma * (conv(x) - mean) / sqrt(var + eps)
+    + beta` is a conv with kernel scaled per output channel and a bias.  The
+    copy is a new layer; `layer` is untouched.  Layers without a ConvBN
+    (pooling, normalisation) are copied as they are.
+    """
+    if isinstance(layer, keras.Sequential):
+        copy = keras.Sequential([fold_batchnorm(l) for l in layer.layers], name=layer.name)
+    else:
+        copy = type(layer).from_config(_folded_config(layer))
+    copy.build(input_shape)
+    sources, targets = _conv_bns(layer), _conv_bns(copy)
+    assert len(sources) == len(targets), (layer.name, len(sources), len(targets))
+    for source, target in zip(sources, targets):
+        if source.folded:
+            target.set_weights(source.get_weights())
+            continue
+        bn = source.bn
+        scale = bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+        kernel = source.conv.kernel.numpy()
+        # Output channels are the last axis of a conv kernel (kh, kw, in, out)
+        # and the third of a depthwise kernel (kh, kw, channels, 1).
+        kernel = kernel * (scale[:, None] if source.depthwise else scale)
+        target.conv.kernel.assign(kernel)
+        target.conv.bias.assign(bn.beta.numpy() - bn.moving_mean.numpy() * scale)
+    other_sources = [v for v in layer.weights if not _in_conv_bn(v, sources)]
+    other_targets = [v for v in copy.weights if not _in_conv_bn(v, targets)]
+    for s, t in zip(other_sources, other_targets):
+        t.assign(s)
+    return copy
+
+
+def _in_conv_bn(variable, conv_bns) -> bool:
+    return any(variable is v for layer in conv_bns for v in layer.weights)
