@@ -45,7 +45,7 @@ def main(argv):
     import numpy as np
     import tensorflow as tf
 
-    from nettailor_tf import backbones, stages, train
+    from nettailor_tf import backbones, losses, train
 
     if FLAGS.steps < 10:
         raise app.UsageError("--steps must be >= 10")
@@ -61,7 +61,7 @@ def main(argv):
 
     def teacher_loss(images, labels, training):
         logits, _ = teacher(images, training=training)
-        return stages.cross_entropy(logits, labels), logits, {}
+        return losses.cross_entropy(logits, labels), logits, {}
 
     trainer = train.Trainer(strategy, teacher, teacher_loss, teacher.trainable_variables,
                             teacher.trainable_variables, schedule, checkpoint_dir="",

@@ -55,6 +55,8 @@ class Backbone:
     stem_channels: int
     stem_reduction: int
     feature_dim: int
+    # WRN-26's last BN belongs to the task, not to the shared network.
+    head_task_specific: bool = False
 
     @property
     def specs(self) -> list[BlockSpec]:
@@ -154,7 +156,7 @@ def _wrn26() -> Backbone:
         keras.layers.ReLU(name="relu"),
         keras.layers.GlobalAveragePooling2D(name="pool"),
     ], name="head")
-    return Backbone("wrn26", stem, blocks, head, "relu", 32, 1, 256)
+    return Backbone("wrn26", stem, blocks, head, "relu", 32, 1, 256, head_task_specific=True)
 
 
 def _tiny() -> Backbone:

@@ -95,3 +95,71 @@ def classifier_flops(backbone: Backbone, image_size: int, num_classes: int) -> i
     """Multiply-adds of the whole backbone plus a `num_classes` linear classifier."""
     parts = backbone_flops(backbone, image_size)
     return parts["stem"] + sum(parts["blocks"]) + parts["head"] + backbone.feature_dim * num_classes
+
+
+# --- NetTailor: per-branch costs and the expected complexity ------------------
+
+def branch_flops(backbone: Backbone, plan, image_size: int) -> list[list[int]]:
+    """Multiply-adds of every branch of `plan`, universal first, per block."""
+    from nettailor_tf.student import proxy_hidden_channels
+
+    shape = layer_flops(backbone.stem, (1, image_size, image_size, 3))[1]
+    node_shapes = [shape]
+    universal = []
+    for block in backbone.blocks:
+        flops, shape = layer_flops(block, shape)
+        universal.append(flops)
+        node_shapes.append(shape)
+    costs = []
+    for l, block_plan in enumerate(plan.blocks):
+        _, h, w, c_out = node_shapes[l + 1]
+        hidden = proxy_hidden_channels(backbone, l)
+        row = [universal[l]] if block_plan.universal else []
+        for source in block_plan.proxy_sources:
+            c_in = node_shapes[source][3]
+            per_pixel = c_in * hidden + hidden * c_out if hidden else c_in * c_out
+            row.append(h * w * per_pixel)
+        costs.append(row)
+    return costs
+
+
+def universal_network_flops(backbone: Backbone, image_size: int) -> int:
+    """Stem plus every universal block: the normaliser of the complexity loss."""
+    parts = backbone_flops(backbone, image_size)
+    return parts["stem"] + sum(parts["blocks"])
+
+
+def expected_complexity(alphas, costs, plan, exact: bool = True):
+    """The complexity loss C of SPEC.md section 4 (the paper's eq. 9).
+
+    Args:
+        alphas: gate values per live block of `plan` (tensors, branch order as
+            `plan.branch_sources`).
+        costs: per block, per branch cost already divided by the universal
+            network's FLOPs.
+        plan: the topology (which node each branch reads).
+        exact: per-branch `p_in` (of the node the branch reads); False uses
+            block l-1's `in` for every branch of block l, as the published
+            code does.
+    """
+    import tensorflow as tf
+
+    num_blocks = len(plan.blocks)
+    live = [l for l, b in enumerate(plan.blocks) if b.live]
+    alpha_of = dict(zip(live, alphas))
+    one = tf.constant(1.0)
+    # in_[l]: probability that block l's output (node l+1) receives nothing.
+    in_ = {l: tf.reduce_prod(1.0 - alpha_of[l]) for l in live}
+    # out_[n]: probability that no branch reads node n.
+    out_ = {}
+    for l in live:
+        for j, node in enumerate(plan.branch_sources(l)):
+            out_[node] = out_.get(node, one) * (1.0 - alpha_of[l][j])
+    total = tf.constant(0.0)
+    for l in live:
+        p_out = one if l == num_blocks - 1 else out_.get(l + 1, one)
+        for j, node in enumerate(plan.branch_sources(l)):
+            source_block = node - 1 if exact else l - 1
+            p_in = in_.get(source_block, one) if source_block >= 0 else one
+            total += costs[l][j] * (alpha_of[l][j] - p_in - p_out)
+    return total

@@ -8,9 +8,10 @@ import dataclasses
 import os
 
 from nettailor_tf.backbones import BACKBONES, PACKAGED_IMAGENET, build_backbone
+from nettailor_tf.student import UNIVERSAL_BN_MODES
 from nettailor_tf.train import STRATEGIES, Schedule
 
-STAGES = ("teacher",)
+STAGES = ("teacher", "student", "prune", "finetune")
 
 
 class ConfigError(ValueError):
@@ -26,6 +27,15 @@ class Config:
     backbone_weights: str = "imagenet"  # 'imagenet', 'random', or a weights file
     image_size: int = 64
     teacher: Schedule = Schedule(epochs=2, batch_size=32, learning_rate=0.01, decay_epochs=20)
+    student: Schedule = Schedule(epochs=3, batch_size=32, learning_rate=0.1, decay_epochs=20)
+    finetune: Schedule = Schedule(epochs=2, batch_size=32, learning_rate=0.01, decay_epochs=20)
+    max_skip: int | None = 3           # None: dense connectivity
+    universal_bn: str = "frozen"
+    complexity_coeff: float = 0.3
+    teacher_coeff: float = 10.0
+    complexity_exact: bool = True      # False: the published p_in approximation
+    prune_universal: int = 0
+    prune_proxy_threshold: float = 0.05
     data_dir: str | None = None
     download: bool = False
     seed: int = 0
@@ -58,7 +68,8 @@ class Config:
                 self.backbone_weights):
             raise ConfigError(f"--backbone_weights={self.backbone_weights!r}: no such file "
                               f"(accepted: imagenet, random, or a .pth / .weights.h5 file)")
-        minimum = build_backbone(self.backbone).min_image_size
+        backbone = build_backbone(self.backbone)
+        minimum = backbone.min_image_size
         if self.image_size < minimum:
             raise ConfigError(f"--image_size={self.image_size} is too small for {self.backbone}: "
                               f"its blocks reduce the image {minimum}x, so use >= {minimum}")
@@ -66,7 +77,24 @@ class Config:
             raise ConfigError(f"--strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if self.num_cpu_devices < 1:
             raise ConfigError(f"--num_cpu_devices={self.num_cpu_devices} must be >= 1")
-        _check_schedule("teacher", self.teacher)
+        for stage in ("teacher", "student", "finetune"):
+            _check_schedule(stage, getattr(self, stage))
+        if self.max_skip is not None and self.max_skip < 1:
+            raise ConfigError(f"--max_skip={self.max_skip} must be >= 1 or 'dense'")
+        if self.universal_bn not in UNIVERSAL_BN_MODES:
+            raise ConfigError(f"--universal_bn={self.universal_bn!r} is not one of "
+                              f"{', '.join(UNIVERSAL_BN_MODES)}")
+        if not 0 <= self.complexity_coeff <= 100:
+            raise ConfigError(f"--complexity_coeff={self.complexity_coeff} must be in [0, 100]")
+        if not 0 <= self.teacher_coeff <= 1000:
+            raise ConfigError(f"--teacher_coeff={self.teacher_coeff} must be in [0, 1000]")
+        if not 0 <= self.prune_proxy_threshold < 1:
+            raise ConfigError(f"--prune_proxy_threshold={self.prune_proxy_threshold} must be "
+                              f"in [0, 1)")
+        num_blocks = len(backbone.blocks)
+        if not 0 <= self.prune_universal <= num_blocks:
+            raise ConfigError(f"--prune_universal={self.prune_universal} must be in "
+                              f"[0, {num_blocks}] for {self.backbone}")
         for flag, value in (("checkpoint_every", self.checkpoint_every),
                             ("log_every", self.log_every), ("eval_batch_size", self.eval_batch_size)):
             if value < 1:

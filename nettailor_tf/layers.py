@@ -48,6 +48,9 @@ class Normalize(keras.layers.Layer):
         x = tf.cast(images, self.compute_dtype)
         return (x - tf.constant(self.mean, x.dtype)) / tf.constant(self.std, x.dtype)
 
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
     def get_config(self):
         return {**super().get_config(), "mean": self.mean, "std": self.std}
 
@@ -69,10 +72,20 @@ class ConvBN(keras.layers.Layer):
         folded: the BN is folded into the convolution (which then has a
             bias): the inference form of a frozen layer, one op instead of
             two.  Made by `fold_batchnorm`.
+        kernel_initializer: initializer of the convolution kernel.
+
+    Call arguments:
+        x: NHWC input.
+        training: BN on batch statistics (True) or moving statistics.
+        update_statistics: with training=True, whether this call updates the
+            moving statistics.  NetTailor evaluates a proxy twice per step on
+            the same values (once on stop-gradient inputs); only the first
+            evaluation may move the statistics.
     """
 
     def __init__(self, filters, kernel_size=1, strides=1, padding="same", depthwise=False,
-                 activation=None, bn_epsilon=1e-5, folded=False, **kwargs):
+                 activation=None, bn_epsilon=1e-5, folded=False, kernel_initializer="he_normal",
+                 **kwargs):
         super().__init__(**kwargs)
         if padding not in ("same", "symmetric"):
             raise ValueError(f"padding must be 'same' or 'symmetric', got {padding!r}")
@@ -86,6 +99,7 @@ class ConvBN(keras.layers.Layer):
         self.activation = activation
         self.bn_epsilon = bn_epsilon
         self.folded = folded
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
         pad = kernel_size // 2
         self.pad = (keras.layers.ZeroPadding2D(pad, name="pad")
                     if padding == "symmetric" and pad > 0 else None)
@@ -93,11 +107,11 @@ class ConvBN(keras.layers.Layer):
         if depthwise:
             self.conv = keras.layers.DepthwiseConv2D(
                 kernel_size, strides, padding=conv_padding, use_bias=folded,
-                depthwise_initializer="he_normal", name="conv")
+                depthwise_initializer=self.kernel_initializer, name="conv")
         else:
             self.conv = keras.layers.Conv2D(
                 filters, kernel_size, strides, padding=conv_padding, use_bias=folded,
-                kernel_initializer="he_normal", name="conv")
+                kernel_initializer=self.kernel_initializer, name="conv")
         self.bn = None if folded else keras.layers.BatchNormalization(
             momentum=BN_MOMENTUM, epsilon=bn_epsilon, name="bn")
 
@@ -111,12 +125,19 @@ class ConvBN(keras.layers.Layer):
         if self.bn is not None:
             self.bn.build(shape)
 
-    def call(self, x, training=None):
+    def call(self, x, training=None, update_statistics=True):
         if self.pad is not None:
             x = self.pad(x)
         x = self.conv(x)
         if self.bn is not None:
-            x = self.bn(x, training=training)
+            if training and not update_statistics:
+                # Keras's BN in training mode always moves its statistics:
+                # normalise with the batch moments by hand instead.
+                mean, variance = tf.nn.moments(x, axes=[0, 1, 2])
+                x = tf.nn.batch_normalization(x, mean, variance, self.bn.beta, self.bn.gamma,
+                                              self.bn.epsilon)
+            else:
+                x = self.bn(x, training=training)
         return apply_activation(x, self.activation)
 
     def compute_output_shape(self, input_shape):
@@ -127,7 +148,8 @@ class ConvBN(keras.layers.Layer):
         return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
                 "strides": self.strides, "padding": self.padding, "depthwise": self.depthwise,
                 "activation": self.activation, "bn_epsilon": self.bn_epsilon,
-                "folded": self.folded}
+                "folded": self.folded,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
 
 
 class _Block(keras.layers.Layer):
@@ -315,7 +337,11 @@ def fold_batchnorm(layer, input_shape=(None, None, None, 3)):
     (pooling, normalisation) are copied as they are.
     """
     if isinstance(layer, keras.Sequential):
-        copy = keras.Sequential([fold_batchnorm(l) for l in layer.layers], name=layer.name)
+        children, shape = [], input_shape
+        for child in layer.layers:
+            children.append(fold_batchnorm(child, shape))
+            shape = child.compute_output_shape(shape)
+        copy = keras.Sequential(children, name=layer.name)
     else:
         copy = type(layer).from_config(_folded_config(layer))
     copy.build(input_shape)

@@ -15,7 +15,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for everything the run writes (checkpoints, "
                     "report.json, exports). Re-running the same command resumes.")
 flags.DEFINE_list("tasks", None, "Task specs: mnist5k, digits, tfds:NAME[/CONFIG], folder:PATH.")
-flags.DEFINE_list("stages", ["teacher"], "Stages to run, in order: teacher.")
+flags.DEFINE_list("stages", ["teacher", "student", "prune", "finetune"],
+                  "Stages to run, in order: teacher, student, prune, finetune.")
 flags.DEFINE_string("backbone", "efficientnet_lite0", "Backbone: efficientnet_lite0, "
                     "mobilenet_v2, resnet18, resnet34, resnet50, wrn26, tiny.")
 flags.DEFINE_string("backbone_weights", "imagenet", "'imagenet' (packaged weights), 'random', "
@@ -28,7 +29,26 @@ flags.DEFINE_integer("teacher_epochs", 2, "Teacher fine-tuning epochs.")
 flags.DEFINE_integer("teacher_batch_size", 32, "Teacher global batch size.")
 flags.DEFINE_float("teacher_lr", 0.01, "Teacher learning rate.")
 flags.DEFINE_integer("teacher_decay_epochs", 20, "Teacher lr x0.1 every this many epochs.")
+flags.DEFINE_integer("student_epochs", 3, "NetTailor student epochs.")
+flags.DEFINE_integer("student_batch_size", 32, "Student global batch size.")
+flags.DEFINE_float("student_lr", 0.1, "Student learning rate.")
+flags.DEFINE_integer("student_decay_epochs", 20, "Student lr x0.1 every this many epochs.")
+flags.DEFINE_integer("finetune_epochs", 2, "Epochs of fine-tuning the pruned network.")
+flags.DEFINE_integer("finetune_batch_size", 32, "Finetune global batch size.")
+flags.DEFINE_float("finetune_lr", 0.01, "Finetune learning rate.")
+flags.DEFINE_integer("finetune_decay_epochs", 20, "Finetune lr x0.1 every this many epochs.")
 flags.DEFINE_float("weight_decay", 5e-4, "Coupled (PyTorch-style) weight decay.")
+flags.DEFINE_string("max_skip", "3", "Proxies per block read the last max_skip nodes; "
+                    "'dense' reads every earlier node.")
+flags.DEFINE_enum("universal_bn", "frozen", ["frozen", "task"], "Universal BN statistics: "
+                  "'frozen' (pretrained; universal weights stay shareable across tasks) or "
+                  "'task' (re-estimated per task, as the published code does).")
+flags.DEFINE_float("complexity_coeff", 0.3, "Weight of the expected-complexity loss.")
+flags.DEFINE_float("teacher_coeff", 10.0, "Weight of the mimic (distillation) loss.")
+flags.DEFINE_enum("complexity_p_in", "exact", ["exact", "published"], "p_in of the complexity "
+                  "loss: of the node each branch reads (exact) or block l-1's for every branch.")
+flags.DEFINE_integer("prune_universal", 0, "Universal blocks to remove (smallest gates).")
+flags.DEFINE_float("prune_proxy_threshold", 0.05, "Remove proxies whose gate is <= this.")
 flags.DEFINE_integer("seed", 0, "Seed of initialisation, data order and augmentation.")
 flags.DEFINE_string("strategy", "default", "tf.distribute strategy: default, mirrored, "
                     "multi_worker (TF_CONFIG), tpu.")
@@ -51,11 +71,29 @@ def config_from_flags():
         image_size=FLAGS.image_size,
         teacher=Schedule(FLAGS.teacher_epochs, FLAGS.teacher_batch_size, FLAGS.teacher_lr,
                          FLAGS.teacher_decay_epochs, FLAGS.weight_decay),
+        student=Schedule(FLAGS.student_epochs, FLAGS.student_batch_size, FLAGS.student_lr,
+                         FLAGS.student_decay_epochs, FLAGS.weight_decay),
+        finetune=Schedule(FLAGS.finetune_epochs, FLAGS.finetune_batch_size, FLAGS.finetune_lr,
+                          FLAGS.finetune_decay_epochs, FLAGS.weight_decay),
+        max_skip=_max_skip(FLAGS.max_skip), universal_bn=FLAGS.universal_bn,
+        complexity_coeff=FLAGS.complexity_coeff, teacher_coeff=FLAGS.teacher_coeff,
+        complexity_exact=FLAGS.complexity_p_in == "exact",
+        prune_universal=FLAGS.prune_universal,
+        prune_proxy_threshold=FLAGS.prune_proxy_threshold,
         data_dir=FLAGS.data_dir, download=FLAGS.download, seed=FLAGS.seed,
         strategy=FLAGS.strategy, num_cpu_devices=FLAGS.num_cpu_devices,
         jit_compile=FLAGS.jit_compile, checkpoint_every=FLAGS.checkpoint_every,
         log_every=FLAGS.log_every, eval_batch_size=FLAGS.eval_batch_size,
         max_steps=FLAGS.max_steps)
+
+
+def _max_skip(value: str) -> int | None:
+    if value == "dense":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        _fail(f"--max_skip={value!r} must be a positive integer or 'dense'")
 
 
 def _fail(message: str) -> None:
@@ -67,7 +105,7 @@ def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {' '.join(argv[1:])}; every option is a --flag")
     # Imported here so that --help and flag errors answer without loading TF.
-    from nettailor_tf import data, stages, train, weights
+    from nettailor_tf import data, prune, stages, train, weights
     from nettailor_tf.config import ConfigError
 
     config = config_from_flags()
@@ -82,7 +120,8 @@ def main(argv):
         logging.info("strategy %s with replicas=%d", config.strategy,
                      strategy.num_replicas_in_sync)
         report = stages.run(config, strategy)
-    except (ConfigError, data.DataError, weights.WeightsError, train.TrainingError) as err:
+    except (ConfigError, data.DataError, weights.WeightsError, train.TrainingError,
+            stages.StageError, prune.PruneError) as err:
         _fail(str(err))
     except OSError as err:
         _fail(f"cannot write to --workdir={config.workdir}: {err.strerror} ({err.filename})")

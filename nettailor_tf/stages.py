@@ -17,7 +17,12 @@ from absl import logging
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import complexity
 from nettailor_tf import data as data_lib
+from nettailor_tf import prune as prune_lib
+from nettailor_tf import student as student_lib
+from nettailor_tf import train
 from nettailor_tf.config import Config
+from nettailor_tf.layers import fold_batchnorm
+from nettailor_tf.losses import cross_entropy, mimic_loss
 from nettailor_tf.report import Report
 from nettailor_tf.train import Trainer
 
@@ -50,10 +55,6 @@ def build_teacher(config: Config, num_classes: int, pretrained: bool = True) -> 
         backbones_lib.load_backbone_weights(backbone, config.backbone_weights)
     model = backbones_lib.classifier_model(backbone, num_classes, name="teacher")
     return model, backbone
-
-
-def cross_entropy(logits, labels):
-    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
 
 
 def run_teacher(config: Config, strategy, task: data_lib.TaskData, report: Report) -> None:
@@ -101,7 +102,207 @@ def run_teacher(config: Config, strategy, task: data_lib.TaskData, report: Repor
     logging.info("%s: teacher test accuracy %.4f", task.name, result.test_accuracy)
 
 
-STAGE_FUNCTIONS = {"teacher": run_teacher}
+# --- NetTailor: student, prune, finetune ----------------------------------------
+
+class StageError(RuntimeError):
+    """A stage cannot start (e.g. the stage it builds on has not run)."""
+
+
+def student_state_path(config, task):
+    return os.path.join(task_dir(config, task), "student.npz")
+
+
+def plan_path(config, task):
+    return os.path.join(task_dir(config, task), "plan.json")
+
+
+def pruned_state_path(config, task):
+    return os.path.join(task_dir(config, task), "nettailor.npz")
+
+
+def _universal_backbone(config: Config):
+    """A fresh copy of the pretrained (universal) backbone."""
+    backbone = backbones_lib.build_backbone(config.backbone)
+    if config.backbone_weights != "random":
+        backbones_lib.load_backbone_weights(backbone, config.backbone_weights)
+    return backbone
+
+
+def _frozen_teacher(config: Config, task):
+    """The fine-tuned teacher in inference form (BN folded): the mimic targets."""
+    path = teacher_weights_path(config, task)
+    if not os.path.exists(path):
+        raise StageError(f"{task.name}: no teacher at {path}; run --stages=teacher first "
+                         f"(with the same --workdir)")
+    model, backbone = build_teacher(config, task.num_classes, pretrained=False)
+    model.load_weights(path)
+    folded = backbones_lib.Backbone(
+        backbone.name, fold_batchnorm(backbone.stem),
+        [fold_batchnorm(b, (None, None, None, b.in_channels)) for b in backbone.blocks],
+        fold_batchnorm(backbone.head, (None, None, None, backbone.specs[-1].out_channels)),
+        backbone.block_activation, backbone.stem_channels, backbone.stem_reduction,
+        backbone.feature_dim)
+    teacher = backbones_lib.classifier_model(folded, task.num_classes, name="frozen_teacher")
+    teacher.get_layer("classifier").set_weights(model.get_layer("classifier").get_weights())
+    teacher.trainable = False
+    return teacher
+
+
+def _nettailor_loss(student, teacher, costs, complexity_coeff, teacher_coeff, exact):
+    num_blocks = len(student.plan.blocks)
+    live = student.live_blocks
+
+    def loss_fn(images, labels, training):
+        teacher_logits, teacher_endpoints = teacher(images, training=False)
+        logits, _, routed = student(images, training=training)
+        ce = cross_entropy(logits, labels)
+        mimic = mimic_loss(logits, routed, teacher_logits, teacher_endpoints, live, num_blocks)
+        terms = {"ce": ce, "mimic": mimic}
+        total = ce + teacher_coeff * mimic
+        if complexity_coeff:
+            cost = complexity.expected_complexity(student.alphas(), costs, student.plan, exact)
+            terms["complexity"] = cost
+            total += complexity_coeff * cost
+        return total, logits, terms
+
+    return loss_fn
+
+
+def _train_student(config, strategy, task, student, teacher, schedule, complexity_coeff,
+                   name) -> "train.TrainResult":
+    backbone = _universal_backbone(config)
+    norm = complexity.universal_network_flops(backbone, config.image_size)
+    costs = [[c / norm for c in row] for row in
+             complexity.branch_flops(backbone, student.plan, config.image_size)]
+    loss_fn = _nettailor_loss(student, teacher, costs, complexity_coeff, config.teacher_coeff,
+                              config.complexity_exact)
+    trainable, decayed = student.task_variables()
+    trainer = Trainer(
+        strategy, student, loss_fn, trainable, decayed, schedule,
+        checkpoint_dir=os.path.join(task_dir(config, task), f"{name}_ckpt"),
+        summary_dir=os.path.join(config.workdir, "tensorboard", task.name, name),
+        jit_compile=config.jit_compile, checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every,
+        predict_fn=lambda images: student(images, training=False, mimic=False)[0])
+    result = trainer.fit(task, config.image_size, config.seed, config.eval_batch_size,
+                         max_steps=config.max_steps)
+    total = data_lib.steps_per_epoch(task, schedule.batch_size) * schedule.epochs
+    if result.steps < total:
+        logging.info("%s: %s stopped at step %d of %d (--max_steps); re-run to resume",
+                     task.name, name, result.steps, total)
+        return None
+    return result
+
+
+def _gates(student) -> list[list[float]]:
+    return [[round(float(a), 6) for a in alphas.numpy()] for alphas in student.alphas()]
+
+
+def run_student(config: Config, strategy, task, report: Report) -> None:
+    """Trains proxies, gates and classifier over the frozen universal blocks
+    with CE + complexity + mimic of the teacher."""
+    state_path = student_state_path(config, task)
+    if report.get(task.name, "student") and os.path.exists(state_path):
+        logging.info("%s: student stage already done (%s); skipping", task.name, state_path)
+        return
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        teacher = _frozen_teacher(config, task)
+        backbone = _universal_backbone(config)
+        plan = student_lib.Plan.full(len(backbone.blocks), config.max_skip)
+        student = student_lib.build_student(backbone, task.num_classes, plan,
+                                            config.universal_bn, config.image_size)
+    logging.info("%s: student stage: %d universal blocks, %d proxies (max_skip=%s)", task.name,
+                 len(backbone.blocks), plan.counts()["proxies_kept"], config.max_skip)
+    result = _train_student(config, strategy, task, student, teacher, config.student,
+                            config.complexity_coeff, "student")
+    if result is None:
+        return
+    prune_lib.save_task_state(student, state_path)
+    report.set(task.name, "student", {
+        "accuracy": result.test_accuracy, "gates": _gates(student),
+        "max_skip": config.max_skip, "universal_bn": config.universal_bn,
+        "complexity_loss": "exact" if config.complexity_exact else "published",
+        "epochs": config.student.epochs, "steps": result.steps,
+        "train_images_per_second": result.train_images_per_second,
+    })
+    logging.info("%s: student test accuracy %.4f", task.name, result.test_accuracy)
+
+
+def _trained_student(config, task):
+    path = student_state_path(config, task)
+    if not os.path.exists(path):
+        raise StageError(f"{task.name}: no trained student at {path}; run the student stage "
+                         f"first (--stages=student)")
+    backbone = _universal_backbone(config)
+    plan = student_lib.Plan.full(len(backbone.blocks), config.max_skip)
+    student = student_lib.build_student(backbone, task.num_classes, plan, config.universal_bn,
+                                        config.image_size)
+    prune_lib.load_task_state(student, path)
+    return student, backbone
+
+
+def run_prune(config: Config, strategy, task, report: Report) -> None:
+    """Cuts weak universal blocks and proxies, then every dead path; saves the plan."""
+    path = plan_path(config, task)
+    if os.path.exists(path):
+        logging.info("%s: prune stage already done (%s); skipping", task.name, path)
+        return
+    student, backbone = _trained_student(config, task)
+    alphas = [a.numpy() for a in student.alphas()]
+    pruned = prune_lib.prune_plan(student.plan, alphas, config.prune_universal,
+                                  config.prune_proxy_threshold)
+    counts = pruned.counts()
+    prune_lib.save_plan(path, pruned, backbone=config.backbone,
+                        backbone_weights=config.backbone_weights, image_size=config.image_size,
+                        universal_blocks=[l for l, b in enumerate(pruned.blocks) if b.universal],
+                        prune_universal=config.prune_universal,
+                        prune_proxy_threshold=config.prune_proxy_threshold,
+                        gates=_gates(student), **counts)
+    logging.info("%s: pruned to %d universal blocks and %d proxies (%d live blocks of %d)",
+                 task.name, counts["universal_blocks_kept"], counts["proxies_kept"],
+                 counts["blocks_live"], len(pruned.blocks))
+
+
+def run_finetune(config: Config, strategy, task, report: Report) -> None:
+    """Trains the pruned network again: complexity off, fresh optimizer,
+    gates still trainable (SPEC.md section 2)."""
+    state_path = pruned_state_path(config, task)
+    if report.get(task.name, "pruned") and os.path.exists(state_path):
+        logging.info("%s: finetune stage already done (%s); skipping", task.name, state_path)
+        return
+    if not os.path.exists(plan_path(config, task)):
+        raise StageError(f"{task.name}: no pruning plan at {plan_path(config, task)}; run the "
+                         f"prune stage first (--stages=prune)")
+    plan, _ = prune_lib.load_plan(plan_path(config, task))
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        teacher = _frozen_teacher(config, task)
+        full, _ = _trained_student(config, task)
+        backbone = _universal_backbone(config)
+        pruned = student_lib.build_student(backbone, task.num_classes, plan, config.universal_bn,
+                                           config.image_size)
+        student_lib.copy_task_weights(full, pruned)
+    result = _train_student(config, strategy, task, pruned, teacher, config.finetune, 0.0,
+                            "finetune")
+    if result is None:
+        return
+    prune_lib.save_task_state(pruned, state_path)
+    cost = prune_lib.pruned_cost(backbone, plan, config.image_size, task.num_classes, pruned)
+    report.set(task.name, "pruned", {
+        "accuracy": result.test_accuracy, **cost, "gates": _gates(pruned),
+        "plan": os.path.relpath(plan_path(config, task), config.workdir),
+        "weights": os.path.relpath(state_path, config.workdir),
+        "epochs": config.finetune.epochs, "steps": result.steps,
+    })
+    teacher_flops = (report.get(task.name, "teacher") or {}).get("flops")
+    logging.info("%s: NetTailor test accuracy %.4f, %d multiply-adds%s", task.name,
+                 result.test_accuracy, cost["flops"],
+                 f" ({cost['flops'] / teacher_flops:.2f} of the teacher's)" if teacher_flops else "")
+
+
+STAGE_FUNCTIONS = {"teacher": run_teacher, "student": run_student, "prune": run_prune,
+                   "finetune": run_finetune}
 
 
 def run(config: Config, strategy) -> Report:

@@ -197,7 +197,8 @@ class Trainer:
                               tf.float32)
             return tf.reduce_sum(correct), tf.cast(tf.size(labels), tf.float32)
 
-        @tf.function
+        # The last evaluation batch is smaller: let one trace serve both shapes.
+        @tf.function(reduce_retracing=True)
         def eval_step(batch):
             correct, count = self.strategy.run(replica_eval, args=batch)
             return (self.strategy.reduce("SUM", correct, axis=None),

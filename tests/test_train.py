@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from nettailor_tf import backbones, data, train
-from nettailor_tf.stages import cross_entropy
+from nettailor_tf.losses import cross_entropy
 
 SCHEDULE = train.Schedule(epochs=2, batch_size=32, learning_rate=0.05, decay_epochs=1)
 

@@ -1,0 +1,181 @@
+"""Task-specific proxies and the gated NetTailor block (SPEC.md section 3).
+
+A NetTailor block mixes its frozen universal block with proxies that read
+the current node or older ones: `node_{l+1} = act(sum_j alpha_j branch_j)`.
+
+Gradient routing of the mimic loss (SPEC.md section 4) is done here without
+computing any block twice: the frozen universal branch's output is reused
+through `stop_gradient` (its value on a stop-gradient input is the same and it
+has no trainable weights), and only the cheap proxies are evaluated again on
+stop-gradient inputs.  The second proxy evaluation normalises with the batch
+moments without moving the BN statistics a second time.
+"""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from nettailor_tf.gates import PROXY_LOGIT, UNIVERSAL_LOGIT, Gate
+from nettailor_tf.layers import PACKAGE, ConvBN, apply_activation
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Proxy(keras.layers.Layer):
+    """A cheap stand-in for a block: [max-pool], 1x1 conv, BN (no activation).
+
+    Args:
+        out_channels: the block's output channels.
+        pool_stride: input size / block output size (1, 2, 4, ...).  The
+            max-pool has kernel `pool_stride + 1` and TF "same" padding, which
+            pads with -inf: exact for the negative values that linear
+            bottlenecks produce, and always giving ceil(size / stride) outputs
+            like the blocks do.
+        hidden_channels: None for the plain proxy; for bottleneck backbones
+            the published variant 1x1 conv to this width, BN, ReLU, 1x1 conv,
+            BN (SPEC.md: max(C_out / 32, 16)).
+        bn_epsilon: BN epsilon.
+        folded: BN folded into the convs (the deployed form).
+    """
+
+    def __init__(self, out_channels, pool_stride=1, hidden_channels=None, bn_epsilon=1e-5,
+                 folded=False, **kwargs):
+        super().__init__(**kwargs)
+        if pool_stride < 1:
+            raise ValueError(f"pool_stride must be >= 1, got {pool_stride}")
+        self.out_channels = out_channels
+        self.pool_stride = pool_stride
+        self.hidden_channels = hidden_channels
+        self.bn_epsilon = bn_epsilon
+        self.folded = folded
+        # N(0, 0.01): a new proxy starts close to silent (SPEC.md section 3).
+        init = keras.initializers.RandomNormal(stddev=0.01)
+        conv_bn = lambda filters, activation, name: ConvBN(
+            filters, 1, activation=activation, bn_epsilon=bn_epsilon, folded=folded,
+            kernel_initializer=init, name=name)
+        self.convs = ([conv_bn(hidden_channels, "relu", "reduce")] if hidden_channels else [])
+        self.convs.append(conv_bn(out_channels, None, "project"))
+
+    def build(self, input_shape):
+        shape = input_shape
+        for conv in self.convs:
+            conv.build(shape)
+            shape = conv.compute_output_shape(shape)
+
+    def call(self, x, training=None, update_statistics=True):
+        if self.pool_stride > 1:
+            s = self.pool_stride
+            x = tf.nn.max_pool2d(x, s + 1, s, "SAME")
+        for conv in self.convs:
+            x = conv(x, training=training, update_statistics=update_statistics)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, _ = input_shape
+        out = lambda d: None if d is None else -(-d // self.pool_stride)
+        return (n, out(h), out(w), self.out_channels)
+
+    def get_config(self):
+        return {**super().get_config(), "out_channels": self.out_channels,
+                "pool_stride": self.pool_stride, "hidden_channels": self.hidden_channels,
+                "bn_epsilon": self.bn_epsilon, "folded": self.folded}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class NetTailorBlock(keras.layers.Layer):
+    """A frozen universal block and task-specific proxies, mixed by a gate.
+
+    Branch 0 is the universal block (when kept), then the proxies; the call
+    takes one input per branch, in that order.
+
+    Args:
+        universal: the (frozen) universal block layer, or None once pruned.
+        proxies: list of `Proxy` layers.
+        activation: what the backbone applies after a block (None, 'relu',
+            'relu6'), applied after the mix.
+        universal_training: run the universal block's BN on batch statistics
+            while training (`--universal_bn=task`); False keeps the pretrained
+            statistics (and lets the universal block be BN-folded).
+        initial_logits: the gate's starting logits (default +2 universal, -2
+            proxies).
+
+    Call arguments:
+        inputs: list of tensors, one per branch.
+        training: training mode of proxies (and universal, see above).
+        mimic: also return the block's output along the stop-gradient route,
+            used only by the block's own mimic loss.
+
+    Returns:
+        node, or (node, mimic_node) with `mimic=True`: equal values, different
+        gradient paths.
+    """
+
+    def __init__(self, universal, proxies, activation=None, universal_training=False,
+                 initial_logits=None, **kwargs):
+        super().__init__(**kwargs)
+        if universal is None and not proxies:
+            raise ValueError("a NetTailor block needs at least one branch")
+        self.universal = universal
+        self.proxies = list(proxies)
+        self.activation = activation
+        self.universal_training = universal_training
+        num_branches = len(self.proxies) + (universal is not None)
+        if initial_logits is None:
+            initial_logits = ([UNIVERSAL_LOGIT] if universal is not None else []) + \
+                [PROXY_LOGIT] * len(self.proxies)
+        self.gate = Gate(num_branches, initial_logits, name="gate")
+
+    @property
+    def num_branches(self) -> int:
+        return self.gate.num_branches
+
+    def build(self, input_shapes):
+        input_shapes = list(input_shapes)
+        if self.universal is not None:
+            if not self.universal.built:
+                self.universal.build(input_shapes[0])
+            input_shapes = input_shapes[1:]
+        for proxy, shape in zip(self.proxies, input_shapes):
+            proxy.build(shape)
+        self.gate.build()
+
+    def call(self, inputs, training=None, mimic=False):
+        inputs = list(inputs)
+        alphas = self.gate.alphas()
+        branches = []
+        universal_out = None
+        if self.universal is not None:
+            universal_out = self.universal(inputs.pop(0),
+                                           training=bool(training) and self.universal_training)
+            branches.append(universal_out)
+        branches += [proxy(x, training=training) for proxy, x in zip(self.proxies, inputs)]
+        node = apply_activation(self._mix(alphas, branches), self.activation)
+        if not mimic:
+            return node
+        if not training:
+            return node, node  # the routes differ in gradients only
+        routed = [] if universal_out is None else [tf.stop_gradient(universal_out)]
+        routed += [proxy(tf.stop_gradient(x), training=True, update_statistics=False)
+                   for proxy, x in zip(self.proxies, inputs)]
+        return node, apply_activation(self._mix(alphas, routed), self.activation)
+
+    @staticmethod
+    def _mix(alphas, branches):
+        alphas = tf.cast(alphas, branches[0].dtype)
+        return tf.add_n([alphas[j] * b for j, b in enumerate(branches)])
+
+    def get_config(self):
+        serialize = keras.saving.serialize_keras_object
+        return {**super().get_config(),
+                "universal": None if self.universal is None else serialize(self.universal),
+                "proxies": [serialize(p) for p in self.proxies],
+                "activation": self.activation, "universal_training": self.universal_training,
+                "initial_logits": self.gate.initial_logits}
+
+    @classmethod
+    def from_config(cls, config):
+        deserialize = keras.saving.deserialize_keras_object
+        config = dict(config)
+        if config["universal"] is not None:
+            config["universal"] = deserialize(config["universal"])
+        config["proxies"] = [deserialize(p) for p in config["proxies"]]
+        return cls(**config)

@@ -1,0 +1,61 @@
+"""The soft-attention gate of a NetTailor block (SPEC.md section 3)."""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from nettailor_tf.layers import PACKAGE
+
+UNIVERSAL_LOGIT = 2.0  # alpha_universal about 0.95 with 3 proxies at the start
+PROXY_LOGIT = -2.0
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Gate(keras.layers.Layer):
+    """One logit per branch; `alphas()` is the softmax over the kept branches.
+
+    The keep-mask is a non-trainable variable rather than a Python constant so
+    that pruning a branch changes a value, not the graph: a traced step keeps
+    working (no retrace) and the mask is checkpointed with the logits.
+
+    Args:
+        num_branches: number of branches the gate mixes.
+        initial_logits: starting logits (default: +2 for the first branch,
+            the universal block, and -2 for every proxy).
+
+    Example:
+        gate = Gate(4); gate.build(); gate.alphas()  # [0.95, 0.017, 0.017, 0.017]
+    """
+
+    def __init__(self, num_branches: int, initial_logits=None, **kwargs):
+        super().__init__(**kwargs)
+        if num_branches < 1:
+            raise ValueError(f"num_branches must be >= 1, got {num_branches}")
+        if initial_logits is None:
+            initial_logits = [UNIVERSAL_LOGIT] + [PROXY_LOGIT] * (num_branches - 1)
+        if len(initial_logits) != num_branches:
+            raise ValueError(f"initial_logits has {len(initial_logits)} values for "
+                             f"{num_branches} branches")
+        self.num_branches = num_branches
+        self.initial_logits = [float(v) for v in initial_logits]
+
+    def build(self, input_shape=None):
+        self.logits = self.add_weight(
+            shape=(self.num_branches,), name="logits", trainable=True,
+            initializer=keras.initializers.Constant(self.initial_logits))
+        self.keep = self.add_weight(shape=(self.num_branches,), name="keep", trainable=False,
+                                    initializer="ones")
+
+    def alphas(self):
+        """Softmax over kept branches; pruned branches get exactly 0."""
+        logits = tf.convert_to_tensor(self.logits)
+        kept = tf.convert_to_tensor(self.keep) > 0.5
+        masked = tf.where(kept, logits, tf.fill(tf.shape(logits), float("-inf")))
+        return tf.where(kept, tf.nn.softmax(masked), tf.zeros_like(logits))
+
+    def call(self, inputs=None):
+        return self.alphas()
+
+    def get_config(self):
+        return {**super().get_config(), "num_branches": self.num_branches,
+                "initial_logits": self.initial_logits}

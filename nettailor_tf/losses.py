@@ -1,0 +1,28 @@
+"""NetTailor's training objective: CE + complexity_coeff * C + teacher_coeff * T (SPEC.md 4)."""
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def cross_entropy(logits, labels):
+    """Mean cross-entropy over the (local) batch, computed in float32."""
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels, tf.cast(logits, tf.float32)))
+
+
+def mse(a, b):
+    return tf.reduce_mean(tf.square(tf.cast(a, tf.float32) - tf.cast(b, tf.float32)))
+
+
+def mimic_loss(logits, block_outputs, teacher_logits, teacher_endpoints, live_blocks,
+               num_blocks: int):
+    """T = [MSE(logits) + sum over live blocks l of MSE(h_l^s, h_l^t)] / L.
+
+    `block_outputs[k]` is the student's output of block `live_blocks[k]` along
+    the stop-gradient route; `teacher_endpoints[l]` is the teacher's node l+1.
+    L counts every block of the backbone; the logits term is not counted.
+    """
+    total = mse(logits, teacher_logits)
+    for output, l in zip(block_outputs, live_blocks):
+        total += mse(output, teacher_endpoints[l])
+    return total / num_blocks

@@ -1,0 +1,243 @@
+"""Pruning (SPEC.md section 5): from gates to a plan, and from a plan to a static network.
+
+The published code only masks pruned branches, so its savings are bookkeeping.
+Here the pruned network is a new static Keras model holding only live
+branches, each proxy's gate folded into its last (BN-folded) conv, so
+inference runs no gate at all.  The universal branch's gate stays a constant
+scale (skipped where it is 1): folding it into the universal weights would
+make them differ per task and end their sharing across tasks.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import keras
+import numpy as np
+
+from nettailor_tf import complexity
+from nettailor_tf.backbones import Backbone, count_params
+from nettailor_tf.layers import PACKAGE, apply_activation, fold_batchnorm
+from nettailor_tf.report import atomic_write_text
+from nettailor_tf.student import BlockPlan, Plan, Student, node_reductions
+
+
+class PruneError(ValueError):
+    """Pruning would leave no path from the input to the classifier."""
+
+
+def prune_plan(plan: Plan, alphas: list[np.ndarray], num_universal: int,
+               proxy_threshold: float) -> Plan:
+    """Removes the `num_universal` universal blocks with the smallest alpha and
+    every proxy with alpha <= `proxy_threshold`, then every dead path."""
+    live = [l for l, b in enumerate(plan.blocks) if b.live]
+    alpha_of = {l: np.asarray(a) for l, a in zip(live, alphas)}
+    universal_alpha = {l: alpha_of[l][0] for l in live if plan.blocks[l].universal}
+    if not 0 <= num_universal <= len(universal_alpha):
+        raise PruneError(f"--prune_universal={num_universal} must be in [0, "
+                         f"{len(universal_alpha)}]")
+    removed = set(sorted(universal_alpha, key=lambda l: (universal_alpha[l], l))[:num_universal])
+    blocks = []
+    for l, block in enumerate(plan.blocks):
+        if l not in alpha_of:
+            blocks.append(BlockPlan(False, []))
+            continue
+        offset = 1 if block.universal else 0
+        sources = [s for j, s in enumerate(block.proxy_sources)
+                   if alpha_of[l][j + offset] > proxy_threshold]
+        blocks.append(BlockPlan(block.universal and l not in removed, sources))
+    return remove_dead_paths(Plan(blocks))
+
+
+def remove_dead_paths(plan: Plan) -> Plan:
+    """Drops branches that read a node nothing produces and blocks whose output
+    nothing reads (the published code does only the first), until stable."""
+    blocks = [BlockPlan(b.universal, list(b.proxy_sources)) for b in plan.blocks]
+    last = len(blocks) - 1
+    changed = True
+    while changed:
+        changed = False
+        produced = {0} | {l + 1 for l, b in enumerate(blocks) if b.live}
+        read = {last + 1}  # the head reads the last node
+        for l, b in enumerate(blocks):
+            read.update(([l] if b.universal else []) + b.proxy_sources)
+        for l, b in enumerate(blocks):
+            if not b.live:
+                continue
+            if l + 1 not in read:
+                blocks[l] = BlockPlan(False, [])
+                changed = True
+                continue
+            if b.universal and l not in produced:
+                b.universal, changed = False, True
+            kept = [s for s in b.proxy_sources if s in produced]
+            if kept != b.proxy_sources:
+                b.proxy_sources, changed = kept, True
+    if not blocks[last].live:
+        raise PruneError("pruning leaves no path to the classifier: lower --prune_universal "
+                         "or --prune_proxy_threshold")
+    return Plan(blocks)
+
+
+def mask_student(student: Student, pruned: Plan) -> None:
+    """Sets the gate keep-masks of a full student to `pruned` (no retrace)."""
+    for l in student.live_blocks:
+        block, plan = student.block(l), pruned.blocks[l]
+        keep = []
+        if student.plan.blocks[l].universal:
+            keep.append(1.0 if plan.universal else 0.0)
+        keep += [1.0 if s in plan.proxy_sources else 0.0
+                 for s in student.plan.blocks[l].proxy_sources]
+        block.gate.keep.assign(keep)
+
+
+# --- the static network -------------------------------------------------------
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Scale(keras.layers.Layer):
+    """Multiplies by a constant: a universal branch's gate value, kept out of
+    the shared weights."""
+
+    def __init__(self, value: float, **kwargs):
+        super().__init__(**kwargs)
+        self.value = float(value)
+
+    def call(self, x):
+        return x * self.value
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "value": self.value}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Activation(keras.layers.Layer):
+    """The backbone's post-block activation (None, 'relu' or 'relu6')."""
+
+    def __init__(self, activation=None, **kwargs):
+        super().__init__(**kwargs)
+        self.activation = activation
+
+    def call(self, x):
+        return apply_activation(x, self.activation)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "activation": self.activation}
+
+
+def static_model(student: Student, input_dtype: str = "float32") -> keras.Model:
+    """The trained (pruned) student as a plain functional model with only its
+    live branches and no gates: images (0..255) -> logits."""
+    images = keras.Input((None, None, 3), dtype=input_dtype, name="images")
+    nodes = {0: fold_batchnorm(student.stem)(images)}
+    for l in student.live_blocks:
+        block = student.block(l)
+        alphas = block.gate.alphas().numpy()
+        sources = student.plan.branch_sources(l)
+        branches = []
+        j = 0
+        if block.universal is not None:
+            x = nodes[sources[0]]
+            universal = fold_batchnorm(block.universal,
+                                       (None, None, None, block.universal.in_channels))
+            y = universal(x)
+            if abs(alphas[0] - 1.0) > 1e-7:
+                y = Scale(alphas[0], name=f"gate{l}_universal")(y)
+            branches.append(y)
+            j = 1
+        for proxy, source in zip(block.proxies, sources[j:]):
+            channels = student.node_channels[source]
+            folded = fold_batchnorm(proxy, (None, None, None, channels))
+            last = folded.convs[-1].conv
+            last.kernel.assign(last.kernel.numpy() * alphas[j])
+            last.bias.assign(last.bias.numpy() * alphas[j])
+            branches.append(folded(nodes[source]))
+            j += 1
+        mixed = branches[0] if len(branches) == 1 else keras.layers.Add(name=f"mix{l}")(branches)
+        nodes[l + 1] = Activation(block.activation, name=f"act{l}")(mixed)
+    head = fold_batchnorm(student.head, (None, None, None, student.node_channels[-1]))
+    classifier = keras.layers.Dense.from_config(student.classifier.get_config())
+    logits = classifier(head(nodes[len(student.plan.blocks)]))
+    classifier.set_weights(student.classifier.get_weights())
+    return keras.Model(images, logits, name="nettailor")
+
+
+# --- what a pruned network costs ---------------------------------------------
+
+def pruned_cost(backbone: Backbone, plan: Plan, image_size: int, num_classes: int,
+                student: Student) -> dict:
+    """Multiply-adds and parameters of the static network of `plan`."""
+    parts = complexity.backbone_flops(backbone, image_size)
+    branch = complexity.branch_flops(backbone, plan, image_size)
+    flops = (parts["stem"] + sum(map(sum, branch)) + parts["head"]
+             + backbone.feature_dim * num_classes)
+    kept = [backbone.blocks[l] for l, b in enumerate(plan.blocks) if b.universal]
+    shared = [backbone.stem, *kept] + ([] if backbone.head_task_specific else [backbone.head])
+    proxies = [p for block in student.tailored for p in block.proxies]
+    own = proxies + [student.classifier] + ([student.head] if backbone.head_task_specific else [])
+    universal_params, task_params = count_params(shared), count_params(own)
+    counts = plan.counts()
+    return {"flops": int(flops), "params_total": universal_params + task_params,
+            "params_task_specific": task_params, "params_universal_used": universal_params,
+            "universal_blocks_kept": counts["universal_blocks_kept"],
+            "proxies_kept": counts["proxies_kept"], "blocks_live": counts["blocks_live"]}
+
+
+# --- task-specific weights on disk --------------------------------------------
+
+def task_state(student: Student) -> dict[str, np.ndarray]:
+    """Everything that belongs to the task (proxies with their BN statistics,
+    gates, classifier, task-specific head; universal BN statistics when they
+    are re-estimated per task), keyed by variable path."""
+    layers = [p for block in student.tailored for p in block.proxies]
+    layers += [block.gate for block in student.tailored] + [student.classifier]
+    if student.head_trainable:
+        layers.append(student.head)
+    variables = [v for layer in layers for v in layer.weights]
+    if student.universal_training:
+        variables += [v for v in student.weights if v.name in ("moving_mean", "moving_variance")
+                      and not any(v is w for w in variables)]
+    return {v.path: v.numpy() for v in variables}
+
+
+def save_task_state(student: Student, path: str) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **task_state(student))
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(buffer.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_task_state(student: Student, path: str) -> None:
+    with np.load(path) as stored:
+        state = {k: stored[k] for k in stored.files}
+    own = {v.path: v for v in student.weights}
+    missing = sorted(set(state) - set(own))
+    if missing:
+        raise ValueError(f"{path} does not fit this network: unknown {missing[:5]}")
+    expected = task_state(student)
+    absent = sorted(set(expected) - set(state))
+    if absent:
+        raise ValueError(f"{path} lacks {absent[:5]}")
+    for key, value in state.items():
+        own[key].assign(value)
+
+
+def save_plan(path: str, plan: Plan, **info) -> None:
+    data = {"blocks": json.loads(plan.to_json())["blocks"], **info}
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def load_plan(path: str) -> tuple[Plan, dict]:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return Plan.from_dict(data), data

@@ -1,0 +1,229 @@
+"""The NetTailor student: frozen universal blocks, proxies and gates (SPEC.md 3).
+
+The architecture is described by a `Plan`: for each block, whether its
+universal branch is kept and which nodes its proxies read.  The full student
+is the plan made from `max_skip`; a pruned network is a smaller plan, built
+by the same code with only its live branches (nothing pruned is computed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import keras
+import tensorflow as tf
+
+from nettailor_tf.backbones import Backbone
+from nettailor_tf.blocks import NetTailorBlock, Proxy
+from nettailor_tf.layers import Bottleneck, fold_batchnorm
+
+UNIVERSAL_BN_MODES = ("frozen", "task")
+
+
+@dataclasses.dataclass
+class BlockPlan:
+    """Live branches of one block: the universal block (reads node l) and
+    proxies reading the listed nodes."""
+    universal: bool
+    proxy_sources: list[int]
+
+    @property
+    def live(self) -> bool:
+        return self.universal or bool(self.proxy_sources)
+
+
+@dataclasses.dataclass
+class Plan:
+    blocks: list[BlockPlan]
+
+    @classmethod
+    def full(cls, num_blocks: int, max_skip: int | None) -> "Plan":
+        """Every universal block, and proxies reading the last `max_skip`
+        nodes (None: every earlier node, the paper's dense connectivity)."""
+        if max_skip is not None and max_skip < 1:
+            raise ValueError(f"max_skip must be >= 1 or None (dense), got {max_skip}")
+        blocks = []
+        for l in range(num_blocks):
+            first = 0 if max_skip is None else max(0, l - max_skip + 1)
+            blocks.append(BlockPlan(True, list(range(l, first - 1, -1))))
+        return cls(blocks)
+
+    def branch_sources(self, l: int) -> list[int]:
+        """Node read by each branch of block l, universal first."""
+        plan = self.blocks[l]
+        return ([l] if plan.universal else []) + list(plan.proxy_sources)
+
+    def to_json(self) -> str:
+        return json.dumps({"blocks": [dataclasses.asdict(b) for b in self.blocks]}, indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        return cls([BlockPlan(bool(b["universal"]), [int(s) for s in b["proxy_sources"]])
+                    for b in data["blocks"]])
+
+    def counts(self) -> dict:
+        return {"universal_blocks_kept": sum(b.universal for b in self.blocks),
+                "proxies_kept": sum(len(b.proxy_sources) for b in self.blocks),
+                "blocks_live": sum(b.live for b in self.blocks)}
+
+
+def proxy_hidden_channels(backbone: Backbone, l: int) -> int | None:
+    """The published bottleneck proxy for bottleneck backbones, else None."""
+    if isinstance(backbone.blocks[l], Bottleneck):
+        return max(backbone.blocks[l].out_channels // 32, 16)
+    return None
+
+
+def node_reductions(backbone: Backbone) -> list[int]:
+    """Image size / size of node n, for n = 0..L."""
+    return [backbone.stem_reduction] + [s.out_reduction for s in backbone.specs]
+
+
+class Student(keras.Model):
+    """Stem, NetTailor blocks, head and classifier of one task.
+
+    `call` returns `(logits, endpoints, mimic_endpoints)`: the outputs of the
+    live blocks (node l+1 for each live block l) and the same values along the
+    stop-gradient route that only the mimic loss reads.
+    """
+
+    def __init__(self, stem, blocks: list[NetTailorBlock | None], head, classifier,
+                 plan: Plan, head_trainable: bool, universal_training: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.stem = stem
+        self.tailored = [b for b in blocks if b is not None]
+        self._blocks_by_index = blocks
+        self.head = head
+        self.classifier = classifier
+        self.plan = plan
+        self.head_trainable = head_trainable
+        self.universal_training = universal_training
+
+    @property
+    def live_blocks(self) -> list[int]:
+        return [l for l, b in enumerate(self._blocks_by_index) if b is not None]
+
+    def block(self, l: int) -> NetTailorBlock | None:
+        return self._blocks_by_index[l]
+
+    def call(self, images, training=None, mimic=True):
+        nodes = {0: self.stem(images, training=bool(training) and self.universal_training)}
+        endpoints, mimic_endpoints = [], []
+        for l, block in enumerate(self._blocks_by_index):
+            if block is None:
+                continue
+            inputs = [nodes[n] for n in self.plan.branch_sources(l)]
+            if mimic:
+                node, routed = block(inputs, training=training, mimic=True)
+                mimic_endpoints.append(routed)
+            else:
+                node = block(inputs, training=training)
+            nodes[l + 1] = node
+            endpoints.append(node)
+        last = len(self._blocks_by_index)
+        features = self.head(nodes[last], training=bool(training) and self.head_trainable)
+        logits = self.classifier(features)
+        return logits, endpoints, mimic_endpoints
+
+    def alphas(self) -> list[tf.Tensor]:
+        """Gate values of the live blocks, in block order."""
+        return [block.gate.alphas() for block in self.tailored]
+
+    # --- variables ---------------------------------------------------------
+
+    def proxy_variables(self) -> list:
+        return [v for block in self.tailored for p in block.proxies for v in p.trainable_weights]
+
+    def gate_variables(self) -> list:
+        return [block.gate.logits for block in self.tailored]
+
+    def task_variables(self) -> tuple[list, list]:
+        """(variables to train, the subset with weight decay): proxies,
+        classifier and any task-specific head decay; gate logits do not.
+        Universal weights are in neither list: they never change."""
+        decayed = self.proxy_variables() + list(self.classifier.trainable_weights)
+        if self.head_trainable:
+            decayed += list(self.head.trainable_weights)
+        return decayed + self.gate_variables(), decayed
+
+
+def build_student(backbone: Backbone, num_classes: int, plan: Plan,
+                  universal_bn: str = "frozen", image_size: int = 64) -> Student:
+    """The student of `plan` over `backbone` (whose weights it takes as universal).
+
+    With `universal_bn='frozen'` the universal layers run on the pretrained
+    statistics and are used BN-folded (fewer ops, same values); with 'task'
+    they run on batch statistics during training and keep task-specific
+    moving statistics (which then differ per task and cannot be shared).
+    """
+    if universal_bn not in UNIVERSAL_BN_MODES:
+        raise ValueError(f"universal_bn must be one of {UNIVERSAL_BN_MODES}, got {universal_bn!r}")
+    if len(plan.blocks) != len(backbone.blocks):
+        raise ValueError(f"plan has {len(plan.blocks)} blocks, backbone {len(backbone.blocks)}")
+    frozen = universal_bn == "frozen"
+    reductions = node_reductions(backbone)
+    channels = [backbone.stem_channels] + [s.out_channels for s in backbone.specs]
+    stem = fold_batchnorm(backbone.stem) if frozen else backbone.stem
+    blocks: list[NetTailorBlock | None] = []
+    for l, (universal, block_plan) in enumerate(zip(backbone.blocks, plan.blocks)):
+        if not block_plan.live:
+            blocks.append(None)
+            continue
+        if block_plan.universal:
+            universal = (fold_batchnorm(universal, (None, None, None, universal.in_channels))
+                         if frozen else universal)
+            universal.trainable = False
+        proxies = []
+        for source in block_plan.proxy_sources:
+            proxies.append(Proxy(
+                channels[l + 1], pool_stride=reductions[l + 1] // reductions[source],
+                hidden_channels=proxy_hidden_channels(backbone, l),
+                bn_epsilon=getattr(backbone.blocks[l], "bn_epsilon", 1e-5),
+                name=f"block{l}_proxy_from{source}"))
+        blocks.append(NetTailorBlock(universal if block_plan.universal else None, proxies,
+                                     backbone.block_activation, universal_training=not frozen,
+                                     name=f"tailored{l}"))
+    if backbone.head_task_specific:
+        head = keras.Sequential.from_config(backbone.head.get_config())
+        head.build((None, None, None, backbone.specs[-1].out_channels))
+        head.set_weights(backbone.head.get_weights())
+    else:
+        head = fold_batchnorm(backbone.head, (None, None, None, backbone.specs[-1].out_channels)) \
+            if frozen else backbone.head
+    stem.trainable = False
+    if not backbone.head_task_specific:
+        head.trainable = False
+    classifier = keras.layers.Dense(num_classes, name="classifier")
+    student = Student(stem, blocks, head, classifier, plan, backbone.head_task_specific,
+                      universal_training=not frozen, name="student")
+    student.node_channels = channels
+    student(tf.zeros((1, image_size, image_size, 3)), training=False)
+    return student
+
+
+def copy_task_weights(source: Student, target: Student) -> None:
+    """Copies proxies, gate logits (of the branches both keep), classifier and
+    task-specific head from `source` into `target` (e.g. a pruned student)."""
+    for l in target.live_blocks:
+        src, dst = source.block(l), target.block(l)
+        if src is None:
+            raise ValueError(f"block {l} is live in the target but not in the source")
+        src_sources = source.plan.branch_sources(l)
+        src_universal = source.plan.blocks[l].universal
+        logits = src.gate.logits.numpy()
+        keep = []
+        dst_sources = target.plan.branch_sources(l)
+        for j, node in enumerate(dst_sources):
+            is_universal = target.plan.blocks[l].universal and j == 0
+            if is_universal:
+                k = 0
+            else:
+                k = src_sources.index(node, 1 if src_universal else 0)
+                proxy_index = k - (1 if src_universal else 0)
+                own = j - (1 if target.plan.blocks[l].universal else 0)
+                dst.proxies[own].set_weights(src.proxies[proxy_index].get_weights())
+            keep.append(logits[k])
+        dst.gate.logits.assign(keep)
+    target.classifier.set_weights(source.classifier.get_weights())
+    if target.head_trainable:
+        target.head.set_weights(source.head.get_weights())
