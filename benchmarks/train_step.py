@@ -1,4 +1,4 @@
-"""Median milliseconds of one training step, printed as one JSON line.
+"""Median milliseconds of a teacher and a student training step, as one JSON line.
 
     python benchmarks/train_step.py --backbone=efficientnet_lite0 --image_size=96 --batch_size=32
 
@@ -25,6 +25,7 @@ flags.DEFINE_integer("num_classes", 10, "Classifier outputs.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps (tracing and caches).")
 flags.DEFINE_integer("steps", 15, "Timed steps (>= 10).")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the step.")
+flags.DEFINE_integer("max_skip", 3, "Proxies per block of the student.")
 FLAGS = flags.FLAGS
 
 
@@ -45,7 +46,8 @@ def main(argv):
     import numpy as np
     import tensorflow as tf
 
-    from nettailor_tf import backbones, losses, train
+    from nettailor_tf import backbones, complexity, losses, stages, train
+    from nettailor_tf import student as student_lib
 
     if FLAGS.steps < 10:
         raise app.UsageError("--steps must be >= 10")
@@ -75,6 +77,26 @@ def main(argv):
     }
     result["teacher_images_per_second"] = round(
         1000 * FLAGS.batch_size / result["teacher_step_ms"], 1)
+
+    # The student step exactly as the student stage runs it: BN-folded frozen
+    # teacher for the targets, BN-folded frozen universal blocks, proxies and
+    # gates trained with CE + complexity + mimic.
+    backbone = backbones.build_backbone(FLAGS.backbone)
+    frozen_teacher = stages.fold_teacher(teacher, backbone.block_activation)
+    plan = student_lib.Plan.full(len(backbone.blocks), FLAGS.max_skip)
+    student = student_lib.build_student(backbone, FLAGS.num_classes, plan, "frozen",
+                                        FLAGS.image_size)
+    norm = complexity.universal_network_flops(backbone, FLAGS.image_size)
+    costs = [[c / norm for c in row]
+             for row in complexity.branch_flops(backbone, plan, FLAGS.image_size)]
+    loss_fn = stages.nettailor_loss(student, frozen_teacher, costs, 0.3, 10.0, True)
+    trainable, decayed = student.task_variables()
+    student_trainer = train.Trainer(strategy, student, loss_fn, trainable, decayed, schedule,
+                                    checkpoint_dir="", jit_compile=FLAGS.jit_compile)
+    student_trainer._build_steps(steps_per_epoch=1_000_000)
+    result["student_step_ms"] = round(
+        median_step_ms(student_trainer, batch, FLAGS.warmup, FLAGS.steps), 2)
+    result["student_over_teacher"] = round(result["student_step_ms"] / result["teacher_step_ms"], 3)
     print(json.dumps(result))
 
 

@@ -135,7 +135,8 @@ class NetTailorBlock(keras.layers.Layer):
                 self.universal.build(input_shapes[0])
             input_shapes = input_shapes[1:]
         for proxy, shape in zip(self.proxies, input_shapes):
-            proxy.build(shape)
+            if not proxy.built:  # deserialised proxies arrive built
+                proxy.build(shape)
         self.gate.build()
 
     def call(self, inputs, training=None, mimic=False):

@@ -36,6 +36,9 @@ class Config:
     complexity_exact: bool = True      # False: the published p_in approximation
     prune_universal: int = 0
     prune_proxy_threshold: float = 0.05
+    prune_search: bool = False
+    prune_tolerance: float = 0.005
+    prune_search_epochs: int = 1
     data_dir: str | None = None
     download: bool = False
     seed: int = 0
@@ -91,6 +94,10 @@ class Config:
         if not 0 <= self.prune_proxy_threshold < 1:
             raise ConfigError(f"--prune_proxy_threshold={self.prune_proxy_threshold} must be "
                               f"in [0, 1)")
+        if not 0 <= self.prune_tolerance < 1:
+            raise ConfigError(f"--prune_tolerance={self.prune_tolerance} must be in [0, 1)")
+        if self.prune_search_epochs < 1:
+            raise ConfigError(f"--prune_search_epochs={self.prune_search_epochs} must be >= 1")
         num_blocks = len(backbone.blocks)
         if not 0 <= self.prune_universal <= num_blocks:
             raise ConfigError(f"--prune_universal={self.prune_universal} must be in "

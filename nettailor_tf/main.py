@@ -49,6 +49,11 @@ flags.DEFINE_enum("complexity_p_in", "exact", ["exact", "published"], "p_in of t
                   "loss: of the node each branch reads (exact) or block l-1's for every branch.")
 flags.DEFINE_integer("prune_universal", 0, "Universal blocks to remove (smallest gates).")
 flags.DEFINE_float("prune_proxy_threshold", 0.05, "Remove proxies whose gate is <= this.")
+flags.DEFINE_bool("prune_search", False, "Choose --prune_universal automatically: the leanest "
+                  "network whose briefly fine-tuned test accuracy is within --prune_tolerance "
+                  "of the teacher's (the paper's sweep).")
+flags.DEFINE_float("prune_tolerance", 0.005, "Accuracy the prune search may give up.")
+flags.DEFINE_integer("prune_search_epochs", 1, "Fine-tuning epochs per prune-search candidate.")
 flags.DEFINE_integer("seed", 0, "Seed of initialisation, data order and augmentation.")
 flags.DEFINE_string("strategy", "default", "tf.distribute strategy: default, mirrored, "
                     "multi_worker (TF_CONFIG), tpu.")
@@ -79,7 +84,8 @@ def config_from_flags():
         complexity_coeff=FLAGS.complexity_coeff, teacher_coeff=FLAGS.teacher_coeff,
         complexity_exact=FLAGS.complexity_p_in == "exact",
         prune_universal=FLAGS.prune_universal,
-        prune_proxy_threshold=FLAGS.prune_proxy_threshold,
+        prune_proxy_threshold=FLAGS.prune_proxy_threshold, prune_search=FLAGS.prune_search,
+        prune_tolerance=FLAGS.prune_tolerance, prune_search_epochs=FLAGS.prune_search_epochs,
         data_dir=FLAGS.data_dir, download=FLAGS.download, seed=FLAGS.seed,
         strategy=FLAGS.strategy, num_cpu_devices=FLAGS.num_cpu_devices,
         jit_compile=FLAGS.jit_compile, checkpoint_every=FLAGS.checkpoint_every,

@@ -88,12 +88,24 @@ def render_markdown(data: dict) -> str:
                          f" | - | - |")
         pruned = task.get("pruned")
         if pruned:
+            ratio = (f" ({pruned['flops'] / teacher['flops']:.0%} of the teacher)"
+                     if teacher else "")
             lines.append(f"| NetTailor pruned | {_fmt_acc(pruned['accuracy'])} | "
                          f"{_fmt_count(pruned['params_total'])} total, "
                          f"{_fmt_count(pruned['params_task_specific'])} task-specific | "
-                         f"{_fmt_count(pruned['flops'])} |")
-        if teacher and "train_images_per_second" in teacher:
-            lines += ["", f"Teacher: {teacher.get('epochs')} epochs, {teacher.get('steps')} steps, "
-                          f"{teacher['train_images_per_second']:.0f} training images/s."]
+                         f"{_fmt_count(pruned['flops'])}{ratio} |")
+        lines.append("")
+        if pruned:
+            lines.append(f"Kept {pruned['universal_blocks_kept']} universal blocks and "
+                         f"{pruned['proxies_kept']} proxies; {pruned.get('blocks_live', '?')} "
+                         f"blocks still compute something.")
+        for stage in ("teacher", "student", "pruned"):
+            part = task.get(stage) or {}
+            if "train_images_per_second" in part:
+                lines.append(f"{stage.capitalize()} training: {part.get('epochs')} epochs, "
+                             f"{part.get('steps')} steps, "
+                             f"{part['train_images_per_second']:.0f} images/s.")
+        if task.get("architecture_png"):
+            lines += ["", f"![{name} architecture]({task['architecture_png']})"]
         lines.append("")
     return "\n".join(lines)

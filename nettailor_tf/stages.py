@@ -7,6 +7,8 @@ hence instant) end of that stage.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import tempfile
 
@@ -19,11 +21,11 @@ from nettailor_tf import complexity
 from nettailor_tf import data as data_lib
 from nettailor_tf import prune as prune_lib
 from nettailor_tf import student as student_lib
-from nettailor_tf import train
+from nettailor_tf import train, visualize
 from nettailor_tf.config import Config
-from nettailor_tf.layers import fold_batchnorm
+from nettailor_tf.layers import ConvBN, fold_batchnorm
 from nettailor_tf.losses import cross_entropy, mimic_loss
-from nettailor_tf.report import Report
+from nettailor_tf.report import Report, atomic_write_text
 from nettailor_tf.train import Trainer
 
 
@@ -136,19 +138,36 @@ def _frozen_teacher(config: Config, task):
                          f"(with the same --workdir)")
     model, backbone = build_teacher(config, task.num_classes, pretrained=False)
     model.load_weights(path)
+    return fold_teacher(model, backbone.block_activation)
+
+
+def fold_teacher(model: keras.Model, block_activation: str | None) -> keras.Model:
+    """A BN-folded, frozen copy of a teacher from `classifier_model`: same
+    outputs in inference mode, one op per conv instead of two."""
+    backbone = _backbone_of(model)
     folded = backbones_lib.Backbone(
         backbone.name, fold_batchnorm(backbone.stem),
         [fold_batchnorm(b, (None, None, None, b.in_channels)) for b in backbone.blocks],
-        fold_batchnorm(backbone.head, (None, None, None, backbone.specs[-1].out_channels)),
-        backbone.block_activation, backbone.stem_channels, backbone.stem_reduction,
+        fold_batchnorm(backbone.head, (None, None, None, backbone.blocks[-1].out_channels)),
+        block_activation, backbone.stem_channels, backbone.stem_reduction,
         backbone.feature_dim)
-    teacher = backbones_lib.classifier_model(folded, task.num_classes, name="frozen_teacher")
+    num_classes = model.get_layer("classifier").units
+    teacher = backbones_lib.classifier_model(folded, num_classes, name="frozen_teacher")
     teacher.get_layer("classifier").set_weights(model.get_layer("classifier").get_weights())
     teacher.trainable = False
     return teacher
 
 
-def _nettailor_loss(student, teacher, costs, complexity_coeff, teacher_coeff, exact):
+def _backbone_of(model: keras.Model) -> backbones_lib.Backbone:
+    """The stem, blocks and head layers of a `classifier_model`."""
+    stem, head = model.get_layer("stem"), model.get_layer("head")
+    blocks = [l for l in model.layers if l.name.startswith("block")]
+    first = next(l for l in stem.layers if isinstance(l, ConvBN))
+    return backbones_lib.Backbone("teacher", stem, blocks, head, None, first.filters, 1,
+                                  model.get_layer("classifier").kernel.shape[0])
+
+
+def nettailor_loss(student, teacher, costs, complexity_coeff, teacher_coeff, exact):
     num_blocks = len(student.plan.blocks)
     live = student.live_blocks
 
@@ -174,7 +193,7 @@ def _train_student(config, strategy, task, student, teacher, schedule, complexit
     norm = complexity.universal_network_flops(backbone, config.image_size)
     costs = [[c / norm for c in row] for row in
              complexity.branch_flops(backbone, student.plan, config.image_size)]
-    loss_fn = _nettailor_loss(student, teacher, costs, complexity_coeff, config.teacher_coeff,
+    loss_fn = nettailor_loss(student, teacher, costs, complexity_coeff, config.teacher_coeff,
                               config.complexity_exact)
     trainable, decayed = student.task_variables()
     trainer = Trainer(
@@ -242,6 +261,61 @@ def _trained_student(config, task):
     return student, backbone
 
 
+def _search_prune_universal(config, strategy, task, report, student, alphas) -> int:
+    """The paper's sweep, automated: the largest N (leanest network) whose
+    briefly fine-tuned accuracy stays within --prune_tolerance of the teacher.
+
+    Accuracy falls as N grows, so N is found by bisection (about log2(L)
+    brief fine-tunes).  Each candidate's result is saved as soon as it is
+    known, so an interrupted search resumes without redoing any.
+    """
+    teacher_accuracy = report.get(task.name, "teacher")["accuracy"]
+    target = teacher_accuracy - config.prune_tolerance
+    results_path = os.path.join(task_dir(config, task), "prune_search.json")
+    results = {}
+    if os.path.exists(results_path):
+        with open(results_path, encoding="utf-8") as f:
+            results = {int(k): v for k, v in json.load(f).items()}
+    teacher = _frozen_teacher(config, task)
+    schedule = dataclasses.replace(config.finetune, epochs=config.prune_search_epochs)
+
+    def accuracy_of(n: int) -> float | None:
+        if n in results:
+            return results[n]["accuracy"]
+        try:
+            plan = prune_lib.prune_plan(student.plan, alphas, n, config.prune_proxy_threshold)
+        except prune_lib.PruneError:
+            return None
+        keras.utils.set_random_seed(config.seed)
+        with strategy.scope():
+            candidate = student_lib.build_student(_universal_backbone(config), task.num_classes,
+                                                  plan, config.universal_bn, config.image_size)
+            student_lib.copy_task_weights(student, candidate)
+        result = _train_student(config, strategy, task, candidate, teacher, schedule, 0.0,
+                                f"prune_search/n{n}")
+        if result is None:
+            raise _Interrupted()
+        results[n] = {"accuracy": result.test_accuracy, **plan.counts()}
+        atomic_write_text(results_path, json.dumps(results, indent=1) + "\n")
+        logging.info("%s: prune search N=%d: accuracy %.4f (target %.4f)", task.name, n,
+                     result.test_accuracy, target)
+        return result.test_accuracy
+
+    low, high = 0, len(student.plan.blocks)
+    while low < high:
+        mid = (low + high + 1) // 2
+        accuracy = accuracy_of(mid)
+        if accuracy is not None and accuracy >= target:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+class _Interrupted(Exception):
+    """A brief fine-tune stopped at --max_steps: the search resumes next run."""
+
+
 def run_prune(config: Config, strategy, task, report: Report) -> None:
     """Cuts weak universal blocks and proxies, then every dead path; saves the plan."""
     path = plan_path(config, task)
@@ -250,18 +324,35 @@ def run_prune(config: Config, strategy, task, report: Report) -> None:
         return
     student, backbone = _trained_student(config, task)
     alphas = [a.numpy() for a in student.alphas()]
-    pruned = prune_lib.prune_plan(student.plan, alphas, config.prune_universal,
+    num_universal = config.prune_universal
+    if config.prune_search:
+        try:
+            num_universal = _search_prune_universal(config, strategy, task, report, student,
+                                                    alphas)
+        except _Interrupted:
+            logging.info("%s: prune search interrupted (--max_steps); re-run to resume",
+                         task.name)
+            return
+        logging.info("%s: prune search chose N=%d", task.name, num_universal)
+    pruned = prune_lib.prune_plan(student.plan, alphas, num_universal,
                                   config.prune_proxy_threshold)
     counts = pruned.counts()
     prune_lib.save_plan(path, pruned, backbone=config.backbone,
                         backbone_weights=config.backbone_weights, image_size=config.image_size,
                         universal_blocks=[l for l, b in enumerate(pruned.blocks) if b.universal],
-                        prune_universal=config.prune_universal,
+                        prune_universal=num_universal,
                         prune_proxy_threshold=config.prune_proxy_threshold,
-                        gates=_gates(student), **counts)
-    logging.info("%s: pruned to %d universal blocks and %d proxies (%d live blocks of %d)",
-                 task.name, counts["universal_blocks_kept"], counts["proxies_kept"],
-                 counts["blocks_live"], len(pruned.blocks))
+                        prune_search=config.prune_search, gates=_gates(student), **counts)
+    png = os.path.join(task_dir(config, task), "architecture.png")
+    visualize.plot_architecture(
+        png, f"{task.name}: NetTailor on {config.backbone} (max_skip={config.max_skip})",
+        student.plan, _gates(student), kept_plan=pruned,
+        block_flops=complexity.backbone_flops(backbone, config.image_size)["blocks"])
+    report.task(task.name)["architecture_png"] = os.path.relpath(png, config.workdir)
+    report.save()
+    logging.info("%s: pruned to %d universal blocks and %d proxies (%d live blocks of %d); "
+                 "architecture drawn in %s", task.name, counts["universal_blocks_kept"],
+                 counts["proxies_kept"], counts["blocks_live"], len(pruned.blocks), png)
 
 
 def run_finetune(config: Config, strategy, task, report: Report) -> None:

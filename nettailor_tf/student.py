@@ -147,6 +147,15 @@ class Student(keras.Model):
         return decayed + self.gate_variables(), decayed
 
 
+def _freeze(layer) -> None:
+    """Keeps `layer`'s weights out of training by freezing its variables, not
+    the layer: Keras runs the BN of a `trainable=False` layer in inference
+    mode, which would stop `universal_bn='task'` from re-estimating the
+    statistics (SPEC.md section 3)."""
+    for v in layer.weights:
+        v.trainable = False
+
+
 def build_student(backbone: Backbone, num_classes: int, plan: Plan,
                   universal_bn: str = "frozen", image_size: int = 64) -> Student:
     """The student of `plan` over `backbone` (whose weights it takes as universal).
@@ -172,7 +181,7 @@ def build_student(backbone: Backbone, num_classes: int, plan: Plan,
         if block_plan.universal:
             universal = (fold_batchnorm(universal, (None, None, None, universal.in_channels))
                          if frozen else universal)
-            universal.trainable = False
+            _freeze(universal)
         proxies = []
         for source in block_plan.proxy_sources:
             proxies.append(Proxy(
@@ -190,7 +199,7 @@ def build_student(backbone: Backbone, num_classes: int, plan: Plan,
     else:
         head = fold_batchnorm(backbone.head, (None, None, None, backbone.specs[-1].out_channels)) \
             if frozen else backbone.head
-    stem.trainable = False
+    _freeze(stem)
     if not backbone.head_task_specific:
         head.trainable = False
     classifier = keras.layers.Dense(num_classes, name="classifier")
