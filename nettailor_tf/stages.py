@@ -59,13 +59,13 @@ def build_teacher(config: Config, num_classes: int, pretrained: bool = True) -> 
     return model, backbone
 
 
-def run_teacher(config: Config, strategy, task: data_lib.TaskData, report: Report) -> None:
+def run_teacher(config: Config, strategy, task: data_lib.TaskData, report: Report) -> bool:
     """Fine-tunes the whole pretrained backbone with a new head: the accuracy
     reference and the source of the student's mimic targets."""
     weights_path = teacher_weights_path(config, task)
     if report.get(task.name, "teacher") and os.path.exists(weights_path):
         logging.info("%s: teacher stage already done (%s); skipping", task.name, weights_path)
-        return
+        return True
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model, backbone = build_teacher(config, task.num_classes)
@@ -89,7 +89,7 @@ def run_teacher(config: Config, strategy, task: data_lib.TaskData, report: Repor
     if result.steps < total:
         logging.info("%s: teacher stopped at step %d of %d (--max_steps); re-run to resume",
                      task.name, result.steps, total)
-        return
+        return False
     save_weights_atomically(model, weights_path)
     report.task(task.name)["num_classes"] = task.num_classes
     report.set(task.name, "teacher", {
@@ -102,6 +102,7 @@ def run_teacher(config: Config, strategy, task: data_lib.TaskData, report: Repor
         "weights": os.path.relpath(weights_path, config.workdir),
     })
     logging.info("%s: teacher test accuracy %.4f", task.name, result.test_accuracy)
+    return True
 
 
 # --- NetTailor: student, prune, finetune ----------------------------------------
@@ -217,13 +218,13 @@ def _gates(student) -> list[list[float]]:
     return [[round(float(a), 6) for a in alphas.numpy()] for alphas in student.alphas()]
 
 
-def run_student(config: Config, strategy, task, report: Report) -> None:
+def run_student(config: Config, strategy, task, report: Report) -> bool:
     """Trains proxies, gates and classifier over the frozen universal blocks
     with CE + complexity + mimic of the teacher."""
     state_path = student_state_path(config, task)
     if report.get(task.name, "student") and os.path.exists(state_path):
         logging.info("%s: student stage already done (%s); skipping", task.name, state_path)
-        return
+        return True
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         teacher = _frozen_teacher(config, task)
@@ -236,7 +237,7 @@ def run_student(config: Config, strategy, task, report: Report) -> None:
     result = _train_student(config, strategy, task, student, teacher, config.student,
                             config.complexity_coeff, "student")
     if result is None:
-        return
+        return False
     prune_lib.save_task_state(student, state_path)
     report.set(task.name, "student", {
         "accuracy": result.test_accuracy, "gates": _gates(student),
@@ -246,6 +247,7 @@ def run_student(config: Config, strategy, task, report: Report) -> None:
         "train_images_per_second": result.train_images_per_second,
     })
     logging.info("%s: student test accuracy %.4f", task.name, result.test_accuracy)
+    return True
 
 
 def _trained_student(config, task):
@@ -316,12 +318,12 @@ class _Interrupted(Exception):
     """A brief fine-tune stopped at --max_steps: the search resumes next run."""
 
 
-def run_prune(config: Config, strategy, task, report: Report) -> None:
+def run_prune(config: Config, strategy, task, report: Report) -> bool:
     """Cuts weak universal blocks and proxies, then every dead path; saves the plan."""
     path = plan_path(config, task)
     if os.path.exists(path):
         logging.info("%s: prune stage already done (%s); skipping", task.name, path)
-        return
+        return True
     student, backbone = _trained_student(config, task)
     alphas = [a.numpy() for a in student.alphas()]
     num_universal = config.prune_universal
@@ -332,7 +334,7 @@ def run_prune(config: Config, strategy, task, report: Report) -> None:
         except _Interrupted:
             logging.info("%s: prune search interrupted (--max_steps); re-run to resume",
                          task.name)
-            return
+            return False
         logging.info("%s: prune search chose N=%d", task.name, num_universal)
     pruned = prune_lib.prune_plan(student.plan, alphas, num_universal,
                                   config.prune_proxy_threshold)
@@ -353,15 +355,16 @@ def run_prune(config: Config, strategy, task, report: Report) -> None:
     logging.info("%s: pruned to %d universal blocks and %d proxies (%d live blocks of %d); "
                  "architecture drawn in %s", task.name, counts["universal_blocks_kept"],
                  counts["proxies_kept"], counts["blocks_live"], len(pruned.blocks), png)
+    return True
 
 
-def run_finetune(config: Config, strategy, task, report: Report) -> None:
+def run_finetune(config: Config, strategy, task, report: Report) -> bool:
     """Trains the pruned network again: complexity off, fresh optimizer,
     gates still trainable (SPEC.md section 2)."""
     state_path = pruned_state_path(config, task)
     if report.get(task.name, "pruned") and os.path.exists(state_path):
         logging.info("%s: finetune stage already done (%s); skipping", task.name, state_path)
-        return
+        return True
     if not os.path.exists(plan_path(config, task)):
         raise StageError(f"{task.name}: no pruning plan at {plan_path(config, task)}; run the "
                          f"prune stage first (--stages=prune)")
@@ -377,7 +380,7 @@ def run_finetune(config: Config, strategy, task, report: Report) -> None:
     result = _train_student(config, strategy, task, pruned, teacher, config.finetune, 0.0,
                             "finetune")
     if result is None:
-        return
+        return False
     prune_lib.save_task_state(pruned, state_path)
     cost = prune_lib.pruned_cost(backbone, plan, config.image_size, task.num_classes, pruned)
     report.set(task.name, "pruned", {
@@ -390,6 +393,7 @@ def run_finetune(config: Config, strategy, task, report: Report) -> None:
     logging.info("%s: NetTailor test accuracy %.4f, %d multiply-adds%s", task.name,
                  result.test_accuracy, cost["flops"],
                  f" ({cost['flops'] / teacher_flops:.2f} of the teacher's)" if teacher_flops else "")
+    return True
 
 
 STAGE_FUNCTIONS = {"teacher": run_teacher, "student": run_student, "prune": run_prune,
@@ -408,6 +412,9 @@ def run(config: Config, strategy) -> Report:
         report.task(task.name)["num_classes"] = task.num_classes
     report.save()
     for stage in config.stages:
-        for task in tasks:
-            STAGE_FUNCTIONS[stage](config, strategy, task, report)
+        finished = [STAGE_FUNCTIONS[stage](config, strategy, task, report) for task in tasks]
+        if not all(finished):
+            # Later stages build on this one: stop here, the next run resumes.
+            logging.info("stopping after the %s stage (interrupted by --max_steps)", stage)
+            break
     return report

@@ -1,0 +1,240 @@
+"""Proxy (shapes, -inf padding, weights, BN statistics, folding) and NetTailorBlock
+(saving, mixing, the mimic route)."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from nettailor_tf.blocks import NetTailorBlock, Proxy
+from nettailor_tf.layers import BasicBlock, fold_batchnorm
+
+
+def _randomize(layer, seed):
+    """Non-trivial conv and BN values (a new proxy is nearly silent, BN nearly the identity)."""
+    rng = np.random.default_rng(seed)
+    for v in layer.weights:
+        shape = tuple(v.shape)
+        if v.name in ("gamma", "moving_variance"):
+            v.assign(rng.uniform(0.5, 1.5, shape))
+        elif v.name in ("beta", "moving_mean"):
+            v.assign(rng.normal(0.0, 0.2, shape))
+        elif v.name == "logits":
+            v.assign(rng.normal(0.0, 1.0, shape))
+        elif v.name == "kernel":
+            v.assign(rng.normal(0.0, 0.3, shape))
+
+
+def _proxy(in_channels, out_channels, pool_stride=1, hidden_channels=None, seed=0):
+    proxy = Proxy(out_channels, pool_stride, hidden_channels)
+    proxy.build((None, None, None, in_channels))
+    _randomize(proxy, seed)
+    return proxy
+
+
+def _bn_statistics(layer):
+    return [v.numpy().copy() for v in layer.weights if v.name in ("moving_mean", "moving_variance")]
+
+
+def _tf_same_max_pool(x, kernel, stride):
+    """NumPy max-pool with TF "same" geometry (extra padding after), padding with -inf."""
+    n, h, w, c = x.shape
+    outs = []
+    for size in (h, w):
+        out = -(-size // stride)
+        total = max((out - 1) * stride + kernel - size, 0)
+        outs.append((out, total // 2, total - total // 2))
+    (oh, top, bottom), (ow, left, right) = outs
+    padded = np.pad(x, [(0, 0), (top, bottom), (left, right), (0, 0)], constant_values=-np.inf)
+    y = np.empty((n, oh, ow, c), x.dtype)
+    for i in range(oh):
+        for j in range(ow):
+            window = padded[:, i * stride:i * stride + kernel, j * stride:j * stride + kernel]
+            y[:, i, j] = window.max(axis=(1, 2))
+    return y
+
+
+# --- Proxy ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("pool_stride", [1, 2, 4])
+@pytest.mark.parametrize("size", [7, 8, 9, 15, 16])
+def test_proxy_output_shape_is_ceil_of_size_over_stride(pool_stride, size):
+    """Like the strided blocks, a proxy gives ceil(size / stride) outputs on odd and even sizes."""
+    proxy = _proxy(3, 5, pool_stride)
+    y = proxy(tf.random.normal((2, size, size + 1, 3)), training=False)
+    expected = (2, -(-size // pool_stride), -(-(size + 1) // pool_stride), 5)
+    assert tuple(y.shape) == expected
+    assert proxy.compute_output_shape((2, size, size + 1, 3)) == expected
+
+
+@pytest.mark.parametrize("pool_stride,size", [(2, 8), (2, 9), (4, 9), (4, 16)])
+def test_proxy_max_pool_pads_with_minus_infinity(pool_stride, size):
+    """On all-negative inputs the pooled values stay negative: the padding is -inf, not zeros."""
+    channels = 4
+    proxy = Proxy(channels, pool_stride)
+    proxy.build((None, None, None, channels))
+    # Identity 1x1 conv and a BN at its initial statistics: the proxy returns the
+    # pooled input divided by sqrt(1 + eps).
+    proxy.convs[-1].conv.kernel.assign(np.eye(channels, dtype=np.float32)[None, None])
+    x = -1.0 - np.random.default_rng(0).uniform(0, 3, (2, size, size, channels)).astype(np.float32)
+    y = proxy(x, training=False).numpy() * np.sqrt(1 + proxy.bn_epsilon)
+    assert y.max() < 0  # zero padding would put zeros on the border
+    np.testing.assert_allclose(y, _tf_same_max_pool(x, pool_stride + 1, pool_stride), rtol=1e-6)
+
+
+def test_proxy_weight_counts():
+    """Plain proxy: kernel, gamma, beta (+ 2 BN statistics); bottleneck: twice that."""
+    plain = _proxy(24, 40)
+    assert len(plain.trainable_weights) == 3 and len(plain.non_trainable_weights) == 2
+    assert sum(int(np.prod(v.shape)) for v in plain.trainable_weights) == 24 * 40 + 2 * 40
+
+    bottleneck = _proxy(32, 64, hidden_channels=16)
+    assert len(bottleneck.trainable_weights) == 6 and len(bottleneck.non_trainable_weights) == 4
+    # 1x1 conv 32->16 + BN(16) gamma/beta, then 1x1 conv 16->64 + BN(64) gamma/beta.
+    expected = 32 * 16 + 2 * 16 + 16 * 64 + 2 * 64
+    assert sum(int(np.prod(v.shape)) for v in bottleneck.trainable_weights) == expected
+    kernels = [tuple(c.conv.kernel.shape) for c in bottleneck.convs]
+    assert kernels == [(1, 1, 32, 16), (1, 1, 16, 64)]
+    assert bottleneck.convs[0].activation == "relu" and bottleneck.convs[-1].activation is None
+
+
+def test_new_proxy_kernel_is_small():
+    """The 1x1 kernel starts N(0, 0.01): a new proxy is close to silent."""
+    proxy = Proxy(256, 1)
+    proxy.build((None, None, None, 256))
+    std = float(np.std(proxy.convs[-1].conv.kernel.numpy()))
+    assert 0.008 < std < 0.012
+
+
+@pytest.mark.parametrize("hidden_channels", [None, 6])
+def test_update_statistics_false_leaves_statistics_and_matches_values(hidden_channels):
+    """update_statistics=False: the updating call's training output, statistics untouched."""
+    proxy = _proxy(5, 7, pool_stride=2, hidden_channels=hidden_channels, seed=1)
+    x = tf.random.normal((4, 9, 9, 5), seed=2)
+    before = _bn_statistics(proxy)
+    quiet = proxy(x, training=True, update_statistics=False).numpy()
+    for a, b in zip(before, _bn_statistics(proxy)):
+        np.testing.assert_array_equal(a, b)
+    updating = proxy(x, training=True).numpy()
+    assert any(not np.array_equal(a, b) for a, b in zip(before, _bn_statistics(proxy)))
+    np.testing.assert_allclose(quiet, updating, atol=1e-5)
+    # Training mode normalises with the batch moments, not the moving statistics.
+    assert np.abs(updating - proxy(x, training=False).numpy()).max() > 1e-2
+
+
+@pytest.mark.parametrize("hidden_channels", [None, 6])
+def test_folded_proxy_equals_inference_output(hidden_channels):
+    """fold_batchnorm(proxy) has no BN and computes the proxy's inference output."""
+    proxy = _proxy(5, 7, pool_stride=2, hidden_channels=hidden_channels, seed=3)
+    folded = fold_batchnorm(proxy, (None, None, None, 5))
+    assert isinstance(folded, Proxy) and folded.folded and folded.pool_stride == 2
+    assert all(conv.bn is None for conv in folded.convs)
+    x = tf.random.normal((3, 10, 10, 5), seed=4)
+    np.testing.assert_allclose(folded(x).numpy(), proxy(x, training=False).numpy(), atol=1e-5)
+
+
+def test_proxy_config_round_trip():
+    """get_config/from_config keeps the geometry."""
+    proxy = Proxy(12, pool_stride=4, hidden_channels=16, bn_epsilon=1e-3, name="p")
+    restored = Proxy.from_config(proxy.get_config())
+    assert (restored.out_channels, restored.pool_stride, restored.hidden_channels,
+            restored.bn_epsilon, restored.name) == (12, 4, 16, 1e-3, "p")
+
+
+def test_proxy_rejects_bad_stride():
+    with pytest.raises(ValueError):
+        Proxy(4, pool_stride=0)
+
+
+# --- NetTailorBlock ---------------------------------------------------------------
+
+def _block(seed=0):
+    """Block over node l (8x8x16) with proxies reading node l and node l-1 (16x16x8)."""
+    universal = BasicBlock(16, 16, 1, name="universal")
+    universal.build((None, 8, 8, 16))
+    universal.trainable = False
+    proxies = [Proxy(16, 1, name="proxy_from_l"), Proxy(16, 2, name="proxy_from_l_minus_1")]
+    block = NetTailorBlock(universal, proxies, activation="relu", name="tailored")
+    block.build([(None, 8, 8, 16), (None, 8, 8, 16), (None, 16, 16, 8)])
+    _randomize(block, seed)
+    return block
+
+
+def _block_inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    node_l = np.maximum(rng.normal(0, 1, (4, 8, 8, 16)), 0).astype(np.float32)
+    node_before = np.maximum(rng.normal(0, 1, (4, 16, 16, 8)), 0).astype(np.float32)
+    return [node_l, node_l, node_before]
+
+
+def test_block_output_is_the_gated_mix_after_the_activation():
+    """node = relu(sum_j alpha_j branch_j), with branch 0 the universal block."""
+    block = _block()
+    inputs = _block_inputs()
+    alphas = block.gate.alphas().numpy()
+    branches = [block.universal(inputs[0], training=False)] + [
+        p(x, training=False) for p, x in zip(block.proxies, inputs[1:])]
+    expected = np.maximum(sum(a * b.numpy() for a, b in zip(alphas, branches)), 0)
+    np.testing.assert_allclose(block(inputs, training=False).numpy(), expected, atol=1e-5)
+
+
+def test_block_keras_round_trip(tmp_path):
+    """A model with a NetTailorBlock (universal, proxies, gate and its mask) survives `.keras`."""
+    node_l = keras.Input((8, 8, 16), name="node_l")
+    node_before = keras.Input((16, 16, 8), name="node_before")
+    block = _block(seed=5)
+    block.gate.keep.assign([1.0, 0.0, 1.0])
+    model = keras.Model([node_l, node_before], block([node_l, node_l, node_before]))
+    path = str(tmp_path / "block.keras")
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    inputs = _block_inputs(seed=6)
+    feed = [inputs[0], inputs[2]]
+    np.testing.assert_allclose(restored(feed).numpy(), model(feed).numpy(), atol=1e-6)
+    restored_block = restored.get_layer("tailored")
+    assert isinstance(restored_block, NetTailorBlock)
+    assert [p.pool_stride for p in restored_block.proxies] == [1, 2]
+    np.testing.assert_array_equal(restored_block.gate.keep.numpy(), [1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(restored_block.gate.logits.numpy(), block.gate.logits.numpy())
+
+
+def test_mimic_route_has_the_main_route_values():
+    """Training mode: the stop-gradient route has the same values, and moves BN statistics once."""
+    block = _block(seed=7)
+    inputs = _block_inputs(seed=8)
+    start = _bn_statistics(block)
+    node, routed = block(inputs, training=True, mimic=True)
+    np.testing.assert_allclose(routed.numpy(), node.numpy(), atol=1e-5)
+    after_mimic = _bn_statistics(block)
+
+    # The same step without the mimic route moves the statistics identically.
+    for v, value in zip([v for v in block.weights if v.name.startswith("moving_")], start):
+        v.assign(value)
+    plain = block(inputs, training=True)
+    np.testing.assert_allclose(plain.numpy(), node.numpy(), atol=1e-6)
+    for a, b in zip(after_mimic, _bn_statistics(block)):
+        np.testing.assert_allclose(a, b, atol=1e-7)
+
+    # Inference: both outputs are the node.
+    node, routed = block(inputs, training=False, mimic=True)
+    np.testing.assert_array_equal(node.numpy(), routed.numpy())
+
+
+def test_mimic_route_sends_no_gradient_to_the_inputs():
+    """Gradients of the routed output reach the proxies and gate but not the inputs."""
+    block = _block(seed=9)
+    inputs = [tf.constant(x) for x in _block_inputs(seed=10)]
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(inputs)
+        node, routed = block(inputs, training=True, mimic=True)
+        main_loss, routed_loss = tf.reduce_sum(node ** 2), tf.reduce_sum(routed ** 2)
+    assert all(g is None for g in tape.gradient(routed_loss, inputs))
+    assert all(g is not None for g in tape.gradient(main_loss, inputs))
+    variables = block.gate.trainable_weights + [
+        v for p in block.proxies for v in p.trainable_weights]
+    grads = tape.gradient(routed_loss, variables)
+    assert all(g is not None and np.all(np.isfinite(g.numpy())) for g in grads)
+
+
+def test_block_needs_a_branch():
+    with pytest.raises(ValueError):
+        NetTailorBlock(None, [])
