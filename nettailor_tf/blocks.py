@@ -61,12 +61,16 @@ class Proxy(keras.layers.Layer):
             conv.build(shape)
             shape = conv.compute_output_shape(shape)
 
-    def call(self, x, training=None, update_statistics=True):
+    def call(self, x, training=None, update_statistics=True, scale=None):
+        """`scale` multiplies the output (through the last BN's gamma and beta:
+        a gate value costs a per-channel op instead of a pass over the map)."""
         if self.pool_stride > 1:
             s = self.pool_stride
             x = tf.nn.max_pool2d(x, s + 1, s, "SAME")
-        for conv in self.convs:
-            x = conv(x, training=training, update_statistics=update_statistics)
+        for i, conv in enumerate(self.convs):
+            last = i == len(self.convs) - 1
+            x = conv(x, training=training, update_statistics=update_statistics,
+                     scale=scale if last else None)
         return x
 
     def compute_output_shape(self, input_shape):
@@ -142,27 +146,33 @@ class NetTailorBlock(keras.layers.Layer):
     def call(self, inputs, training=None, mimic=False):
         inputs = list(inputs)
         alphas = self.gate.alphas()
-        branches = []
+        # Each proxy's gate value rides on its last BN's gamma and beta; only
+        # the universal branch needs a multiply over its output.
+        first = 0 if self.universal is None else 1
         universal_out = None
         if self.universal is not None:
             universal_out = self.universal(inputs.pop(0),
                                            training=bool(training) and self.universal_training)
-            branches.append(universal_out)
-        branches += [proxy(x, training=training) for proxy, x in zip(self.proxies, inputs)]
-        node = apply_activation(self._mix(alphas, branches), self.activation)
+        proxies_out = [proxy(x, training=training, scale=alphas[first + i])
+                       for i, (proxy, x) in enumerate(zip(self.proxies, inputs))]
+        node = apply_activation(self._mix(alphas, universal_out, proxies_out), self.activation)
         if not mimic:
             return node
         if not training:
             return node, node  # the routes differ in gradients only
-        routed = [] if universal_out is None else [tf.stop_gradient(universal_out)]
-        routed += [proxy(tf.stop_gradient(x), training=True, update_statistics=False)
-                   for proxy, x in zip(self.proxies, inputs)]
-        return node, apply_activation(self._mix(alphas, routed), self.activation)
+        routed_universal = None if universal_out is None else tf.stop_gradient(universal_out)
+        routed = [proxy(tf.stop_gradient(x), training=True, update_statistics=False,
+                        scale=alphas[first + i])
+                  for i, (proxy, x) in enumerate(zip(self.proxies, inputs))]
+        return node, apply_activation(self._mix(alphas, routed_universal, routed),
+                                      self.activation)
 
     @staticmethod
-    def _mix(alphas, branches):
-        alphas = tf.cast(alphas, branches[0].dtype)
-        return tf.add_n([alphas[j] * b for j, b in enumerate(branches)])
+    def _mix(alphas, universal_out, scaled_proxies):
+        terms = list(scaled_proxies)
+        if universal_out is not None:
+            terms.insert(0, tf.cast(alphas[0], universal_out.dtype) * universal_out)
+        return terms[0] if len(terms) == 1 else tf.add_n(terms)
 
     def get_config(self):
         serialize = keras.saving.serialize_keras_object

@@ -125,20 +125,40 @@ class ConvBN(keras.layers.Layer):
         if self.bn is not None:
             self.bn.build(shape)
 
-    def call(self, x, training=None, update_statistics=True):
+    def call(self, x, training=None, update_statistics=True, scale=None):
         if self.pad is not None:
             x = self.pad(x)
         x = self.conv(x)
-        if self.bn is not None:
-            if training and not update_statistics:
-                # Keras's BN in training mode always moves its statistics:
-                # normalise with the batch moments by hand instead.
-                mean, variance = tf.nn.moments(x, axes=[0, 1, 2])
-                x = tf.nn.batch_normalization(x, mean, variance, self.bn.beta, self.bn.gamma,
-                                              self.bn.epsilon)
-            else:
-                x = self.bn(x, training=training)
+        if self.bn is None:
+            if scale is not None:
+                x = x * tf.cast(scale, x.dtype)
+        elif scale is None and (update_statistics or not training):
+            x = self.bn(x, training=training)
+        else:
+            x = self._batch_norm(x, training, update_statistics, scale)
         return apply_activation(x, self.activation)
+
+    def _batch_norm(self, x, training, update_statistics, scale):
+        """BN by hand, for what Keras's layer cannot do: normalise with batch
+        moments without moving the statistics (Keras always moves them in
+        training mode), and multiply the output by `scale` through gamma and
+        beta (per-channel vectors) instead of over the whole output tensor."""
+        bn = self.bn
+        if training:
+            mean, variance = tf.nn.moments(tf.cast(x, tf.float32), axes=[0, 1, 2])
+            if update_statistics:
+                # The same update Keras's layer makes.
+                bn.moving_mean.assign(bn.moving_mean * bn.momentum + mean * (1 - bn.momentum))
+                bn.moving_variance.assign(
+                    bn.moving_variance * bn.momentum + variance * (1 - bn.momentum))
+        else:
+            mean, variance = bn.moving_mean, bn.moving_variance
+        gamma, beta = tf.convert_to_tensor(bn.gamma), tf.convert_to_tensor(bn.beta)
+        if scale is not None:
+            gamma, beta = gamma * scale, beta * scale
+        out = tf.nn.batch_normalization(tf.cast(x, tf.float32), mean, variance, beta, gamma,
+                                        bn.epsilon)
+        return tf.cast(out, x.dtype)
 
     def compute_output_shape(self, input_shape):
         shape = input_shape if self.pad is None else self.pad.compute_output_shape(input_shape)

@@ -29,6 +29,22 @@ from nettailor_tf import data as data_lib
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
 
+def model_weights_by_path(model) -> dict:
+    """Every weight of `model` keyed by its Keras path.
+
+    TensorFlow's object-graph tracking does not see layers that a subclassed
+    Keras 3 model holds in lists, so a checkpoint of `model` itself would
+    silently miss them (and restore nothing there); paths name them all.
+    """
+    weights = {}
+    for variable in model.weights:
+        key = variable.path.replace("/", ".")
+        if key in weights and weights[key] is not variable:
+            raise ValueError(f"two weights share the path {variable.path}")
+        weights[key] = variable
+    return weights
+
+
 class TrainingError(RuntimeError):
     """A run that cannot go on (for example a non-finite loss); one line."""
 
@@ -229,7 +245,8 @@ class Trainer:
         steps_per_epoch = data_lib.steps_per_epoch(task, schedule.batch_size)
         total_steps = steps_per_epoch * schedule.epochs
         self._build_steps(steps_per_epoch)
-        checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step)
+        checkpoint = tf.train.Checkpoint(weights=model_weights_by_path(self.model),
+                                         optimizer=self.optimizer, step=self.step)
         manager = tf.train.CheckpointManager(checkpoint, self.checkpoint_dir, max_to_keep=2)
         if manager.latest_checkpoint:
             checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
