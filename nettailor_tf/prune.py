@@ -30,7 +30,14 @@ class PruneError(ValueError):
 def prune_plan(plan: Plan, alphas: list[np.ndarray], num_universal: int,
                proxy_threshold: float) -> Plan:
     """Removes the `num_universal` universal blocks with the smallest alpha and
-    every proxy with alpha <= `proxy_threshold`, then every dead path."""
+    every proxy with alpha <= `proxy_threshold`, then every dead path.
+
+    One guard on top of the published rules: a block whose branches would all
+    go keeps its strongest remaining proxy.  Without it a block can vanish
+    and take with it every path to the classifier (seen on `digits`: all
+    proxies of a late block under 0.1 once its universal block was cut).
+    Blocks still disappear when nothing reads their output.
+    """
     live = [l for l, b in enumerate(plan.blocks) if b.live]
     alpha_of = {l: np.asarray(a) for l, a in zip(live, alphas)}
     universal_alpha = {l: alpha_of[l][0] for l in live if plan.blocks[l].universal}
@@ -46,7 +53,11 @@ def prune_plan(plan: Plan, alphas: list[np.ndarray], num_universal: int,
         offset = 1 if block.universal else 0
         sources = [s for j, s in enumerate(block.proxy_sources)
                    if alpha_of[l][j + offset] > proxy_threshold]
-        blocks.append(BlockPlan(block.universal and l not in removed, sources))
+        universal = block.universal and l not in removed
+        if not universal and not sources and block.proxy_sources:
+            strongest = int(np.argmax(alpha_of[l][offset:]))
+            sources = [block.proxy_sources[strongest]]
+        blocks.append(BlockPlan(universal, sources))
     return remove_dead_paths(Plan(blocks))
 
 

@@ -35,13 +35,14 @@ def model_weights_by_path(model) -> dict:
     TensorFlow's object-graph tracking does not see layers that a subclassed
     Keras 3 model holds in lists, so a checkpoint of `model` itself would
     silently miss them (and restore nothing there); paths name them all.
+    Layers built on their own (BN-folded copies) can share a path: those get
+    a numbered suffix in `model.weights` order, which a rebuilt model repeats.
     """
-    weights = {}
+    weights, seen = {}, {}
     for variable in model.weights:
         key = variable.path.replace("/", ".")
-        if key in weights and weights[key] is not variable:
-            raise ValueError(f"two weights share the path {variable.path}")
-        weights[key] = variable
+        seen[key] = seen.get(key, 0) + 1
+        weights[key if seen[key] == 1 else f"{key}.{seen[key]}"] = variable
     return weights
 
 

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 TINY = ["--backbone=tiny", "--backbone_weights=random", "--image_size=16", "--tasks=digits",
-        "--teacher_epochs=1", "--teacher_lr=0.05", "--log_every=5", "--checkpoint_every=10"]
+        "--teacher_epochs=1", "--teacher_lr=0.05", "--student_epochs=2", "--finetune_epochs=1",
+        "--prune_universal=1", "--log_every=5", "--checkpoint_every=10"]
 
 
 def run_cli(*args, timeout=300):
@@ -14,7 +15,7 @@ def run_cli(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_teacher_stage_stops_resumes_and_is_skipped_when_done(tmp_path):
+def test_stages_stop_resume_and_are_skipped_when_done(tmp_path):
     flagfile = tmp_path / "run.cfg"
     flagfile.write_text("# a comment line\n" + "\n".join(TINY + [f"--workdir={tmp_path / 'w'}"]))
 
@@ -23,9 +24,16 @@ def test_teacher_stage_stops_resumes_and_is_skipped_when_done(tmp_path):
     assert "stopped at step 12" in stopped.stderr
     assert not (tmp_path / "w" / "digits" / "teacher.weights.h5").exists()
 
-    resumed = run_cli(f"--flagfile={flagfile}")
+    # The teacher finishes (44 steps); the student (88 steps) stops at 50.
+    resumed = run_cli(f"--flagfile={flagfile}", "--max_steps=50")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr and "(step 12 of 44)" in resumed.stderr
+    assert "student stopped at step 50" in resumed.stderr
+
+    resumed = run_cli(f"--flagfile={flagfile}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "teacher stage already done" in resumed.stderr
+    assert "(step 50 of 88)" in resumed.stderr
     report = json.loads((tmp_path / "w" / "report.json").read_text())
     teacher = report["tasks"]["digits"]["teacher"]
     assert report["backbone"] == "tiny" and report["image_size"] == 16
@@ -37,9 +45,11 @@ def test_teacher_stage_stops_resumes_and_is_skipped_when_done(tmp_path):
     assert "fine-tuned teacher" in (tmp_path / "w" / "report.md").read_text()
     assert list((tmp_path / "w" / "tensorboard" / "digits" / "teacher").iterdir())
 
+    assert "pruned" in report["tasks"]["digits"]
     again = run_cli(f"--flagfile={flagfile}")
     assert again.returncode == 0
-    assert "teacher stage already done" in again.stderr
+    for stage in ("teacher", "student", "prune", "finetune"):
+        assert f"{stage} stage already done" in again.stderr
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -45,14 +45,15 @@ def test_prune_plan_removes_smallest_universal_blocks_and_weak_proxies():
     assert _as_tuples(prune_plan(plan, alphas, 0, 0.0)) == _as_tuples(plan)
 
 
-def test_prune_plan_then_removes_dead_paths():
-    """Proxies reading a node whose block lost every branch go too."""
+def test_prune_plan_keeps_each_block_connected():
+    """A block that would lose every branch keeps its strongest proxy, so no
+    node disappears and no later branch loses its input."""
     plan = Plan.full(3, 2)  # [U, 0], [U, 1, 0], [U, 2, 1]
     alphas = [np.array([0.2, 0.01]), np.array([0.6, 0.3, 0.1]), np.array([0.5, 0.3, 0.2])]
-    # Block 0 loses its universal block (smallest alpha) and its weak proxy: node 1 is gone,
-    # so block 1's proxy 0 and block 2's proxy from node 1 go as well.
+    # Block 0 loses its universal block (smallest alpha); its only proxy is under the
+    # threshold but is kept as the block's strongest remaining branch.
     pruned = prune_plan(plan, alphas, num_universal=1, proxy_threshold=0.05)
-    assert _as_tuples(pruned) == [(False, []), (False, [0]), (True, [2])]
+    assert _as_tuples(pruned) == [(False, [0]), (True, [1, 0]), (True, [2, 1])]
 
 
 def test_prune_plan_argument_checks():
@@ -60,8 +61,10 @@ def test_prune_plan_argument_checks():
     alphas = [np.array([0.5, 0.5])] * 2
     with pytest.raises(PruneError):
         prune_plan(plan, alphas, num_universal=3, proxy_threshold=0.05)
-    with pytest.raises(PruneError):  # nothing left at all
-        prune_plan(plan, alphas, num_universal=2, proxy_threshold=0.9)
+    # Every universal block cut and every proxy under the threshold: each block
+    # still keeps its strongest proxy, and the network stays connected.
+    pruned = prune_plan(plan, alphas, num_universal=2, proxy_threshold=0.9)
+    assert _as_tuples(pruned) == [(False, [0]), (False, [1])]
 
 
 def test_branches_reading_a_dead_node_disappear():

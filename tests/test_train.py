@@ -129,3 +129,12 @@ def test_checkpoint_holds_every_weight_of_a_subclassed_student(tmp_path):
     checkpoint.restore(path).assert_existing_objects_matched()
     np.testing.assert_array_equal(gate.numpy(), saved_gate)
     np.testing.assert_array_equal(moving_mean.numpy(), saved_mean)
+
+
+def test_checkpoint_keys_stay_unique_when_folded_layers_share_a_path():
+    # EfficientNet's folded stem and head both hold a ConvBN named "conv".
+    from nettailor_tf import student as student_lib
+    backbone = backbones.build_backbone("efficientnet_lite0")
+    student = student_lib.build_student(backbone, 10, student_lib.Plan.full(16, 3), "frozen", 32)
+    weights = train.model_weights_by_path(student)
+    assert len(weights) == len(student.weights)
