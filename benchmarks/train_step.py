@@ -58,8 +58,8 @@ def main(argv):
              tf.constant(np.arange(FLAGS.batch_size) % FLAGS.num_classes, tf.int32))
     schedule = train.Schedule(1, FLAGS.batch_size, 0.01, 1)
 
-    teacher = backbones.classifier_model(backbones.build_backbone(FLAGS.backbone),
-                                         FLAGS.num_classes)
+    teacher_backbone = backbones.build_backbone(FLAGS.backbone)
+    teacher = backbones.classifier_model(teacher_backbone, FLAGS.num_classes)
 
     def teacher_loss(images, labels, training):
         logits, _ = teacher(images, training=training)
@@ -82,7 +82,7 @@ def main(argv):
     # teacher for the targets, BN-folded frozen universal blocks, proxies and
     # gates trained with CE + complexity + mimic.
     backbone = backbones.build_backbone(FLAGS.backbone)
-    frozen_teacher = stages.fold_teacher(teacher, backbone.block_activation)
+    frozen_teacher = backbones.folded_classifier(teacher_backbone, teacher)
     plan = student_lib.Plan.full(len(backbone.blocks), FLAGS.max_skip)
     student = student_lib.build_student(backbone, FLAGS.num_classes, plan, "frozen",
                                         FLAGS.image_size)

@@ -23,7 +23,7 @@ import numpy as np
 
 from nettailor_tf import weights as weights_lib
 from nettailor_tf.layers import (BasicBlock, Bottleneck, ConvBN, InvertedResidual, Normalize,
-                                 _Block)
+                                 _Block, fold_batchnorm)
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -220,6 +220,21 @@ def classifier_model(backbone: Backbone, num_classes: int, name: str = "classifi
     features = backbone.head(x)
     logits = keras.layers.Dense(num_classes, name="classifier")(features)
     return keras.Model(images, (logits, endpoints), name=name)
+
+
+def folded_classifier(backbone: Backbone, model: keras.Model) -> keras.Model:
+    """A frozen, BN-folded copy of `model` (made by `classifier_model` from
+    `backbone`): the same outputs in inference mode, one op per conv instead
+    of two.  Used for the teacher's mimic targets."""
+    folded = dataclasses.replace(
+        backbone, stem=fold_batchnorm(backbone.stem),
+        blocks=[fold_batchnorm(b, (None, None, None, b.in_channels)) for b in backbone.blocks],
+        head=fold_batchnorm(backbone.head, (None, None, None, backbone.specs[-1].out_channels)))
+    classifier = model.get_layer("classifier")
+    copy = classifier_model(folded, classifier.units, name=f"folded_{model.name}")
+    copy.get_layer("classifier").set_weights(classifier.get_weights())
+    copy.trainable = False
+    return copy
 
 
 # --- weights ---------------------------------------------------------------

@@ -23,7 +23,6 @@ from nettailor_tf import prune as prune_lib
 from nettailor_tf import student as student_lib
 from nettailor_tf import train, visualize
 from nettailor_tf.config import Config
-from nettailor_tf.layers import ConvBN, fold_batchnorm
 from nettailor_tf.losses import cross_entropy, mimic_loss
 from nettailor_tf.report import Report, atomic_write_text
 from nettailor_tf.train import Trainer
@@ -139,33 +138,7 @@ def _frozen_teacher(config: Config, task):
                          f"(with the same --workdir)")
     model, backbone = build_teacher(config, task.num_classes, pretrained=False)
     model.load_weights(path)
-    return fold_teacher(model, backbone.block_activation)
-
-
-def fold_teacher(model: keras.Model, block_activation: str | None) -> keras.Model:
-    """A BN-folded, frozen copy of a teacher from `classifier_model`: same
-    outputs in inference mode, one op per conv instead of two."""
-    backbone = _backbone_of(model)
-    folded = backbones_lib.Backbone(
-        backbone.name, fold_batchnorm(backbone.stem),
-        [fold_batchnorm(b, (None, None, None, b.in_channels)) for b in backbone.blocks],
-        fold_batchnorm(backbone.head, (None, None, None, backbone.blocks[-1].out_channels)),
-        block_activation, backbone.stem_channels, backbone.stem_reduction,
-        backbone.feature_dim)
-    num_classes = model.get_layer("classifier").units
-    teacher = backbones_lib.classifier_model(folded, num_classes, name="frozen_teacher")
-    teacher.get_layer("classifier").set_weights(model.get_layer("classifier").get_weights())
-    teacher.trainable = False
-    return teacher
-
-
-def _backbone_of(model: keras.Model) -> backbones_lib.Backbone:
-    """The stem, blocks and head layers of a `classifier_model`."""
-    stem, head = model.get_layer("stem"), model.get_layer("head")
-    blocks = [l for l in model.layers if l.name.startswith("block")]
-    first = next(l for l in stem.layers if isinstance(l, ConvBN))
-    return backbones_lib.Backbone("teacher", stem, blocks, head, None, first.filters, 1,
-                                  model.get_layer("classifier").kernel.shape[0])
+    return backbones_lib.folded_classifier(backbone, model)
 
 
 def nettailor_loss(student, teacher, costs, complexity_coeff, teacher_coeff, exact):
@@ -190,7 +163,7 @@ def nettailor_loss(student, teacher, costs, complexity_coeff, teacher_coeff, exa
 
 def _train_student(config, strategy, task, student, teacher, schedule, complexity_coeff,
                    name) -> "train.TrainResult":
-    backbone = _universal_backbone(config)
+    backbone = backbones_lib.build_backbone(config.backbone)  # geometry only
     norm = complexity.universal_network_flops(backbone, config.image_size)
     costs = [[c / norm for c in row] for row in
              complexity.branch_flops(backbone, student.plan, config.image_size)]

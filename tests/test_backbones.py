@@ -187,3 +187,28 @@ def test_efficientnet_needs_tensorflow_same_padding():
 def test_packaged_weights_are_offline_files():
     path = weights_lib.packaged_weights_path("efficientnet_lite0")
     assert os.path.getsize(path) > 10_000_000
+
+
+@pytest.mark.parametrize("name", ["tiny", "efficientnet_lite0", "wrn26"])
+def test_folded_classifier_equals_the_model_in_inference(name):
+    backbone = backbones.build_backbone(name)
+    rng = np.random.default_rng(0)
+    for v in (w for layer in backbone.layers for w in layer.weights):
+        if v.name in ("moving_mean", "beta"):
+            v.assign(rng.normal(0, 0.3, v.shape))
+        elif v.name in ("moving_variance", "gamma"):
+            v.assign(rng.uniform(0.5, 1.5, v.shape))
+    model = backbones.classifier_model(backbone, 4)
+    folded = backbones.folded_classifier(backbone, model)
+    x = rng.uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    logits, endpoints = model(x, training=False)
+    folded_logits, folded_endpoints = folded(x)
+    np.testing.assert_allclose(folded_logits, logits, rtol=1e-4, atol=1e-4)
+    for a, b in zip(folded_endpoints, endpoints):
+        # Float32 rounding grows with depth and with the random statistics.
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, np.abs(b).max()))
+    # Folded: no BN left in the blocks, nothing trainable.
+    assert not folded.trainable_weights
+    assert not any(isinstance(l, keras.layers.BatchNormalization)
+                   for block in folded.layers if block.name.startswith("block")
+                   for l in block._flatten_layers())
