@@ -2,6 +2,7 @@
 (saving, mixing, the mimic route)."""
 import keras
 import numpy as np
+from helpers import randomize_weights
 import pytest
 import tensorflow as tf
 
@@ -9,25 +10,11 @@ from nettailor_tf.blocks import NetTailorBlock, Proxy
 from nettailor_tf.layers import BasicBlock, fold_batchnorm
 
 
-def _randomize(layer, seed):
-    """Non-trivial conv and BN values (a new proxy is nearly silent, BN nearly the identity)."""
-    rng = np.random.default_rng(seed)
-    for v in layer.weights:
-        shape = tuple(v.shape)
-        if v.name in ("gamma", "moving_variance"):
-            v.assign(rng.uniform(0.5, 1.5, shape))
-        elif v.name in ("beta", "moving_mean"):
-            v.assign(rng.normal(0.0, 0.2, shape))
-        elif v.name == "logits":
-            v.assign(rng.normal(0.0, 1.0, shape))
-        elif v.name == "kernel":
-            v.assign(rng.normal(0.0, 0.3, shape))
-
 
 def _proxy(in_channels, out_channels, pool_stride=1, hidden_channels=None, seed=0):
     proxy = Proxy(out_channels, pool_stride, hidden_channels)
     proxy.build((None, None, None, in_channels))
-    _randomize(proxy, seed)
+    randomize_weights(proxy, seed, kernel_std=0.3)
     return proxy
 
 
@@ -155,7 +142,7 @@ def _block(seed=0):
     proxies = [Proxy(16, 1, name="proxy_from_l"), Proxy(16, 2, name="proxy_from_l_minus_1")]
     block = NetTailorBlock(universal, proxies, activation="relu", name="tailored")
     block.build([(None, 8, 8, 16), (None, 8, 8, 16), (None, 16, 16, 8)])
-    _randomize(block, seed)
+    randomize_weights(block, seed, kernel_std=0.3)
     return block
 
 

@@ -3,6 +3,7 @@ import json
 
 import keras
 import numpy as np
+from helpers import randomize_weights, task_layers
 import pytest
 
 from nettailor_tf import backbones, complexity, prune
@@ -103,27 +104,6 @@ def test_prune_error_when_nothing_reaches_the_classifier(plan):
 
 # --- the static network --------------------------------------------------------
 
-def _randomize(layers, seed):
-    """Non-trivial kernels, BN values and gate logits (fresh proxies are nearly silent)."""
-    rng = np.random.default_rng(seed)
-    for layer in layers:
-        for v in layer.weights:
-            shape = tuple(v.shape)
-            if v.name in ("gamma", "moving_variance"):
-                v.assign(rng.uniform(0.5, 1.5, shape))
-            elif v.name in ("beta", "moving_mean", "bias"):
-                v.assign(rng.normal(0.0, 0.2, shape))
-            elif v.name == "logits":
-                v.assign(rng.normal(0.0, 1.0, shape))
-            elif v.name == "kernel":
-                fan_in = int(np.prod(v.shape[:-1]))
-                v.assign(rng.normal(0.0, np.sqrt(2 / fan_in), shape))
-
-
-def _task_layers(student):
-    return ([p for b in student.tailored for p in b.proxies] + [b.gate for b in student.tailored]
-            + [student.classifier])
-
 
 # Block 0: universal only; block 1: the proxy from node 0 only; block 2: universal and the
 # proxy from node 1; block 3: universal and the proxies from nodes 3 and 2.
@@ -135,9 +115,9 @@ PRUNED = Plan([BlockPlan(True, []), BlockPlan(False, [0]), BlockPlan(True, [1]),
 def trained():
     """A tiny full student with random task weights, and its pruned copy."""
     backbone = backbones.build_backbone("tiny")
-    _randomize(backbone.layers, 0)
+    randomize_weights(backbone.layers, 0)
     full = build_student(backbone, NUM_CLASSES, Plan.full(4, 3), "frozen", IMAGE_SIZE)
-    _randomize(_task_layers(full), 1)
+    randomize_weights(task_layers(full), 1)
     pruned = build_student(backbone, NUM_CLASSES, PRUNED, "frozen", IMAGE_SIZE)
     copy_task_weights(full, pruned)
     prune.mask_student(full, PRUNED)

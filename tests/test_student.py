@@ -2,6 +2,7 @@
 copies of task weights."""
 import keras
 import numpy as np
+from helpers import randomize_weights, task_layers
 import pytest
 import tensorflow as tf
 
@@ -14,41 +15,16 @@ NUM_CLASSES = 5
 IMAGE_SIZE = 32
 
 
-def _randomize(layers, seed):
-    """Non-trivial values for conv/dense kernels, BN and gate logits (new proxies are nearly
-    silent and fresh BN is the identity, which would hide mistakes)."""
-    rng = np.random.default_rng(seed)
-    for layer in layers:
-        for v in layer.weights:
-            shape = tuple(v.shape)
-            if v.name in ("gamma", "moving_variance"):
-                v.assign(rng.uniform(0.5, 1.5, shape))
-            elif v.name in ("beta", "moving_mean", "bias"):
-                v.assign(rng.normal(0.0, 0.2, shape))
-            elif v.name == "logits":
-                v.assign(rng.normal(0.0, 1.0, shape))
-            elif v.name == "kernel":
-                v.assign(rng.normal(0.0, 0.3, shape))
-
-
-def _task_layers(student):
-    return ([p for b in student.tailored for p in b.proxies] + [b.gate for b in student.tailored]
-            + [student.classifier])
-
 
 def _tiny_backbone(seed=0):
     backbone = backbones.build_backbone("tiny")
-    _randomize(backbone.layers, seed)
-    # He-like kernels keep activations in a sane range through the blocks.
-    for v in [v for layer in backbone.layers for v in layer.weights if v.name == "kernel"]:
-        fan_in = int(np.prod(v.shape[:-1]))
-        v.assign(np.random.default_rng(seed).normal(0, np.sqrt(2 / fan_in), tuple(v.shape)))
+    randomize_weights(backbone.layers, seed)  # He-normal kernels: sane activations
     return backbone
 
 
 def _student(backbone, plan, universal_bn="frozen", seed=1):
     student = build_student(backbone, NUM_CLASSES, plan, universal_bn, IMAGE_SIZE)
-    _randomize(_task_layers(student), seed)
+    randomize_weights(task_layers(student), seed)
     return student
 
 
@@ -279,7 +255,7 @@ def test_resnet50_gets_bottleneck_proxies():
         assert len(proxy.convs) == 2
         assert proxy.convs[0].conv.kernel.shape[-1] == max(c // 32, 16)
         assert proxy.convs[-1].conv.kernel.shape[-1] == c
-    assert all(p.hidden_channels is None for p in _task_layers(
+    assert all(p.hidden_channels is None for p in task_layers(
         build_student(_tiny_backbone(), NUM_CLASSES, Plan.full(4, 1), "frozen", IMAGE_SIZE))[:4])
 
 

@@ -1,0 +1,33 @@
+"""Shared test helpers (pytest puts tests/ on sys.path, so `import helpers` works)."""
+import numpy as np
+
+
+def randomize_weights(layers, seed, kernel_std=None):
+    """Gives kernels, BN values, biases and gate logits non-trivial values.
+
+    A fresh proxy is nearly silent and a fresh BN is the identity, which would
+    hide mistakes in folding, routing or pruning.  `kernel_std=None` draws
+    He-normal kernels (std sqrt(2 / fan_in)), which keep activations in range
+    through a stack of blocks.
+    """
+    rng = np.random.default_rng(seed)
+    if not isinstance(layers, (list, tuple)):
+        layers = [layers]
+    for layer in layers:
+        for v in layer.weights:
+            shape = tuple(v.shape)
+            if v.name in ("gamma", "moving_variance"):
+                v.assign(rng.uniform(0.5, 1.5, shape))
+            elif v.name in ("beta", "moving_mean", "bias"):
+                v.assign(rng.normal(0.0, 0.2, shape))
+            elif v.name == "logits":
+                v.assign(rng.normal(0.0, 1.0, shape))
+            elif v.name == "kernel":
+                std = kernel_std or np.sqrt(2 / int(np.prod(shape[:-1])))
+                v.assign(rng.normal(0.0, std, shape))
+
+
+def task_layers(student):
+    """The layers a student owns for its task: proxies, gates, classifier."""
+    return ([p for b in student.tailored for p in b.proxies] + [b.gate for b in student.tailored]
+            + [student.classifier])
