@@ -20,7 +20,7 @@ from nettailor_tf import complexity
 from nettailor_tf.backbones import Backbone, count_params
 from nettailor_tf.layers import PACKAGE, apply_activation, fold_batchnorm
 from nettailor_tf.report import atomic_write_text
-from nettailor_tf.student import BlockPlan, Plan, Student, node_reductions
+from nettailor_tf.student import BlockPlan, Plan, Student
 
 
 class PruneError(ValueError):

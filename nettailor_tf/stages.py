@@ -13,7 +13,6 @@ import os
 import tempfile
 
 import keras
-import tensorflow as tf
 from absl import logging
 
 from nettailor_tf import backbones as backbones_lib

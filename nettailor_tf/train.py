@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
 from typing import Callable
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl import logging
 

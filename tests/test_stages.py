@@ -1,6 +1,5 @@
 """All stages end to end, in process, on the tiny backbone and mocked tfds data."""
 import json
-import os
 
 import numpy as np
 import pytest

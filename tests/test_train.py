@@ -1,6 +1,5 @@
 """The training loop: resumption, the optimizer's arithmetic, a non-finite loss, 2 replicas."""
 import json
-import os
 import subprocess
 import sys
 
