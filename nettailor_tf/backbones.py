@@ -90,7 +90,11 @@ _EFFICIENTNET_LITE0 = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6,
                        (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]
 _MOBILENET_V2 = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 3, 2, 32, 3), (6, 3, 2, 64, 4),
                  (6, 3, 1, 96, 3), (6, 3, 2, 160, 3), (6, 3, 1, 320, 1)]
-_RESNET_DEPTHS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 6, 3]}
+_RESNET_DEPTHS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 6, 3],
+                  "resnet50_keras": [3, 4, 6, 3]}
+# keras.applications' "caffe" preprocessing subtracts these from BGR pixels;
+# listed here in RGB order (the BGR flip is folded into the first conv).
+CAFFE_MEAN_RGB = (123.68, 116.779, 103.939)
 
 
 def _inverted_residual_net(name, stages, padding, bn_epsilon, mean, std) -> Backbone:
@@ -115,21 +119,24 @@ def _inverted_residual_net(name, stages, padding, bn_epsilon, mean, std) -> Back
 
 
 def _resnet(name) -> Backbone:
+    keras_layout = name == "resnet50_keras"
+    mean, std = (CAFFE_MEAN_RGB, (1.0,)) if keras_layout else (IMAGENET_MEAN, IMAGENET_STD)
     stem = keras.Sequential([
-        Normalize(IMAGENET_MEAN, IMAGENET_STD, name="normalize"),
+        Normalize(mean, std, name="normalize"),
         ConvBN(64, 7, 2, "symmetric", activation="relu", name="conv"),
         # Zero padding is exact before the max-pool: its input is post-ReLU.
         keras.layers.ZeroPadding2D(1, name="pool_pad"),
         keras.layers.MaxPooling2D(3, 2, name="pool"),
     ], name="stem")
-    bottleneck = name == "resnet50"
+    bottleneck = name in ("resnet50", "resnet50_keras")
     blocks, channels = [], 64
     for stage, repeats in enumerate(_RESNET_DEPTHS[name]):
         width = 64 * 2 ** stage
         for i in range(repeats):
             stride = 2 if stage > 0 and i == 0 else 1
             if bottleneck:
-                block = Bottleneck(channels, 4 * width, stride, width, name=f"block{len(blocks)}")
+                block = Bottleneck(channels, 4 * width, stride, width, name=f"block{len(blocks)}",
+                                   stride_on="conv1" if keras_layout else "conv2")
             else:
                 block = BasicBlock(channels, width, stride, name=f"block{len(blocks)}")
             blocks.append(block)
@@ -181,12 +188,16 @@ _BUILDERS: dict[str, Callable[[], Backbone]] = {
     "resnet18": lambda: _resnet("resnet18"),
     "resnet34": lambda: _resnet("resnet34"),
     "resnet50": lambda: _resnet("resnet50"),
+    # The keras.applications layout, for its ImageNet weights (downloaded).
+    "resnet50_keras": lambda: _resnet("resnet50_keras"),
     "wrn26": _wrn26,
     "tiny": _tiny,
 }
 BACKBONES = tuple(_BUILDERS)
 # Where `weights="imagenet"` needs no file from the user.
 PACKAGED_IMAGENET = ("efficientnet_lite0", "mobilenet_v2")
+# Where `weights="imagenet"` downloads them through keras.applications.
+DOWNLOADED_IMAGENET = ("resnet50_keras",)
 
 
 def build_backbone(name: str) -> Backbone:
@@ -322,6 +333,16 @@ def load_backbone_weights(backbone: Backbone, source: str,
             raise weights_lib.WeightsError(f"weights file {source} does not exist")
         _backbone_model(backbone).load_weights(source)
         return
+    if source == "imagenet" and backbone.name in DOWNLOADED_IMAGENET:
+        try:
+            reference = keras.applications.ResNet50(weights="imagenet")
+        except Exception as err:  # no network: urllib/OSError subclasses vary
+            raise weights_lib.WeightsError(
+                f"keras.applications could not download the ResNet-50 ImageNet weights "
+                f"({type(err).__name__}); on an offline machine pass a torchvision .pth with "
+                f"--backbone=resnet50") from None
+        load_keras_resnet50(backbone, reference, imagenet_classifier)
+        return
     if source == "imagenet":
         if backbone.name not in PACKAGED_IMAGENET:
             raise weights_lib.WeightsError(
@@ -341,6 +362,42 @@ def load_backbone_weights(backbone: Backbone, source: str,
     else:
         ignore = lambda key: key.endswith("num_batches_tracked") or key.startswith(fc + ".")
     weights_lib.assign_state_dict(state, targets, path, ignore=ignore)
+
+
+def load_keras_resnet50(backbone: Backbone, reference: keras.Model,
+                        imagenet_classifier: keras.layers.Dense | None = None) -> None:
+    """Copies a keras.applications ResNet50 into the `resnet50_keras` backbone.
+
+    Two exact rewrites: each conv bias moves into the BN that follows it
+    (`BN(conv(x) + b)` is BN with moving mean `mean - b`), and the caffe
+    BGR input order is folded into the first conv by reversing its input
+    channels, so the model takes RGB like every other backbone.
+    """
+    if backbone.name != "resnet50_keras":
+        raise weights_lib.WeightsError(f"keras ResNet50 weights need --backbone=resnet50_keras, "
+                                       f"not {backbone.name}")
+
+    def copy(layer: ConvBN, prefix: str, bgr: bool = False) -> None:
+        kernel, bias = reference.get_layer(prefix + "_conv").get_weights()
+        gamma, beta, mean, variance = reference.get_layer(prefix + "_bn").get_weights()
+        layer.conv.kernel.assign(kernel[:, :, ::-1, :] if bgr else kernel)
+        layer.bn.gamma.assign(gamma)
+        layer.bn.beta.assign(beta)
+        layer.bn.moving_mean.assign(mean - bias)
+        layer.bn.moving_variance.assign(variance)
+
+    copy(backbone.stem.get_layer("conv"), "conv1", bgr=True)
+    index = 0
+    for stage, repeats in enumerate(_RESNET_DEPTHS["resnet50_keras"]):
+        for i in range(repeats):
+            block, prefix = backbone.blocks[index], f"conv{stage + 2}_block{i + 1}_"
+            for j, layer in enumerate((block.conv1, block.conv2, block.conv3)):
+                copy(layer, f"{prefix}{j + 1}")
+            if block.downsample is not None:
+                copy(block.downsample, prefix + "0")
+            index += 1
+    if imagenet_classifier is not None:
+        imagenet_classifier.set_weights(reference.get_layer("predictions").get_weights())
 
 
 def _backbone_model(backbone: Backbone) -> keras.Model:

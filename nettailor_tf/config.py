@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from nettailor_tf.backbones import BACKBONES, PACKAGED_IMAGENET, build_backbone
+from nettailor_tf.backbones import (BACKBONES, DOWNLOADED_IMAGENET, PACKAGED_IMAGENET,
+                                   build_backbone)
 from nettailor_tf.student import UNIVERSAL_BN_MODES
 from nettailor_tf.train import STRATEGIES, Schedule
 
@@ -63,7 +64,8 @@ class Config:
                 raise ConfigError(f"--stages: unknown stage {stage!r}; accepted: {', '.join(STAGES)}")
         if self.backbone not in BACKBONES:
             raise ConfigError(f"--backbone={self.backbone!r} is not one of {', '.join(BACKBONES)}")
-        if self.backbone_weights == "imagenet" and self.backbone not in PACKAGED_IMAGENET:
+        if (self.backbone_weights == "imagenet"
+                and self.backbone not in PACKAGED_IMAGENET + DOWNLOADED_IMAGENET):
             raise ConfigError(
                 f"--backbone_weights=imagenet: no packaged ImageNet weights for {self.backbone} "
                 f"(packaged: {', '.join(PACKAGED_IMAGENET)}); pass a weights file or 'random'")

@@ -296,7 +296,8 @@ class BasicBlock(_Block):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class Bottleneck(_Block):
-    """torchvision ResNet-50 bottleneck (stride on the 3x3 conv, "v1.5").
+    """ResNet-50 bottleneck: torchvision's (stride on the 3x3 conv, "v1.5") or
+    keras.applications' (stride on the first 1x1 conv, `stride_on='conv1'`).
 
     Args:
         in_channels, out_channels, strides: block geometry.
@@ -304,13 +305,19 @@ class Bottleneck(_Block):
         bn_epsilon: BN epsilon.
     """
 
-    def __init__(self, in_channels, out_channels, strides, width, bn_epsilon=1e-5, **kwargs):
+    def __init__(self, in_channels, out_channels, strides, width, bn_epsilon=1e-5,
+                 stride_on="conv2", **kwargs):
         super().__init__(in_channels, out_channels, strides, **kwargs)
+        if stride_on not in ("conv1", "conv2"):
+            raise ValueError(f"stride_on must be 'conv1' or 'conv2', got {stride_on!r}")
+        self.stride_on = stride_on
         self.width = width
         self.bn_epsilon = bn_epsilon
         conv_bn = functools.partial(ConvBN, bn_epsilon=bn_epsilon, folded=self.folded)
-        self.conv1 = conv_bn(width, 1, activation="relu", name="conv1")
-        self.conv2 = conv_bn(width, 3, strides, "symmetric", activation="relu", name="conv2")
+        # torchvision strides the 3x3 conv ("v1.5"); keras.applications the first 1x1.
+        stride1, stride2 = (strides, 1) if stride_on == "conv1" else (1, strides)
+        self.conv1 = conv_bn(width, 1, stride1, activation="relu", name="conv1")
+        self.conv2 = conv_bn(width, 3, stride2, "symmetric", activation="relu", name="conv2")
         self.conv3 = conv_bn(out_channels, 1, name="conv3")
         reshapes = strides != 1 or in_channels != out_channels
         self.downsample = (conv_bn(out_channels, 1, strides, name="downsample")
@@ -328,7 +335,8 @@ class Bottleneck(_Block):
         return y + shortcut
 
     def get_config(self):
-        return {**super().get_config(), "width": self.width, "bn_epsilon": self.bn_epsilon}
+        return {**super().get_config(), "width": self.width, "bn_epsilon": self.bn_epsilon,
+                "stride_on": self.stride_on}
 
 
 # --- BN folding ----------------------------------------------------------------

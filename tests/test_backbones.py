@@ -61,7 +61,7 @@ def test_block_specs_match_the_computed_shapes(name):
 def test_block_counts():
     counts = {name: len(backbones.build_backbone(name).blocks) for name in backbones.BACKBONES}
     assert counts == {"efficientnet_lite0": 16, "mobilenet_v2": 17, "resnet18": 8, "resnet34": 16,
-                      "resnet50": 16, "wrn26": 12, "tiny": 4}
+                      "resnet50": 16, "resnet50_keras": 16, "wrn26": 12, "tiny": 4}
 
 
 def test_blocks_return_the_pre_activation_output():
@@ -212,3 +212,36 @@ def test_folded_classifier_equals_the_model_in_inference(name):
     assert not any(isinstance(l, keras.layers.BatchNormalization)
                    for block in folded.layers if block.name.startswith("block")
                    for l in block._flatten_layers())
+
+
+def test_keras_applications_resnet50_maps_exactly():
+    # keras.applications' ResNet-50 (caffe preprocessing, conv biases, stride
+    # on the first 1x1 conv) into the resnet50_keras backbone, checked with
+    # random weights: the ImageNet file itself needs a download.
+    reference = keras.applications.ResNet50(weights=None)
+    rng = np.random.default_rng(0)
+    for layer in reference.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.BatchNormalization)):
+            weights = layer.get_weights()
+            if isinstance(layer, keras.layers.Conv2D):
+                weights[1] = rng.normal(0, 0.1, weights[1].shape)  # conv biases
+            else:
+                weights = [rng.uniform(0.5, 1.5, weights[0].shape),
+                           rng.normal(0, 0.1, weights[1].shape),
+                           rng.normal(0, 0.1, weights[2].shape),
+                           rng.uniform(0.5, 1.5, weights[3].shape)]
+            layer.set_weights(weights)
+    backbone = backbones.build_backbone("resnet50_keras")
+    ours = backbones.classifier_model(backbone, 1000)
+    backbones.load_keras_resnet50(backbone, reference, ours.get_layer("classifier"))
+    images = rng.uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
+    expected = reference(keras.applications.resnet50.preprocess_input(images.copy()))
+    logits = ours(images, training=False)[0]
+    # Log-probabilities, not probabilities: a near-uniform softmax would hide errors.
+    expected = np.asarray(expected)
+    finite = expected > 1e-30  # float32 softmax underflows far in the tail
+    log_expected = np.log(expected[finite])
+    assert float(np.ptp(log_expected)) > 1.0
+    np.testing.assert_allclose(np.asarray(tf.nn.log_softmax(logits))[finite], log_expected,
+                               atol=2e-3)
+    assert backbones.count_params(backbone.layers) == PARAMS_WITHOUT_CLASSIFIER["resnet50"]
