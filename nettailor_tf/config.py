@@ -35,6 +35,7 @@ class Config:
     complexity_coeff: float = 0.3
     teacher_coeff: float = 10.0
     complexity_exact: bool = True      # False: the published p_in approximation
+    mimic_normalized: bool = False     # True: each mimic term relative to the teacher's scale
     prune_universal: int = 0
     prune_proxy_threshold: float = 0.05
     prune_search: bool = False

@@ -15,14 +15,22 @@ def mse(a, b):
 
 
 def mimic_loss(logits, block_outputs, teacher_logits, teacher_endpoints, live_blocks,
-               num_blocks: int):
+               num_blocks: int, normalized: bool = False):
     """T = [MSE(logits) + sum over live blocks l of MSE(h_l^s, h_l^t)] / L.
 
     `block_outputs[k]` is the student's output of block `live_blocks[k]` along
     the stop-gradient route; `teacher_endpoints[l]` is the teacher's node l+1.
     L counts every block of the backbone; the logits term is not counted.
+    `normalized` divides each term by the teacher's mean square (a relative
+    error): scale-free where block outputs are large linear bottlenecks.
     """
-    total = mse(logits, teacher_logits)
+    def term(student, teacher):
+        error = mse(student, teacher)
+        if normalized:
+            error /= tf.stop_gradient(tf.reduce_mean(tf.square(tf.cast(teacher, tf.float32))))
+        return error
+
+    total = term(logits, teacher_logits)
     for output, l in zip(block_outputs, live_blocks):
-        total += mse(output, teacher_endpoints[l])
+        total += term(output, teacher_endpoints[l])
     return total / num_blocks

@@ -45,6 +45,8 @@ flags.DEFINE_enum("universal_bn", "frozen", ["frozen", "task"], "Universal BN st
                   "'task' (re-estimated per task, as the published code does).")
 flags.DEFINE_float("complexity_coeff", 0.3, "Weight of the expected-complexity loss.")
 flags.DEFINE_float("teacher_coeff", 10.0, "Weight of the mimic (distillation) loss.")
+flags.DEFINE_bool("mimic_normalized", False, "Divide each mimic term by the teacher "
+                  "output's mean square (scale-free for linear-bottleneck backbones).")
 flags.DEFINE_enum("complexity_p_in", "exact", ["exact", "published"], "p_in of the complexity "
                   "loss: of the node each branch reads (exact) or block l-1's for every branch.")
 flags.DEFINE_integer("prune_universal", 0, "Universal blocks to remove (smallest gates).")
@@ -83,6 +85,7 @@ def config_from_flags():
         max_skip=_max_skip(FLAGS.max_skip), universal_bn=FLAGS.universal_bn,
         complexity_coeff=FLAGS.complexity_coeff, teacher_coeff=FLAGS.teacher_coeff,
         complexity_exact=FLAGS.complexity_p_in == "exact",
+        mimic_normalized=FLAGS.mimic_normalized,
         prune_universal=FLAGS.prune_universal,
         prune_proxy_threshold=FLAGS.prune_proxy_threshold, prune_search=FLAGS.prune_search,
         prune_tolerance=FLAGS.prune_tolerance, prune_search_epochs=FLAGS.prune_search_epochs,

@@ -140,7 +140,8 @@ def _frozen_teacher(config: Config, task):
     return backbones_lib.folded_classifier(backbone, model)
 
 
-def nettailor_loss(student, teacher, costs, complexity_coeff, teacher_coeff, exact):
+def nettailor_loss(student, teacher, costs, complexity_coeff, teacher_coeff, exact,
+                   mimic_normalized=False):
     num_blocks = len(student.plan.blocks)
     live = student.live_blocks
 
@@ -148,7 +149,8 @@ def nettailor_loss(student, teacher, costs, complexity_coeff, teacher_coeff, exa
         teacher_logits, teacher_endpoints = teacher(images, training=False)
         logits, _, routed = student(images, training=training)
         ce = cross_entropy(logits, labels)
-        mimic = mimic_loss(logits, routed, teacher_logits, teacher_endpoints, live, num_blocks)
+        mimic = mimic_loss(logits, routed, teacher_logits, teacher_endpoints, live, num_blocks,
+                           mimic_normalized)
         terms = {"ce": ce, "mimic": mimic}
         total = ce + teacher_coeff * mimic
         if complexity_coeff:
@@ -167,7 +169,7 @@ def _train_student(config, strategy, task, student, teacher, schedule, complexit
     costs = [[c / norm for c in row] for row in
              complexity.branch_flops(backbone, student.plan, config.image_size)]
     loss_fn = nettailor_loss(student, teacher, costs, complexity_coeff, config.teacher_coeff,
-                              config.complexity_exact)
+                             config.complexity_exact, config.mimic_normalized)
     trainable, decayed = student.task_variables()
     trainer = Trainer(
         strategy, student, loss_fn, trainable, decayed, schedule,

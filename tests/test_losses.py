@@ -45,3 +45,21 @@ def test_cross_entropy_by_hand():
     labels = tf.constant([1, 1])
     expected = (np.log(2.0) + np.log(1 + np.exp(2.0))) / 2
     assert float(cross_entropy(logits, labels)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_normalized_mimic_is_relative_to_the_teacher_scale():
+    teacher_logits = np.array([[2.0, 0.0]], np.float32)
+    logits = np.array([[1.0, 0.0]], np.float32)
+    teacher_block = np.full((1, 2, 2, 1), 10.0, np.float32)
+    student_block = np.full((1, 2, 2, 1), 9.0, np.float32)
+    plain = mimic_loss(logits, [student_block], teacher_logits, [teacher_block], [0], 1)
+    # Logits: MSE 0.5; block: MSE 1.
+    assert float(plain) == pytest.approx(0.5 + 1.0)
+    relative = mimic_loss(logits, [student_block], teacher_logits, [teacher_block], [0], 1,
+                          normalized=True)
+    # Divided by the teacher's mean squares: 0.5 / 2 and 1 / 100.
+    assert float(relative) == pytest.approx(0.25 + 0.01)
+    # Scaling student and teacher together leaves the relative error unchanged.
+    scaled = mimic_loss(logits, [5 * student_block], teacher_logits, [5 * teacher_block], [0], 1,
+                        normalized=True)
+    assert float(scaled) == pytest.approx(float(relative))
