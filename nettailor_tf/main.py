@@ -25,18 +25,20 @@ flags.DEFINE_integer("image_size", 64, "Square input size of the network, in pix
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data dir (default: TFDS_DATA_DIR "
                     "or ~/tensorflow_datasets).")
 flags.DEFINE_bool("download", False, "Let tfds download and prepare datasets (needs internet).")
-flags.DEFINE_integer("teacher_epochs", 2, "Teacher fine-tuning epochs.")
-flags.DEFINE_integer("teacher_batch_size", 32, "Teacher global batch size.")
-flags.DEFINE_float("teacher_lr", 0.01, "Teacher learning rate.")
-flags.DEFINE_integer("teacher_decay_epochs", 20, "Teacher lr x0.1 every this many epochs.")
-flags.DEFINE_integer("student_epochs", 3, "NetTailor student epochs.")
-flags.DEFINE_integer("student_batch_size", 32, "Student global batch size.")
-flags.DEFINE_float("student_lr", 0.1, "Student learning rate.")
-flags.DEFINE_integer("student_decay_epochs", 20, "Student lr x0.1 every this many epochs.")
-flags.DEFINE_integer("finetune_epochs", 2, "Epochs of fine-tuning the pruned network.")
-flags.DEFINE_integer("finetune_batch_size", 32, "Finetune global batch size.")
-flags.DEFINE_float("finetune_lr", 0.01, "Finetune learning rate.")
-flags.DEFINE_integer("finetune_decay_epochs", 20, "Finetune lr x0.1 every this many epochs.")
+
+
+def _define_schedule_flags(stage: str, what: str, epochs: int, lr: float) -> None:
+    """--<stage>_epochs, _batch_size, _lr, _decay_epochs: one schedule per stage."""
+    flags.DEFINE_integer(f"{stage}_epochs", epochs, f"Epochs of {what}.")
+    flags.DEFINE_integer(f"{stage}_batch_size", 32, f"Global batch size of {what}.")
+    flags.DEFINE_float(f"{stage}_lr", lr, f"Learning rate of {what}.")
+    flags.DEFINE_integer(f"{stage}_decay_epochs", 20,
+                         f"Learning rate x0.1 every this many epochs of {what}.")
+
+
+_define_schedule_flags("teacher", "teacher fine-tuning", 2, 0.01)
+_define_schedule_flags("student", "NetTailor student training", 3, 0.1)
+_define_schedule_flags("finetune", "fine-tuning the pruned network", 2, 0.01)
 flags.DEFINE_float("weight_decay", 5e-4, "Coupled (PyTorch-style) weight decay.")
 flags.DEFINE_string("max_skip", "3", "Proxies per block read the last max_skip nodes; "
                     "'dense' reads every earlier node.")
@@ -72,16 +74,18 @@ flags.DEFINE_integer("max_steps", None, "Stop each stage after this many steps "
 def config_from_flags():
     from nettailor_tf.config import Config
     from nettailor_tf.train import Schedule
+
+    def schedule(stage: str) -> Schedule:
+        flag = lambda name: FLAGS[f"{stage}_{name}"].value
+        return Schedule(flag("epochs"), flag("batch_size"), flag("lr"), flag("decay_epochs"),
+                        FLAGS.weight_decay)
+
     return Config(
         workdir=FLAGS.workdir, tasks=tuple(FLAGS.tasks or ()), stages=tuple(FLAGS.stages),
         backbone=FLAGS.backbone, backbone_weights=FLAGS.backbone_weights,
         image_size=FLAGS.image_size,
-        teacher=Schedule(FLAGS.teacher_epochs, FLAGS.teacher_batch_size, FLAGS.teacher_lr,
-                         FLAGS.teacher_decay_epochs, FLAGS.weight_decay),
-        student=Schedule(FLAGS.student_epochs, FLAGS.student_batch_size, FLAGS.student_lr,
-                         FLAGS.student_decay_epochs, FLAGS.weight_decay),
-        finetune=Schedule(FLAGS.finetune_epochs, FLAGS.finetune_batch_size, FLAGS.finetune_lr,
-                          FLAGS.finetune_decay_epochs, FLAGS.weight_decay),
+        teacher=schedule("teacher"), student=schedule("student"),
+        finetune=schedule("finetune"),
         max_skip=_max_skip(FLAGS.max_skip), universal_bn=FLAGS.universal_bn,
         complexity_coeff=FLAGS.complexity_coeff, teacher_coeff=FLAGS.teacher_coeff,
         complexity_exact=FLAGS.complexity_p_in == "exact",
