@@ -142,41 +142,85 @@ class Activation(keras.layers.Layer):
         return {**super().get_config(), "activation": self.activation}
 
 
-def static_model(student: Student, input_dtype: str = "float32") -> keras.Model:
+class UniversalLayers:
+    """BN-folded universal layers shared by the static networks of several
+    tasks (a multi-task bundle): each is built once and reused, so an export
+    stores its weights once.  A task whose copy of a layer differs (per-task
+    BN statistics, `universal_bn='task'`) gets its own copy, counted in
+    `unshared`."""
+
+    def __init__(self):
+        self._layers: dict = {}
+        self.unshared: list[str] = []
+
+    def get(self, key: str, layer, input_shape=(None, None, None, 3)):
+        folded = fold_batchnorm(layer, input_shape)
+        cached = self._layers.get(key)
+        if cached is None:
+            self._layers[key] = folded
+            return folded
+        if _same_weights(cached, folded):
+            return cached
+        self.unshared.append(key)
+        return folded
+
+
+def _same_weights(a, b) -> bool:
+    wa, wb = a.get_weights(), b.get_weights()
+    return len(wa) == len(wb) and all(np.array_equal(x, y) for x, y in zip(wa, wb))
+
+
+def static_model(student: Student, input_dtype: str = "float32",
+                 universal: UniversalLayers | None = None, name: str = "nettailor") -> keras.Model:
     """The trained (pruned) student as a plain functional model with only its
-    live branches and no gates: images (0..255) -> logits."""
+    live branches and no gates: images (0..255) -> logits.
+
+    A block's output is alpha_u * U + sum_p alpha_p * P_p.  The proxies' gates
+    are folded into their last conv; the universal gate is applied after the
+    sum, as alpha_u * (U + sum_p (alpha_p / alpha_u) * P_p), never on U alone:
+    a multiply right after a conv is fused into the conv's weights by the
+    TFLite converter, which would give each task its own copy of a universal
+    block.  Pass one `universal` cache to every task of a bundle so they
+    share the universal layers' variables.
+    """
+    universal = universal if universal is not None else UniversalLayers()
     images = keras.Input((None, None, 3), dtype=input_dtype, name="images")
-    nodes = {0: fold_batchnorm(student.stem)(images)}
+    nodes = {0: universal.get("stem", student.stem)(images)}
     for l in student.live_blocks:
         block = student.block(l)
-        alphas = block.gate.alphas().numpy()
+        alphas = block.gate.alphas().numpy().astype(np.float64)
         sources = student.plan.branch_sources(l)
         branches = []
-        j = 0
+        scale = 1.0
+        proxy_sources = sources
         if block.universal is not None:
-            x = nodes[sources[0]]
-            universal = fold_batchnorm(block.universal,
-                                       (None, None, None, block.universal.in_channels))
-            y = universal(x)
-            if abs(alphas[0] - 1.0) > 1e-7:
-                y = Scale(alphas[0], name=f"gate{l}_universal")(y)
-            branches.append(y)
-            j = 1
-        for proxy, source in zip(block.proxies, sources[j:]):
+            layer = universal.get(f"block{l}", block.universal,
+                                  (None, None, None, block.universal.in_channels))
+            branches.append(layer(nodes[sources[0]]))
+            scale = float(alphas[0])
+            alphas = alphas[1:]
+            proxy_sources = sources[1:]
+        for proxy, source, alpha in zip(block.proxies, proxy_sources, alphas):
             channels = student.node_channels[source]
             folded = fold_batchnorm(proxy, (None, None, None, channels))
             last = folded.convs[-1].conv
-            last.kernel.assign(last.kernel.numpy() * alphas[j])
-            last.bias.assign(last.bias.numpy() * alphas[j])
+            factor = alpha / scale
+            last.kernel.assign(last.kernel.numpy() * factor)
+            last.bias.assign(last.bias.numpy() * factor)
             branches.append(folded(nodes[source]))
-            j += 1
         mixed = branches[0] if len(branches) == 1 else keras.layers.Add(name=f"mix{l}")(branches)
+        if abs(scale - 1.0) > 1e-7:
+            mixed = Scale(scale, name=f"gate{l}_universal")(mixed)
         nodes[l + 1] = Activation(block.activation, name=f"act{l}")(mixed)
-    head = fold_batchnorm(student.head, (None, None, None, student.node_channels[-1]))
+    head_shape = (None, None, None, student.node_channels[-1])
+    if student.head_trainable:  # task-specific head: this task's own copy
+        head = fold_batchnorm(student.head, head_shape)
+    else:
+        head = universal.get("head", student.head, head_shape)
     classifier = keras.layers.Dense.from_config(student.classifier.get_config())
     logits = classifier(head(nodes[len(student.plan.blocks)]))
     classifier.set_weights(student.classifier.get_weights())
-    return keras.Model(images, logits, name="nettailor")
+    return keras.Model(images, logits, name=name)
 
 
 # --- what a pruned network costs ---------------------------------------------
