@@ -23,7 +23,7 @@ from nettailor_tf import student as student_lib
 from nettailor_tf import train, visualize
 from nettailor_tf.config import Config
 from nettailor_tf.losses import cross_entropy, mimic_loss
-from nettailor_tf.report import Report, atomic_write_text
+from nettailor_tf.report import Report, atomic_write_text, chmod_default
 from nettailor_tf.train import Trainer
 
 
@@ -42,17 +42,45 @@ def save_weights_atomically(model: keras.Model, path: str) -> None:
     os.close(fd)
     try:
         model.save_weights(tmp, overwrite=True)
+        chmod_default(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def backbone_weights_file(config: Config) -> str:
+    """The file the universal weights come from.
+
+    With --backbone_weights=random the random initial weights are drawn once
+    (from --seed) and kept in the workdir: every stage and every task must
+    see the same universal blocks, or the student would be trained on one
+    backbone and exported with another, and no two tasks could share one.
+    """
+    if config.backbone_weights != "random":
+        return config.backbone_weights
+    path = os.path.join(config.workdir, "random_backbone.weights.h5")
+    if not os.path.exists(path):
+        keras.utils.set_random_seed(config.seed)
+        backbone = backbones_lib.build_backbone(config.backbone)
+        os.makedirs(config.workdir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=config.workdir, prefix=".tmp-", suffix=".weights.h5")
+        os.close(fd)
+        try:
+            backbones_lib.save_backbone_weights(backbone, tmp)
+            chmod_default(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return path
+
+
 def build_teacher(config: Config, num_classes: int, pretrained: bool = True) -> tuple:
     """A whole backbone with a fresh `num_classes` classifier: (model, backbone)."""
     backbone = backbones_lib.build_backbone(config.backbone)
-    if pretrained and config.backbone_weights != "random":
-        backbones_lib.load_backbone_weights(backbone, config.backbone_weights)
+    if pretrained:
+        backbones_lib.load_backbone_weights(backbone, backbone_weights_file(config))
     model = backbones_lib.classifier_model(backbone, num_classes, name="teacher")
     return model, backbone
 
@@ -124,8 +152,7 @@ def pruned_state_path(config, task):
 def _universal_backbone(config: Config):
     """A fresh copy of the pretrained (universal) backbone."""
     backbone = backbones_lib.build_backbone(config.backbone)
-    if config.backbone_weights != "random":
-        backbones_lib.load_backbone_weights(backbone, config.backbone_weights)
+    backbones_lib.load_backbone_weights(backbone, backbone_weights_file(config))
     return backbone
 
 
@@ -385,8 +412,14 @@ def run(config: Config, strategy) -> Report:
     for task in tasks:
         report.task(task.name)["num_classes"] = task.num_classes
     report.save()
+    from nettailor_tf import deploy  # deploy builds on this module
+
+    functions = {**STAGE_FUNCTIONS, "export": deploy.run_export,
+                 "benchmark": deploy.run_benchmark}
     for stage in config.stages:
-        finished = [STAGE_FUNCTIONS[stage](config, strategy, task, report) for task in tasks]
+        finished = [functions[stage](config, strategy, task, report) for task in tasks]
+        if all(finished) and stage in deploy.BUNDLE_FINISHERS:
+            deploy.BUNDLE_FINISHERS[stage](config, tasks, report)
         if not all(finished):
             # Later stages build on this one: stop here, the next run resumes.
             logging.info("stopping after the %s stage (interrupted by --max_steps)", stage)
