@@ -12,7 +12,8 @@ from nettailor_tf.backbones import (BACKBONES, DOWNLOADED_IMAGENET, PACKAGED_IMA
 from nettailor_tf.student import UNIVERSAL_BN_MODES
 from nettailor_tf.train import STRATEGIES, Schedule
 
-STAGES = ("teacher", "student", "prune", "finetune")
+STAGES = ("teacher", "student", "prune", "finetune", "export", "benchmark")
+TFLITE_VARIANTS = ("float32", "float16", "dynamic", "int8")
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,13 @@ class Config:
     log_every: int = 20
     eval_batch_size: int = 128
     max_steps: int | None = None  # stop each stage early, as an interruption would
+    export_variants: tuple[str, ...] = TFLITE_VARIANTS
+    teacher_variants: tuple[str, ...] = ("float32",)
+    calibration_images: int = 256
+    parity_min_agreement: float = 0.995
+    parity_max_images: int = 0    # 0: the whole test split
+    benchmark_runs: int = 100
+    benchmark_warmup: int = 10
 
     def validate(self) -> None:
         """Raises ConfigError on the first bad value; cheap, runs before any work."""
@@ -109,6 +117,28 @@ class Config:
                             ("log_every", self.log_every), ("eval_batch_size", self.eval_batch_size)):
             if value < 1:
                 raise ConfigError(f"--{flag}={value} must be >= 1")
+        for flag, variants in (("export_variants", self.export_variants),
+                               ("teacher_variants", self.teacher_variants)):
+            for variant in variants:
+                if variant not in TFLITE_VARIANTS:
+                    raise ConfigError(f"--{flag}: unknown TFLite variant {variant!r}; accepted: "
+                                      f"{', '.join(TFLITE_VARIANTS)}")
+        if "float32" not in self.export_variants or "float32" not in self.teacher_variants:
+            raise ConfigError("--export_variants and --teacher_variants must include float32: "
+                              "the parity check and the latency comparison read it")
+        if self.calibration_images < 1:
+            raise ConfigError(f"--calibration_images={self.calibration_images} must be >= 1")
+        if not 0 <= self.parity_min_agreement <= 1:
+            raise ConfigError(f"--parity_min_agreement={self.parity_min_agreement} must be "
+                              f"in [0, 1]")
+        if self.parity_max_images < 0:
+            raise ConfigError(f"--parity_max_images={self.parity_max_images} must be >= 0 "
+                              f"(0: the whole test split)")
+        if self.benchmark_runs < 50:
+            raise ConfigError(f"--benchmark_runs={self.benchmark_runs} must be >= 50: a median "
+                              f"of fewer runs is noise")
+        if self.benchmark_warmup < 0:
+            raise ConfigError(f"--benchmark_warmup={self.benchmark_warmup} must be >= 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max_steps={self.max_steps} must be >= 1 (or unset)")
 

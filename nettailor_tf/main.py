@@ -15,8 +15,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for everything the run writes (checkpoints, "
                     "report.json, exports). Re-running the same command resumes.")
 flags.DEFINE_list("tasks", None, "Task specs: mnist5k, digits, tfds:NAME[/CONFIG], folder:PATH.")
-flags.DEFINE_list("stages", ["teacher", "student", "prune", "finetune"],
-                  "Stages to run, in order: teacher, student, prune, finetune.")
+flags.DEFINE_list("stages", ["teacher", "student", "prune", "finetune", "export", "benchmark"],
+                  "Stages to run, in order: teacher, student, prune, finetune, export "
+                  "(SavedModel + TFLite files, parity-checked), benchmark (LiteRT latency).")
 flags.DEFINE_string("backbone", "efficientnet_lite0", "Backbone: efficientnet_lite0, "
                     "mobilenet_v2, resnet18, resnet34, resnet50, wrn26, tiny.")
 flags.DEFINE_string("backbone_weights", "imagenet", "'imagenet' (packaged weights), 'random', "
@@ -69,6 +70,16 @@ flags.DEFINE_integer("log_every", 20, "Steps between log lines and TensorBoard s
 flags.DEFINE_integer("eval_batch_size", 128, "Batch size of evaluation.")
 flags.DEFINE_integer("max_steps", None, "Stop each stage after this many steps "
                      "(an interruption on purpose; re-run to resume).")
+flags.DEFINE_list("export_variants", ["float32", "float16", "dynamic", "int8"],
+                  "TFLite variants of each NetTailor network and of the bundle.")
+flags.DEFINE_list("teacher_variants", ["float32"], "TFLite variants of each teacher.")
+flags.DEFINE_integer("calibration_images", 256, "Training images (per task) that calibrate "
+                     "the int8 variant.")
+flags.DEFINE_float("parity_min_agreement", 0.995, "An export whose float32 top-1 agreement "
+                   "with its Keras model is below this fails and is discarded.")
+flags.DEFINE_integer("parity_max_images", 0, "Test images each parity check runs (0: all).")
+flags.DEFINE_integer("benchmark_runs", 100, "Timed runs per latency (median; >= 50).")
+flags.DEFINE_integer("benchmark_warmup", 10, "Untimed runs before each latency.")
 
 
 def config_from_flags():
@@ -97,7 +108,12 @@ def config_from_flags():
         strategy=FLAGS.strategy, num_cpu_devices=FLAGS.num_cpu_devices,
         jit_compile=FLAGS.jit_compile, checkpoint_every=FLAGS.checkpoint_every,
         log_every=FLAGS.log_every, eval_batch_size=FLAGS.eval_batch_size,
-        max_steps=FLAGS.max_steps)
+        max_steps=FLAGS.max_steps, export_variants=tuple(FLAGS.export_variants),
+        teacher_variants=tuple(FLAGS.teacher_variants),
+        calibration_images=FLAGS.calibration_images,
+        parity_min_agreement=FLAGS.parity_min_agreement,
+        parity_max_images=FLAGS.parity_max_images, benchmark_runs=FLAGS.benchmark_runs,
+        benchmark_warmup=FLAGS.benchmark_warmup)
 
 
 def _max_skip(value: str) -> int | None:
@@ -118,6 +134,7 @@ def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {' '.join(argv[1:])}; every option is a --flag")
     # Imported here so that --help and flag errors answer without loading TF.
+    from exporters import parity, tflite
     from nettailor_tf import data, prune, stages, train, weights
     from nettailor_tf.config import ConfigError
 
@@ -134,7 +151,8 @@ def main(argv):
                      strategy.num_replicas_in_sync)
         report = stages.run(config, strategy)
     except (ConfigError, data.DataError, weights.WeightsError, train.TrainingError,
-            stages.StageError, prune.PruneError) as err:
+            stages.StageError, prune.PruneError, parity.ParityError,
+            tflite.ConversionError) as err:
         _fail(str(err))
     except OSError as err:
         _fail(f"cannot write to --workdir={config.workdir}: {err.strerror} ({err.filename})")

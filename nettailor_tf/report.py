@@ -20,11 +20,20 @@ def atomic_write_text(path: str, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        chmod_default(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def chmod_default(path: str) -> None:
+    """Gives a file made by mkstemp (0600) or a directory made by mkdtemp
+    (0700) the permissions a plain open()/mkdir would have (umask applied)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
 
 
 class Report:
@@ -108,4 +117,60 @@ def render_markdown(data: dict) -> str:
         if task.get("architecture_png"):
             lines += ["", f"![{name} architecture]({task['architecture_png']})"]
         lines.append("")
+        lines += _deployment_table(task)
+    lines += _bundle_section(data.get("bundle"))
+    if data.get("deployment_png"):
+        lines += [f"![accuracy against multiply-adds and latency]({data['deployment_png']})", ""]
     return "\n".join(lines)
+
+
+def _fmt_ms(entry: dict, key: str) -> str:
+    value = entry.get(key)
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _deployment_table(task: dict) -> list[str]:
+    rows = [("teacher", task.get("teacher_savedmodel"), "SavedModel"),
+            *[("teacher", e, v) for v, e in (task.get("teacher_tflite") or {}).items()],
+            ("NetTailor", task.get("savedmodel"), "SavedModel"),
+            *[("NetTailor", e, v) for v, e in (task.get("tflite") or {}).items()]]
+    rows = [r for r in rows if r[1]]
+    if not rows:
+        return []
+    lines = ["### On device (LiteRT, batch 1)", "",
+             "| network | format | size | test accuracy | top-1 agreement with Keras | "
+             "latency 1 thread (ms) | latency all cores (ms) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for network, entry, variant in rows:
+        lines.append(f"| {network} | {variant} | {entry['bytes'] / 1e6:.2f} MB | "
+                     f"{_fmt_acc(entry.get('accuracy'))} | {_fmt_acc(entry.get('top1_agreement'))}"
+                     f" | {_fmt_ms(entry, 'latency_ms')} | {_fmt_ms(entry, 'latency_ms_all_cores')} |")
+    if task.get("latency_ratio_float32") is not None:
+        lines += ["", f"float32 NetTailor / teacher: latency {task['latency_ratio_float32']:.2f}, "
+                      f"multiply-adds {task['flops_ratio']:.2f}."]
+    return lines + [""]
+
+
+def _bundle_section(bundle: dict | None) -> list[str]:
+    if not bundle:
+        return []
+    lines = ["## Multi-task bundle", "",
+             f"One SavedModel ({bundle['savedmodel_path']}, {bundle['savedmodel_variables']} "
+             f"variables) and one .tflite per variant, a signature per task "
+             f"({', '.join(bundle['signatures'].values())}). Universal parameters used by any "
+             f"task: {_fmt_count(bundle['universal_params'])}; task-specific: "
+             + ", ".join(f"{k} {_fmt_count(v)}" for k, v in bundle["task_specific_params"].items())
+             + ".", "",
+             "| variant | size | shared weight buffers | per task: accuracy / agreement |",
+             "| --- | --- | --- | --- |"]
+    for variant, info in bundle["variants"].items():
+        per_task = "; ".join(f"{k} {_fmt_acc(t['accuracy'])} / {_fmt_acc(t['top1_agreement'])}"
+                             for k, t in info["tasks"].items())
+        lines.append(f"| {variant} | {info['bytes'] / 1e6:.2f} MB | {info['shared_buffers']} of "
+                     f"{info['weight_buffers']} | {per_task} |")
+    if bundle.get("bytes") is not None:
+        lines += ["", f"float32 bundle {bundle['bytes'] / 1e6:.2f} MB; bound 1.1 x 4 B x "
+                      f"(universal + task-specific parameters) = "
+                      f"{bundle['size_bound_bytes'] / 1e6:.2f} MB: "
+                      f"{'within' if bundle['within_size_bound'] else 'OVER'}."]
+    return lines + [""]

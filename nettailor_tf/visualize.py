@@ -19,7 +19,7 @@ import os
 import tempfile
 from typing import Any, Sequence
 
-__all__ = ["plot_architecture"]
+__all__ = ["plot_architecture", "plot_deployment"]
 
 _CMAP = "viridis"
 _PRUNED_COLOR = "#b0b0b0"
@@ -275,14 +275,67 @@ def plot_architecture(path: str, title: str, full_plan: list[dict],
     bar.set_label("gate alpha", fontsize=8)
     bar.ax.tick_params(labelsize=7)
 
+    _save_png(fig, path)
+
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _save_png(fig, path: str) -> None:
+    """Writes the figure atomically: a temporary file in the same folder, then a rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".arch-", suffix=".png.tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".png.tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=120)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+_VARIANT_MARKERS = {"float32": "o", "float16": "s", "dynamic": "D", "int8": "^"}
+
+
+def plot_deployment(path: str, report: dict) -> None:
+    """Accuracy against multiply-adds and against 1-thread LiteRT latency, per
+    task: the teacher and each NetTailor TFLite variant (from report.json)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2))
+    by_flops, by_latency = fig.subplots(1, 2)
+    colors = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"]
+    for index, (name, task) in enumerate(report.get("tasks", {}).items()):
+        color = colors[index % len(colors)]
+        for network, part, filled in (("teacher", task.get("teacher_tflite") or {}, False),
+                                      ("NetTailor", task.get("tflite") or {}, True)):
+            for variant, entry in part.items():
+                marker = _VARIANT_MARKERS.get(variant, "o")
+                style = dict(marker=marker, s=46, edgecolors=color,
+                             facecolors=color if filled else "none",
+                             label=f"{name} {network} {variant}")
+                if entry.get("flops") is not None:
+                    by_flops.scatter(entry["flops"] / 1e6, 100 * entry["accuracy"], **style)
+                if entry.get("latency_ms") is not None:
+                    by_latency.scatter(entry["latency_ms"], 100 * entry["accuracy"], **style)
+    by_flops.set_xlabel("multiply-adds per image (M)")
+    by_latency.set_xlabel("latency, batch 1, 1 thread (ms)")
+    for ax in (by_flops, by_latency):
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    handles, labels = by_latency.get_legend_handles_labels()
+    if not handles:
+        handles, labels = by_flops.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
+    fig.suptitle(f"Deployment: {report.get('backbone')} at {report.get('image_size')} px "
+                 "(hollow: teacher, filled: NetTailor)", fontsize=10)
+    fig.subplots_adjust(left=0.06, right=0.78, bottom=0.13, top=0.88, wspace=0.25)
+    _save_png(fig, path)

@@ -31,3 +31,22 @@ def task_layers(student):
     """The layers a student owns for its task: proxies, gates, classifier."""
     return ([p for b in student.tailored for p in b.proxies] + [b.gate for b in student.tailored]
             + [student.classifier])
+
+
+def tiny_static_models(plans, num_classes=(5, 7), image_size=16, seed=0):
+    """Static (pruned) networks of several tasks over ONE tiny random
+    backbone, built through one `UniversalLayers` as a bundle builds them:
+    [(keras.Model, student)], plus the UniversalLayers."""
+    from nettailor_tf import backbones, prune
+    from nettailor_tf.student import build_student
+
+    backbone = backbones.build_backbone("tiny")
+    randomize_weights(backbone.layers, seed)
+    universal = prune.UniversalLayers()
+    models = []
+    for index, (plan, classes) in enumerate(zip(plans, num_classes)):
+        student = build_student(backbone, classes, plan, "frozen", image_size)
+        randomize_weights(task_layers(student), seed + 1 + index)
+        models.append((prune.static_model(student, universal=universal, name=f"task{index}"),
+                       student))
+    return models, universal

@@ -1,0 +1,88 @@
+"""Does an exported file compute what the Keras model computes?
+
+Every artefact is run on the task's test split, fed the raw uint8 images a
+device would feed it (any size; the graph resizes), next to the Keras model
+with the same in-graph preprocessing.  Top-1 agreement measures the export
+(conversion, quantisation); accuracy measures what a user gets.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from exporters import savedmodel as savedmodel_lib
+
+Predictor = Callable[[np.ndarray], np.ndarray]  # uint8 images -> logits
+
+
+class ParityError(RuntimeError):
+    """An artefact disagrees with its Keras model beyond the allowed rate."""
+
+
+def raw_test_batches(test: tf.data.Dataset, batch_size: int = 64,
+                     max_images: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(uint8 images [B, H, W, 3], int labels [B]) of a split as stored.
+
+    Images of one fixed size are batched; images whose sizes vary go one at
+    a time (an interpreter resizes its input per call)."""
+    if max_images:
+        test = test.take(max_images)
+    image_spec = test.element_spec[0]
+    same_size = image_spec.shape.is_fully_defined()
+    for images, labels in test.batch(batch_size if same_size else 1).as_numpy_iterator():
+        yield images.astype(np.uint8), labels
+
+
+def keras_predictor(endpoint: savedmodel_lib.Endpoint) -> Predictor:
+    serve = savedmodel_lib.serving_function(endpoint)
+    return lambda images: serve(tf.constant(images))["logits"].numpy()
+
+
+def savedmodel_predictor(path: str, key: str = savedmodel_lib.SERVING_KEY) -> Predictor:
+    signature = tf.saved_model.load(path).signatures[key]
+    return lambda images: signature(**{savedmodel_lib.INPUT_NAME: tf.constant(images)})[
+        "logits"].numpy()
+
+
+def tflite_predictor(path: str, key: str = savedmodel_lib.SERVING_KEY,
+                     num_threads: int | None = None) -> Predictor:
+    from ai_edge_litert.interpreter import Interpreter  # deferred: optional at import time
+
+    interpreter = Interpreter(model_path=path, num_threads=num_threads)
+    runner = interpreter.get_signature_runner(key)
+    return lambda images: runner(**{savedmodel_lib.INPUT_NAME: images})["logits"]
+
+
+@dataclasses.dataclass
+class Outcome:
+    """Top-1 answers of several predictors over the same images."""
+    labels: np.ndarray
+    top1: dict[str, np.ndarray]
+
+    def accuracy(self, name: str) -> float:
+        return float(np.mean(self.top1[name] == self.labels))
+
+    def agreement(self, name: str, reference: str) -> float:
+        return float(np.mean(self.top1[name] == self.top1[reference]))
+
+
+def run_all(predictors: dict[str, Predictor],
+            batches: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]) -> Outcome:
+    """Runs every predictor over the same batches (read once, shared)."""
+    labels, top1 = [], {name: [] for name in predictors}
+    for images, batch_labels in batches():
+        labels.append(batch_labels)
+        for name, predict in predictors.items():
+            top1[name].append(np.argmax(predict(images), axis=-1))
+    if not labels:
+        raise ParityError("parity: the test split is empty")
+    return Outcome(np.concatenate(labels), {k: np.concatenate(v) for k, v in top1.items()})
+
+
+def check_agreement(what: str, agreement: float, minimum: float) -> None:
+    if agreement < minimum:
+        raise ParityError(f"{what}: top-1 agreement with the Keras model is {agreement:.4f}, "
+                          f"below the required {minimum:.4f}; the export was discarded")

@@ -1,0 +1,136 @@
+"""TFLite files from the serving SavedModels, and what is inside them.
+
+Variants (SPEC.md section 9): `float32`; `float16` (weights stored in
+half precision); `dynamic` (int8 weights, float activations); `int8` (int8
+weights and activations, calibrated on a representative set).  The uint8
+image input and float32 outputs stay as they are in every variant, so one
+calling convention fits all files.
+
+The converter de-duplicates constant buffers by their bytes, not by the
+variables they came from: a multi-signature file stores the universal
+weights once only if every signature's copy is bit-identical.  `inspect`
+reads a file's flatbuffer to show how many weight buffers are shared and
+which tensor types each signature ended up with (an int8 conversion can
+silently leave a signature in float, TensorFlow issue 52145).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Callable, Iterable
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.lite.python import schema_py_generated as schema
+
+from exporters.savedmodel import INPUT_NAME
+
+VARIANTS = ("float32", "float16", "dynamic", "int8")
+
+
+class ConversionError(RuntimeError):
+    """The TFLite converter refused a model."""
+
+
+def convert(savedmodel_dir: str, signature_keys: list[str], variant: str,
+            calibration: Callable[[], Iterable[np.ndarray]] | None = None) -> bytes:
+    """Converts the listed signatures of a SavedModel into one .tflite file.
+
+    `calibration` (int8 only) returns an iterable of uint8 image batches;
+    every batch is fed to EVERY signature.  Samples for only some
+    signatures leave the others in float without any error, and different
+    images per signature give the shared universal layers different
+    quantisation parameters per task, which ends their sharing.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown TFLite variant {variant!r}; accepted: {', '.join(VARIANTS)}")
+    converter = tf.lite.TFLiteConverter.from_saved_model(savedmodel_dir,
+                                                         signature_keys=list(signature_keys))
+    if variant != "float32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if variant == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif variant == "int8":
+        if calibration is None:
+            raise ValueError("the int8 variant needs calibration images")
+
+        def representative_dataset():
+            for images in calibration():
+                for key in signature_keys:
+                    yield key, {INPUT_NAME: np.asarray(images, np.uint8)}
+
+        converter.representative_dataset = representative_dataset
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    try:
+        return converter.convert()
+    except Exception as error:  # the converter raises many unrelated types
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConversionError(f"TFLite {variant} conversion of {savedmodel_dir} failed: "
+                              f"{first}") from error
+
+
+# --- what is inside a file ------------------------------------------------------
+
+_TYPE_NAMES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+
+
+@dataclasses.dataclass
+class Contents:
+    """Facts read from a .tflite flatbuffer."""
+    bytes: int
+    # Signature key -> {tensor type name: number of constant tensors}.
+    weight_types: dict[str, dict[str, int]]
+    # Signature key -> {op name: count}.
+    ops: dict[str, dict[str, int]]
+    weight_buffers: int          # distinct non-empty buffers
+    weight_references: int       # constant tensors pointing at them (all subgraphs)
+    shared_buffers: int          # buffers used by more than one subgraph
+    weight_bytes: int            # bytes in all distinct buffers
+
+
+def inspect(content: bytes) -> Contents:
+    model = schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
+    buffers = model.buffers or []
+    opcodes = model.operatorCodes or []
+    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    subgraph_keys = {}
+    for signature in model.signatureDefs or []:
+        key = signature.signatureKey
+        subgraph_keys[signature.subgraphIndex] = key.decode() if isinstance(key, bytes) else key
+
+    def buffer_size(index: int) -> int:
+        buffer = buffers[index] if 0 <= index < len(buffers) else None
+        if buffer is None:
+            return 0
+        if buffer.data is not None:
+            return len(buffer.data)
+        return int(buffer.size or 0)  # stored outside the flatbuffer (large models)
+
+    users = collections.defaultdict(set)
+    weight_types, ops, references = {}, {}, 0
+    for index, subgraph in enumerate(model.subgraphs or []):
+        key = subgraph_keys.get(index, f"subgraph{index}")
+        types = collections.Counter()
+        for tensor in subgraph.tensors or []:
+            if tensor.buffer and buffer_size(tensor.buffer) > 0:
+                types[_TYPE_NAMES.get(tensor.type, str(tensor.type))] += 1
+                users[tensor.buffer].add(index)
+                references += 1
+        weight_types[key] = dict(types)
+        counts = collections.Counter()
+        for op in subgraph.operators or []:
+            code = opcodes[op.opcodeIndex]
+            builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+            counts[op_names.get(builtin, str(builtin))] += 1
+        ops[key] = dict(counts)
+    return Contents(
+        bytes=len(content), weight_types=weight_types, ops=ops, weight_buffers=len(users),
+        weight_references=references,
+        shared_buffers=sum(len(s) > 1 for s in users.values()),
+        weight_bytes=sum(buffer_size(b) for b in users))
+
+
+def float_weights(contents: Contents, key: str) -> int:
+    """Constant float32 tensors left in one signature (weights a full-int8
+    conversion should have quantised; biases are int32 there)."""
+    return contents.weight_types.get(key, {}).get("FLOAT32", 0)

@@ -1,0 +1,404 @@
+"""The deployment stages: `export` (SavedModel + TFLite files, checked for
+parity) and `benchmark` (LiteRT latency), per task and for the multi-task
+bundle.
+
+Each export directory is built aside and renamed into place whole
+(exporters/atomic.py), with a manifest (`export.json`) that records the
+fingerprint of the weights it came from: a finished export is skipped, a
+stale one (the weights changed since) is rebuilt, and a run killed after the
+rename but before the report was written takes the entries from the
+manifest instead of exporting again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+from absl import logging
+
+from exporters import atomic, latency as latency_lib, parity, savedmodel, tflite
+from nettailor_tf import backbones as backbones_lib
+from nettailor_tf import data as data_lib
+from nettailor_tf import prune as prune_lib
+from nettailor_tf import stages
+from nettailor_tf import student as student_lib
+from nettailor_tf import visualize
+from nettailor_tf.config import Config
+from nettailor_tf.report import Report, atomic_write_text
+
+MANIFEST = "export.json"
+
+
+def export_dir(config: Config, task) -> str:
+    return os.path.join(stages.task_dir(config, task), "export")
+
+
+def bundle_dir(config: Config) -> str:
+    return os.path.join(config.workdir, "bundle")
+
+
+def _rel(config: Config, path: str) -> str:
+    return os.path.relpath(path, config.workdir)
+
+
+# --- the networks to export ------------------------------------------------------
+
+def _inputs_of(config: Config, task) -> list[str]:
+    paths = [stages.plan_path(config, task), stages.pruned_state_path(config, task),
+             stages.teacher_weights_path(config, task)]
+    for path in paths:
+        if not os.path.exists(path):
+            raise stages.StageError(f"{task.name}: no {os.path.basename(path)} in "
+                                    f"{os.path.dirname(path)}; run the teacher, student, prune "
+                                    f"and finetune stages first (same --workdir)")
+    return paths
+
+
+def _fingerprint(paths: list[str], settings: dict) -> str:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _export_settings(config: Config) -> dict:
+    return {"variants": list(config.export_variants),
+            "teacher_variants": list(config.teacher_variants),
+            "calibration_images": config.calibration_images,
+            "parity_max_images": config.parity_max_images,
+            "parity_min_agreement": config.parity_min_agreement, "seed": config.seed}
+
+
+def nettailor_endpoint(config: Config, task, universal: prune_lib.UniversalLayers | None = None
+                       ) -> savedmodel.Endpoint:
+    """The pruned, fine-tuned static network of `task`, ready to serve."""
+    plan, _ = prune_lib.load_plan(stages.plan_path(config, task))
+    student = student_lib.build_student(stages._universal_backbone(config), task.num_classes,
+                                        plan, config.universal_bn, config.image_size)
+    prune_lib.load_task_state(student, stages.pruned_state_path(config, task))
+    model = prune_lib.static_model(student, universal=universal,
+                                   name=f"nettailor_{savedmodel.signature_key(task.name)}")
+    return savedmodel.Endpoint(model, config.image_size, task.augment != "none")
+
+
+def teacher_endpoint(config: Config, task) -> savedmodel.Endpoint:
+    import keras
+
+    folded = stages._frozen_teacher(config, task)
+    model = keras.Model(folded.inputs, folded.outputs[0], name="teacher")
+    return savedmodel.Endpoint(model, config.image_size, task.augment != "none")
+
+
+def calibration_images(config: Config, task) -> list[np.ndarray]:
+    """uint8 batches from the task's own training pipeline (first epoch)."""
+    batch = min(32, config.calibration_images)
+    batches = []
+    taken = 0
+    for images, _ in data_lib.train_pipeline(task, config.image_size, batch, epoch=0,
+                                             seed=config.seed):
+        batches.append(np.clip(np.round(images.numpy()), 0, 255).astype(np.uint8))
+        taken += len(images)
+        if taken >= config.calibration_images:
+            break
+    return batches
+
+
+def _test_batches(config: Config, task):
+    return lambda: parity.raw_test_batches(task.test, max_images=config.parity_max_images or None)
+
+
+# --- export stage: one task ------------------------------------------------------
+
+def run_export(config: Config, strategy, task, report: Report) -> bool:
+    """Writes <task>/export/: SavedModels and TFLite files of NetTailor and the
+    teacher, each run on the test split against its Keras model."""
+    del strategy  # exports run on the default device
+    inputs = _inputs_of(config, task)
+    fingerprint = _fingerprint(inputs, _export_settings(config))
+    final = export_dir(config, task)
+    atomic.recover(final)
+    manifest = _read_manifest(final)
+    if manifest and manifest.get("fingerprint") == fingerprint:
+        if report.get(task.name, "tflite") is None:
+            _report_task_export(config, task, report, manifest)
+        logging.info("%s: export stage already done (%s); skipping", task.name, final)
+        return True
+    logging.info("%s: exporting to %s", task.name, final)
+    nettailor, teacher = nettailor_endpoint(config, task), teacher_endpoint(config, task)
+    with atomic.staged_directory(final) as staging:
+        manifest = _export_task(config, task, nettailor, teacher, staging, final)
+        manifest["fingerprint"] = fingerprint
+        atomic_write_text(os.path.join(staging, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+    _report_task_export(config, task, report, manifest)
+    return True
+
+
+def _read_manifest(directory: str) -> dict | None:
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _export_task(config, task, nettailor, teacher, staging, final) -> dict:
+    networks = {"nettailor": (nettailor, config.export_variants),
+                "teacher": (teacher, config.teacher_variants)}
+    predictors = {}
+    files = {}  # artefact name -> (network, format, file name)
+    for network, (endpoint, variants) in networks.items():
+        predictors[f"{network}_keras"] = parity.keras_predictor(endpoint)
+        sm_name = f"{network}_savedmodel"
+        savedmodel.write_savedmodel(os.path.join(staging, sm_name),
+                                    {savedmodel.SERVING_KEY: endpoint})
+        predictors[sm_name] = parity.savedmodel_predictor(os.path.join(staging, sm_name))
+        files[sm_name] = (network, "savedmodel", sm_name)
+        calibration = None
+        for variant in variants:
+            if variant == "int8" and calibration is None:
+                calibration = calibration_images(config, task)
+            content = tflite.convert(os.path.join(staging, sm_name), [savedmodel.SERVING_KEY],
+                                     variant, (lambda c=calibration: c))
+            name = f"{network}_{variant}.tflite"
+            with open(os.path.join(staging, name), "wb") as f:
+                f.write(content)
+            predictors[f"{network}_{variant}"] = parity.tflite_predictor(
+                os.path.join(staging, name), num_threads=latency_lib.all_cores())
+            files[f"{network}_{variant}"] = (network, variant, name)
+    outcome = parity.run_all(predictors, _test_batches(config, task))
+    entries = {}
+    for artefact, (network, variant, name) in files.items():
+        agreement = outcome.agreement(artefact, f"{network}_keras")
+        if variant in ("float32", "savedmodel"):
+            parity.check_agreement(f"{task.name}: {name}", agreement, config.parity_min_agreement)
+        path = os.path.join(final, name)
+        size = (atomic.directory_bytes(os.path.join(staging, name)) if variant == "savedmodel"
+                else os.path.getsize(os.path.join(staging, name)))
+        entries[artefact] = {"path": _rel(config, path), "bytes": size,
+                             "top1_agreement": agreement, "accuracy": outcome.accuracy(artefact)}
+        if variant != "savedmodel":
+            contents = tflite.inspect(open(os.path.join(staging, name), "rb").read())
+            entries[artefact]["weight_types"] = contents.weight_types[savedmodel.SERVING_KEY]
+        logging.info("%s: %-26s %9.2f MB  accuracy %.4f  agreement %.4f", task.name, name,
+                     size / 1e6, entries[artefact]["accuracy"], agreement)
+    return {"task": task.name, "test_images": int(len(outcome.labels)),
+            "keras_accuracy": {"nettailor": outcome.accuracy("nettailor_keras"),
+                               "teacher": outcome.accuracy("teacher_keras")},
+            "artefacts": entries}
+
+
+def _report_task_export(config: Config, task, report: Report, manifest: dict) -> None:
+    artefacts = manifest["artefacts"]
+    report.task(task.name)["tflite"] = {
+        v: artefacts[f"nettailor_{v}"] for v in config.export_variants}
+    report.task(task.name)["teacher_tflite"] = {
+        v: artefacts[f"teacher_{v}"] for v in config.teacher_variants}
+    report.task(task.name)["savedmodel"] = artefacts["nettailor_savedmodel"]
+    report.task(task.name)["teacher_savedmodel"] = artefacts["teacher_savedmodel"]
+    report.task(task.name)["export"] = {"test_images": manifest["test_images"],
+                                        "keras_accuracy": manifest["keras_accuracy"],
+                                        "dir": _rel(config, export_dir(config, task))}
+    report.save()
+
+
+# --- export stage: the multi-task bundle ---------------------------------------------
+
+def universal_params(config: Config, tasks) -> int:
+    """Parameters of the universal layers that at least one task keeps."""
+    backbone = backbones_lib.build_backbone(config.backbone)
+    kept = set()
+    for task in tasks:
+        plan, _ = prune_lib.load_plan(stages.plan_path(config, task))
+        kept |= {l for l, b in enumerate(plan.blocks) if b.universal}
+    layers = [backbone.stem] + [backbone.blocks[l] for l in sorted(kept)]
+    if not backbone.head_task_specific:
+        layers.append(backbone.head)
+    return backbones_lib.count_params(layers)
+
+
+def export_bundle(config: Config, tasks, report: Report) -> None:
+    """Writes <workdir>/bundle/: one SavedModel and one .tflite per variant
+    with a signature per task, the universal weights stored once."""
+    inputs = [p for task in tasks for p in _inputs_of(config, task)]
+    settings = {**_export_settings(config), "tasks": [t.name for t in tasks]}
+    fingerprint = _fingerprint(inputs, settings)
+    final = bundle_dir(config)
+    atomic.recover(final)
+    manifest = _read_manifest(final)
+    if not (manifest and manifest.get("fingerprint") == fingerprint):
+        logging.info("bundle: exporting %d tasks to %s", len(tasks), final)
+        with atomic.staged_directory(final) as staging:
+            task_params = {t.name: int(report.get(t.name, "pruned")["params_task_specific"])
+                           for t in tasks}
+            manifest = _export_bundle(config, tasks, staging, final, task_params)
+            bundle = manifest["bundle"]
+            # What the same tasks cost as separate files, and as one
+            # fine-tuned network per task (the teachers).
+            for variant, info in bundle["variants"].items():
+                info["separate_files_bytes"] = sum(
+                    report.get(t.name, "tflite")[variant]["bytes"] for t in tasks)
+            bundle["teachers_float32_bytes"] = sum(
+                report.get(t.name, "teacher_tflite")["float32"]["bytes"] for t in tasks)
+            manifest["fingerprint"] = fingerprint
+            atomic_write_text(os.path.join(staging, MANIFEST),
+                              json.dumps(manifest, indent=1) + "\n")
+    else:
+        logging.info("bundle: already exported (%s); skipping", final)
+    keep = report.data.get("bundle", {})
+    report.data["bundle"] = {**manifest["bundle"],
+                             **{k: v for k, v in keep.items() if k == "latency"}}
+    report.save()
+
+
+def _export_bundle(config, tasks, staging, final, task_params: dict) -> dict:
+    universal = prune_lib.UniversalLayers()
+    endpoints = {savedmodel.signature_key(t.name): nettailor_endpoint(config, t, universal)
+                 for t in tasks}
+    if len(set(endpoints)) != len(tasks):
+        raise stages.StageError("bundle: two task names map to one signature key: "
+                                + ", ".join(t.name for t in tasks))
+    sm_path = os.path.join(staging, "savedmodel")
+    savedmodel.write_savedmodel(sm_path, endpoints)
+    stored = savedmodel.stored_variables(sm_path)
+    used = {id(w): w for e in endpoints.values() for w in e.model.weights}
+    # Common calibration for every signature: the same images give the
+    # shared universal layers the same quantisation parameters in every task.
+    calibration = ([b for t in tasks for b in calibration_images(config, t)]
+                   if "int8" in config.export_variants else None)
+    variants = {}
+    for variant in config.export_variants:
+        content = tflite.convert(sm_path, list(endpoints), variant, lambda: calibration)
+        name = f"bundle_{variant}.tflite"
+        with open(os.path.join(staging, name), "wb") as f:
+            f.write(content)
+        contents = tflite.inspect(content)
+        variants[variant] = {"path": _rel(config, os.path.join(final, name)),
+                             "bytes": len(content), "weight_bytes": contents.weight_bytes,
+                             "weight_buffers": contents.weight_buffers,
+                             "shared_buffers": contents.shared_buffers,
+                             "weight_types": contents.weight_types, "tasks": {}}
+        if variant == "int8":
+            # TensorFlow issue 52145: a signature the calibration missed stays
+            # float without an error.  Count the float weights per signature.
+            left = {key: tflite.float_weights(contents, key) for key in endpoints}
+            variants[variant]["float_weights_per_signature"] = left
+            variants[variant]["every_signature_quantized"] = not any(left.values())
+    for task, key in zip(tasks, endpoints):
+        predictors = {"keras": parity.keras_predictor(endpoints[key]),
+                      "savedmodel": parity.savedmodel_predictor(sm_path, key)}
+        for variant in variants:
+            predictors[variant] = parity.tflite_predictor(
+                os.path.join(staging, f"bundle_{variant}.tflite"), key, latency_lib.all_cores())
+        outcome = parity.run_all(predictors, _test_batches(config, task))
+        for name in ["savedmodel", *variants]:
+            agreement = outcome.agreement(name, "keras")
+            if name in ("savedmodel", "float32"):
+                parity.check_agreement(f"bundle {name}, signature {key}", agreement,
+                                       config.parity_min_agreement)
+            if name != "savedmodel":
+                variants[name]["tasks"][task.name] = {
+                    "signature": key, "top1_agreement": agreement,
+                    "accuracy": outcome.accuracy(name)}
+    shared_params = universal_params(config, tasks)
+    bound = 1.1 * 4 * (shared_params + sum(task_params.values()))
+    float32 = variants.get("float32")
+    bundle = {
+        "savedmodel_path": _rel(config, os.path.join(final, "savedmodel")),
+        "savedmodel_bytes": atomic.directory_bytes(sm_path),
+        "savedmodel_variables": len(stored),
+        "savedmodel_variable_values": int(sum(np.prod(s) for s in stored.values())),
+        "keras_variables": len(used),
+        "tflite_path": float32["path"] if float32 else None,
+        "bytes": float32["bytes"] if float32 else None,
+        "universal_params": shared_params, "task_specific_params": task_params,
+        "size_bound_bytes": int(bound),
+        "within_size_bound": bool(float32 and float32["bytes"] <= bound),
+        "unshared_universal_layers": universal.unshared,
+        "signatures": {t.name: k for t, k in zip(tasks, endpoints)},
+        "variants": variants,
+    }
+    logging.info("bundle: %d signatures, float32 %s bytes (bound %d), SavedModel %d variables",
+                 len(endpoints), bundle["bytes"], bound, len(stored))
+    return {"bundle": bundle}
+
+
+# --- benchmark stage ------------------------------------------------------------------
+
+def _benchmark_image(config: Config, task) -> np.ndarray:
+    """One real test image at the model's size (the in-graph resize is then a copy)."""
+    for images, _ in data_lib.eval_pipeline(task, config.image_size, 1):
+        return np.clip(np.round(images.numpy()), 0, 255).astype(np.uint8)
+    raise stages.StageError(f"{task.name}: the test split is empty")
+
+
+def _threads() -> list[int]:
+    return sorted({1, latency_lib.all_cores()})
+
+
+def _measure_entry(config, entry: dict, image, key=savedmodel.SERVING_KEY) -> None:
+    path = os.path.join(config.workdir, entry["path"])
+    results = {str(t): latency_lib.measure(path, image, t, key, config.benchmark_warmup,
+                                           config.benchmark_runs).as_dict()
+               for t in _threads()}
+    entry["latency_ms"] = results["1"]["median_ms"]
+    entry["latency_ms_all_cores"] = results[str(latency_lib.all_cores())]["median_ms"]
+    entry["latency"] = results
+
+
+def run_benchmark(config: Config, strategy, task, report: Report) -> bool:
+    """Latency of every TFLite file of the task (1 thread and all cores)."""
+    del strategy
+    parts = [report.get(task.name, "tflite"), report.get(task.name, "teacher_tflite")]
+    if not all(parts):
+        raise stages.StageError(f"{task.name}: nothing exported yet; run --stages=export first")
+    entries = [e for part in parts for e in part.values()]
+    if all("latency_ms" in e for e in entries):
+        logging.info("%s: benchmark stage already done; skipping", task.name)
+        return True
+    image = _benchmark_image(config, task)
+    teacher, pruned = report.get(task.name, "teacher"), report.get(task.name, "pruned")
+    for network, part, costs in (("nettailor", parts[0], pruned), ("teacher", parts[1], teacher)):
+        for variant, entry in part.items():
+            _measure_entry(config, entry, image)
+            entry["flops"] = costs["flops"]
+            entry["params"] = costs.get("params_total", costs.get("params"))
+            logging.info("%s: %s %s: %.3f ms (1 thread), %.3f ms (%d threads)", task.name,
+                         network, variant, entry["latency_ms"], entry["latency_ms_all_cores"],
+                         latency_lib.all_cores())
+        report.save()
+    ratio = parts[0]["float32"]["latency_ms"] / parts[1]["float32"]["latency_ms"] \
+        if "float32" in parts[0] and "float32" in parts[1] else None
+    if ratio is not None:
+        report.task(task.name)["latency_ratio_float32"] = ratio
+        report.task(task.name)["flops_ratio"] = pruned["flops"] / teacher["flops"]
+        report.save()
+        logging.info("%s: NetTailor/teacher float32 latency %.3f, multiply-adds %.3f", task.name,
+                     ratio, pruned["flops"] / teacher["flops"])
+    return True
+
+
+def benchmark_bundle(config: Config, tasks, report: Report) -> None:
+    """Latency of each signature of the bundle files, and the summary plot."""
+    bundle = report.data.get("bundle")
+    if bundle:
+        latency = {}
+        for variant, info in bundle["variants"].items():
+            path = os.path.join(config.workdir, info["path"])
+            latency[variant] = {}
+            for task in tasks:
+                key = info["tasks"][task.name]["signature"]
+                latency[variant][task.name] = latency_lib.measure(
+                    path, _benchmark_image(config, task), 1, key, config.benchmark_warmup,
+                    config.benchmark_runs).median_ms
+        bundle["latency"] = latency
+    png = os.path.join(config.workdir, "deployment.png")
+    visualize.plot_deployment(png, report.data)
+    report.data["deployment_png"] = _rel(config, png)
+    report.save()
+
+
+BUNDLE_FINISHERS = {"export": export_bundle, "benchmark": benchmark_bundle}

@@ -1,0 +1,48 @@
+"""LiteRT latency of a signature at batch 1."""
+import numpy as np
+import pytest
+from helpers import tiny_static_models
+
+from exporters import latency, savedmodel, tflite
+from nettailor_tf.student import BlockPlan, Plan
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def tflite_file(tmp_path_factory):
+    plan = Plan([BlockPlan(True, [])] * 4)
+    (model, _), = tiny_static_models([plan], num_classes=(5,), image_size=SIZE)[0]
+    root = tmp_path_factory.mktemp("latency")
+    savedmodel.write_savedmodel(str(root / "sm"), {savedmodel.SERVING_KEY:
+                                                   savedmodel.Endpoint(model, SIZE, False)})
+    path = str(root / "m.tflite")
+    with open(path, "wb") as f:
+        f.write(tflite.convert(str(root / "sm"), [savedmodel.SERVING_KEY], "float32"))
+    return path
+
+
+def test_median_of_timed_runs(tflite_file):
+    image = np.zeros((1, SIZE, SIZE, 3), np.uint8)
+    result = latency.measure(tflite_file, image, threads=1, runs=60, warmup=3)
+    assert result.runs == 60 and result.threads == 1
+    assert 0 < result.p10_ms <= result.median_ms <= result.p90_ms < 1000
+
+
+def test_a_bigger_input_takes_longer(tflite_file):
+    """The in-graph resize makes the latency depend on the input size: a
+    sanity check that the timed call really runs the graph."""
+    small = latency.measure(tflite_file, np.zeros((1, SIZE, SIZE, 3), np.uint8), 1, runs=50)
+    big = latency.measure(tflite_file, np.zeros((1, 1024, 1024, 3), np.uint8), 1, runs=50)
+    assert big.median_ms > small.median_ms
+
+
+def test_too_few_runs_or_a_batch_are_refused(tflite_file):
+    with pytest.raises(ValueError, match="at least 50"):
+        latency.measure(tflite_file, np.zeros((1, SIZE, SIZE, 3), np.uint8), 1, runs=10)
+    with pytest.raises(ValueError, match=r"\[1, H, W, 3\]"):
+        latency.measure(tflite_file, np.zeros((4, SIZE, SIZE, 3), np.uint8), 1)
+
+
+def test_all_cores_is_positive():
+    assert latency.all_cores() >= 1

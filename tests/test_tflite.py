@@ -1,0 +1,126 @@
+"""TFLite variants of the serving graph, what the converter keeps shared in a
+multi-signature bundle, and whether int8 reaches every signature."""
+import numpy as np
+import pytest
+import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
+from helpers import tiny_static_models
+
+from exporters import savedmodel, tflite
+from nettailor_tf.student import BlockPlan, Plan
+
+SIZE = 16
+PLAN_A = Plan([BlockPlan(True, []), BlockPlan(False, [0]), BlockPlan(True, [1]),
+               BlockPlan(False, [3, 2])])
+PLAN_B = Plan([BlockPlan(True, [0]), BlockPlan(True, []), BlockPlan(False, [1]),
+               BlockPlan(True, [3])])
+RNG = np.random.default_rng(0)
+CALIBRATION = [RNG.integers(0, 256, (8, SIZE, SIZE, 3), dtype=np.uint8) for _ in range(4)]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    (a, _), (b, _) = tiny_static_models([PLAN_A, PLAN_B], image_size=SIZE)[0]
+    root = tmp_path_factory.mktemp("tflite")
+    endpoints = {"task_a": savedmodel.Endpoint(a, SIZE, False),
+                 "task_b": savedmodel.Endpoint(b, SIZE, False)}
+    paths = {}
+    for key, endpoint in endpoints.items():
+        paths[key] = str(root / key)
+        savedmodel.write_savedmodel(paths[key], {savedmodel.SERVING_KEY: endpoint})
+    paths["bundle"] = str(root / "bundle")
+    savedmodel.write_savedmodel(paths["bundle"], endpoints)
+    return endpoints, paths
+
+
+def _run(content, key, images):
+    interpreter = Interpreter(model_content=content)
+    return interpreter.get_signature_runner(key)(images=images)
+
+
+@pytest.mark.parametrize("variant,tolerance", [("float32", 1e-4), ("float16", 0.05),
+                                               ("dynamic", 0.3), ("int8", 0.5)])
+def test_each_variant_converts_and_matches_keras(exported, variant, tolerance):
+    endpoints, paths = exported
+    content = tflite.convert(paths["task_a"], [savedmodel.SERVING_KEY], variant,
+                             lambda: CALIBRATION)
+    contents = tflite.inspect(content)
+    types = contents.weight_types[savedmodel.SERVING_KEY]
+    expected_type = {"float32": "FLOAT32", "float16": "FLOAT16", "dynamic": "INT8",
+                     "int8": "INT8"}[variant]
+    assert types.get(expected_type, 0) > 0, types
+    if variant == "int8":
+        assert tflite.float_weights(contents, savedmodel.SERVING_KEY) == 0, types
+    images = RNG.integers(0, 256, (3, 23, 17, 3), dtype=np.uint8)  # any size, resized inside
+    out = _run(content, savedmodel.SERVING_KEY, images)
+    model = endpoints["task_a"].model
+    expected = model(savedmodel.preprocess(tf.constant(images), SIZE, False)).numpy()
+    scale = np.abs(expected).max()
+    assert np.abs(out["logits"] - expected).max() <= tolerance * scale
+    assert out["logits"].dtype == np.float32 and out["probabilities"].shape == (3, 5)
+
+
+def test_variants_shrink_the_file(exported):
+    _, paths = exported
+    sizes = {v: len(tflite.convert(paths["task_a"], [savedmodel.SERVING_KEY], v,
+                                   lambda: CALIBRATION)) for v in tflite.VARIANTS}
+    assert sizes["float16"] < sizes["float32"]
+    assert sizes["dynamic"] < sizes["float16"] and sizes["int8"] < sizes["float16"]
+
+
+def test_bundle_keeps_shared_universal_weights_once(exported):
+    """The converter merges identical constant buffers: the universal layers
+    both tasks use (stem, block 0) are stored once, so the bundle is smaller
+    than the two separate files, and the shared buffers are the stem's and
+    block 0's (their gate is kept off their convs, so no fusion makes the
+    bytes differ per task)."""
+    endpoints, paths = exported
+    bundle = tflite.convert(paths["bundle"], list(endpoints), "float32")
+    separate = [tflite.convert(paths[k], [savedmodel.SERVING_KEY], "float32") for k in endpoints]
+    contents = tflite.inspect(bundle)
+    assert set(contents.weight_types) == set(endpoints)
+    # Stem conv (kernel + bias) and block 0's two convs (kernels + biases).
+    assert contents.shared_buffers >= 6
+    saved = sum(tflite.inspect(c).weight_bytes for c in separate) - contents.weight_bytes
+    stem = endpoints["task_a"].model.layers[1]  # after the InputLayer
+    assert stem.name.startswith("stem")
+    shared_bytes = 4 * sum(int(np.prod(v.shape)) for v in stem.weights)
+    assert saved >= shared_bytes
+    assert len(bundle) < sum(len(c) for c in separate)
+    images = RNG.integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    for key, endpoint in endpoints.items():
+        expected = endpoint.model(savedmodel.preprocess(tf.constant(images), SIZE, False))
+        np.testing.assert_allclose(_run(bundle, key, images)["logits"], expected.numpy(),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_int8_bundle_quantises_every_signature(exported):
+    """Calibrating every signature with the same images: both subgraphs are
+    int8 and the universal int8 weights are still shared."""
+    endpoints, paths = exported
+    content = tflite.convert(paths["bundle"], list(endpoints), "int8", lambda: CALIBRATION)
+    contents = tflite.inspect(content)
+    for key in endpoints:
+        assert tflite.float_weights(contents, key) == 0, contents.weight_types
+    assert contents.shared_buffers >= 3  # at least the int8 kernels of the shared convs
+
+
+def test_int8_calibrating_one_signature_leaves_the_other_float(exported):
+    """The upstream behaviour (TensorFlow issue 52145) that `convert` avoids:
+    samples for one signature only leave the other in float, silently."""
+    endpoints, paths = exported
+    converter = tf.lite.TFLiteConverter.from_saved_model(paths["bundle"],
+                                                         signature_keys=list(endpoints))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: (("task_a", {"images": c}) for c in CALIBRATION)
+    contents = tflite.inspect(converter.convert())
+    assert tflite.float_weights(contents, "task_a") == 0
+    assert tflite.float_weights(contents, "task_b") > 0
+
+
+def test_bad_variant_and_missing_calibration_are_refused(exported):
+    _, paths = exported
+    with pytest.raises(ValueError, match="accepted: float32, float16, dynamic, int8"):
+        tflite.convert(paths["task_a"], [savedmodel.SERVING_KEY], "int4")
+    with pytest.raises(ValueError, match="calibration"):
+        tflite.convert(paths["task_a"], [savedmodel.SERVING_KEY], "int8")
