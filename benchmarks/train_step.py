@@ -4,8 +4,8 @@
 
 Times the real `Trainer` step (forward, backward, coupled weight decay, SGD
 update) on a fixed random batch, so that the figure is the model's cost and not
-the input pipeline's (benchmarks/ has the pipeline's own figure).  Weights are
-random: speed does not depend on their values.
+the input pipeline's (benchmarks/input_pipeline.py sets the pipeline's own
+figure next to it).  Weights are random: speed does not depend on their values.
 """
 import json
 import os
@@ -41,25 +41,38 @@ def median_step_ms(trainer, batch, warmup, steps):
     return statistics.median(times)
 
 
-def main(argv):
-    import keras
+def synthetic_batch(batch_size, image_size, num_classes, seed=0):
+    """A fixed random batch: float32 pixels in 0..255 and int32 labels."""
     import numpy as np
+    import tensorflow as tf
+
+    images = np.random.RandomState(seed).uniform(0, 255, (batch_size, image_size, image_size, 3))
+    # tf.identity places the batch on the default device (the GPU if there is
+    # one), so that no step pays a host-to-device copy.
+    return (tf.identity(tf.constant(images, tf.float32)),
+            tf.identity(tf.constant(np.arange(batch_size) % num_classes, tf.int32)))
+
+
+def measure_steps(backbone_name, image_size, batch_size, num_classes=10, warmup=3, steps=15,
+                  jit_compile=False, max_skip=3):
+    """Median teacher and student step times on a synthetic batch, as a dict.
+
+    Shared with benchmarks/input_pipeline.py, which sets them next to the
+    input pipeline's own throughput.
+    """
+    import keras
     import tensorflow as tf
 
     from nettailor_tf import backbones, complexity, losses, stages, train
     from nettailor_tf import student as student_lib
 
-    if FLAGS.steps < 10:
-        raise app.UsageError("--steps must be >= 10")
     keras.utils.set_random_seed(0)
     strategy = tf.distribute.get_strategy()
-    batch = (tf.constant(np.random.RandomState(0).uniform(
-                 0, 255, (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, 3)), tf.float32),
-             tf.constant(np.arange(FLAGS.batch_size) % FLAGS.num_classes, tf.int32))
-    schedule = train.Schedule(1, FLAGS.batch_size, 0.01, 1)
+    batch = synthetic_batch(batch_size, image_size, num_classes)
+    schedule = train.Schedule(1, batch_size, 0.01, 1)
 
-    teacher_backbone = backbones.build_backbone(FLAGS.backbone)
-    teacher = backbones.classifier_model(teacher_backbone, FLAGS.num_classes)
+    teacher_backbone = backbones.build_backbone(backbone_name)
+    teacher = backbones.classifier_model(teacher_backbone, num_classes)
 
     def teacher_loss(images, labels, training):
         logits, _ = teacher(images, training=training)
@@ -67,37 +80,43 @@ def main(argv):
 
     trainer = train.Trainer(strategy, teacher, teacher_loss, teacher.trainable_variables,
                             teacher.trainable_variables, schedule, checkpoint_dir="",
-                            jit_compile=FLAGS.jit_compile)
+                            jit_compile=jit_compile)
     trainer._build_steps(steps_per_epoch=1_000_000)
     result = {
-        "backbone": FLAGS.backbone, "image_size": FLAGS.image_size,
-        "batch_size": FLAGS.batch_size, "jit_compile": FLAGS.jit_compile,
+        "backbone": backbone_name, "image_size": image_size,
+        "batch_size": batch_size, "jit_compile": jit_compile,
         "devices": [d.name for d in tf.config.list_logical_devices()],
-        "teacher_step_ms": round(median_step_ms(trainer, batch, FLAGS.warmup, FLAGS.steps), 2),
+        "teacher_step_ms": round(median_step_ms(trainer, batch, warmup, steps), 2),
     }
-    result["teacher_images_per_second"] = round(
-        1000 * FLAGS.batch_size / result["teacher_step_ms"], 1)
+    result["teacher_images_per_second"] = round(1000 * batch_size / result["teacher_step_ms"], 1)
 
     # The student step exactly as the student stage runs it: BN-folded frozen
     # teacher for the targets, BN-folded frozen universal blocks, proxies and
     # gates trained with CE + complexity + mimic.
-    backbone = backbones.build_backbone(FLAGS.backbone)
+    backbone = backbones.build_backbone(backbone_name)
     frozen_teacher = backbones.folded_classifier(teacher_backbone, teacher)
-    plan = student_lib.Plan.full(len(backbone.blocks), FLAGS.max_skip)
-    student = student_lib.build_student(backbone, FLAGS.num_classes, plan, "frozen",
-                                        FLAGS.image_size)
-    norm = complexity.universal_network_flops(backbone, FLAGS.image_size)
+    plan = student_lib.Plan.full(len(backbone.blocks), max_skip)
+    student = student_lib.build_student(backbone, num_classes, plan, "frozen", image_size)
+    norm = complexity.universal_network_flops(backbone, image_size)
     costs = [[c / norm for c in row]
-             for row in complexity.branch_flops(backbone, plan, FLAGS.image_size)]
+             for row in complexity.branch_flops(backbone, plan, image_size)]
     loss_fn = stages.nettailor_loss(student, frozen_teacher, costs, 0.3, 10.0, True)
     trainable, decayed = student.task_variables()
     student_trainer = train.Trainer(strategy, student, loss_fn, trainable, decayed, schedule,
-                                    checkpoint_dir="", jit_compile=FLAGS.jit_compile)
+                                    checkpoint_dir="", jit_compile=jit_compile)
     student_trainer._build_steps(steps_per_epoch=1_000_000)
-    result["student_step_ms"] = round(
-        median_step_ms(student_trainer, batch, FLAGS.warmup, FLAGS.steps), 2)
+    result["student_step_ms"] = round(median_step_ms(student_trainer, batch, warmup, steps), 2)
+    result["student_images_per_second"] = round(1000 * batch_size / result["student_step_ms"], 1)
     result["student_over_teacher"] = round(result["student_step_ms"] / result["teacher_step_ms"], 3)
-    print(json.dumps(result))
+    return result
+
+
+def main(argv):
+    if FLAGS.steps < 10:
+        raise app.UsageError("--steps must be >= 10")
+    print(json.dumps(measure_steps(FLAGS.backbone, FLAGS.image_size, FLAGS.batch_size,
+                                   FLAGS.num_classes, FLAGS.warmup, FLAGS.steps,
+                                   FLAGS.jit_compile, FLAGS.max_skip)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,105 @@
+"""The benchmark scripts run as a user would run them: real subprocesses, tiny sizes."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+
+
+def _env(**extra):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def _json_line(stdout):
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, stdout
+    return json.loads(lines[0])
+
+
+def test_input_pipeline_reports_pipeline_and_step_throughput(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, "input_pipeline.py"), "--task=digits",
+         "--backbone=tiny", "--image_size=32", "--batch_size=8", "--warmup=1", "--steps=10",
+         "--pipeline_warmup=2", "--pipeline_batches=20"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = _json_line(proc.stdout)
+    assert result["task"] == "digits" and result["backbone"] == "tiny"
+    assert result["image_size"] == 32 and result["batch_size"] == 8
+    assert result["pipeline_timed_batches"] == 20
+    assert result["pipeline_images_per_second"] > 0
+    assert result["teacher_images_per_second"] > 0
+    assert result["student_images_per_second"] > 0
+    assert result["step_source"] == "measured"
+    faster_step = max(result["teacher_images_per_second"], result["student_images_per_second"])
+    assert result["pipeline_bound"] == (result["pipeline_images_per_second"] < faster_step)
+
+    # The same pipeline against a step line that train_step.py would print.
+    step = {"backbone": "tiny", "image_size": 32, "batch_size": 8, "teacher_step_ms": 1e-3,
+            "student_step_ms": 1e-3}
+    step_file = tmp_path / "step.json"
+    step_file.write_text(json.dumps(step) + "\n")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, "input_pipeline.py"), "--task=digits",
+         "--backbone=tiny", "--image_size=32", "--batch_size=8", "--pipeline_warmup=0",
+         "--pipeline_batches=5", f"--step_json={step_file}"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = _json_line(proc.stdout)
+    # A step of a microsecond per batch of 8: no pipeline keeps up with 8M images/s.
+    assert result["teacher_images_per_second"] == 8e6
+    assert result["pipeline_bound"] is True
+    assert result["step_source"] == str(step_file)
+
+
+def test_gpu_check_is_valid_bash():
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    subprocess.run([bash, "-n", os.path.join(BENCHMARKS, "gpu_check.sh")], check=True)
+
+
+def test_gpu_check_quick_prints_one_json_object(tmp_path):
+    """The CPU path: quick sizes, no install (it would change this environment),
+    no quickstart (about 45 s more; `GPU_CHECK_QUICK=1 GPU_CHECK_INSTALL=0 bash
+    benchmarks/gpu_check.sh` runs it too)."""
+    bash = shutil.which("bash")
+    if bash is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils' timeout")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [bash, os.path.join(BENCHMARKS, "gpu_check.sh")], cwd=tmp_path,
+        env=_env(OUT=str(out), GPU_CHECK_QUICK="1", GPU_CHECK_INSTALL="0",
+                 GPU_CHECK_QUICKSTART="0", PYTHON=sys.executable, TMPDIR=str(tmp_path)),
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result == json.loads((out / "gpu_check.json").read_text())
+    assert result["ok"] and result["failed"] == []
+    assert result["quick"] is True and result["install"] == "skipped"
+    assert isinstance(result["gpu"], bool)
+    if not result["gpu"]:
+        assert result["tf_gpus"] == []
+    assert result["tf_version"]
+    assert result["sizes"]["backbone"] == "tiny"
+    assert result["train_step"]["teacher_images_per_second"] > 0
+    assert result["train_step"]["student_images_per_second"] > 0
+    pipeline = result["input_pipeline"]
+    assert pipeline["pipeline_images_per_second"] > 0
+    # The pipeline is judged against the train step measured just before.
+    assert pipeline["step_source"] != "measured"
+    assert (pipeline["teacher_images_per_second"]
+            == result["train_step"]["teacher_images_per_second"])
+    assert isinstance(pipeline["pipeline_bound"], bool)
+    assert result["quickstart"] is None
+    assert any(s.startswith("quickstart:") for s in result["skipped"])
+    assert any(s.startswith("install:") for s in result["skipped"])
+    # The scratch folder (per-step outputs) is removed at exit.
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("gpu_check.")]
