@@ -181,7 +181,8 @@ def _export_task(config, task, nettailor, teacher, staging, final) -> dict:
         entries[artefact] = {"path": _rel(config, path), "bytes": size,
                              "top1_agreement": agreement, "accuracy": outcome.accuracy(artefact)}
         if variant != "savedmodel":
-            contents = tflite.inspect(open(os.path.join(staging, name), "rb").read())
+            with open(os.path.join(staging, name), "rb") as f:
+                contents = tflite.inspect(f.read())
             entries[artefact]["weight_types"] = contents.weight_types[savedmodel.SERVING_KEY]
         logging.info("%s: %-26s %9.2f MB  accuracy %.4f  agreement %.4f", task.name, name,
                      size / 1e6, entries[artefact]["accuracy"], agreement)
@@ -224,7 +225,8 @@ def export_bundle(config: Config, tasks, report: Report) -> None:
     """Writes <workdir>/bundle/: one SavedModel and one .tflite per variant
     with a signature per task, the universal weights stored once."""
     inputs = [p for task in tasks for p in _inputs_of(config, task)]
-    settings = {**_export_settings(config), "tasks": [t.name for t in tasks]}
+    settings = {**_export_settings(config), "tasks": [t.name for t in tasks],
+                "bundle_variants": list(config.bundle_variants)}
     fingerprint = _fingerprint(inputs, settings)
     final = bundle_dir(config)
     atomic.recover(final)
@@ -239,8 +241,9 @@ def export_bundle(config: Config, tasks, report: Report) -> None:
             # What the same tasks cost as separate files, and as one
             # fine-tuned network per task (the teachers).
             for variant, info in bundle["variants"].items():
-                info["separate_files_bytes"] = sum(
-                    report.get(t.name, "tflite")[variant]["bytes"] for t in tasks)
+                if variant in config.export_variants:
+                    info["separate_files_bytes"] = sum(
+                        report.get(t.name, "tflite")[variant]["bytes"] for t in tasks)
             bundle["teachers_float32_bytes"] = sum(
                 report.get(t.name, "teacher_tflite")["float32"]["bytes"] for t in tasks)
             manifest["fingerprint"] = fingerprint
@@ -268,9 +271,9 @@ def _export_bundle(config, tasks, staging, final, task_params: dict) -> dict:
     # Common calibration for every signature: the same images give the
     # shared universal layers the same quantisation parameters in every task.
     calibration = ([b for t in tasks for b in calibration_images(config, t)]
-                   if "int8" in config.export_variants else None)
+                   if "int8" in config.bundle_variants else None)
     variants = {}
-    for variant in config.export_variants:
+    for variant in config.bundle_variants:
         content = tflite.convert(sm_path, list(endpoints), variant, lambda: calibration)
         name = f"bundle_{variant}.tflite"
         with open(os.path.join(staging, name), "wb") as f:
@@ -339,45 +342,43 @@ def _threads() -> list[int]:
     return sorted({1, latency_lib.all_cores()})
 
 
-def _measure_entry(config, entry: dict, image, key=savedmodel.SERVING_KEY) -> None:
-    path = os.path.join(config.workdir, entry["path"])
-    results = {str(t): latency_lib.measure(path, image, t, key, config.benchmark_warmup,
-                                           config.benchmark_runs).as_dict()
-               for t in _threads()}
-    entry["latency_ms"] = results["1"]["median_ms"]
-    entry["latency_ms_all_cores"] = results[str(latency_lib.all_cores())]["median_ms"]
-    entry["latency"] = results
-
-
 def run_benchmark(config: Config, strategy, task, report: Report) -> bool:
     """Latency of every TFLite file of the task (1 thread and all cores)."""
     del strategy
-    parts = [report.get(task.name, "tflite"), report.get(task.name, "teacher_tflite")]
-    if not all(parts):
+    parts = {"nettailor": report.get(task.name, "tflite"),
+             "teacher": report.get(task.name, "teacher_tflite")}
+    if not all(parts.values()):
         raise stages.StageError(f"{task.name}: nothing exported yet; run --stages=export first")
-    entries = [e for part in parts for e in part.values()]
-    if all("latency_ms" in e for e in entries):
+    entries = {(network, variant): entry for network, part in parts.items()
+               for variant, entry in part.items()}
+    if all("latency_ms" in e for e in entries.values()):
         logging.info("%s: benchmark stage already done; skipping", task.name)
         return True
     image = _benchmark_image(config, task)
-    teacher, pruned = report.get(task.name, "teacher"), report.get(task.name, "pruned")
-    for network, part, costs in (("nettailor", parts[0], pruned), ("teacher", parts[1], teacher)):
-        for variant, entry in part.items():
-            _measure_entry(config, entry, image)
-            entry["flops"] = costs["flops"]
-            entry["params"] = costs.get("params_total", costs.get("params"))
-            logging.info("%s: %s %s: %.3f ms (1 thread), %.3f ms (%d threads)", task.name,
-                         network, variant, entry["latency_ms"], entry["latency_ms_all_cores"],
-                         latency_lib.all_cores())
-        report.save()
-    ratio = parts[0]["float32"]["latency_ms"] / parts[1]["float32"]["latency_ms"] \
-        if "float32" in parts[0] and "float32" in parts[1] else None
-    if ratio is not None:
+    files = {name: (os.path.join(config.workdir, e["path"]), savedmodel.SERVING_KEY)
+             for name, e in entries.items()}
+    results = {t: latency_lib.measure_many(files, image, t, config.benchmark_warmup,
+                                           config.benchmark_runs) for t in _threads()}
+    costs = {"nettailor": report.get(task.name, "pruned"),
+             "teacher": report.get(task.name, "teacher")}
+    cores = latency_lib.all_cores()
+    for (network, variant), entry in entries.items():
+        entry["latency"] = {str(t): results[t][(network, variant)].as_dict() for t in results}
+        entry["latency_ms"] = results[1][(network, variant)].median_ms
+        entry["latency_ms_all_cores"] = results[cores][(network, variant)].median_ms
+        entry["flops"] = costs[network]["flops"]
+        entry["params"] = costs[network].get("params_total", costs[network].get("params"))
+        logging.info("%s: %s %s: %.3f ms (1 thread), %.3f ms (%d threads)", task.name, network,
+                     variant, entry["latency_ms"], entry["latency_ms_all_cores"], cores)
+    if "float32" in parts["nettailor"] and "float32" in parts["teacher"]:
+        ratio = parts["nettailor"]["float32"]["latency_ms"] / parts["teacher"]["float32"][
+            "latency_ms"]
+        flops_ratio = costs["nettailor"]["flops"] / costs["teacher"]["flops"]
         report.task(task.name)["latency_ratio_float32"] = ratio
-        report.task(task.name)["flops_ratio"] = pruned["flops"] / teacher["flops"]
-        report.save()
+        report.task(task.name)["flops_ratio"] = flops_ratio
         logging.info("%s: NetTailor/teacher float32 latency %.3f, multiply-adds %.3f", task.name,
-                     ratio, pruned["flops"] / teacher["flops"])
+                     ratio, flops_ratio)
+    report.save()
     return True
 
 
@@ -385,16 +386,14 @@ def benchmark_bundle(config: Config, tasks, report: Report) -> None:
     """Latency of each signature of the bundle files, and the summary plot."""
     bundle = report.data.get("bundle")
     if bundle:
-        latency = {}
-        for variant, info in bundle["variants"].items():
-            path = os.path.join(config.workdir, info["path"])
-            latency[variant] = {}
-            for task in tasks:
-                key = info["tasks"][task.name]["signature"]
-                latency[variant][task.name] = latency_lib.measure(
-                    path, _benchmark_image(config, task), 1, key, config.benchmark_warmup,
-                    config.benchmark_runs).median_ms
-        bundle["latency"] = latency
+        image = _benchmark_image(config, tasks[0])
+        files = {(variant, task.name): (os.path.join(config.workdir, info["path"]),
+                                        info["tasks"][task.name]["signature"])
+                 for variant, info in bundle["variants"].items() for task in tasks}
+        measured = latency_lib.measure_many(files, image, 1, config.benchmark_warmup,
+                                            config.benchmark_runs)
+        bundle["latency"] = {variant: {task.name: measured[(variant, task.name)].median_ms
+                                       for task in tasks} for variant in bundle["variants"]}
     png = os.path.join(config.workdir, "deployment.png")
     visualize.plot_deployment(png, report.data)
     report.data["deployment_png"] = _rel(config, png)
