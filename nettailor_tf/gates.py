@@ -28,6 +28,9 @@ class Gate(keras.layers.Layer):
     """
 
     def __init__(self, num_branches: int, initial_logits=None, **kwargs):
+        # Always float32, also under a mixed-precision policy: a float16
+        # softmax rounds small gates to 0 and -inf masking needs one dtype.
+        kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         if num_branches < 1:
             raise ValueError(f"num_branches must be >= 1, got {num_branches}")
@@ -41,10 +44,10 @@ class Gate(keras.layers.Layer):
 
     def build(self, input_shape=None):
         self.logits = self.add_weight(
-            shape=(self.num_branches,), name="logits", trainable=True,
+            shape=(self.num_branches,), name="logits", trainable=True, autocast=False,
             initializer=keras.initializers.Constant(self.initial_logits))
         self.keep = self.add_weight(shape=(self.num_branches,), name="keep", trainable=False,
-                                    initializer="ones")
+                                    initializer="ones", autocast=False)
 
     def alphas(self):
         """Softmax over kept branches; pruned branches get exactly 0."""

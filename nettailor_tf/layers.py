@@ -152,9 +152,13 @@ class ConvBN(keras.layers.Layer):
                 bn.moving_variance.assign(
                     bn.moving_variance * bn.momentum + variance * (1 - bn.momentum))
         else:
-            mean, variance = bn.moving_mean, bn.moving_variance
-        gamma, beta = tf.convert_to_tensor(bn.gamma), tf.convert_to_tensor(bn.beta)
+            mean, variance = (tf.cast(bn.moving_mean, tf.float32),
+                              tf.cast(bn.moving_variance, tf.float32))
+        # float32 throughout, also under a mixed-precision policy (Keras
+        # casts a layer's floating call arguments, `scale` too, to float16).
+        gamma, beta = tf.cast(bn.gamma, tf.float32), tf.cast(bn.beta, tf.float32)
         if scale is not None:
+            scale = tf.cast(scale, tf.float32)
             gamma, beta = gamma * scale, beta * scale
         out = tf.nn.batch_normalization(tf.cast(x, tf.float32), mean, variance, beta, gamma,
                                         bn.epsilon)
