@@ -361,7 +361,8 @@ def load_backbone_weights(backbone: Backbone, source: str,
         ignore = lambda key: key.endswith("num_batches_tracked")
     else:
         ignore = lambda key: key.endswith("num_batches_tracked") or key.startswith(fc + ".")
-    weights_lib.assign_state_dict(state, targets, path, ignore=ignore)
+    weights_lib.assign_state_dict(state, targets, path, ignore=ignore,
+                                  backbone=f"backbone {backbone.name}")
 
 
 def load_keras_resnet50(backbone: Backbone, reference: keras.Model,

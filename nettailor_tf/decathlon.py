@@ -178,17 +178,21 @@ class Annotations:
     category_ids: tuple[int, ...]
 
 
+def _read_json(path, what: str):
+    """A JSON file's content, or a one-line ValueError naming `what` and `path`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as err:
+        raise ValueError(f"{what} {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path}: not JSON ({err.msg}, line {err.lineno})") from None
+
+
 def load_annotations(path: str) -> Annotations:
     """Reads a devkit annotation file (``<domain>_test_stripped.json`` for a
     submission; ``_train``/``_val`` have the same "images" and "categories")."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as err:
-        raise ValueError(f"annotation file {path}: {err.strerror}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"annotation file {path}: not JSON ({err.msg}, line {err.lineno})") \
-            from None
+    data = _read_json(path, "annotation file")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("categories"), list):
         raise ValueError(f"annotation file {path}: expected a COCO-style object with 'images' "
@@ -335,13 +339,7 @@ def read_submission(source: str | Iterable[Mapping[str, int]],
     """The inverse of `submission_json`: a results file (path) or its records
     back to {domain: {image_id: label}}."""
     if isinstance(source, (str, os.PathLike)):
-        try:
-            with open(source, encoding="utf-8") as f:
-                records = json.load(f)
-        except OSError as err:
-            raise ValueError(f"submission file {source}: {err.strerror}") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"submission file {source}: not JSON ({err.msg})") from None
+        records = _read_json(source, "submission file")
     else:
         records = list(source)
     if not isinstance(records, list):

@@ -302,6 +302,7 @@ def assign_state_dict(
     targets: Mapping[str, tuple[Any, Callable[[np.ndarray], np.ndarray] | None]],
     source: str,
     ignore: Callable[[str], bool] = _is_batch_counter,
+    backbone: str = "backbone",
 ) -> None:
     """Copies `state` into {torch_name: (keras_variable, transform)}: all of it, or nothing if anything misfits."""
     names = [name for name in state if not ignore(name)]
@@ -329,7 +330,7 @@ def assign_state_dict(
     if mismatched:
         problems.append(f"shape mismatch {_listing(mismatched)}")
     if problems:
-        raise WeightsError(f"weights file {source} does not fit backbone: {'; '.join(problems)}")
+        raise WeightsError(f"weights file {source} does not fit {backbone}: {'; '.join(problems)}")
     # Only now, with every name and shape known to fit, is any variable touched.
     for name, array in converted.items():
         variable = targets[name][0]

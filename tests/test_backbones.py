@@ -203,7 +203,10 @@ def test_folded_classifier_equals_the_model_in_inference(name):
     x = rng.uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
     logits, endpoints = model(x, training=False)
     folded_logits, folded_endpoints = folded(x)
-    np.testing.assert_allclose(folded_logits, logits, rtol=1e-4, atol=1e-4)
+    # Rounding is relative to the largest logit (about 200 here): a small
+    # logit next to it carries an absolute error of that size.
+    np.testing.assert_allclose(folded_logits, logits, rtol=1e-4,
+                               atol=1e-5 * max(1.0, np.abs(logits).max()))
     for a, b in zip(folded_endpoints, endpoints):
         # Float32 rounding grows with depth and with the random statistics.
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, np.abs(b).max()))
