@@ -48,12 +48,14 @@ class Config:
     strategy: str = "default"
     num_cpu_devices: int = 1
     jit_compile: bool = False
+    mixed_precision: bool = False  # float16 compute in the training stages (GPUs)
     checkpoint_every: int = 200
     log_every: int = 20
     eval_batch_size: int = 128
     max_steps: int | None = None  # stop each stage early, as an interruption would
     export_variants: tuple[str, ...] = TFLITE_VARIANTS
     teacher_variants: tuple[str, ...] = ("float32",)
+    bundle_variants: tuple[str, ...] = ("float32", "int8")
     calibration_images: int = 256
     parity_min_agreement: float = 0.995
     parity_max_images: int = 0    # 0: the whole test split
@@ -118,14 +120,18 @@ class Config:
             if value < 1:
                 raise ConfigError(f"--{flag}={value} must be >= 1")
         for flag, variants in (("export_variants", self.export_variants),
-                               ("teacher_variants", self.teacher_variants)):
+                               ("teacher_variants", self.teacher_variants),
+                               ("bundle_variants", self.bundle_variants)):
             for variant in variants:
                 if variant not in TFLITE_VARIANTS:
                     raise ConfigError(f"--{flag}: unknown TFLite variant {variant!r}; accepted: "
                                       f"{', '.join(TFLITE_VARIANTS)}")
-        if "float32" not in self.export_variants or "float32" not in self.teacher_variants:
-            raise ConfigError("--export_variants and --teacher_variants must include float32: "
-                              "the parity check and the latency comparison read it")
+        for flag, variants in (("export_variants", self.export_variants),
+                               ("teacher_variants", self.teacher_variants),
+                               ("bundle_variants", self.bundle_variants)):
+            if "float32" not in variants:
+                raise ConfigError(f"--{flag} must include float32: the parity check and the "
+                                  f"size and latency comparisons read it")
         if self.calibration_images < 1:
             raise ConfigError(f"--calibration_images={self.calibration_images} must be >= 1")
         if not 0 <= self.parity_min_agreement <= 1:
@@ -139,6 +145,9 @@ class Config:
                               f"of fewer runs is noise")
         if self.benchmark_warmup < 0:
             raise ConfigError(f"--benchmark_warmup={self.benchmark_warmup} must be >= 0")
+        if self.prune_search and self.prune_universal:
+            raise ConfigError(f"--prune_search chooses the number of universal blocks to remove; "
+                              f"drop --prune_universal={self.prune_universal} or --prune_search")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max_steps={self.max_steps} must be >= 1 (or unset)")
 

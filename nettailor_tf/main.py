@@ -65,6 +65,9 @@ flags.DEFINE_string("strategy", "default", "tf.distribute strategy: default, mir
 flags.DEFINE_integer("num_cpu_devices", 1, "Split the CPU into this many logical devices "
                      "(to run --strategy=mirrored without GPUs).")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step (slower on CPU).")
+flags.DEFINE_bool("mixed_precision", False, "Train with float16 compute and float32 weights "
+                  "(for GPUs; loss scaling on; gates, losses and updates stay float32). "
+                  "Exports are always float32 graphs.")
 flags.DEFINE_integer("checkpoint_every", 200, "Steps between checkpoints.")
 flags.DEFINE_integer("log_every", 20, "Steps between log lines and TensorBoard summaries.")
 flags.DEFINE_integer("eval_batch_size", 128, "Batch size of evaluation.")
@@ -73,6 +76,8 @@ flags.DEFINE_integer("max_steps", None, "Stop each stage after this many steps "
 flags.DEFINE_list("export_variants", ["float32", "float16", "dynamic", "int8"],
                   "TFLite variants of each NetTailor network and of the bundle.")
 flags.DEFINE_list("teacher_variants", ["float32"], "TFLite variants of each teacher.")
+flags.DEFINE_list("bundle_variants", ["float32", "int8"], "TFLite variants of the multi-task "
+                  "bundle.")
 flags.DEFINE_integer("calibration_images", 256, "Training images (per task) that calibrate "
                      "the int8 variant.")
 flags.DEFINE_float("parity_min_agreement", 0.995, "An export whose float32 top-1 agreement "
@@ -106,10 +111,12 @@ def config_from_flags():
         prune_tolerance=FLAGS.prune_tolerance, prune_search_epochs=FLAGS.prune_search_epochs,
         data_dir=FLAGS.data_dir, download=FLAGS.download, seed=FLAGS.seed,
         strategy=FLAGS.strategy, num_cpu_devices=FLAGS.num_cpu_devices,
-        jit_compile=FLAGS.jit_compile, checkpoint_every=FLAGS.checkpoint_every,
+        jit_compile=FLAGS.jit_compile, mixed_precision=FLAGS.mixed_precision,
+        checkpoint_every=FLAGS.checkpoint_every,
         log_every=FLAGS.log_every, eval_batch_size=FLAGS.eval_batch_size,
         max_steps=FLAGS.max_steps, export_variants=tuple(FLAGS.export_variants),
         teacher_variants=tuple(FLAGS.teacher_variants),
+        bundle_variants=tuple(FLAGS.bundle_variants),
         calibration_images=FLAGS.calibration_images,
         parity_min_agreement=FLAGS.parity_min_agreement,
         parity_max_images=FLAGS.parity_max_images, benchmark_runs=FLAGS.benchmark_runs,
@@ -134,6 +141,8 @@ def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {' '.join(argv[1:])}; every option is a --flag")
     # Imported here so that --help and flag errors answer without loading TF.
+    import tensorflow as tf
+
     from exporters import parity, tflite
     from nettailor_tf import data, prune, stages, train, weights
     from nettailor_tf.config import ConfigError
@@ -155,7 +164,11 @@ def main(argv):
             tflite.ConversionError) as err:
         _fail(str(err))
     except OSError as err:
-        _fail(f"cannot write to --workdir={config.workdir}: {err.strerror} ({err.filename})")
+        _fail(f"cannot write to --workdir={config.workdir}: {err.strerror or err} "
+              f"({err.filename or 'a file in it'})")
+    except tf.errors.InvalidArgumentError as err:
+        # The data pipeline's checks (e.g. a label outside [0, num_classes)).
+        _fail(err.message.strip().splitlines()[0])
     logging.info("done: %s", report.json_path)
 
 

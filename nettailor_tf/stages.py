@@ -378,6 +378,9 @@ def run_finetune(config: Config, strategy, task, report: Report) -> bool:
         pruned = student_lib.build_student(backbone, task.num_classes, plan, config.universal_bn,
                                            config.image_size)
         student_lib.copy_task_weights(full, pruned)
+    logging.info("%s: finetune stage: training the pruned network (%d universal blocks, "
+                 "%d proxies)", task.name, plan.counts()["universal_blocks_kept"],
+                 plan.counts()["proxies_kept"])
     result = _train_student(config, strategy, task, pruned, teacher, config.finetune, 0.0,
                             "finetune")
     if result is None:
@@ -403,6 +406,13 @@ STAGE_FUNCTIONS = {"teacher": run_teacher, "student": run_student, "prune": run_
 
 def run(config: Config, strategy) -> Report:
     """Runs the configured stages for every task, in order, skipping finished ones."""
+    is_chief, worker = train.worker_role(strategy)
+    if not is_chief:
+        # Same computation, private files; exports are the chief's alone.
+        config = dataclasses.replace(
+            config, workdir=os.path.join(config.workdir, "workers", worker),
+            stages=tuple(s for s in config.stages if s in STAGE_FUNCTIONS))
+        logging.info("multi-worker: %s writes to %s", worker, config.workdir)
     os.makedirs(config.workdir, exist_ok=True)
     tasks = [data_lib.load_task(spec, config.data_dir, config.download) for spec in config.tasks]
     names = [t.name for t in tasks]
@@ -416,12 +426,19 @@ def run(config: Config, strategy) -> Report:
 
     functions = {**STAGE_FUNCTIONS, "export": deploy.run_export,
                  "benchmark": deploy.run_benchmark}
-    for stage in config.stages:
-        finished = [functions[stage](config, strategy, task, report) for task in tasks]
-        if all(finished) and stage in deploy.BUNDLE_FINISHERS:
-            deploy.BUNDLE_FINISHERS[stage](config, tasks, report)
-        if not all(finished):
-            # Later stages build on this one: stop here, the next run resumes.
-            logging.info("stopping after the %s stage (interrupted by --max_steps)", stage)
-            break
+    try:
+        for stage in config.stages:
+            # Mixed precision is for training; exported graphs are float32
+            # (the TFLite variants quantise from there).
+            training = stage in STAGE_FUNCTIONS and config.mixed_precision
+            keras.mixed_precision.set_global_policy("mixed_float16" if training else "float32")
+            finished = [functions[stage](config, strategy, task, report) for task in tasks]
+            if all(finished) and stage in deploy.BUNDLE_FINISHERS:
+                deploy.BUNDLE_FINISHERS[stage](config, tasks, report)
+            if not all(finished):
+                # Later stages build on this one: stop here, the next run resumes.
+                logging.info("stopping after the %s stage (interrupted by --max_steps)", stage)
+                break
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     return report

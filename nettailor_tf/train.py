@@ -56,6 +56,9 @@ def make_strategy(name: str, num_cpu_devices: int = 1) -> tf.distribute.Strategy
     """
     if name not in STRATEGIES:
         raise ValueError(f"--strategy={name!r} is not one of {', '.join(STRATEGIES)}")
+    if num_cpu_devices > 1 and name not in ("mirrored", "multi_worker"):
+        raise ValueError(f"--num_cpu_devices={num_cpu_devices} splits the CPU for a "
+                         f"multi-replica strategy; use --strategy=mirrored (or drop it)")
     if num_cpu_devices > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
@@ -72,6 +75,23 @@ def make_strategy(name: str, num_cpu_devices: int = 1) -> tf.distribute.Strategy
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
+
+
+def worker_role(strategy: tf.distribute.Strategy) -> tuple[bool, str]:
+    """(is this process the chief, its name) under a multi-worker strategy;
+    (True, 'chief') for every single-process strategy.
+
+    Every worker runs the same steps and holds the same weights; only the
+    chief's files are the run's.  The others write theirs elsewhere (the
+    checkpoint calls are collective: every worker must make them)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    if not task_type:
+        return True, "chief"
+    task_id = int(getattr(resolver, "task_id", 0) or 0)
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
+    return is_chief, f"{task_type}{task_id}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,10 +194,15 @@ class Trainer:
 
     def _build_steps(self, steps_per_epoch):
         schedule, replicas = self.schedule, self.strategy.num_replicas_in_sync
+        # float16 compute (--mixed_precision) needs loss scaling, or small
+        # gradients underflow to zero; bfloat16 and float32 do not.
+        loss_scaling = keras.mixed_precision.global_policy().compute_dtype == "float16"
         with self.strategy.scope():
             self.optimizer = keras.optimizers.SGD(
                 StepDecay(schedule.learning_rate, schedule.decay_epochs * steps_per_epoch),
                 momentum=schedule.momentum)
+            if loss_scaling:
+                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             # Keras 3 optimizers must create their slots inside the scope
             # before the first distributed step (SPEC.md section 10).
             self.optimizer.build(self.trainable)
@@ -189,15 +214,23 @@ class Trainer:
                 loss, logits, terms = self.loss_fn(images, labels, True)
                 # Replicas' gradients are summed: scale to the global batch.
                 scaled = loss / replicas
+                if loss_scaling:
+                    scaled = self.optimizer.scale_loss(scaled)
             grads = tape.gradient(scaled, self.trainable)
             # Coupled (PyTorch) weight decay: g += wd * w, split over replicas
-            # for the same reason as the loss.
-            grads = [g + (decay / replicas) * v if m and g is not None else g
+            # for the same reason as the loss (and scaled like the loss, since
+            # the loss-scale optimizer divides every gradient by the scale).
+            factor = decay / replicas
+            if loss_scaling:
+                factor = factor * tf.cast(self.optimizer.dynamic_scale, tf.float32)
+            grads = [g + tf.cast(factor, v.dtype) * v if m and g is not None else g
                      for g, v, m in zip(grads, self.trainable, self.decay_mask)]
             self.optimizer.apply_gradients(zip(grads, self.trainable))
             correct = tf.reduce_sum(tf.cast(
                 tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
             stats = {"loss": loss, "correct": correct, **terms}
+            if loss_scaling:
+                stats["loss_scale"] = self.optimizer.dynamic_scale / replicas
             return {k: tf.cast(v, tf.float32) for k, v in stats.items()}
 
         @tf.function(jit_compile=self.jit_compile)
@@ -281,13 +314,15 @@ class Trainer:
                           "acc": sums["correct"] / (count * schedule.batch_size),
                           "img/s": count * schedule.batch_size / max(elapsed, 1e-9),
                           "lr": float(self.optimizer.learning_rate)}
+                if "loss_scale" in stats:
+                    values["loss_scale"] = stats["loss_scale"]
                 report(step, values)
                 if step % self.log_every == 0:
                     with writer.as_default(step=step):
                         for k, v in values.items():
                             tf.summary.scalar(f"train/{k.replace('/', '_per_')}", v)
                         for k, v in sums.items():
-                            if k not in ("loss", "correct"):
+                            if k not in ("loss", "correct", "loss_scale"):
                                 tf.summary.scalar(f"train/{k}", v / count / self.strategy.num_replicas_in_sync)
                 end_of_epoch = step % steps_per_epoch == 0
                 if step % self.checkpoint_every == 0 or end_of_epoch or step == stop_at:

@@ -50,3 +50,22 @@ def tiny_static_models(plans, num_classes=(5, 7), image_size=16, seed=0):
         models.append((prune.static_model(student, universal=universal, name=f"task{index}"),
                        student))
     return models, universal
+
+
+def run_in_process(capsys, *args):
+    """The CLI's main() on `args`, in this process (no 5 s TensorFlow start
+    per case), for error cases: returns (exit code, stderr)."""
+    import pytest
+    from absl import flags
+
+    from nettailor_tf import main as cli
+
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["nettailor_tf", *args])
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["nettailor_tf"])
+    finally:
+        flags.FLAGS.unparse_flags()
+    return exit_info.value.code, capsys.readouterr().err

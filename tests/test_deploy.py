@@ -4,13 +4,11 @@ parity-checked, bundled and timed."""
 import json
 import os
 import shutil
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from helpers import run_in_process
 
 from exporters import parity, tflite
 from nettailor_tf import deploy, stages
@@ -121,7 +119,7 @@ def test_a_second_run_skips_and_a_lost_report_entry_comes_from_the_manifest(expo
     mtime = (export / "nettailor_float32.tflite").stat().st_mtime_ns
     del report["tasks"]["svhn_cropped"]["tflite"]  # as if killed before the report write
     report_path.write_text(json.dumps(report))
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         stages.run(_config(exported, stages=("export",)), tf.distribute.get_strategy())
     messages = [r.getMessage() for r in caplog.records]
     assert any("export stage already done" in m for m in messages), messages
@@ -174,27 +172,25 @@ def test_an_export_that_disagrees_with_keras_is_discarded(trained, mocked, monke
                   if "export" in p.name) == []
 
 
-def test_export_before_training_is_a_one_line_cli_error(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "nettailor_tf.main", f"--workdir={tmp_path}", "--tasks=digits",
-         "--stages=export", "--backbone=tiny", "--backbone_weights=random", "--image_size=16"],
-        capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("nettailor_tf: error: digits: no plan.json"), result.stderr
-    assert "Traceback" not in result.stderr
+def test_export_before_training_is_a_one_line_cli_error(tmp_path, capsys):
+    code, err = run_in_process(capsys, f"--workdir={tmp_path}", "--tasks=digits",
+                               "--stages=export", "--backbone=tiny", "--backbone_weights=random",
+                               "--image_size=16")
+    assert code == 2
+    assert err.strip().startswith("nettailor_tf: error: digits: no plan.json"), err
+    assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("flag,message", [
     ("--export_variants=float32,int4", "--export_variants: unknown TFLite variant 'int4'"),
     ("--export_variants=int8", "must include float32"),
+    ("--bundle_variants=float16", "--bundle_variants must include float32"),
     ("--benchmark_runs=10", "--benchmark_runs=10 must be >= 50"),
     ("--parity_min_agreement=1.5", "--parity_min_agreement=1.5 must be in [0, 1]"),
 ])
-def test_bad_export_flags_are_one_line_errors(tmp_path, flag, message):
-    result = subprocess.run(
-        [sys.executable, "-m", "nettailor_tf.main", f"--workdir={tmp_path}", "--tasks=digits",
-         "--backbone=tiny", "--backbone_weights=random", "--image_size=16", flag],
-        capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert message in result.stderr.strip().splitlines()[-1], result.stderr
+def test_bad_export_flags_are_one_line_errors(tmp_path, capsys, flag, message):
+    code, err = run_in_process(capsys, f"--workdir={tmp_path}", "--tasks=digits",
+                               "--backbone=tiny", "--backbone_weights=random", "--image_size=16",
+                               flag)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err, err

@@ -1,13 +1,16 @@
 """The command line, run as a user runs it: a real subprocess."""
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+from helpers import run_in_process
 
 TINY = ["--backbone=tiny", "--backbone_weights=random", "--image_size=16", "--tasks=digits",
         "--teacher_epochs=1", "--teacher_lr=0.05", "--student_epochs=2", "--finetune_epochs=1",
-        "--prune_universal=1", "--log_every=5", "--checkpoint_every=10"]
+        "--prune_universal=1", "--log_every=5", "--checkpoint_every=10",
+        "--stages=teacher,student,prune,finetune"]
 
 
 def run_cli(*args, timeout=300):
@@ -24,16 +27,10 @@ def test_stages_stop_resume_and_are_skipped_when_done(tmp_path):
     assert "stopped at step 12" in stopped.stderr
     assert not (tmp_path / "w" / "digits" / "teacher.weights.h5").exists()
 
-    # The teacher finishes (44 steps); the student (88 steps) stops at 50.
-    resumed = run_cli(f"--flagfile={flagfile}", "--max_steps=50")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stderr and "(step 12 of 44)" in resumed.stderr
-    assert "student stopped at step 50" in resumed.stderr
-
+    # The teacher resumes at step 12 of its 44 and every later stage runs.
     resumed = run_cli(f"--flagfile={flagfile}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "teacher stage already done" in resumed.stderr
-    assert "(step 50 of 88)" in resumed.stderr
+    assert "resuming from" in resumed.stderr and "(step 12 of 44)" in resumed.stderr
     report = json.loads((tmp_path / "w" / "report.json").read_text())
     teacher = report["tasks"]["digits"]["teacher"]
     assert report["backbone"] == "tiny" and report["image_size"] == 16
@@ -52,16 +49,13 @@ def test_stages_stop_resume_and_are_skipped_when_done(tmp_path):
         assert f"{stage} stage already done" in again.stderr
 
 
+# A few cases as real processes: the exit code and "no traceback" of the
+# whole program, a missing flagfile (checked before absl parses anything) and
+# a strategy conflict (checked before TensorFlow touches a device).
 @pytest.mark.parametrize("args,expected", [
     (["--backbone=resnet9"], "--backbone='resnet9' is not one of"),
-    (["--tasks=foo"], "foo"),
-    (["--image_size=2"], "--image_size=2 is too small for tiny"),
-    (["--stages=teacher,distill"], "--stages: unknown stage 'distill'"),
-    (["--strategy=horovod"], "--strategy='horovod' is not one of"),
-    (["--teacher_lr=-1"], "--teacher_lr=-1.0 must be in (0, 10]"),
-    (["--backbone_weights=/no/such.pth"], "--backbone_weights='/no/such.pth': no such file"),
     (["--flagfile=/no/such.cfg"], "--flagfile=/no/such.cfg: no such file"),
-    (["--backbone=resnet34", "--backbone_weights=imagenet"], "no packaged ImageNet weights"),
+    (["--num_cpu_devices=2"], "--num_cpu_devices=2 splits the CPU for a multi-replica"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, expected):
     proc = run_cli(*TINY, f"--workdir={tmp_path / 'w'}", *args, timeout=120)
@@ -69,3 +63,106 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, expected):
     errors = [l for l in proc.stderr.splitlines() if l.startswith("nettailor_tf: error:")]
     assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def _truncated_weights(tmp_path):
+    from nettailor_tf.weights import packaged_weights_path
+
+    data = open(packaged_weights_path("efficientnet_lite0"), "rb").read()
+    path = tmp_path / "truncated.pth"
+    path.write_bytes(data[: len(data) // 3])
+    return str(path)
+
+
+def _malicious_weights(tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps({"conv.weight": Payload()}))
+    return str(path)
+
+
+def _corrupt_folder(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / cls / f"{i}.png")
+    (root / "b" / "broken.jpg").write_bytes(b"not an image" * 20)
+    return f"folder:{root}"
+
+
+def _packaged_efficientnet(tmp_path):
+    from nettailor_tf.weights import packaged_weights_path
+
+    return packaged_weights_path("efficientnet_lite0")
+
+
+# (flags, expected text of the one error line).  Each row is a row of the
+# README's "What happens when ..." table.
+IN_PROCESS_CASES = {
+    "unknown task": (["--tasks=foo"], "foo"),
+    "unknown stage": (["--stages=teacher,distill"], "--stages: unknown stage 'distill'"),
+    "unknown strategy": (["--strategy=horovod"], "--strategy='horovod' is not one of"),
+    "learning rate out of range": (["--teacher_lr=-1"], "--teacher_lr=-1.0 must be in (0, 10]"),
+    "coefficient out of range": (["--complexity_coeff=-1"],
+                                 "--complexity_coeff=-1.0 must be in [0, 100]"),
+    "threshold out of range": (["--prune_proxy_threshold=1.5"],
+                               "--prune_proxy_threshold=1.5 must be in [0, 1)"),
+    "image too small": (["--image_size=2"], "--image_size=2 is too small for tiny"),
+    "conflicting flags": (["--prune_search", "--prune_universal=2"],
+                          "--prune_search chooses the number of universal blocks"),
+    "weights file missing": (["--backbone_weights=/no/such.pth"],
+                             "--backbone_weights='/no/such.pth': no such file"),
+    "no packaged weights": (["--backbone=resnet34", "--backbone_weights=imagenet"],
+                            "no packaged ImageNet weights"),
+    "student without teacher": (["--stages=student"], "no teacher at"),
+    "truncated weights": ([lambda p: f"--backbone_weights={_truncated_weights(p)}",
+                           "--backbone=efficientnet_lite0", "--image_size=32"], "truncated.pth"),
+    "weights of another backbone": ([lambda p: f"--backbone_weights={_packaged_efficientnet(p)}",
+                                     "--backbone=resnet18", "--image_size=32"], "resnet18"),
+    "pickle that runs code": ([lambda p: f"--backbone_weights={_malicious_weights(p)}",
+                               "--backbone=resnet18", "--image_size=32"], "evil.pth"),
+    "corrupt image": ([lambda p: f"--tasks={_corrupt_folder(p)}"], "corrupt image"),
+    "workdir is not a directory": ([lambda p: f"--workdir={_a_file(p)}/run"],
+                                   "cannot write to --workdir="),
+}
+
+
+def _a_file(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("not a directory")
+    return str(path)
+
+
+@pytest.mark.parametrize("case", list(IN_PROCESS_CASES))
+def test_bad_input_in_process(tmp_path, capsys, case):
+    args, expected = IN_PROCESS_CASES[case]
+    args = [a(tmp_path) if callable(a) else a for a in args]
+    code, err = run_in_process(capsys, *TINY, f"--workdir={tmp_path / 'w'}", *args)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("nettailor_tf: error:"), err[-2000:]
+    assert expected in lines[0], lines[0]
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    """No space left: the first write fails with the errno's words and the path."""
+    import errno
+
+    from nettailor_tf import report
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(report, "atomic_write_text", full)
+    code, err = run_in_process(capsys, *TINY, f"--workdir={tmp_path / 'w'}")
+    assert code == 2
+    assert "No space left on device" in err and "report.json" in err

@@ -76,7 +76,7 @@ def test_all_stages_fill_the_report_and_are_skipped_when_done(tmp_path, mocked_s
                                atol=1e-4)
 
     caplog.clear()
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         stages.run(config, strategy)
     skipped = [r.getMessage() for r in caplog.records if "already done" in r.getMessage()]
     assert len(skipped) == 4
@@ -85,7 +85,8 @@ def test_all_stages_fill_the_report_and_are_skipped_when_done(tmp_path, mocked_s
 def test_prune_search_picks_the_leanest_candidate_within_tolerance(tmp_path, mocked_svhn):
     # A tolerance of 1 accepts any accuracy: the search must go to the largest
     # N that still leaves a path to the classifier.
-    config = _config(tmp_path, prune_search=True, prune_tolerance=0.99)
+    config = _config(tmp_path, prune_search=True, prune_universal=0, prune_tolerance=0.99,
+                     stages=("teacher", "student", "prune"))
     stages.run(config, tf.distribute.get_strategy())
     _, info = prune.load_plan(str(tmp_path / "svhn_cropped" / "plan.json"))
     searched = json.loads((tmp_path / "svhn_cropped" / "prune_search.json").read_text())

@@ -1,4 +1,5 @@
-"""The training loop: resumption, the optimizer's arithmetic, a non-finite loss, 2 replicas."""
+"""The training loop: resumption, the optimizer's arithmetic, a non-finite loss, mixed
+precision, two replicas and two worker processes."""
 import json
 import subprocess
 import sys
@@ -95,20 +96,6 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(digits, tm
         trainer.fit(digits, 16, seed=0)
 
 
-def test_two_replicas_train_with_mirrored_strategy(tmp_path):
-    # Logical devices must be set before TensorFlow starts: a fresh process.
-    workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "nettailor_tf.main", f"--workdir={workdir}", "--tasks=digits",
-           "--backbone=tiny", "--backbone_weights=random", "--image_size=16",
-           "--teacher_epochs=2", "--teacher_lr=0.05", "--teacher_batch_size=32",
-           "--strategy=mirrored", "--num_cpu_devices=2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "strategy mirrored with replicas=2" in proc.stderr
-    report = json.loads((workdir / "report.json").read_text())
-    assert report["tasks"]["digits"]["teacher"]["accuracy"] > 0.3
-
-
 def test_checkpoint_holds_every_weight_of_a_subclassed_student(tmp_path):
     # TF's object graph misses layers a Keras 3 subclassed model keeps in
     # lists (the student's gates and proxies): the trainer keys weights by path.
@@ -137,3 +124,99 @@ def test_checkpoint_keys_stay_unique_when_folded_layers_share_a_path():
     student = student_lib.build_student(backbone, 10, student_lib.Plan.full(16, 3), "frozen", 32)
     weights = train.model_weights_by_path(student)
     assert len(weights) == len(student.weights)
+
+
+def test_mixed_precision_trains_in_float16_with_float32_weights_and_loss_scaling(digits,
+                                                                               tmp_path):
+    """--mixed_precision: float16 compute, float32 variables, a loss-scale
+    optimizer; the loss stays finite and training still learns."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        trainer, model = _trainer(tmp_path, train.Schedule(epochs=1, batch_size=32,
+                                                           learning_rate=0.05, decay_epochs=1))
+        conv = next(l for l in model._flatten_layers() if isinstance(l, keras.layers.Conv2D))
+        assert conv.compute_dtype == "float16" and conv.kernel.dtype == "float32"
+        result = trainer.fit(digits, 16, seed=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert all(v.dtype == "float32" for v in model.trainable_variables)
+    assert result.steps == data.steps_per_epoch(digits, 32)
+    assert result.test_accuracy > 0.3  # 10 classes: chance is 0.1
+
+
+def test_mixed_precision_gates_stay_float32():
+    """A student built under the mixed policy: gate values are float32
+    (softmax in float16 would round small gates to 0) and its outputs match
+    the float32 student's to float16 precision."""
+    from nettailor_tf.student import Plan, build_student
+
+    images = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+    reference = build_student(backbones.build_backbone("tiny"), 5, Plan.full(4, 2), "frozen", 16)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:  # as a training stage builds it: everything under the mixed policy
+        mixed = build_student(backbones.build_backbone("tiny"), 5, Plan.full(4, 2), "frozen", 16)
+        mixed.set_weights(reference.get_weights())
+        assert all(a.dtype == tf.float32 for a in mixed.alphas())
+        logits = mixed(images, training=False)[0]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    expected = reference(images, training=False)[0].numpy()
+    np.testing.assert_allclose(np.asarray(logits, np.float32), expected,
+                               atol=0.05 * np.abs(expected).max())
+
+
+def _free_ports(n):
+    import socket
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_worker_processes_match_one_worker_with_two_replicas(tmp_path):
+    """MultiWorkerMirroredStrategy over two processes on localhost (TF_CONFIG)
+    ends with the same teacher as one process with two replicas (the same
+    per-replica batches, so the same BN statistics): equal up to float noise.
+    Only the chief's files are the run's; the other worker writes under
+    workers/."""
+    import os
+
+    common = ["--tasks=digits", "--stages=teacher", "--backbone=tiny",
+              "--backbone_weights=random", "--image_size=16", "--teacher_epochs=1",
+              "--teacher_batch_size=32", "--seed=0", "--log_every=1000"]
+    one = subprocess.run(
+        [sys.executable, "-m", "nettailor_tf.main", f"--workdir={tmp_path / 'one'}",
+         "--strategy=mirrored", "--num_cpu_devices=2", *common],
+        capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "strategy mirrored with replicas=2" in one.stderr
+
+    ports = _free_ports(2)
+    workers = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps({
+            "cluster": {"worker": [f"localhost:{p}" for p in ports]},
+            "task": {"type": "worker", "index": index}}))
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "nettailor_tf.main", f"--workdir={tmp_path / 'two'}",
+             "--strategy=multi_worker", *common],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for worker in workers:
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-2000:]
+
+    reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two")]
+    accuracies = [r["tasks"]["digits"]["teacher"]["accuracy"] for r in reports]
+    assert abs(accuracies[0] - accuracies[1]) <= 2 / 359  # at most two test images differ
+    weights = []
+    for directory in ("one", "two"):
+        model = backbones.classifier_model(backbones.build_backbone("tiny"), 10, name="teacher")
+        model.load_weights(str(tmp_path / directory / "digits" / "teacher.weights.h5"))
+        weights.append(model.get_weights())
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    assert (tmp_path / "two" / "workers" / "worker1" / "digits" / "teacher.weights.h5").exists()

@@ -1,0 +1,111 @@
+"""Fault injection: the CLI killed (SIGKILL) at seeded random moments inside
+each stage, then run again until it finishes, ends exactly where an
+uninterrupted run ends, and never leaves a half-written file where a later
+run would read it."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+ARGS = ["--backbone=tiny", "--backbone_weights=random", "--image_size=16", "--tasks=digits",
+        "--stages=teacher,student,prune,finetune,export", "--teacher_epochs=1",
+        "--teacher_lr=0.05", "--student_epochs=2", "--finetune_epochs=1",
+        "--prune_universal=1", "--log_every=5", "--checkpoint_every=7",
+        "--export_variants=float32,int8", "--bundle_variants=float32",
+        "--calibration_images=32", "--seed=0"]
+# A line each stage logs when it starts its real work.
+STAGE_MARKERS = {"teacher": "teacher stage: fine-tuning", "student": "student stage:",
+                 "finetune": "finetune stage:", "export": "exporting to"}
+
+
+def _command(workdir):
+    return [sys.executable, "-m", "nettailor_tf.main", f"--workdir={workdir}", *ARGS]
+
+
+def _run_to_end(workdir):
+    result = subprocess.run(_command(workdir), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+def _run_and_kill(workdir, marker, delay):
+    """Starts the run, waits for `marker` in its log, then `delay` seconds
+    more, and SIGKILLs it.  Returns whether the kill landed (the run may
+    finish first)."""
+    process = subprocess.Popen(_command(workdir), stderr=subprocess.PIPE, text=True)
+    seen = threading.Event()
+
+    def read():
+        for line in process.stderr:
+            if marker in line:
+                seen.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 300
+    while not seen.is_set() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if process.poll() is None:
+        time.sleep(delay)
+    killed = process.poll() is None
+    if killed:
+        process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    reader.join(timeout=10)
+    return killed
+
+
+def _results(workdir):
+    report = json.loads((workdir / "report.json").read_text())
+    task = report["tasks"]["digits"]
+    with np.load(workdir / "digits" / "nettailor.npz") as state:
+        weights = {k: state[k] for k in state.files}
+    return {"teacher": task["teacher"]["accuracy"], "student": task["student"]["accuracy"],
+            "gates": task["student"]["gates"], "pruned": task["pruned"]["accuracy"],
+            "flops": task["pruned"]["flops"],
+            "agreement": {v: e["top1_agreement"] for v, e in task["tflite"].items()},
+            "plan": json.loads((workdir / "digits" / "plan.json").read_text())["blocks"],
+            "weights": weights}
+
+
+def _leftovers(workdir):
+    """Temporary files and directories of atomic writes."""
+    found = []
+    for root, dirs, files in os.walk(workdir):
+        for name in dirs + files:
+            if name.startswith(".tmp-") or ".tmp-" in name or name.endswith((".tmp", ".old")):
+                found.append(os.path.join(root, name))
+    return found
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_killed_at_random_points_of_every_stage_then_resumed_ends_the_same(tmp_path, seed):
+    reference = tmp_path / "reference"
+    _run_to_end(reference)
+    expected = _results(reference)
+
+    rng = np.random.default_rng(seed)
+    workdir = tmp_path / "killed"
+    kills = []
+    for stage, marker in STAGE_MARKERS.items():
+        delay = float(rng.uniform(0.2, 2.5))
+        if _run_and_kill(workdir, marker, delay):
+            kills.append((stage, round(delay, 2)))
+    assert len(kills) >= 3, kills  # the kills landed inside the run, not after it
+    log = _run_to_end(workdir)
+    assert "resuming from" in log or "already done" in log
+
+    got = _results(workdir)
+    for key in ("teacher", "student", "gates", "pruned", "flops", "agreement", "plan"):
+        assert got[key] == expected[key], (key, kills)
+    assert got["weights"].keys() == expected["weights"].keys()
+    for name, value in expected["weights"].items():
+        np.testing.assert_array_equal(got["weights"][name], value, err_msg=f"{name} {kills}")
+    assert _leftovers(workdir) == []
+    export = workdir / "digits" / "export"
+    assert json.loads((export / "export.json").read_text())["artefacts"]["nettailor_float32"]
