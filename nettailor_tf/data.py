@@ -65,6 +65,9 @@ _TF_DECODABLE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"})
 # Digits, characters and signs change meaning when mirrored: no flip for them.
 _TFDS_NO_FLIP = frozenset({"svhn_cropped", "mnist", "emnist", "kmnist", "omniglot", "cmaterdb"})
 _VDD = "visual_domain_decathlon"
+# Pascal VOC is a detection set; its task here is the paper's: classify the
+# objects cropped out by their boxes (difficult objects left out).
+_VOC = "voc"
 _VDD_NO_FLIP_CONFIGS = frozenset({"svhn", "omniglot", "gtsrb"})
 
 # Salts keep the shuffle stream and the augmentation streams independent.
@@ -334,6 +337,8 @@ def _load_tfds(spec: str, ref: str, data_dir: str | None, download: bool) -> Tas
         raise _fail(spec, f"cannot open TFDS dataset {ref!r}: {first}") from None
 
     features = builder.info.features
+    if name == _VOC:
+        return _load_voc_objects(spec, ref, builder, config)
     keys = set(features.keys()) if hasattr(features, "keys") else set()
     if not (isinstance(features["image"] if "image" in keys else None, tfds.features.Image)
             and isinstance(features["label"] if "label" in keys else None,
@@ -405,6 +410,71 @@ def _load_tfds(spec: str, ref: str, data_dir: str | None, download: bool) -> Tas
                            _Split(stream=as_pairs(test_stream)), decode=decode, same_size=False)
     return _make_task(ref, spec, num_classes, source, count("train", train_stream),
                       count(test_split, test_stream), _tfds_augment(name, config))
+
+
+def _open_tfds_split(spec: str, builder, split: str) -> tf.data.Dataset:
+    import tensorflow_datasets as tfds
+
+    try:
+        return builder.as_dataset(
+            split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=False))
+    except AssertionError as err:
+        if "could not find data" in str(err):
+            raise _tfds_not_prepared(spec, builder) from None
+        raise
+
+
+def _load_voc_objects(spec: str, ref: str, builder, config: str | None) -> TaskData:
+    """tfds:voc/2007 (or voc/2012) as object classification: one example per
+    non-difficult object, the image cropped to its box (SPEC.md section 6:
+    VOC cropped objects).  Images stay encoded until after shuffling; each
+    object carries its image's bytes and box, and is cut out when decoded.
+    2012's test split has no boxes, so its validation split is the test."""
+    features = builder.info.features
+    num_classes = int(features["objects"]["label"].num_classes)
+    image_feature = features["image"]
+    test_split = "validation" if (config or "").startswith("2012") else "test"
+
+    def objects(ds: tf.data.Dataset) -> tf.data.Dataset:
+        def per_image(example):
+            boxes = example["objects"]
+            keep = tf.logical_not(boxes["is_difficult"])
+            labels = tf.cast(tf.boolean_mask(boxes["label"], keep), tf.int32)
+            bbox = tf.boolean_mask(boxes["bbox"], keep)
+            encoded = tf.repeat(example["image"][None], tf.shape(labels)[0])
+            return tf.data.Dataset.from_tensor_slices(((encoded, bbox), labels))
+        return ds.flat_map(per_image)
+
+    def count(ds: tf.data.Dataset) -> int:
+        kept = ds.map(lambda ex: tf.reduce_sum(
+            tf.cast(tf.logical_not(ex["objects"]["is_difficult"]), tf.int64)))
+        return int(kept.reduce(tf.constant(0, tf.int64), lambda a, b: a + b))
+
+    def decode(item) -> tf.Tensor:
+        encoded, box = item
+        image = _to_rgb_uint8(image_feature.decode_example(encoded))
+        height, width = tf.shape(image)[0], tf.shape(image)[1]
+        size = tf.cast(tf.stack([height, width, height, width]), tf.float32)
+        ymin, xmin, ymax, xmax = tf.unstack(tf.clip_by_value(box, 0.0, 1.0) * size)
+        top = tf.cast(tf.minimum(ymin, ymax), tf.int32)
+        left = tf.cast(tf.minimum(xmin, xmax), tf.int32)
+        top, left = tf.minimum(top, height - 1), tf.minimum(left, width - 1)
+        # At least one pixel, and never past the image's edge.
+        box_height = tf.clip_by_value(tf.cast(tf.math.ceil(tf.maximum(ymin, ymax)), tf.int32)
+                                      - top, 1, height - top)
+        box_width = tf.clip_by_value(tf.cast(tf.math.ceil(tf.maximum(xmin, xmax)), tf.int32)
+                                     - left, 1, width - left)
+        return tf.image.crop_to_bounding_box(image, top, left, box_height, box_width)
+
+    train = _open_tfds_split(spec, builder, "train")
+    test = _open_tfds_split(spec, builder, test_split)
+    source = _build_source(_Split(stream=objects(train)), _Split(stream=objects(test)),
+                           decode=decode, same_size=False)
+    num_train, num_test = count(train), count(test)
+    if not num_train or not num_test:
+        raise _fail(spec, f"no (non-difficult) objects in the train or {test_split} split")
+    return _make_task(ref, spec, num_classes, source, num_train, num_test, "crop_flip")
 
 
 def _tfds_config_names(tfds, name: str) -> list[str]:

@@ -410,3 +410,60 @@ def test_folder_errors(tmp_path):
     _write_images(root / "train" / "a", 2, seed=0)
     with pytest.raises(DataError, match="no test/"):
         data.load_task(f"folder:{root}")
+
+
+# --------------------------------------------------------------------------- #
+# Pascal VOC as cropped objects
+# --------------------------------------------------------------------------- #
+
+
+def _voc_examples(split):
+    """Two 40x60 images per split; each pixel row holds its row index, so a
+    crop shows where it was cut.  Objects: (bbox, label, is_difficult)."""
+    import io
+
+    from PIL import Image
+
+    rows = np.repeat(np.arange(40, dtype=np.uint8)[:, None, None] * 5, 60, axis=1)
+    pixels = np.repeat(rows, 3, axis=2)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    encoded = buffer.getvalue()
+    objects = [
+        [([0.0, 0.0, 0.5, 0.5], 3, False), ([0.5, 0.5, 1.0, 1.0], 7, False),
+         ([0.1, 0.1, 0.2, 0.2], 1, True)],                    # difficult: left out
+        [([0.25, 0.0, 0.75, 1.0], 19 if split == "train" else 0, False)],
+    ]
+    for boxes in objects:
+        yield {"image": encoded,
+               "objects": {"bbox": np.array([b for b, _, _ in boxes], np.float32),
+                           "label": np.array([l for _, l, _ in boxes], np.int64),
+                           "is_difficult": np.array([d for _, _, d in boxes], bool)}}
+
+
+def test_voc_objects_are_cropped_by_their_boxes():
+    import tensorflow_datasets as tfds
+
+    def as_dataset(self, split, decoders=None, **kwargs):
+        signature = {"image": tf.TensorSpec([], tf.string),
+                     "objects": {"bbox": tf.TensorSpec([None, 4], tf.float32),
+                                 "label": tf.TensorSpec([None], tf.int64),
+                                 "is_difficult": tf.TensorSpec([None], tf.bool)}}
+        return tf.data.Dataset.from_generator(lambda: _voc_examples(str(split)),
+                                              output_signature=signature)
+
+    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+        task = data.load_task("tfds:voc/2007")
+        assert (task.name, task.num_classes, task.num_train, task.num_test) == (
+            "voc/2007", 20, 3, 3)
+        crops = [(image.numpy(), int(label)) for image, label in task.train]
+        images, labels = next(iter(data.train_pipeline(task, 16, 2, epoch=0, seed=0)))
+        assert images.shape == (2, 16, 16, 3) and set(labels.numpy()) <= {3, 7, 19}
+        test_labels = np.concatenate([l.numpy() for _, l in data.eval_pipeline(task, 16, 2)])
+        assert sorted(test_labels) == [0, 3, 7]
+    assert [label for _, label in crops] == [3, 7, 19]
+    top_left, bottom_right, band = (c for c, _ in crops)
+    assert top_left.shape == (20, 30, 3) and bottom_right.shape == (20, 30, 3)
+    assert band.shape == (20, 60, 3)
+    # Row r of the image holds 5 * r: each crop starts at its box's top row.
+    assert top_left[0, 0, 0] == 0 and bottom_right[0, 0, 0] == 5 * 20 and band[0, 0, 0] == 5 * 10
