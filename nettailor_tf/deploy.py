@@ -231,7 +231,8 @@ def export_bundle(config: Config, tasks, report: Report) -> None:
     final = bundle_dir(config)
     atomic.recover(final)
     manifest = _read_manifest(final)
-    if not (manifest and manifest.get("fingerprint") == fingerprint):
+    exported_before = bool(manifest and manifest.get("fingerprint") == fingerprint)
+    if not exported_before:
         logging.info("bundle: exporting %d tasks to %s", len(tasks), final)
         with atomic.staged_directory(final) as staging:
             task_params = {t.name: int(report.get(t.name, "pruned")["params_task_specific"])
@@ -251,9 +252,10 @@ def export_bundle(config: Config, tasks, report: Report) -> None:
                               json.dumps(manifest, indent=1) + "\n")
     else:
         logging.info("bundle: already exported (%s); skipping", final)
-    keep = report.data.get("bundle", {})
+    # Latencies measured on these same files stay; new files have none yet.
+    old = report.data.get("bundle", {}) if exported_before else {}
     report.data["bundle"] = {**manifest["bundle"],
-                             **{k: v for k, v in keep.items() if k == "latency"}}
+                             **({"latency": old["latency"]} if "latency" in old else {})}
     report.save()
 
 

@@ -17,7 +17,7 @@ ARGS = ["--backbone=tiny", "--backbone_weights=random", "--image_size=16", "--ta
         "--stages=teacher,student,prune,finetune,export", "--teacher_epochs=1",
         "--teacher_lr=0.05", "--student_epochs=2", "--finetune_epochs=1",
         "--prune_universal=1", "--log_every=5", "--checkpoint_every=7",
-        "--export_variants=float32,int8", "--bundle_variants=float32",
+        "--export_variants=float32", "--bundle_variants=float32",
         "--calibration_images=32", "--seed=0"]
 # A line each stage logs when it starts its real work.
 STAGE_MARKERS = {"teacher": "teacher stage: fine-tuning", "student": "student stage:",
