@@ -35,18 +35,24 @@ def teacher_weights_path(config: Config, task: data_lib.TaskData) -> str:
     return os.path.join(task_dir(config, task), "teacher.weights.h5")
 
 
-def save_weights_atomically(model: keras.Model, path: str) -> None:
+def _write_weights_atomically(path: str, write) -> None:
+    """Calls `write(tmp)` on a temporary .weights.h5 beside `path`, then
+    renames it into place: readers see the old file or the new, never half."""
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".weights.h5")
     os.close(fd)
     try:
-        model.save_weights(tmp, overwrite=True)
+        write(tmp)
         chmod_default(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_weights_atomically(model: keras.Model, path: str) -> None:
+    _write_weights_atomically(path, lambda tmp: model.save_weights(tmp, overwrite=True))
 
 
 def backbone_weights_file(config: Config) -> str:
@@ -63,16 +69,8 @@ def backbone_weights_file(config: Config) -> str:
     if not os.path.exists(path):
         keras.utils.set_random_seed(config.seed)
         backbone = backbones_lib.build_backbone(config.backbone)
-        os.makedirs(config.workdir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=config.workdir, prefix=".tmp-", suffix=".weights.h5")
-        os.close(fd)
-        try:
-            backbones_lib.save_backbone_weights(backbone, tmp)
-            chmod_default(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _write_weights_atomically(
+            path, lambda tmp: backbones_lib.save_backbone_weights(backbone, tmp))
     return path
 
 

@@ -19,6 +19,8 @@ import os
 import tempfile
 from typing import Any, Sequence
 
+from nettailor_tf.report import chmod_default
+
 __all__ = ["plot_architecture", "plot_deployment"]
 
 _CMAP = "viridis"
@@ -279,12 +281,6 @@ def plot_architecture(path: str, title: str, full_plan: list[dict],
 
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _save_png(fig, path: str) -> None:
     """Writes the figure atomically: a temporary file in the same folder, then a rename."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -293,7 +289,7 @@ def _save_png(fig, path: str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=120)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
+        chmod_default(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
