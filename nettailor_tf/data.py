@@ -358,19 +358,7 @@ def _load_tfds(spec: str, ref: str, data_dir: str | None, download: bool) -> Tas
                 from err
 
     def open_split(split: str) -> tf.data.Dataset:
-        # Preparedness is checked by opening the data rather than with
-        # builder.is_prepared(): tfds.testing.mock_data patches as_dataset but
-        # not is_prepared, and a genuinely missing dataset fails here at once.
-        try:
-            return builder.as_dataset(
-                split=split, shuffle_files=False,
-                # Keep images encoded until the pipeline has shuffled/skipped.
-                decoders={"image": tfds.decode.SkipDecoding()},
-                read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=False))
-        except AssertionError as err:
-            if "could not find data" in str(err):
-                raise _tfds_not_prepared(spec, builder) from None
-            raise
+        return _open_tfds_split(spec, builder, split)
 
     known_splits = dict(builder.info.splits)  # empty under mock_data / before preparation
     if known_splits and "train" not in known_splits:
@@ -413,6 +401,11 @@ def _load_tfds(spec: str, ref: str, data_dir: str | None, download: bool) -> Tas
 
 
 def _open_tfds_split(spec: str, builder, split: str) -> tf.data.Dataset:
+    """One split, images still encoded (decoded only after shuffling).
+
+    Preparedness is checked by opening the data rather than with
+    builder.is_prepared(): tfds.testing.mock_data patches as_dataset but not
+    is_prepared, and a genuinely missing dataset fails here at once."""
     import tensorflow_datasets as tfds
 
     try:

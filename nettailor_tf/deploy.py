@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 
+import keras
 import numpy as np
 from absl import logging
 
@@ -86,8 +87,6 @@ def nettailor_endpoint(config: Config, task, universal: prune_lib.UniversalLayer
 
 
 def teacher_endpoint(config: Config, task) -> savedmodel.Endpoint:
-    import keras
-
     folded = stages._frozen_teacher(config, task)
     model = keras.Model(folded.inputs, folded.outputs[0], name="teacher")
     return savedmodel.Endpoint(model, config.image_size, task.augment != "none")
