@@ -24,8 +24,9 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from typing import Iterable, Mapping, Sequence
+
+from nettailor_tf import atomic
 
 __all__ = [
     "DOMAINS",
@@ -275,21 +276,6 @@ def _records(predictions: Mapping[str, Mapping[int, int]],
     return records
 
 
-def _atomic_write_json(path: str, obj: object) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def submission_json(predictions: Mapping[str, Mapping[int, int]], path: str | None = None, *,
                     category_ids: Mapping[str, Sequence[int]] | None = None,
                     require_all_domains: bool = False) -> list[dict[str, int]]:
@@ -300,7 +286,7 @@ def submission_json(predictions: Mapping[str, Mapping[int, int]], path: str | No
         of the devkit's ``<domain>_test_stripped.json`` (`load_annotations`
         maps a TFDS example's ``name`` to its id); labels are 0-based class
         indices in the TFDS / model order.
-      path: where to write the JSON (atomically: temporary file + os.replace);
+      path: where to write the JSON (atomically);
         None writes nothing.
       category_ids: optional {domain: category ids in label order}, e.g.
         ``load_annotations(...).category_ids``; other domains use
@@ -329,7 +315,7 @@ def submission_json(predictions: Mapping[str, Mapping[int, int]], path: str | No
     """
     records = _records(predictions, category_ids, require_all_domains)
     if path is not None:
-        _atomic_write_json(path, records)
+        atomic.write_text(path, json.dumps(records, separators=(",", ":")))
     return records
 
 

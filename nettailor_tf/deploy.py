@@ -3,7 +3,7 @@ parity) and `benchmark` (LiteRT latency), per task and for the multi-task
 bundle.
 
 Each export directory is built aside and renamed into place whole
-(exporters/atomic.py), with a manifest (`export.json`) that records the
+(nettailor_tf/atomic.py), with a manifest (`export.json`) that records the
 fingerprint of the weights it came from: a finished export is skipped, a
 stale one (the weights changed since) is rebuilt, and a run killed after the
 rename but before the report was written takes the entries from the
@@ -19,7 +19,8 @@ import keras
 import numpy as np
 from absl import logging
 
-from exporters import atomic, latency as latency_lib, parity, savedmodel, tflite
+from exporters import latency as latency_lib, parity, savedmodel, tflite
+from nettailor_tf import atomic
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import data as data_lib
 from nettailor_tf import prune as prune_lib
@@ -27,7 +28,7 @@ from nettailor_tf import stages
 from nettailor_tf import student as student_lib
 from nettailor_tf import visualize
 from nettailor_tf.config import Config
-from nettailor_tf.report import Report, atomic_write_text
+from nettailor_tf.report import Report
 
 MANIFEST = "export.json"
 
@@ -131,7 +132,7 @@ def run_export(config: Config, strategy, task, report: Report) -> bool:
     with atomic.staged_directory(final) as staging:
         manifest = _export_task(config, task, nettailor, teacher, staging, final)
         manifest["fingerprint"] = fingerprint
-        atomic_write_text(os.path.join(staging, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+        atomic.write_text(os.path.join(staging, MANIFEST), json.dumps(manifest, indent=1) + "\n")
     _report_task_export(config, task, report, manifest)
     return True
 
@@ -247,7 +248,7 @@ def export_bundle(config: Config, tasks, report: Report) -> None:
             bundle["teachers_float32_bytes"] = sum(
                 report.get(t.name, "teacher_tflite")["float32"]["bytes"] for t in tasks)
             manifest["fingerprint"] = fingerprint
-            atomic_write_text(os.path.join(staging, MANIFEST),
+            atomic.write_text(os.path.join(staging, MANIFEST),
                               json.dumps(manifest, indent=1) + "\n")
     else:
         logging.info("bundle: already exported (%s); skipping", final)
@@ -355,6 +356,8 @@ def run_benchmark(config: Config, strategy, task, report: Report) -> bool:
     if all("latency_ms" in e for e in entries.values()):
         logging.info("%s: benchmark stage already done; skipping", task.name)
         return True
+    logging.info("%s: benchmark stage: timing %d TFLite files, %d runs each", task.name,
+                 len(entries), config.benchmark_runs)
     image = _benchmark_image(config, task)
     files = {name: (os.path.join(config.workdir, e["path"]), savedmodel.SERVING_KEY)
              for name, e in entries.items()}

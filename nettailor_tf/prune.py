@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import keras
 import numpy as np
 
-from nettailor_tf import complexity
+from nettailor_tf import atomic, complexity
 from nettailor_tf.backbones import Backbone, count_params
 from nettailor_tf.layers import PACKAGE, apply_activation, fold_batchnorm
-from nettailor_tf.report import atomic_write_text
 from nettailor_tf.student import BlockPlan, Plan, Student
 
 
@@ -264,12 +262,7 @@ def task_state(student: Student) -> dict[str, np.ndarray]:
 def save_task_state(student: Student, path: str) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **task_state(student))
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_bytes(path, buffer.getvalue())
 
 
 def load_task_state(student: Student, path: str) -> None:
@@ -289,7 +282,7 @@ def load_task_state(student: Student, path: str) -> None:
 
 def save_plan(path: str, plan: Plan, **info) -> None:
     data = {"blocks": json.loads(plan.to_json())["blocks"], **info}
-    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    atomic.write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def load_plan(path: str) -> tuple[Plan, dict]:

@@ -7,33 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Writes `text` to `path` so that readers see the old or the new file, never a mix."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        chmod_default(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def chmod_default(path: str) -> None:
-    """Gives a file made by mkstemp (0600) or a directory made by mkdtemp
-    (0700) the permissions a plain open()/mkdir would have (umask applied)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+from nettailor_tf import atomic
 
 
 class Report:
@@ -64,8 +39,8 @@ class Report:
         self.save()
 
     def save(self) -> None:
-        atomic_write_text(self.json_path, json.dumps(self.data, indent=2, sort_keys=False) + "\n")
-        atomic_write_text(self.md_path, render_markdown(self.data))
+        atomic.write_text(self.json_path, json.dumps(self.data, indent=2, sort_keys=False) + "\n")
+        atomic.write_text(self.md_path, render_markdown(self.data))
 
 
 def _fmt_count(n) -> str:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 
 import keras
 from absl import logging
 
+from nettailor_tf import atomic
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import complexity
 from nettailor_tf import data as data_lib
@@ -23,7 +23,7 @@ from nettailor_tf import student as student_lib
 from nettailor_tf import train, visualize
 from nettailor_tf.config import Config
 from nettailor_tf.losses import cross_entropy, mimic_loss
-from nettailor_tf.report import Report, atomic_write_text, chmod_default
+from nettailor_tf.report import Report
 from nettailor_tf.train import Trainer
 
 
@@ -35,24 +35,9 @@ def teacher_weights_path(config: Config, task: data_lib.TaskData) -> str:
     return os.path.join(task_dir(config, task), "teacher.weights.h5")
 
 
-def _write_weights_atomically(path: str, write) -> None:
-    """Calls `write(tmp)` on a temporary .weights.h5 beside `path`, then
-    renames it into place: readers see the old file or the new, never half."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".weights.h5")
-    os.close(fd)
-    try:
-        write(tmp)
-        chmod_default(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_weights_atomically(model: keras.Model, path: str) -> None:
-    _write_weights_atomically(path, lambda tmp: model.save_weights(tmp, overwrite=True))
+    with atomic.replacing_file(path, suffix=".weights.h5") as tmp:
+        model.save_weights(tmp, overwrite=True)
 
 
 def backbone_weights_file(config: Config) -> str:
@@ -69,8 +54,8 @@ def backbone_weights_file(config: Config) -> str:
     if not os.path.exists(path):
         keras.utils.set_random_seed(config.seed)
         backbone = backbones_lib.build_backbone(config.backbone)
-        _write_weights_atomically(
-            path, lambda tmp: backbones_lib.save_backbone_weights(backbone, tmp))
+        with atomic.replacing_file(path, suffix=".weights.h5") as tmp:
+            backbones_lib.save_backbone_weights(backbone, tmp)
     return path
 
 
@@ -297,7 +282,7 @@ def _search_prune_universal(config, strategy, task, report, student, alphas) -> 
         if result is None:
             raise _Interrupted()
         results[n] = {"accuracy": result.test_accuracy, **plan.counts()}
-        atomic_write_text(results_path, json.dumps(results, indent=1) + "\n")
+        atomic.write_text(results_path, json.dumps(results, indent=1) + "\n")
         logging.info("%s: prune search N=%d: accuracy %.4f (target %.4f)", task.name, n,
                      result.test_accuracy, target)
         return result.test_accuracy
@@ -321,8 +306,15 @@ def run_prune(config: Config, strategy, task, report: Report) -> bool:
     """Cuts weak universal blocks and proxies, then every dead path; saves the plan."""
     path = plan_path(config, task)
     if os.path.exists(path):
+        if report.get(task.name, "architecture_png") is None:
+            # Killed after the plan (the stage's commit point) was written but
+            # before its drawing was: draw it now from the same inputs.
+            plan, _ = prune_lib.load_plan(path)
+            student, backbone = _trained_student(config, task)
+            _draw_architecture(config, task, report, student, plan, backbone)
         logging.info("%s: prune stage already done (%s); skipping", task.name, path)
         return True
+    logging.info("%s: prune stage: reading the student's gates", task.name)
     student, backbone = _trained_student(config, task)
     alphas = [a.numpy() for a in student.alphas()]
     num_universal = config.prune_universal
@@ -344,6 +336,15 @@ def run_prune(config: Config, strategy, task, report: Report) -> bool:
                         prune_universal=num_universal,
                         prune_proxy_threshold=config.prune_proxy_threshold,
                         prune_search=config.prune_search, gates=_gates(student), **counts)
+    png = _draw_architecture(config, task, report, student, pruned, backbone)
+    logging.info("%s: pruned to %d universal blocks and %d proxies (%d live blocks of %d); "
+                 "architecture drawn in %s", task.name, counts["universal_blocks_kept"],
+                 counts["proxies_kept"], counts["blocks_live"], len(pruned.blocks), png)
+    return True
+
+
+def _draw_architecture(config, task, report, student, pruned, backbone) -> str:
+    """architecture.png (the student's gates, what pruning kept) and its report entry."""
     png = os.path.join(task_dir(config, task), "architecture.png")
     visualize.plot_architecture(
         png, f"{task.name}: NetTailor on {config.backbone} (max_skip={config.max_skip})",
@@ -351,10 +352,7 @@ def run_prune(config: Config, strategy, task, report: Report) -> bool:
         block_flops=complexity.backbone_flops(backbone, config.image_size)["blocks"])
     report.task(task.name)["architecture_png"] = os.path.relpath(png, config.workdir)
     report.save()
-    logging.info("%s: pruned to %d universal blocks and %d proxies (%d live blocks of %d); "
-                 "architecture drawn in %s", task.name, counts["universal_blocks_kept"],
-                 counts["proxies_kept"], counts["blocks_live"], len(pruned.blocks), png)
-    return True
+    return png
 
 
 def run_finetune(config: Config, strategy, task, report: Report) -> bool:

@@ -15,11 +15,9 @@ TensorFlow.  The plans are per-block dicts `{"universal": bool,
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from typing import Any, Sequence
 
-from nettailor_tf.report import chmod_default
+from nettailor_tf import atomic
 
 __all__ = ["plot_architecture", "plot_deployment"]
 
@@ -280,21 +278,9 @@ def plot_architecture(path: str, title: str, full_plan: list[dict],
     _save_png(fig, path)
 
 
-
 def _save_png(fig, path: str) -> None:
-    """Writes the figure atomically: a temporary file in the same folder, then a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".png.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-        chmod_default(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic.replacing_file(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
 
 
 _VARIANT_MARKERS = {"float32": "o", "float16": "s", "dynamic": "D", "int8": "^"}

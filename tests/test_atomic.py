@@ -1,9 +1,9 @@
-"""Export directories appear whole or not at all."""
+"""Files and export directories appear whole or not at all."""
 import os
 
 import pytest
 
-from exporters import atomic
+from nettailor_tf import atomic
 
 
 def _write(directory, name, text):
@@ -80,3 +80,35 @@ def test_directory_bytes(tmp_path):
     _write(str(tmp_path / "d"), "x", "12345")
     _write(str(tmp_path / "d" / "sub"), "y", "678")
     assert atomic.directory_bytes(str(tmp_path / "d")) == 8
+
+
+def test_a_file_is_replaced_whole_with_the_usual_permissions(tmp_path):
+    path = str(tmp_path / "sub" / "report.json")
+    atomic.write_text(path, "one")
+    atomic.write_text(path, "two")
+    assert _contents(str(tmp_path / "sub")) == {"report.json": "two"}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
+
+
+def test_a_failing_writer_leaves_the_previous_file(tmp_path):
+    path = str(tmp_path / "model.weights.h5")
+    atomic.write_bytes(path, b"good")
+    with pytest.raises(RuntimeError, match="injected"):
+        with atomic.replacing_file(path, suffix=".weights.h5") as tmp:
+            assert tmp.endswith(".weights.h5") and os.path.dirname(tmp) == str(tmp_path)
+            with open(tmp, "wb") as f:
+                f.write(b"ha")
+            raise RuntimeError("injected failure mid-write")
+    assert open(path, "rb").read() == b"good"
+    assert _leftovers(tmp_path) == []
+
+
+def test_temporaries_of_a_killed_writer_go_with_the_next_write(tmp_path):
+    """SIGKILL mid-write leaves `.<name>.tmp-*`; the next write of that file
+    removes it, and leaves other files' temporaries alone."""
+    _write(str(tmp_path), ".plot.png.tmp-dead.png", "half")
+    _write(str(tmp_path), ".other.png.tmp-live.png", "someone else's")
+    atomic.write_bytes(str(tmp_path / "plot.png"), b"whole")
+    assert sorted(os.listdir(tmp_path)) == [".other.png.tmp-live.png", "plot.png"]

@@ -2,8 +2,8 @@
 tiny backbone, trained for one short epoch per stage, then exported,
 parity-checked, bundled and timed."""
 import json
-import os
 import shutil
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 from helpers import run_in_process
 
 from exporters import parity, tflite
-from nettailor_tf import deploy, stages
+from nettailor_tf import stages
 from nettailor_tf.config import Config
 from nettailor_tf.train import Schedule
 

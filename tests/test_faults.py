@@ -14,14 +14,16 @@ import numpy as np
 import pytest
 
 ARGS = ["--backbone=tiny", "--backbone_weights=random", "--image_size=16", "--tasks=digits",
-        "--stages=teacher,student,prune,finetune,export", "--teacher_epochs=1",
+        "--stages=teacher,student,prune,finetune,export,benchmark", "--teacher_epochs=1",
         "--teacher_lr=0.05", "--student_epochs=2", "--finetune_epochs=1",
         "--prune_universal=1", "--log_every=5", "--checkpoint_every=7",
         "--export_variants=float32", "--bundle_variants=float32",
-        "--calibration_images=32", "--seed=0"]
-# A line each stage logs when it starts its real work.
-STAGE_MARKERS = {"teacher": "teacher stage: fine-tuning", "student": "student stage:",
-                 "finetune": "finetune stage:", "export": "exporting to"}
+        "--calibration_images=32", "--benchmark_runs=50", "--seed=0"]
+# A line each stage logs when it starts its real work, and the range (s) the
+# kill is drawn from after it: prune and benchmark take about a second here.
+STAGE_MARKERS = {"teacher": ("teacher stage: fine-tuning", 2.5), "student": ("student stage:", 2.5),
+                 "prune": ("prune stage:", 0.8), "finetune": ("finetune stage:", 2.5),
+                 "export": ("exporting to", 2.5), "benchmark": ("benchmark stage:", 0.8)}
 
 
 def _command(workdir):
@@ -92,11 +94,11 @@ def test_killed_at_random_points_of_every_stage_then_resumed_ends_the_same(tmp_p
     rng = np.random.default_rng(seed)
     workdir = tmp_path / "killed"
     kills = []
-    for stage, marker in STAGE_MARKERS.items():
-        delay = float(rng.uniform(0.2, 2.5))
+    for stage, (marker, latest) in STAGE_MARKERS.items():
+        delay = float(rng.uniform(0.1, latest))
         if _run_and_kill(workdir, marker, delay):
             kills.append((stage, round(delay, 2)))
-    assert len(kills) >= 3, kills  # the kills landed inside the run, not after it
+    assert len(kills) >= 4, kills  # the kills landed inside the run, not after it
     log = _run_to_end(workdir)
     assert "resuming from" in log or "already done" in log
 
@@ -107,5 +109,13 @@ def test_killed_at_random_points_of_every_stage_then_resumed_ends_the_same(tmp_p
     for name, value in expected["weights"].items():
         np.testing.assert_array_equal(got["weights"][name], value, err_msg=f"{name} {kills}")
     assert _leftovers(workdir) == []
+    # What the prune and benchmark stages add to the report, whatever the kills hit.
+    report = json.loads((workdir / "report.json").read_text())
+    task = report["tasks"]["digits"]
+    assert (workdir / task["architecture_png"]).stat().st_size > 0
+    assert task["tflite"]["float32"]["latency_ms"] > 0
+    assert task["teacher_tflite"]["float32"]["latency_ms"] > 0
+    assert report["bundle"]["latency"]["float32"]["digits"] > 0
+    assert (workdir / report["deployment_png"]).stat().st_size > 0
     export = workdir / "digits" / "export"
     assert json.loads((export / "export.json").read_text())["artefacts"]["nettailor_float32"]

@@ -157,12 +157,12 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     """No space left: the first write fails with the errno's words and the path."""
     import errno
 
-    from nettailor_tf import report
+    from nettailor_tf import atomic
 
     def full(path, text):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
-    monkeypatch.setattr(report, "atomic_write_text", full)
+    monkeypatch.setattr(atomic, "write_text", full)
     code, err = run_in_process(capsys, *TINY, f"--workdir={tmp_path / 'w'}")
     assert code == 2
     assert "No space left on device" in err and "report.json" in err

@@ -1,4 +1,5 @@
 """All stages end to end, in process, on the tiny backbone and mocked tfds data."""
+import dataclasses
 import json
 
 import numpy as np
@@ -80,6 +81,19 @@ def test_all_stages_fill_the_report_and_are_skipped_when_done(tmp_path, mocked_s
         stages.run(config, strategy)
     skipped = [r.getMessage() for r in caplog.records if "already done" in r.getMessage()]
     assert len(skipped) == 4
+
+    # A kill between the plan (the prune stage's commit point) and its drawing:
+    # the next run keeps the plan and draws what is missing.
+    plan_before = (task_dir / "plan.json").read_bytes()
+    (task_dir / "architecture.png").unlink()
+    data = json.loads((tmp_path / "report.json").read_text())
+    del data["tasks"]["svhn_cropped"]["architecture_png"]
+    (tmp_path / "report.json").write_text(json.dumps(data))
+    stages.run(dataclasses.replace(config, stages=("prune",)), strategy)
+    assert (task_dir / "plan.json").read_bytes() == plan_before
+    assert (task_dir / "architecture.png").stat().st_size > 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["tasks"]["svhn_cropped"]["architecture_png"] == "svhn_cropped/architecture.png"
 
 
 def test_prune_search_picks_the_leanest_candidate_within_tolerance(tmp_path, mocked_svhn):
