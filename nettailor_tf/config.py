@@ -7,12 +7,16 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from nettailor_tf import decathlon
 from nettailor_tf.backbones import (BACKBONES, DOWNLOADED_IMAGENET, PACKAGED_IMAGENET,
                                    build_backbone)
 from nettailor_tf.student import UNIVERSAL_BN_MODES
 from nettailor_tf.train import STRATEGIES, Schedule
 
-STAGES = ("teacher", "student", "prune", "finetune", "export", "benchmark")
+STAGES = ("teacher", "student", "prune", "finetune", "export", "benchmark", "submission")
+# What a run does unless --stages says otherwise: `submission` only applies to
+# Visual Decathlon tasks and needs the challenge's annotation files.
+DEFAULT_STAGES = STAGES[:6]
 TFLITE_VARIANTS = ("float32", "float16", "dynamic", "int8")
 
 
@@ -24,7 +28,7 @@ class ConfigError(ValueError):
 class Config:
     workdir: str
     tasks: tuple[str, ...]
-    stages: tuple[str, ...] = STAGES
+    stages: tuple[str, ...] = DEFAULT_STAGES
     backbone: str = "efficientnet_lite0"
     backbone_weights: str = "imagenet"  # 'imagenet', 'random', or a weights file
     image_size: int = 64
@@ -61,6 +65,7 @@ class Config:
     parity_max_images: int = 0    # 0: the whole test split
     benchmark_runs: int = 100
     benchmark_warmup: int = 10
+    decathlon_annotations: str | None = None  # the devkit's annotations folder
 
     def validate(self) -> None:
         """Raises ConfigError on the first bad value; cheap, runs before any work."""
@@ -150,6 +155,27 @@ class Config:
                               f"drop --prune_universal={self.prune_universal} or --prune_search")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max_steps={self.max_steps} must be >= 1 (or unset)")
+        if "submission" in self.stages:
+            self._validate_submission()
+
+    def _validate_submission(self) -> None:
+        for spec in self.tasks:
+            if decathlon.task_domain(spec) is None:
+                raise ConfigError(
+                    f"--stages=submission: task {spec!r} is not a Visual Decathlon task; the "
+                    f"stage predicts the challenge's test split of "
+                    f"tfds:visual_domain_decathlon/<domain> tasks only")
+        if not self.decathlon_annotations:
+            raise ConfigError("--stages=submission needs --decathlon_annotations: the devkit's "
+                              "annotations folder (decathlon-1.0/annotations, with "
+                              "<domain>_test_stripped.json)")
+        for spec in self.tasks:
+            path = decathlon.stripped_test_annotations(self.decathlon_annotations,
+                                                       decathlon.task_domain(spec))
+            if not os.path.isfile(path):
+                raise ConfigError(f"--decathlon_annotations={self.decathlon_annotations}: no "
+                                  f"{os.path.basename(path)} in it (the devkit's "
+                                  f"decathlon-1.0/annotations folder has one per domain)")
 
 
 def _check_schedule(stage: str, s: Schedule) -> None:

@@ -418,6 +418,31 @@ def _open_tfds_split(spec: str, builder, split: str) -> tf.data.Dataset:
         raise
 
 
+def decathlon_test_split(spec: str, data_dir: str | None = None) -> tuple[tf.data.Dataset, int]:
+    """The unlabelled test split of a ``tfds:visual_domain_decathlon/<domain>``
+    task: ``(name, uint8 image [H, W, 3])`` in stored order, and its size.
+
+    ``name`` is the image's file name in the devkit (``aircraft/test/...``),
+    which the annotation file maps to the image id a submission needs."""
+    import tensorflow_datasets as tfds
+
+    ref = spec[len("tfds:"):] if spec.startswith("tfds:") else spec
+    match = _TFDS_REF_RE.fullmatch(ref)
+    if match is None or match["name"] != _VDD:
+        raise _fail(spec, "not a Visual Decathlon task; expected "
+                          "tfds:visual_domain_decathlon/<domain>")
+    builder = tfds.builder(ref, data_dir=data_dir)
+    stream = _open_tfds_split(spec, builder, "test")
+    image_feature = builder.info.features["image"]
+    known = dict(builder.info.splits)
+    size = int(known["test"].num_examples) if "test" in known else int(stream.cardinality())
+    if size < 0:
+        raise _fail(spec, f"cannot tell the size of split 'test' of {ref!r}")
+    ds = stream.map(lambda ex: (ex["name"], _to_rgb_uint8(image_feature.decode_example(
+        ex["image"]))), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds, size
+
+
 def _load_voc_objects(spec: str, ref: str, builder, config: str | None) -> TaskData:
     """tfds:voc/2007 (or voc/2012) as object classification: one example per
     non-difficult object, the image cropped to its box (SPEC.md section 6:
@@ -779,10 +804,23 @@ def eval_pipeline(task: TaskData, image_size: int, batch_size: int,
     return _finish(ds, image_size)
 
 
+def keyed_eval_pipeline(keyed_images: tf.data.Dataset, augment: str, image_size: int,
+                        batch_size: int) -> tf.data.Dataset:
+    """Batches ``(float32 images, keys)`` of unbatched ``(key, uint8 image)``
+    pairs, in stored order, with exactly the evaluation transform of
+    `eval_pipeline` (for splits without labels, e.g. a challenge's test set)."""
+    if augment not in AUGMENT_POLICIES:
+        raise DataError(f"unknown augmentation policy {augment!r}; accepted: "
+                        f"{', '.join(AUGMENT_POLICIES)}")
+    ds = keyed_images.map(lambda key, image: (_eval_transform(image, augment, image_size), key),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+    return _finish(ds.batch(batch_size, num_parallel_calls=tf.data.AUTOTUNE), image_size)
+
+
 def _finish(ds: tf.data.Dataset, image_size: int) -> tf.data.Dataset:
-    def shape(images, labels):
+    def shape(images, labels_or_keys):
         images = tf.ensure_shape(images, [None, image_size, image_size, 3])
-        return images, labels
+        return images, labels_or_keys
     ds = ds.map(shape)
     options = tf.data.Options()
     options.deterministic = True  # parallel maps keep the input order

@@ -41,6 +41,12 @@ __all__ = [
     "load_annotations",
     "submission_json",
     "read_submission",
+    "submission_text",
+    "task_domain",
+    "stripped_test_annotations",
+    "write_task_predictions",
+    "read_task_predictions",
+    "merge_task_predictions",
 ]
 
 # The TFDS config names, in the challenge's (alphabetical) order: this order is
@@ -315,8 +321,13 @@ def submission_json(predictions: Mapping[str, Mapping[int, int]], path: str | No
     """
     records = _records(predictions, category_ids, require_all_domains)
     if path is not None:
-        atomic.write_text(path, json.dumps(records, separators=(",", ":")))
+        atomic.write_text(path, submission_text(records))
     return records
+
+
+def submission_text(records: list[dict[str, int]]) -> str:
+    """The results file's content for `submission_json`'s records."""
+    return json.dumps(records, separators=(",", ":"))
 
 
 def read_submission(source: str | Iterable[Mapping[str, int]],
@@ -351,3 +362,91 @@ def read_submission(source: str | Iterable[Mapping[str, int]],
             raise ValueError(f"submission: image id {image_id} of {domain!r} appears twice")
         out.setdefault(domain, {})[image_id] = label
     return out
+
+
+# --------------------------------------------------------------------------- #
+# Per-task prediction files and their merge into one results file
+# --------------------------------------------------------------------------- #
+
+_TASK_PREFIX = "tfds:visual_domain_decathlon/"
+
+
+def task_domain(spec: str) -> str | None:
+    """The domain of a task spec ``tfds:visual_domain_decathlon/<domain>[:version]``,
+    or None for any other task."""
+    if not isinstance(spec, str) or not spec.startswith(_TASK_PREFIX):
+        return None
+    domain = spec[len(_TASK_PREFIX):].split(":", 1)[0]
+    return domain if domain in NUM_CLASSES else None
+
+
+def stripped_test_annotations(annotations_dir: str, domain: str) -> str:
+    """Where the devkit keeps a domain's test images and their ids."""
+    return os.path.join(annotations_dir, f"{_check_domain(domain, 'annotations')}"
+                                         f"_test_stripped.json")
+
+
+# Bumped when the layout of a per-task predictions file changes.
+_PREDICTIONS_FORMAT = 1
+
+
+def write_task_predictions(path: str, domain: str, predictions: Mapping[int, int],
+                           category_ids: Sequence[int], fingerprint: str = "") -> None:
+    """Writes one task's test predictions ({image id: label}) atomically.
+
+    The file carries the domain and its category ids, so that several runs'
+    files (one workdir per domain) merge without the annotation files."""
+    _records({domain: predictions}, {domain: category_ids}, require_all_domains=False)
+    content = {"format": _PREDICTIONS_FORMAT, "domain": domain, "fingerprint": fingerprint,
+               "category_ids": [int(c) for c in category_ids],
+               "predictions": {str(int(i)): int(label) for i, label in sorted(predictions.items())}}
+    atomic.write_text(path, json.dumps(content, separators=(",", ":")) + "\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskPredictions:
+    domain: str
+    predictions: dict[int, int]
+    category_ids: tuple[int, ...]
+    fingerprint: str
+
+
+def read_task_predictions(path: str) -> TaskPredictions:
+    """Reads a file of `write_task_predictions`; one-line ValueError if it is not one."""
+    data = _read_json(path, "predictions file")
+    if (not isinstance(data, dict) or data.get("format") != _PREDICTIONS_FORMAT
+            or not isinstance(data.get("predictions"), dict)
+            or not isinstance(data.get("category_ids"), list)):
+        raise ValueError(f"predictions file {path}: not a predictions file of this version "
+                         f"(written by the submission stage as "
+                         f"<workdir>/<task>/decathlon_test_predictions.json)")
+    domain = _check_domain(data.get("domain"), f"predictions file {path}")
+    try:
+        predictions = {int(i): int(label) for i, label in data["predictions"].items()}
+        category_ids = tuple(int(c) for c in data["category_ids"])
+    except (TypeError, ValueError):
+        raise ValueError(f"predictions file {path}: image ids, labels and category ids must "
+                         f"be integers") from None
+    return TaskPredictions(domain, predictions, category_ids, str(data.get("fingerprint", "")))
+
+
+def merge_task_predictions(paths: Sequence[str], output: str | None = None, *,
+                           require_all_domains: bool = False) -> list[dict[str, int]]:
+    """One results file (`submission_json`) from per-task prediction files.
+
+    Raises ValueError (one line) when two files hold the same domain, or, with
+    `require_all_domains`, when a domain is missing."""
+    if not paths:
+        raise ValueError("no predictions files given; the submission stage writes "
+                         "<workdir>/<task>/decathlon_test_predictions.json")
+    predictions, category_ids, sources = {}, {}, {}
+    for path in paths:
+        task = read_task_predictions(path)
+        if task.domain in sources:
+            raise ValueError(f"predictions files {sources[task.domain]} and {path} both hold "
+                             f"{task.domain!r}; pass one file per domain")
+        sources[task.domain] = path
+        predictions[task.domain] = task.predictions
+        category_ids[task.domain] = task.category_ids
+    return submission_json(predictions, output, category_ids=category_ids,
+                           require_all_domains=require_all_domains)

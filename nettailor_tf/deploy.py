@@ -58,7 +58,8 @@ def _inputs_of(config: Config, task) -> list[str]:
     return paths
 
 
-def _fingerprint(paths: list[str], settings: dict) -> str:
+def file_fingerprint(paths: list[str], settings: dict) -> str:
+    """sha256 of `settings` and the bytes of `paths`."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for path in paths:
         with open(path, "rb") as f:
@@ -118,7 +119,7 @@ def run_export(config: Config, strategy, task, report: Report) -> bool:
     teacher, each run on the test split against its Keras model."""
     del strategy  # exports run on the default device
     inputs = _inputs_of(config, task)
-    fingerprint = _fingerprint(inputs, _export_settings(config))
+    fingerprint = file_fingerprint(inputs, _export_settings(config))
     final = export_dir(config, task)
     atomic.recover(final)
     manifest = _read_manifest(final)
@@ -227,7 +228,7 @@ def export_bundle(config: Config, tasks, report: Report) -> None:
     inputs = [p for task in tasks for p in _inputs_of(config, task)]
     settings = {**_export_settings(config), "tasks": [t.name for t in tasks],
                 "bundle_variants": list(config.bundle_variants)}
-    fingerprint = _fingerprint(inputs, settings)
+    fingerprint = file_fingerprint(inputs, settings)
     final = bundle_dir(config)
     atomic.recover(final)
     manifest = _read_manifest(final)

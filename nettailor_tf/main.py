@@ -17,7 +17,8 @@ flags.DEFINE_string("workdir", None, "Folder for everything the run writes (chec
 flags.DEFINE_list("tasks", None, "Task specs: mnist5k, digits, tfds:NAME[/CONFIG], folder:PATH.")
 flags.DEFINE_list("stages", ["teacher", "student", "prune", "finetune", "export", "benchmark"],
                   "Stages to run, in order: teacher, student, prune, finetune, export "
-                  "(SavedModel + TFLite files, parity-checked), benchmark (LiteRT latency).")
+                  "(SavedModel + TFLite files, parity-checked), benchmark (LiteRT latency), "
+                  "submission (Visual Decathlon test predictions; not run by default).")
 flags.DEFINE_string("backbone", "efficientnet_lite0", "Backbone: efficientnet_lite0, "
                     "mobilenet_v2, resnet18, resnet34, resnet50, wrn26, tiny.")
 flags.DEFINE_string("backbone_weights", "imagenet", "'imagenet' (packaged weights), 'random', "
@@ -85,6 +86,8 @@ flags.DEFINE_float("parity_min_agreement", 0.995, "An export whose float32 top-1
 flags.DEFINE_integer("parity_max_images", 0, "Test images each parity check runs (0: all).")
 flags.DEFINE_integer("benchmark_runs", 100, "Timed runs per latency (median; >= 50).")
 flags.DEFINE_integer("benchmark_warmup", 10, "Untimed runs before each latency.")
+flags.DEFINE_string("decathlon_annotations", None, "The Visual Decathlon devkit's annotations "
+                    "folder (<domain>_test_stripped.json); needed by --stages=submission.")
 
 
 def config_from_flags():
@@ -120,7 +123,8 @@ def config_from_flags():
         calibration_images=FLAGS.calibration_images,
         parity_min_agreement=FLAGS.parity_min_agreement,
         parity_max_images=FLAGS.parity_max_images, benchmark_runs=FLAGS.benchmark_runs,
-        benchmark_warmup=FLAGS.benchmark_warmup)
+        benchmark_warmup=FLAGS.benchmark_warmup,
+        decathlon_annotations=FLAGS.decathlon_annotations)
 
 
 def _max_skip(value: str) -> int | None:

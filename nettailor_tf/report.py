@@ -96,6 +96,11 @@ def render_markdown(data: dict) -> str:
     lines += _bundle_section(data.get("bundle"))
     if data.get("deployment_png"):
         lines += [f"![accuracy against multiply-adds and latency]({data['deployment_png']})", ""]
+    submission = data.get("decathlon_submission")
+    if submission:
+        lines += ["## Visual Decathlon test set", "",
+                  f"{submission['path']}: the challenge's results file, {submission['images']} "
+                  f"test predictions of {', '.join(submission['domains'])}.", ""]
     return "\n".join(lines)
 
 

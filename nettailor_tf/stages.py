@@ -418,10 +418,12 @@ def run(config: Config, strategy) -> Report:
     for task in tasks:
         report.task(task.name)["num_classes"] = task.num_classes
     report.save()
-    from nettailor_tf import deploy  # deploy builds on this module
+    from nettailor_tf import deploy, submission  # both build on this module
 
     functions = {**STAGE_FUNCTIONS, "export": deploy.run_export,
-                 "benchmark": deploy.run_benchmark}
+                 "benchmark": deploy.run_benchmark, "submission": submission.run_submission}
+    # What a stage does once every task has been through it.
+    finishers = {**deploy.BUNDLE_FINISHERS, "submission": submission.write_results}
     try:
         for stage in config.stages:
             # Mixed precision is for training; exported graphs are float32
@@ -429,8 +431,8 @@ def run(config: Config, strategy) -> Report:
             training = stage in STAGE_FUNCTIONS and config.mixed_precision
             keras.mixed_precision.set_global_policy("mixed_float16" if training else "float32")
             finished = [functions[stage](config, strategy, task, report) for task in tasks]
-            if all(finished) and stage in deploy.BUNDLE_FINISHERS:
-                deploy.BUNDLE_FINISHERS[stage](config, tasks, report)
+            if all(finished) and stage in finishers:
+                finishers[stage](config, tasks, report)
             if not all(finished):
                 # Later stages build on this one: stop here, the next run resumes.
                 logging.info("stopping after the %s stage (interrupted by --max_steps)", stage)

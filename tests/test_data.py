@@ -467,3 +467,27 @@ def test_voc_objects_are_cropped_by_their_boxes():
     assert band.shape == (20, 60, 3)
     # Row r of the image holds 5 * r: each crop starts at its box's top row.
     assert top_left[0, 0, 0] == 0 and bottom_right[0, 0, 0] == 5 * 20 and band[0, 0, 0] == 5 * 10
+
+
+def test_keyed_eval_pipeline_transforms_as_eval_pipeline():
+    """Unlabelled images (a challenge's test split) see exactly the
+    evaluation transform of the labelled ones."""
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (10 + 3 * i, 25 - 2 * i, 3), dtype=np.uint8) for i in range(5)]
+    labelled = data.TaskData(
+        name="t", spec="t", num_classes=2,
+        train=tf.data.Dataset.from_generator(lambda: ((im, 0) for im in images), output_signature=(
+            tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([], tf.int64))),
+        test=tf.data.Dataset.from_generator(lambda: ((im, 0) for im in images), output_signature=(
+            tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([], tf.int64))),
+        num_train=5, num_test=5, augment="crop")
+    keyed = tf.data.Dataset.from_generator(
+        lambda: ((f"img{i}", im) for i, im in enumerate(images)),
+        output_signature=(tf.TensorSpec([], tf.string), tf.TensorSpec([None, None, 3], tf.uint8)))
+    expected = np.concatenate([x.numpy() for x, _ in data.eval_pipeline(labelled, 16, 2)])
+    got = list(data.keyed_eval_pipeline(keyed, "crop", 16, 2))
+    assert [len(k) for _, k in got] == [2, 2, 1]
+    assert [k.decode() for _, keys in got for k in keys.numpy()] == [f"img{i}" for i in range(5)]
+    np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in got]), expected)
+    with pytest.raises(data.DataError, match="not a Visual Decathlon task"):
+        data.decathlon_test_split("tfds:svhn_cropped")

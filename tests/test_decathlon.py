@@ -180,3 +180,39 @@ def test_bad_annotation_files_raise(tmp_path):
         decathlon.load_annotations(str(path))
     with pytest.raises(ValueError, match="annotation file .*missing.json"):
         decathlon.load_annotations(str(tmp_path / "missing.json"))
+
+
+def test_task_domain_reads_decathlon_specs_only():
+    assert decathlon.task_domain("tfds:visual_domain_decathlon/vgg-flowers") == "vgg-flowers"
+    assert decathlon.task_domain("tfds:visual_domain_decathlon/dtd:1.2.0") == "dtd"
+    for spec in ("tfds:visual_domain_decathlon/flowers", "tfds:svhn_cropped", "mnist5k",
+                 "folder:/data/visual_domain_decathlon/dtd"):
+        assert decathlon.task_domain(spec) is None, spec
+
+
+def test_task_prediction_files_merge_into_one_results_file(tmp_path):
+    dtd_ids = [3_999_000 + k for k in range(47)]  # as if the devkit had other ids
+    decathlon.write_task_predictions(str(tmp_path / "a.json"), "dtd", {41: 46, 40: 0}, dtd_ids,
+                                     fingerprint="abc")
+    decathlon.write_task_predictions(str(tmp_path / "b.json"), "svhn", {7: 3},
+                                     [80_000_001 + k for k in range(10)])
+    task = decathlon.read_task_predictions(str(tmp_path / "a.json"))
+    assert (task.domain, task.predictions, task.fingerprint) == ("dtd", {40: 0, 41: 46}, "abc")
+    out = str(tmp_path / "results.json")
+    records = decathlon.merge_task_predictions([str(tmp_path / "a.json"),
+                                                str(tmp_path / "b.json")], out)
+    assert records == [{"image_id": 40, "category_id": 3_999_000},
+                       {"image_id": 41, "category_id": 3_999_046},
+                       {"image_id": 7, "category_id": 80_000_004}]
+    assert json.loads(open(out).read()) == records
+    with pytest.raises(ValueError, match="no predictions for aircraft, cifar100"):
+        decathlon.merge_task_predictions([str(tmp_path / "b.json")], require_all_domains=True)
+    with pytest.raises(ValueError, match="both hold 'svhn'"):
+        decathlon.merge_task_predictions([str(tmp_path / "b.json")] * 2)
+    (tmp_path / "c.json").write_text('[{"image_id": 1, "category_id": 2}]')
+    with pytest.raises(ValueError, match="c.json: not a predictions file"):
+        decathlon.read_task_predictions(str(tmp_path / "c.json"))
+    with pytest.raises(ValueError, match="label 10 for image 7 of 'svhn'"):
+        decathlon.write_task_predictions(str(tmp_path / "d.json"), "svhn", {7: 10},
+                                         [80_000_001 + k for k in range(10)])
+    assert not (tmp_path / "d.json").exists()

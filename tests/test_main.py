@@ -132,6 +132,11 @@ IN_PROCESS_CASES = {
     "corrupt image": ([lambda p: f"--tasks={_corrupt_folder(p)}"], "corrupt image"),
     "workdir is not a directory": ([lambda p: f"--workdir={_a_file(p)}/run"],
                                    "cannot write to --workdir="),
+    "submission for a task outside the decathlon": (
+        ["--stages=submission"], "task 'digits' is not a Visual Decathlon task"),
+    "decathlon annotation file missing": (
+        ["--tasks=tfds:visual_domain_decathlon/svhn", "--stages=submission",
+         lambda p: f"--decathlon_annotations={p}"], "no svhn_test_stripped.json in it"),
 }
 
 
@@ -166,3 +171,9 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     code, err = run_in_process(capsys, *TINY, f"--workdir={tmp_path / 'w'}")
     assert code == 2
     assert "No space left on device" in err and "report.json" in err
+
+
+def test_the_stages_flag_defaults_to_the_configs_default_stages():
+    from nettailor_tf import config, main
+
+    assert tuple(main.FLAGS["stages"].default) == config.DEFAULT_STAGES
