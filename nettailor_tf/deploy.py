@@ -47,9 +47,12 @@ def _rel(config: Config, path: str) -> str:
 
 # --- the networks to export ------------------------------------------------------
 
-def _inputs_of(config: Config, task) -> list[str]:
-    paths = [stages.plan_path(config, task), stages.pruned_state_path(config, task),
-             stages.teacher_weights_path(config, task)]
+def trained_files(config: Config, task, teacher: bool = True) -> list[str]:
+    """The files of the trained task (the pruned network's plan and weights,
+    and the teacher's), or a StageError naming the first one missing."""
+    paths = [stages.plan_path(config, task), stages.pruned_state_path(config, task)]
+    if teacher:
+        paths.append(stages.teacher_weights_path(config, task))
     for path in paths:
         if not os.path.exists(path):
             raise stages.StageError(f"{task.name}: no {os.path.basename(path)} in "
@@ -118,7 +121,7 @@ def run_export(config: Config, strategy, task, report: Report) -> bool:
     """Writes <task>/export/: SavedModels and TFLite files of NetTailor and the
     teacher, each run on the test split against its Keras model."""
     del strategy  # exports run on the default device
-    inputs = _inputs_of(config, task)
+    inputs = trained_files(config, task)
     fingerprint = file_fingerprint(inputs, _export_settings(config))
     final = export_dir(config, task)
     atomic.recover(final)
@@ -225,7 +228,7 @@ def universal_params(config: Config, tasks) -> int:
 def export_bundle(config: Config, tasks, report: Report) -> None:
     """Writes <workdir>/bundle/: one SavedModel and one .tflite per variant
     with a signature per task, the universal weights stored once."""
-    inputs = [p for task in tasks for p in _inputs_of(config, task)]
+    inputs = [p for task in tasks for p in trained_files(config, task)]
     settings = {**_export_settings(config), "tasks": [t.name for t in tasks],
                 "bundle_variants": list(config.bundle_variants)}
     fingerprint = file_fingerprint(inputs, settings)

@@ -72,25 +72,20 @@ def run_submission(config: Config, strategy, task, report: Report) -> bool:
     del strategy  # one pass over the test split, on the default device
     domain = decathlon.task_domain(task.spec)
     annotation_file = decathlon.stripped_test_annotations(config.decathlon_annotations, domain)
-    inputs = [stages.plan_path(config, task), stages.pruned_state_path(config, task)]
-    for path in inputs:
-        if not os.path.exists(path):
-            raise stages.StageError(f"{task.name}: no {os.path.basename(path)} in "
-                                    f"{os.path.dirname(path)}; run the teacher, student, prune "
-                                    f"and finetune stages first (same --workdir)")
+    inputs = deploy.trained_files(config, task, teacher=False)
     # What the predictions depend on: the pruned network, the annotation file
     # and the settings that change the pixels the network sees.
-    fingerprint = deploy.file_fingerprint(inputs + [annotation_file],
-                               {"image_size": config.image_size, "augment": task.augment,
-                                "backbone_weights": config.backbone_weights})
+    fingerprint = deploy.file_fingerprint(
+        inputs + [annotation_file], {"image_size": config.image_size, "augment": task.augment,
+                                     "backbone_weights": config.backbone_weights})
     path = predictions_path(config, task)
     if os.path.exists(path):
         try:
-            done = decathlon.read_task_predictions(path).fingerprint == fingerprint
+            earlier = decathlon.read_task_predictions(path)
         except ValueError:
-            done = False  # unreadable: predict again
-        if done:
-            _report(config, task, report, path)
+            earlier = None  # unreadable: predict again
+        if earlier is not None and earlier.fingerprint == fingerprint:
+            _report(config, task, report, path, len(earlier.predictions))
             logging.info("%s: submission stage already done (%s); skipping", task.name, path)
             return True
     try:
@@ -106,16 +101,15 @@ def run_submission(config: Config, strategy, task, report: Report) -> bool:
                                          fingerprint)
     except ValueError as err:  # e.g. the annotation file's categories do not fit the domain
         raise stages.StageError(f"{task.name}: {err}") from None
-    _report(config, task, report, path)
+    _report(config, task, report, path, len(predictions))
     counts = np.bincount(list(predictions.values()), minlength=task.num_classes)
     logging.info("%s: wrote %d test predictions to %s (%d of %d classes predicted)", task.name,
                  len(predictions), path, int(np.count_nonzero(counts)), task.num_classes)
     return True
 
 
-def _report(config: Config, task, report: Report, path: str) -> None:
-    entry = {"path": os.path.relpath(path, config.workdir),
-             "images": len(decathlon.read_task_predictions(path).predictions)}
+def _report(config: Config, task, report: Report, path: str, num_images: int) -> None:
+    entry = {"path": os.path.relpath(path, config.workdir), "images": num_images}
     if report.get(task.name, "decathlon_test") != entry:
         report.set(task.name, "decathlon_test", entry)
 
