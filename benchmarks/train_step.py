@@ -81,7 +81,7 @@ def measure_steps(backbone_name, image_size, batch_size, num_classes=10, warmup=
     trainer = train.Trainer(strategy, teacher, teacher_loss, teacher.trainable_variables,
                             teacher.trainable_variables, schedule, checkpoint_dir="",
                             jit_compile=jit_compile)
-    trainer._build_steps(steps_per_epoch=1_000_000)
+    trainer.build_steps(steps_per_epoch=1_000_000)
     result = {
         "backbone": backbone_name, "image_size": image_size,
         "batch_size": batch_size, "jit_compile": jit_compile,
@@ -104,7 +104,7 @@ def measure_steps(backbone_name, image_size, batch_size, num_classes=10, warmup=
     trainable, decayed = student.task_variables()
     student_trainer = train.Trainer(strategy, student, loss_fn, trainable, decayed, schedule,
                                     checkpoint_dir="", jit_compile=jit_compile)
-    student_trainer._build_steps(steps_per_epoch=1_000_000)
+    student_trainer.build_steps(steps_per_epoch=1_000_000)
     result["student_step_ms"] = round(median_step_ms(student_trainer, batch, warmup, steps), 2)
     result["student_images_per_second"] = round(1000 * batch_size / result["student_step_ms"], 1)
     result["student_over_teacher"] = round(result["student_step_ms"] / result["teacher_step_ms"], 3)

@@ -129,6 +129,12 @@ def staged_directory(final_path: str):
     replace_directory(staging, final_path)
 
 
+def copy_directory(source: str, final_path: str) -> None:
+    """A copy of the directory `source` at `final_path`, all or nothing."""
+    with staged_directory(final_path) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+
+
 def directory_bytes(path: str) -> int:
     """Bytes of every file under `path`."""
     total = 0

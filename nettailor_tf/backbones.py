@@ -57,6 +57,20 @@ class Backbone:
     feature_dim: int
     # WRN-26's last BN belongs to the task, not to the shared network.
     head_task_specific: bool = False
+    # How the blocks' strided convolutions pad: 'same' (TensorFlow: nothing
+    # before, the rest after) or 'symmetric' (PyTorch: k // 2 each side).  A
+    # proxy that pools its input to the block's resolution aligns its windows
+    # the same way, so it looks at the pixels the block it stands in for sees.
+    padding: str = "symmetric"
+
+    @property
+    def mimic_normalized(self) -> bool:
+        """Whether the mimic loss should take each block's error relative to
+        the teacher output's mean square.  Linear-bottleneck blocks (no
+        activation after the block) output values with mean squares of
+        30-100 where ReLU features sit near 1: the plain MSE with the paper's
+        teacher weight would swamp every other term of the loss."""
+        return self.block_activation is None
 
     @property
     def specs(self) -> list[BlockSpec]:
@@ -115,7 +129,7 @@ def _inverted_residual_net(name, stages, padding, bn_epsilon, mean, std) -> Back
         ConvBN(1280, 1, activation="relu6", bn_epsilon=bn_epsilon, name="conv"),
         keras.layers.GlobalAveragePooling2D(name="pool"),
     ], name="head")
-    return Backbone(name, stem, blocks, head, None, 32, 2, 1280)
+    return Backbone(name, stem, blocks, head, None, 32, 2, 1280, padding=padding)
 
 
 def _resnet(name) -> Backbone:

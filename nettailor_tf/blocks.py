@@ -26,10 +26,19 @@ class Proxy(keras.layers.Layer):
     Args:
         out_channels: the block's output channels.
         pool_stride: input size / block output size (1, 2, 4, ...).  The
-            max-pool has kernel `pool_stride + 1` and TF "same" padding, which
-            pads with -inf: exact for the negative values that linear
-            bottlenecks produce, and always giving ceil(size / stride) outputs
-            like the blocks do.
+            max-pool has kernel `pool_stride + 1` and gives ceil(size / stride)
+            outputs, like the blocks do.
+        pool_padding: where the pool's windows sit, matching the backbone's
+            strided convolutions: 'same' (TensorFlow: nothing before, the
+            rest after; for TF-trained weights such as EfficientNet-Lite) or
+            'symmetric' (`pool_stride // 2` each side, as PyTorch's blocks
+            pad).  Both pad as if with -inf, exact for the negative values
+            that linear bottlenecks produce: 'same' is TF's own max-pool
+            padding; 'symmetric' mirrors the border rows, which are already
+            inside the first and last windows, so the maximum is unchanged
+            (or pads zeros where `nonnegative_input` says that is exact).
+        nonnegative_input: the input is post-ReLU (zero padding is exact
+            and is the cheaper op on device).
         hidden_channels: None for the plain proxy; for bottleneck backbones
             the published variant 1x1 conv to this width, BN, ReLU, 1x1 conv,
             BN (SPEC.md: max(C_out / 32, 16)).
@@ -38,10 +47,14 @@ class Proxy(keras.layers.Layer):
     """
 
     def __init__(self, out_channels, pool_stride=1, hidden_channels=None, bn_epsilon=1e-5,
-                 folded=False, **kwargs):
+                 folded=False, pool_padding="same", nonnegative_input=False, **kwargs):
         super().__init__(**kwargs)
         if pool_stride < 1:
             raise ValueError(f"pool_stride must be >= 1, got {pool_stride}")
+        if pool_padding not in ("same", "symmetric"):
+            raise ValueError(f"pool_padding must be 'same' or 'symmetric', got {pool_padding!r}")
+        self.pool_padding = pool_padding
+        self.nonnegative_input = bool(nonnegative_input)
         self.out_channels = out_channels
         self.pool_stride = pool_stride
         self.hidden_channels = hidden_channels
@@ -66,7 +79,12 @@ class Proxy(keras.layers.Layer):
         a gate value costs a per-channel op instead of a pass over the map)."""
         if self.pool_stride > 1:
             s = self.pool_stride
-            x = tf.nn.max_pool2d(x, s + 1, s, "SAME")
+            if self.pool_padding == "same":
+                x = tf.nn.max_pool2d(x, s + 1, s, "SAME")
+            else:
+                x = tf.pad(x, [[0, 0], [s // 2, s // 2], [s // 2, s // 2], [0, 0]],
+                           mode="CONSTANT" if self.nonnegative_input else "SYMMETRIC")
+                x = tf.nn.max_pool2d(x, s + 1, s, "VALID")
         for i, conv in enumerate(self.convs):
             last = i == len(self.convs) - 1
             x = conv(x, training=training, update_statistics=update_statistics,
@@ -80,7 +98,9 @@ class Proxy(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "out_channels": self.out_channels,
-                "pool_stride": self.pool_stride, "hidden_channels": self.hidden_channels,
+                "pool_stride": self.pool_stride, "pool_padding": self.pool_padding,
+                "nonnegative_input": self.nonnegative_input,
+                "hidden_channels": self.hidden_channels,
                 "bn_epsilon": self.bn_epsilon, "folded": self.folded}
 
 

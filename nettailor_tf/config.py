@@ -11,7 +11,8 @@ from nettailor_tf import decathlon
 from nettailor_tf.backbones import (BACKBONES, DOWNLOADED_IMAGENET, PACKAGED_IMAGENET,
                                    build_backbone)
 from nettailor_tf.student import UNIVERSAL_BN_MODES
-from nettailor_tf.train import STRATEGIES, Schedule
+from nettailor_tf.schedules import DEFAULT_SCHEDULES, Schedule
+from nettailor_tf.train import STRATEGIES
 
 STAGES = ("teacher", "student", "prune", "finetune", "export", "benchmark", "submission")
 # What a run does unless --stages says otherwise: `submission` only applies to
@@ -32,20 +33,25 @@ class Config:
     backbone: str = "efficientnet_lite0"
     backbone_weights: str = "imagenet"  # 'imagenet', 'random', or a weights file
     image_size: int = 64
-    teacher: Schedule = Schedule(epochs=2, batch_size=32, learning_rate=0.01, decay_epochs=20)
-    student: Schedule = Schedule(epochs=3, batch_size=32, learning_rate=0.1, decay_epochs=20)
-    finetune: Schedule = Schedule(epochs=2, batch_size=32, learning_rate=0.01, decay_epochs=20)
+    teacher: Schedule = DEFAULT_SCHEDULES["teacher"]
+    student: Schedule = DEFAULT_SCHEDULES["student"]
+    finetune: Schedule = DEFAULT_SCHEDULES["finetune"]
+    gate_lr_multiplier: float = 10.0   # gate logits' lr relative to the stage's
+    gate_lr_decay: bool = False        # True: the gates' lr decays with the stage's
+    validation_fraction: float = 0.1   # of the training data, held out for every choice
+    selection_split: str = "validation"  # 'test': the paper's protocol
     max_skip: int | None = 3           # None: dense connectivity
     universal_bn: str = "frozen"
     complexity_coeff: float = 0.3
     teacher_coeff: float = 10.0
     complexity_exact: bool = True      # False: the published p_in approximation
-    mimic_normalized: bool = False     # True: each mimic term relative to the teacher's scale
-    prune_universal: int = 0
+    mimic_normalized: bool | None = None  # None: what the backbone declares
+    prune_universal: int | None = None  # None: chosen by the prune search
     prune_proxy_threshold: float = 0.05
-    prune_search: bool = False
+    prune_universal_threshold: float = 0.01
+    prune_search: bool | None = None    # None: search unless --prune_universal is set
     prune_tolerance: float = 0.005
-    prune_search_epochs: int = 1
+    prune_search_steps: int = 0         # 0: score candidates as pruning leaves them
     data_dir: str | None = None
     download: bool = False
     seed: int = 0
@@ -66,6 +72,11 @@ class Config:
     benchmark_runs: int = 100
     benchmark_warmup: int = 10
     decathlon_annotations: str | None = None  # the devkit's annotations folder
+
+    @property
+    def searches_prune(self) -> bool:
+        """Whether the prune stage searches for the number of universal blocks to cut."""
+        return self.prune_universal is None and self.prune_search is not False
 
     def validate(self) -> None:
         """Raises ConfigError on the first bad value; cheap, runs before any work."""
@@ -105,6 +116,16 @@ class Config:
         if self.universal_bn not in UNIVERSAL_BN_MODES:
             raise ConfigError(f"--universal_bn={self.universal_bn!r} is not one of "
                               f"{', '.join(UNIVERSAL_BN_MODES)}")
+        if not 0 < self.gate_lr_multiplier <= 1000:
+            raise ConfigError(f"--gate_lr_multiplier={self.gate_lr_multiplier} must be in "
+                              f"(0, 1000]")
+        if self.selection_split not in ("validation", "test"):
+            raise ConfigError(f"--selection_split={self.selection_split!r} is not one of "
+                              f"validation, test")
+        if self.selection_split == "validation" and not 0 < self.validation_fraction < 1:
+            raise ConfigError(f"--validation_fraction={self.validation_fraction} must be in "
+                              f"(0, 1) (or choose on the test split, the paper's protocol: "
+                              f"--selection_split=test)")
         if not 0 <= self.complexity_coeff <= 100:
             raise ConfigError(f"--complexity_coeff={self.complexity_coeff} must be in [0, 100]")
         if not 0 <= self.teacher_coeff <= 1000:
@@ -112,12 +133,16 @@ class Config:
         if not 0 <= self.prune_proxy_threshold < 1:
             raise ConfigError(f"--prune_proxy_threshold={self.prune_proxy_threshold} must be "
                               f"in [0, 1)")
+        if not 0 <= self.prune_universal_threshold < 1:
+            raise ConfigError(f"--prune_universal_threshold={self.prune_universal_threshold} "
+                              f"must be in [0, 1)")
         if not 0 <= self.prune_tolerance < 1:
             raise ConfigError(f"--prune_tolerance={self.prune_tolerance} must be in [0, 1)")
-        if self.prune_search_epochs < 1:
-            raise ConfigError(f"--prune_search_epochs={self.prune_search_epochs} must be >= 1")
+        if self.prune_search_steps < 0:
+            raise ConfigError(f"--prune_search_steps={self.prune_search_steps} must be >= 0 "
+                              f"(0: score candidates without fine-tuning)")
         num_blocks = len(backbone.blocks)
-        if not 0 <= self.prune_universal <= num_blocks:
+        if self.prune_universal is not None and not 0 <= self.prune_universal <= num_blocks:
             raise ConfigError(f"--prune_universal={self.prune_universal} must be in "
                               f"[0, {num_blocks}] for {self.backbone}")
         for flag, value in (("checkpoint_every", self.checkpoint_every),
@@ -150,7 +175,7 @@ class Config:
                               f"of fewer runs is noise")
         if self.benchmark_warmup < 0:
             raise ConfigError(f"--benchmark_warmup={self.benchmark_warmup} must be >= 0")
-        if self.prune_search and self.prune_universal:
+        if self.prune_search and self.prune_universal is not None:
             raise ConfigError(f"--prune_search chooses the number of universal blocks to remove; "
                               f"drop --prune_universal={self.prune_universal} or --prune_search")
         if self.max_steps is not None and self.max_steps < 1:
@@ -185,7 +210,13 @@ def _check_schedule(stage: str, s: Schedule) -> None:
         raise ConfigError(f"--{stage}_batch_size={s.batch_size} must be >= 1")
     if not 0 < s.learning_rate <= 10:
         raise ConfigError(f"--{stage}_lr={s.learning_rate} must be in (0, 10]")
-    if s.decay_epochs < 1:
-        raise ConfigError(f"--{stage}_decay_epochs={s.decay_epochs} must be >= 1")
+    if s.decay_epochs is not None and s.decay_epochs < 1:
+        raise ConfigError(f"--{stage}_decay_epochs={s.decay_epochs} must be >= 1 (or unset: "
+                          f"--{stage}_decay_every)")
+    if not 0 < s.decay_every <= 1:
+        raise ConfigError(f"--{stage}_decay_every={s.decay_every} must be in (0, 1]: a "
+                          f"fraction of the stage (1: no decay)")
+    if s.min_steps < 0:
+        raise ConfigError(f"--{stage}_min_steps={s.min_steps} must be >= 0")
     if not 0 <= s.weight_decay < 1:
         raise ConfigError(f"--weight_decay={s.weight_decay} must be in [0, 1)")

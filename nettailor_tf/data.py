@@ -42,6 +42,7 @@ __all__ = [
     "TaskData",
     "TASK_SPEC_HELP",
     "load_task",
+    "with_validation_split",
     "train_pipeline",
     "eval_pipeline",
     "steps_per_epoch",
@@ -125,6 +126,7 @@ class _Source:
 
     train: _Split
     test: _Split
+    val: _Split | None
     # item -> uint8 [H, W, 3]; None when the items are already pixels.
     decode: Callable[[tf.Tensor], tf.Tensor] | None
     # All images share one static size, so resizing can run on whole batches.
@@ -133,6 +135,7 @@ class _Source:
     # dataclasses.replace(train=...) no longer matches and uses the generic path.
     public_train: tf.data.Dataset
     public_test: tf.data.Dataset
+    public_val: tf.data.Dataset | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +155,11 @@ class TaskData:
     num_train: int
     num_test: int
     augment: str
+    # A validation split carved out of the training data by
+    # `with_validation_split` (None / 0 before): every choice the pipeline
+    # makes is made on it, so the test split is only ever reported.
+    val: tf.data.Dataset | None = None
+    num_val: int = 0
     # Internal fast path set by load_task (not part of the public API).
     _source: _Source | None = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -164,7 +172,7 @@ def _make_task(name: str, spec: str, num_classes: int, source: _Source, num_trai
 
 
 def _build_source(train: _Split, test: _Split, decode: Callable[[tf.Tensor], tf.Tensor] | None,
-                  same_size: bool) -> _Source:
+                  same_size: bool, val: _Split | None = None) -> _Source:
     def public(split: _Split) -> tf.data.Dataset:
         ds = split.dataset()
         if decode is None:
@@ -172,8 +180,9 @@ def _build_source(train: _Split, test: _Split, decode: Callable[[tf.Tensor], tf.
         return ds.map(lambda item, label: (decode(item), tf.cast(label, tf.int32)),
                       num_parallel_calls=tf.data.AUTOTUNE)
 
-    return _Source(train=train, test=test, decode=decode, same_size=same_size,
-                   public_train=public(train), public_test=public(test))
+    return _Source(train=train, test=test, val=val, decode=decode, same_size=same_size,
+                   public_train=public(train), public_test=public(test),
+                   public_val=None if val is None else public(val))
 
 
 # --------------------------------------------------------------------------- #
@@ -230,6 +239,57 @@ def _stratified_split(labels: np.ndarray, test_fraction: float,
     train_mask = np.ones(len(labels), bool)
     train_mask[test_idx] = False
     return np.flatnonzero(train_mask), test_idx
+
+
+def with_validation_split(task: TaskData, fraction: float, seed: int) -> TaskData:
+    """`task` with a stratified, seeded `fraction` of its training data moved
+    to a validation split (the rest stays the training split).
+
+    Random-access items (mnist5k, digits, folders) are split by index; a
+    sequential tfds split is read once for its labels (images stay encoded)
+    and filtered by position.  Returns `task` unchanged for `fraction` 0.
+    """
+    if fraction == 0:
+        return task
+    if not 0 < fraction < 1:
+        raise _fail(task.spec, f"validation fraction must be in [0, 1), got {fraction}")
+    if task.num_val:
+        raise _fail(task.spec, "the task already has a validation split")
+    split, decode, same_size = _split_view(task, "train")
+    if split is not None and split.items is not None:
+        labels = split.labels
+    else:
+        stream = split.stream if split is not None else task.train
+        labels = np.fromiter(stream.map(lambda item, label: label).as_numpy_iterator(),
+                             np.int64, count=-1)
+    train_idx, val_idx = _stratified_split(labels, fraction, seed)
+    if len(val_idx) == 0 or len(train_idx) == 0:
+        raise _fail(task.spec, f"{len(labels)} training images are too few to hold out a "
+                               f"validation split of {fraction:g}; add images or run with "
+                               f"--selection_split=test")
+    if split is not None and split.items is not None:
+        train = _Split(items=split.items[train_idx], labels=split.labels[train_idx])
+        val = _Split(items=split.items[val_idx], labels=split.labels[val_idx])
+    else:
+        train = _Split(stream=_positions(stream, train_idx, len(labels)))
+        val = _Split(stream=_positions(stream, val_idx, len(labels)))
+        if split is None:  # hand-built task: its elements are already decoded
+            decode, same_size = None, False
+    src = task._source
+    test = src.test if src is not None else _Split(stream=task.test)
+    source = _build_source(train, test, decode, same_size, val=val)
+    return dataclasses.replace(task, train=source.public_train, val=source.public_val,
+                               test=task.test, num_train=len(train_idx), num_val=len(val_idx),
+                               _source=dataclasses.replace(source, public_test=task.test))
+
+
+def _positions(stream: tf.data.Dataset, keep: np.ndarray, size: int) -> tf.data.Dataset:
+    """The elements of `stream` at the positions `keep`, in stream order."""
+    mask = np.zeros(size, bool)
+    mask[keep] = True
+    mask = tf.constant(mask)
+    return (stream.enumerate().filter(lambda i, pair: tf.gather(mask, i))
+            .map(lambda i, pair: pair))
 
 
 def _in_memory_task(name: str, spec: str, images: np.ndarray, labels: np.ndarray,
@@ -718,10 +778,10 @@ def _epoch_keys(seed: int, epoch: int) -> tuple[int, int, int]:
 def _split_view(task: TaskData, split: str) -> tuple[_Split | None, Callable | None, bool]:
     """The fast-path undecoded split of a loaded task, if it still matches the task."""
     src = task._source
-    public = task.train if split == "train" else task.test
-    if src is None or public is not (src.public_train if split == "train" else src.public_test):
+    public = getattr(task, split)
+    if src is None or public is None or public is not getattr(src, f"public_{split}"):
         return None, None, False
-    return (src.train if split == "train" else src.test), src.decode, src.same_size
+    return getattr(src, split), src.decode, src.same_size
 
 
 def train_pipeline(task: TaskData, image_size: int, batch_size: int, epoch: int, seed: int,
@@ -778,8 +838,10 @@ def train_pipeline(task: TaskData, image_size: int, batch_size: int, epoch: int,
 def eval_pipeline(task: TaskData, image_size: int, batch_size: int,
                   split: str = "test") -> tf.data.Dataset:
     """Deterministic batches of a split in stored order (last batch may be short)."""
-    if split not in ("test", "train"):
-        raise _fail(task.spec, f"unknown split {split!r}; accepted: 'test', 'train'")
+    if split not in ("test", "train", "val"):
+        raise _fail(task.spec, f"unknown split {split!r}; accepted: 'test', 'train', 'val'")
+    if split == "val" and task.val is None:
+        raise _fail(task.spec, "the task has no validation split (see with_validation_split)")
     policy = _policy(task, None)
     _check_int(task, "image_size", image_size)
     _check_int(task, "batch_size", batch_size)
@@ -788,7 +850,7 @@ def eval_pipeline(task: TaskData, image_size: int, batch_size: int,
     if view is not None:
         ds = view.dataset()
     else:
-        ds, decode, same_size = (task.train if split == "train" else task.test), None, False
+        ds, decode, same_size = getattr(task, split), None, False
 
     if same_size and decode is None:
         ds = ds.batch(batch_size)

@@ -29,37 +29,74 @@ flags.DEFINE_string("data_dir", None, "tensorflow-datasets data dir (default: TF
 flags.DEFINE_bool("download", False, "Let tfds download and prepare datasets (needs internet).")
 
 
-def _define_schedule_flags(stage: str, what: str, epochs: int, lr: float) -> None:
-    """--<stage>_epochs, _batch_size, _lr, _decay_epochs: one schedule per stage."""
-    flags.DEFINE_integer(f"{stage}_epochs", epochs, f"Epochs of {what}.")
-    flags.DEFINE_integer(f"{stage}_batch_size", 32, f"Global batch size of {what}.")
-    flags.DEFINE_float(f"{stage}_lr", lr, f"Learning rate of {what}.")
-    flags.DEFINE_integer(f"{stage}_decay_epochs", 20,
-                         f"Learning rate x0.1 every this many epochs of {what}.")
+def _define_schedule_flags(stage: str, what: str, schedule) -> None:
+    """--<stage>_epochs, _batch_size, _lr, _decay_every, _decay_epochs,
+    _min_steps: one schedule per stage."""
+    flags.DEFINE_integer(f"{stage}_epochs", schedule.epochs, f"Epochs of {what}.")
+    flags.DEFINE_integer(f"{stage}_batch_size", schedule.batch_size,
+                         f"Global batch size of {what}.")
+    flags.DEFINE_float(f"{stage}_lr", schedule.learning_rate, f"Learning rate of {what}.")
+    flags.DEFINE_float(f"{stage}_decay_every", schedule.decay_every,
+                       f"Learning rate x0.1 at every this fraction of {what} (the paper: 0.4).")
+    flags.DEFINE_integer(f"{stage}_decay_epochs", schedule.decay_epochs,
+                         f"If set: learning rate x0.1 every this many epochs of {what} instead "
+                         f"of --{stage}_decay_every.")
+    flags.DEFINE_integer(f"{stage}_min_steps", schedule.min_steps,
+                         f"Fewest optimiser steps of {what}: a small data set gets more epochs "
+                         f"(whole epochs, derived and logged).")
 
 
-_define_schedule_flags("teacher", "teacher fine-tuning", 2, 0.01)
-_define_schedule_flags("student", "NetTailor student training", 3, 0.1)
-_define_schedule_flags("finetune", "fine-tuning the pruned network", 2, 0.01)
+def _define_all_schedule_flags():
+    from nettailor_tf.schedules import DEFAULT_SCHEDULES  # no TensorFlow import
+    for stage, what in (("teacher", "teacher fine-tuning"),
+                        ("student", "NetTailor student training"),
+                        ("finetune", "fine-tuning the pruned network")):
+        _define_schedule_flags(stage, what, DEFAULT_SCHEDULES[stage])
+
+
+_define_all_schedule_flags()
 flags.DEFINE_float("weight_decay", 5e-4, "Coupled (PyTorch-style) weight decay.")
 flags.DEFINE_string("max_skip", "3", "Proxies per block read the last max_skip nodes; "
                     "'dense' reads every earlier node.")
 flags.DEFINE_enum("universal_bn", "frozen", ["frozen", "task"], "Universal BN statistics: "
                   "'frozen' (pretrained; universal weights stay shareable across tasks) or "
                   "'task' (re-estimated per task, as the published code does).")
+flags.DEFINE_float("gate_lr_multiplier", 10.0, "Learning rate of the gate logits relative to "
+                   "the stage's (student and finetune): gates need large steps to become "
+                   "decisive, proxies small ones to stay stable.")
+flags.DEFINE_bool("gate_lr_decay", False, "Whether the gate logits' learning rate follows the "
+                  "stage's decay; off, it holds at --gate_lr_multiplier x the stage's initial "
+                  "rate, so gates keep choosing once the proxies have settled.")
+flags.DEFINE_float("validation_fraction", 0.1, "Fraction of each task's training data held out "
+                   "(stratified, seeded by --seed) as the validation split every choice is "
+                   "made on.")
+flags.DEFINE_enum("selection_split", "validation", ["validation", "test"], "Where choices "
+                  "(prune search, tolerance checks) are made: 'validation' (held out of "
+                  "training), or 'test', the paper's protocol (trains on the whole training "
+                  "split; test accuracy then selects and reports).")
 flags.DEFINE_float("complexity_coeff", 0.3, "Weight of the expected-complexity loss.")
 flags.DEFINE_float("teacher_coeff", 10.0, "Weight of the mimic (distillation) loss.")
-flags.DEFINE_bool("mimic_normalized", False, "Divide each mimic term by the teacher "
-                  "output's mean square (scale-free for linear-bottleneck backbones).")
+flags.DEFINE_bool("mimic_normalized", None, "Divide each mimic term by the teacher "
+                  "output's mean square (scale-free). Default: what the backbone declares "
+                  "(on for linear-bottleneck backbones such as efficientnet_lite0 and "
+                  "mobilenet_v2, off for ReLU ResNets, the paper's plain MSE).")
 flags.DEFINE_enum("complexity_p_in", "exact", ["exact", "published"], "p_in of the complexity "
                   "loss: of the node each branch reads (exact) or block l-1's for every branch.")
-flags.DEFINE_integer("prune_universal", 0, "Universal blocks to remove (smallest gates).")
+flags.DEFINE_integer("prune_universal", None, "Universal blocks to remove (smallest gates). "
+                     "Unset: the prune search chooses (see --prune_search).")
 flags.DEFINE_float("prune_proxy_threshold", 0.05, "Remove proxies whose gate is <= this.")
-flags.DEFINE_bool("prune_search", False, "Choose --prune_universal automatically: the leanest "
-                  "network whose briefly fine-tuned test accuracy is within --prune_tolerance "
-                  "of the teacher's (the paper's sweep).")
-flags.DEFINE_float("prune_tolerance", 0.005, "Accuracy the prune search may give up.")
-flags.DEFINE_integer("prune_search_epochs", 1, "Fine-tuning epochs per prune-search candidate.")
+flags.DEFINE_float("prune_universal_threshold", 0.01, "Also remove every universal block whose "
+                   "gate is <= this, whatever --prune_universal says: it adds at most that "
+                   "share to its block's output and costs a whole block.")
+flags.DEFINE_bool("prune_search", None, "Choose --prune_universal automatically: the leanest "
+                  "network whose accuracy on the selection split (--selection_split) is within "
+                  "--prune_tolerance of the teacher's (the paper's sweep). On by default unless "
+                  "--prune_universal is given; --noprune_search cuts no universal block.")
+flags.DEFINE_float("prune_tolerance", 0.005, "Accuracy the prune search may give up against "
+                   "the teacher.")
+flags.DEFINE_integer("prune_search_steps", 0, "Steps of the fine-tuning stage each prune-search "
+                     "candidate runs before it is scored (0: scored as pruning leaves it, "
+                     "with its BN statistics re-estimated; seconds per candidate).")
 flags.DEFINE_integer("seed", 0, "Seed of initialisation, data order and augmentation.")
 flags.DEFINE_string("strategy", "default", "tf.distribute strategy: default, mirrored, "
                     "multi_worker (TF_CONFIG), tpu.")
@@ -97,7 +134,8 @@ def config_from_flags():
     def schedule(stage: str) -> Schedule:
         flag = lambda name: FLAGS[f"{stage}_{name}"].value
         return Schedule(flag("epochs"), flag("batch_size"), flag("lr"), flag("decay_epochs"),
-                        FLAGS.weight_decay)
+                        FLAGS.weight_decay, decay_every=flag("decay_every"),
+                        min_steps=flag("min_steps"))
 
     return Config(
         workdir=FLAGS.workdir, tasks=tuple(FLAGS.tasks or ()), stages=tuple(FLAGS.stages),
@@ -108,10 +146,13 @@ def config_from_flags():
         max_skip=_max_skip(FLAGS.max_skip), universal_bn=FLAGS.universal_bn,
         complexity_coeff=FLAGS.complexity_coeff, teacher_coeff=FLAGS.teacher_coeff,
         complexity_exact=FLAGS.complexity_p_in == "exact",
-        mimic_normalized=FLAGS.mimic_normalized,
+        mimic_normalized=FLAGS.mimic_normalized, gate_lr_multiplier=FLAGS.gate_lr_multiplier,
+        gate_lr_decay=FLAGS.gate_lr_decay,
+        validation_fraction=FLAGS.validation_fraction, selection_split=FLAGS.selection_split,
         prune_universal=FLAGS.prune_universal,
-        prune_proxy_threshold=FLAGS.prune_proxy_threshold, prune_search=FLAGS.prune_search,
-        prune_tolerance=FLAGS.prune_tolerance, prune_search_epochs=FLAGS.prune_search_epochs,
+        prune_proxy_threshold=FLAGS.prune_proxy_threshold,
+        prune_universal_threshold=FLAGS.prune_universal_threshold, prune_search=FLAGS.prune_search,
+        prune_tolerance=FLAGS.prune_tolerance, prune_search_steps=FLAGS.prune_search_steps,
         data_dir=FLAGS.data_dir, download=FLAGS.download, seed=FLAGS.seed,
         strategy=FLAGS.strategy, num_cpu_devices=FLAGS.num_cpu_devices,
         jit_compile=FLAGS.jit_compile, mixed_precision=FLAGS.mixed_precision,

@@ -26,9 +26,11 @@ class PruneError(ValueError):
 
 
 def prune_plan(plan: Plan, alphas: list[np.ndarray], num_universal: int,
-               proxy_threshold: float) -> Plan:
-    """Removes the `num_universal` universal blocks with the smallest alpha and
-    every proxy with alpha <= `proxy_threshold`, then every dead path.
+               proxy_threshold: float, universal_threshold: float = 0.0) -> Plan:
+    """Removes the `num_universal` universal blocks with the smallest alpha,
+    every other universal block with alpha <= `universal_threshold` (it adds
+    at most that share to its block's output and costs a whole block), every
+    proxy with alpha <= `proxy_threshold`, then every dead path.
 
     One guard on top of the published rules: a block whose branches would all
     go keeps its strongest remaining proxy.  Without it a block can vanish
@@ -43,6 +45,7 @@ def prune_plan(plan: Plan, alphas: list[np.ndarray], num_universal: int,
         raise PruneError(f"--prune_universal={num_universal} must be in [0, "
                          f"{len(universal_alpha)}]")
     removed = set(sorted(universal_alpha, key=lambda l: (universal_alpha[l], l))[:num_universal])
+    removed |= {l for l, a in universal_alpha.items() if a <= universal_threshold}
     blocks = []
     for l, block in enumerate(plan.blocks):
         if l not in alpha_of:
@@ -90,7 +93,8 @@ def remove_dead_paths(plan: Plan) -> Plan:
 
 
 def mask_student(student: Student, pruned: Plan) -> None:
-    """Sets the gate keep-masks of a full student to `pruned` (no retrace)."""
+    """Sets the gate keep-masks of a full student to `pruned` (no retrace),
+    each gate keeping the share its surviving branches held (`Gate.mass`)."""
     for l in student.live_blocks:
         block, plan = student.block(l), pruned.blocks[l]
         keep = []
@@ -98,7 +102,9 @@ def mask_student(student: Student, pruned: Plan) -> None:
             keep.append(1.0 if plan.universal else 0.0)
         keep += [1.0 if s in plan.proxy_sources else 0.0
                  for s in student.plan.blocks[l].proxy_sources]
+        alphas = block.gate.alphas().numpy()
         block.gate.keep.assign(keep)
+        block.gate.mass.assign(float(np.dot(alphas, keep)))
 
 
 # --- the static network -------------------------------------------------------
@@ -273,7 +279,8 @@ def load_task_state(student: Student, path: str) -> None:
     if missing:
         raise ValueError(f"{path} does not fit this network: unknown {missing[:5]}")
     expected = task_state(student)
-    absent = sorted(set(expected) - set(state))
+    # Files written before gates had a mass hold renormalised gates: mass 1.
+    absent = sorted(k for k in set(expected) - set(state) if not k.endswith("gate/mass"))
     if absent:
         raise ValueError(f"{path} lacks {absent[:5]}")
     for key, value in state.items():

@@ -60,29 +60,39 @@ def render_markdown(data: dict) -> str:
     lines = [f"# NetTailor report: {data['backbone']} at {data['image_size']} px", ""]
     for name, task in data["tasks"].items():
         lines += [f"## {name} ({task.get('num_classes', '?')} classes)", "",
-                  "| network | test accuracy | params | multiply-adds |",
-                  "| --- | --- | --- | --- |"]
+                  "| network | test accuracy | validation accuracy | params | multiply-adds |",
+                  "| --- | --- | --- | --- | --- |"]
         teacher = task.get("teacher")
         if teacher:
             lines.append(f"| fine-tuned teacher | {_fmt_acc(teacher['accuracy'])} | "
-                         f"{_fmt_count(teacher['params'])} | {_fmt_count(teacher['flops'])} |")
+                         f"{_fmt_acc(teacher.get('val_accuracy'))} | "
+                         f"{_fmt_count(teacher.get('params'))} | {_fmt_count(teacher.get('flops'))} |")
         student = task.get("student")
         if student:
             lines.append(f"| NetTailor student (before pruning) | {_fmt_acc(student['accuracy'])}"
-                         f" | - | - |")
+                         f" | {_fmt_acc(student.get('val_accuracy'))} | - | - |")
         pruned = task.get("pruned")
+        if pruned and pruned.get("accuracy_before_finetune") is not None:
+            lines.append(f"| NetTailor pruned, before fine-tuning | "
+                         f"{_fmt_acc(pruned['accuracy_before_finetune'])} | "
+                         f"{_fmt_acc(pruned.get('val_accuracy_before_finetune'))} | - | - |")
         if pruned:
             ratio = (f" ({pruned['flops'] / teacher['flops']:.0%} of the teacher)"
-                     if teacher else "")
+                     if teacher and teacher.get("flops") else "")
             lines.append(f"| NetTailor pruned | {_fmt_acc(pruned['accuracy'])} | "
+                         f"{_fmt_acc(pruned.get('val_accuracy'))} | "
                          f"{_fmt_count(pruned['params_total'])} total, "
                          f"{_fmt_count(pruned['params_task_specific'])} task-specific | "
                          f"{_fmt_count(pruned['flops'])}{ratio} |")
+        lines += [""] + [f"**Finding:** {text}" for text in findings(task)]
         lines.append("")
         if pruned:
             lines.append(f"Kept {pruned['universal_blocks_kept']} universal blocks and "
                          f"{pruned['proxies_kept']} proxies; {pruned.get('blocks_live', '?')} "
                          f"blocks still compute something.")
+        if student and student.get("gate_entropy") is not None:
+            lines.append(f"Student gate entropy {student['gate_entropy']:.3f} (mean over blocks, "
+                         f"0: each block picks one branch, 1: uniform).")
         for stage in ("teacher", "student", "pruned"):
             part = task.get(stage) or {}
             if "train_images_per_second" in part:
@@ -102,6 +112,43 @@ def render_markdown(data: dict) -> str:
                   f"{submission['path']}: the challenge's results file, {submission['images']} "
                   f"test predictions of {', '.join(submission['domains'])}.", ""]
     return "\n".join(lines)
+
+
+# A student whose gates stayed this close to uniform has not chosen what to
+# keep (a converged one on the quickstart reads 0.1-0.3).
+DIFFUSE_GATE_ENTROPY = 0.6
+# Accuracy a pruned network may lose against its teacher before it is called out.
+PRUNED_GAP_NOTED = 0.005
+
+
+def findings(task: dict) -> list[str]:
+    """Results that are not what the method promises, in words: a student
+    near chance, diffuse gates, a pruned network below its teacher, pruning
+    that saved nothing.  Empty when all is as it should be."""
+    notes = []
+    teacher, student, pruned = (task.get(k) or {} for k in ("teacher", "student", "pruned"))
+    classes = task.get("num_classes")
+    if student.get("accuracy") is not None and classes:
+        chance = 1 / classes
+        if student["accuracy"] < chance + 0.5 * (teacher.get("accuracy", 1) - chance):
+            notes.append(f"the student ({_fmt_acc(student['accuracy'])}) is closer to chance "
+                         f"({_fmt_acc(chance)}) than to its teacher: it has not converged; "
+                         f"give it more steps (--student_min_steps) or a lower --student_lr.")
+    if student.get("gate_entropy") is not None and student["gate_entropy"] > DIFFUSE_GATE_ENTROPY:
+        notes.append(f"the student's gates are diffuse (entropy {student['gate_entropy']:.2f}): "
+                     f"pruning then cuts paths that still carry signal.")
+    if pruned.get("accuracy") is not None and teacher.get("accuracy") is not None:
+        gap = pruned["accuracy"] - teacher["accuracy"]
+        if gap < -PRUNED_GAP_NOTED:
+            notes.append(f"the pruned network is {100 * -gap:.2f} points below its teacher.")
+        if teacher.get("flops") and pruned.get("flops", 0) >= teacher["flops"]:
+            notes.append("pruning saved no multiply-adds: the pruned network costs as much as "
+                         "its teacher.")
+    search = pruned.get("prune_search") or {}
+    if search and not search.get("met_tolerance", True):
+        notes.append(f"no pruned candidate reached the target of {_fmt_acc(search['target'])}; "
+                     f"the search kept the most accurate one it tried.")
+    return notes
 
 
 def _fmt_ms(entry: dict, key: str) -> str:

@@ -186,6 +186,8 @@ def build_student(backbone: Backbone, num_classes: int, plan: Plan,
         for source in block_plan.proxy_sources:
             proxies.append(Proxy(
                 channels[l + 1], pool_stride=reductions[l + 1] // reductions[source],
+                pool_padding=backbone.padding,
+                nonnegative_input=backbone.block_activation is not None,
                 hidden_channels=proxy_hidden_channels(backbone, l),
                 bn_epsilon=getattr(backbone.blocks[l], "bn_epsilon", 1e-5),
                 name=f"block{l}_proxy_from{source}"))
@@ -212,7 +214,11 @@ def build_student(backbone: Backbone, num_classes: int, plan: Plan,
 
 def copy_task_weights(source: Student, target: Student) -> None:
     """Copies proxies, gate logits (of the branches both keep), classifier and
-    task-specific head from `source` into `target` (e.g. a pruned student)."""
+    task-specific head from `source` into `target` (e.g. a pruned student).
+
+    Each target gate keeps the share of the source gate its branches held
+    (`Gate.mass`), so the target's blocks compute the source's sums minus
+    the removed branches' terms."""
     for l in target.live_blocks:
         src, dst = source.block(l), target.block(l)
         if src is None:
@@ -220,7 +226,8 @@ def copy_task_weights(source: Student, target: Student) -> None:
         src_sources = source.plan.branch_sources(l)
         src_universal = source.plan.blocks[l].universal
         logits = src.gate.logits.numpy()
-        keep = []
+        source_alphas = src.gate.alphas().numpy()
+        keep, mass = [], 0.0
         dst_sources = target.plan.branch_sources(l)
         for j, node in enumerate(dst_sources):
             is_universal = target.plan.blocks[l].universal and j == 0
@@ -232,7 +239,42 @@ def copy_task_weights(source: Student, target: Student) -> None:
                 own = j - (1 if target.plan.blocks[l].universal else 0)
                 dst.proxies[own].set_weights(src.proxies[proxy_index].get_weights())
             keep.append(logits[k])
+            mass += float(source_alphas[k])
         dst.gate.logits.assign(keep)
+        dst.gate.mass.assign(mass)
     target.classifier.set_weights(source.classifier.get_weights())
     if target.head_trainable:
         target.head.set_weights(source.head.get_weights())
+
+
+def recalibrate_batchnorm(student: Student, batches) -> int:
+    """Re-estimates the moving statistics of every BN that the student runs
+    in training mode (its proxies, and any task-specific universal or head
+    BN) as the plain average over `batches` of (images, labels).
+
+    Pruning changes what reaches each surviving branch (a removed universal
+    block no longer feeds the nodes after it), so the statistics collected on
+    the unpruned stream no longer describe it.  Returns the batches used.
+    """
+    layers = [layer for layer in student._flatten_layers()
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0  # each batch overwrites the statistics; averaged below
+    try:
+        forward = tf.function(lambda images: student(images, training=True, mimic=False)[0])
+        sums, count = None, 0
+        for images, _ in batches:
+            forward(images)
+            stats = [(l.moving_mean.numpy(), l.moving_variance.numpy()) for l in layers]
+            sums = stats if sums is None else [(m0 + m, v0 + v)
+                                               for (m0, v0), (m, v) in zip(sums, stats)]
+            count += 1
+        if count:
+            for layer, (mean, variance) in zip(layers, sums):
+                layer.moving_mean.assign(mean / count)
+                layer.moving_variance.assign(variance / count)
+    finally:
+        for layer, momentum in zip(layers, saved):
+            layer.momentum = momentum
+    return count

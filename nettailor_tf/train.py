@@ -23,6 +23,7 @@ import tensorflow as tf
 from absl import logging
 
 from nettailor_tf import data as data_lib
+from nettailor_tf.schedules import Schedule, StagePlan
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
@@ -94,31 +95,16 @@ def worker_role(strategy: tf.distribute.Strategy) -> tuple[bool, str]:
     return is_chief, f"{task_type}{task_id}"
 
 
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    """How long and how fast one stage trains."""
-    epochs: int
-    batch_size: int          # global batch, over all replicas
-    learning_rate: float
-    decay_epochs: int        # lr *= 0.1 every decay_epochs epochs
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-
-
-@keras.saving.register_keras_serializable(package="nettailor_tf")
-class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """`lr * 0.1 ** (epoch // decay_epochs)`, evaluated from the step count."""
-
-    def __init__(self, learning_rate, decay_steps):
-        self.learning_rate = float(learning_rate)
-        self.decay_steps = int(decay_steps)
-
-    def __call__(self, step):
-        drops = tf.math.floordiv(tf.cast(step, tf.int64), self.decay_steps)
-        return self.learning_rate * tf.pow(0.1, tf.cast(drops, tf.float32))
-
-    def get_config(self):
-        return {"learning_rate": self.learning_rate, "decay_steps": self.decay_steps}
+def learning_rate_schedule(stage: StagePlan, schedule: Schedule):
+    """Keras' piecewise-constant schedule of a resolved stage."""
+    values = [schedule.learning_rate * 0.1 ** k for k in range(len(stage.decay_steps) + 1)]
+    if stage.decay_steps:
+        # Keras switches to the next value after a boundary; the stage's
+        # decay step is the first step with the lower rate.
+        return keras.optimizers.schedules.PiecewiseConstantDecay(
+            [s - 1 for s in stage.decay_steps], values)
+    # The class needs a boundary: one past the end changes nothing.
+    return keras.optimizers.schedules.PiecewiseConstantDecay([stage.total_steps + 1], values * 2)
 
 
 # loss_fn(images, labels, training) -> (total loss of the local batch, logits,
@@ -129,9 +115,45 @@ LossFn = Callable[[tf.Tensor, tf.Tensor, bool], tuple]
 @dataclasses.dataclass
 class TrainResult:
     steps: int
-    test_accuracy: float
+    test_accuracy: float        # nan until the stage is complete
     train_images_per_second: float
     resumed_from_step: int
+    val_accuracy: float = float("nan")  # nan for a task without a validation split
+    total_steps: int = 0
+    epochs: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.steps >= self.total_steps
+
+
+def make_evaluator(strategy, predict_fn):
+    """(task, image_size, batch_size, split) -> top-1 accuracy of `predict_fn`
+    (images -> logits), with one compiled step reused across calls."""
+    def replica_eval(images, labels):
+        logits = predict_fn(images)
+        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
+                          tf.float32)
+        return tf.reduce_sum(correct), tf.cast(tf.size(labels), tf.float32)
+
+    # The last batch is smaller: let one trace serve both shapes.
+    @tf.function(reduce_retracing=True)
+    def eval_step(batch):
+        correct, count = strategy.run(replica_eval, args=batch)
+        return (strategy.reduce("SUM", correct, axis=None),
+                strategy.reduce("SUM", count, axis=None))
+
+    def evaluate(task: data_lib.TaskData, image_size: int, batch_size: int,
+                 split: str = "test") -> float:
+        correct = total = 0.0
+        dataset = strategy.experimental_distribute_dataset(
+            data_lib.eval_pipeline(task, image_size, batch_size, split))
+        for batch in dataset:
+            c, n = eval_step(batch)
+            correct, total = correct + float(c), total + float(n)
+        return correct / max(total, 1.0)
+
+    return evaluate
 
 
 def _progress_reporter(total_steps, log_every):
@@ -167,11 +189,20 @@ class Trainer:
         log_every: steps between log lines and summaries.
         predict_fn: images -> logits for evaluation (default: the model's
             first output in inference mode).
+        lr_multipliers: one factor per `trainable` variable that scales its
+            update (gradient and weight decay), i.e. its learning rate, as a
+            PyTorch parameter group would (None: all 1).
+        held: variables whose learning rate stays at (stage rate x
+            multiplier) for the whole stage instead of following its decay.
+
+        eval_split: the split `fit` evaluates after each epoch ('val' or
+            'test'); the test accuracy is measured once at the end.
     """
 
     def __init__(self, strategy, model, loss_fn: LossFn, trainable, decayed, schedule: Schedule,
                  checkpoint_dir: str, summary_dir: str | None = None, jit_compile: bool = False,
-                 checkpoint_every: int = 200, log_every: int = 20, predict_fn=None):
+                 checkpoint_every: int = 200, log_every: int = 20, predict_fn=None,
+                 lr_multipliers=None, held=(), eval_split: str = "val"):
         self.strategy = strategy
         self.predict_fn = predict_fn or (lambda images: model(images, training=False)[0])
         self.model = model
@@ -179,6 +210,13 @@ class Trainer:
         self.trainable = list(trainable)
         decayed_ids = {id(v) for v in decayed}
         self.decay_mask = [id(v) in decayed_ids for v in self.trainable]
+        self.lr_multipliers = list(lr_multipliers or [1.0] * len(self.trainable))
+        if len(self.lr_multipliers) != len(self.trainable):
+            raise ValueError("lr_multipliers needs one factor per trainable variable")
+        held_ids = {id(v) for v in held}
+        self.held_mask = [id(v) in held_ids for v in self.trainable]
+        self.eval_split = eval_split
+        self._evaluator = None
         self.schedule = schedule
         self.checkpoint_dir = checkpoint_dir
         self.summary_dir = summary_dir
@@ -192,15 +230,17 @@ class Trainer:
 
     # --- update step ---------------------------------------------------------
 
-    def _build_steps(self, steps_per_epoch):
+    def build_steps(self, steps_per_epoch: int) -> StagePlan:
+        """Creates the optimizer and the compiled train and eval steps for a
+        task of `steps_per_epoch` batches; returns the resolved schedule."""
         schedule, replicas = self.schedule, self.strategy.num_replicas_in_sync
+        stage = schedule.plan(steps_per_epoch)
         # float16 compute (--mixed_precision) needs loss scaling, or small
         # gradients underflow to zero; bfloat16 and float32 do not.
         loss_scaling = keras.mixed_precision.global_policy().compute_dtype == "float16"
         with self.strategy.scope():
-            self.optimizer = keras.optimizers.SGD(
-                StepDecay(schedule.learning_rate, schedule.decay_epochs * steps_per_epoch),
-                momentum=schedule.momentum)
+            learning_rate = learning_rate_schedule(stage, schedule)
+            self.optimizer = keras.optimizers.SGD(learning_rate, momentum=schedule.momentum)
             if loss_scaling:
                 self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             # Keras 3 optimizers must create their slots inside the scope
@@ -225,6 +265,12 @@ class Trainer:
                 factor = factor * tf.cast(self.optimizer.dynamic_scale, tf.float32)
             grads = [g + tf.cast(factor, v.dtype) * v if m and g is not None else g
                      for g, v, m in zip(grads, self.trainable, self.decay_mask)]
+            # Per-variable rates ride on the update: SGD's step is lr x update.
+            undo_decay = schedule.learning_rate / learning_rate(self.step)
+            grads = [g if g is None else
+                     g * tf.cast(k * undo_decay, g.dtype) if h else
+                     g * tf.cast(k, g.dtype) if k != 1.0 else g
+                     for g, k, h in zip(grads, self.lr_multipliers, self.held_mask)]
             self.optimizer.apply_gradients(zip(grads, self.trainable))
             correct = tf.reduce_sum(tf.cast(
                 tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
@@ -239,31 +285,16 @@ class Trainer:
             self.step.assign_add(1)
             return {k: self.strategy.reduce("SUM", v, axis=None) for k, v in stats.items()}
 
-        def replica_eval(images, labels):
-            logits = self.predict_fn(images)
-            correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
-                              tf.float32)
-            return tf.reduce_sum(correct), tf.cast(tf.size(labels), tf.float32)
-
-        # The last evaluation batch is smaller: let one trace serve both shapes.
-        @tf.function(reduce_retracing=True)
-        def eval_step(batch):
-            correct, count = self.strategy.run(replica_eval, args=batch)
-            return (self.strategy.reduce("SUM", correct, axis=None),
-                    self.strategy.reduce("SUM", count, axis=None))
-
-        self.train_step, self.eval_step = train_step, eval_step
+        self.train_step = train_step
+        return stage
 
     # --- evaluation ----------------------------------------------------------
 
-    def evaluate(self, task: data_lib.TaskData, image_size: int, batch_size: int) -> float:
-        dataset = self.strategy.experimental_distribute_dataset(
-            data_lib.eval_pipeline(task, image_size, batch_size))
-        correct = total = 0.0
-        for batch in dataset:
-            c, n = self.eval_step(batch)
-            correct, total = correct + float(c), total + float(n)
-        return correct / max(total, 1.0)
+    def evaluate(self, task: data_lib.TaskData, image_size: int, batch_size: int,
+                 split: str = "test") -> float:
+        if self._evaluator is None:
+            self._evaluator = make_evaluator(self.strategy, self.predict_fn)
+        return self._evaluator(task, image_size, batch_size, split)
 
     # --- the loop ------------------------------------------------------------
 
@@ -271,12 +302,16 @@ class Trainer:
             eval_batch_size: int | None = None, max_steps: int | None = None) -> TrainResult:
         """Trains to the end of the schedule, resuming from the last checkpoint.
 
-        `max_steps` stops early (after a checkpoint), as an interruption would.
+        After each epoch the model is evaluated on the task's validation split
+        (the test split when the task has none); the test split is evaluated
+        once, at the end.  `max_steps` stops early (after a checkpoint), as an
+        interruption would.
         """
         schedule = self.schedule
         steps_per_epoch = data_lib.steps_per_epoch(task, schedule.batch_size)
-        total_steps = steps_per_epoch * schedule.epochs
-        self._build_steps(steps_per_epoch)
+        stage = self.build_steps(steps_per_epoch)
+        total_steps = stage.total_steps
+        logging.info("%s: %s", task.name, stage.describe(schedule))
         checkpoint = tf.train.Checkpoint(weights=model_weights_by_path(self.model),
                                          optimizer=self.optimizer, step=self.step)
         manager = tf.train.CheckpointManager(checkpoint, self.checkpoint_dir, max_to_keep=2)
@@ -289,9 +324,10 @@ class Trainer:
                   else tf.summary.create_noop_writer())
         report = _progress_reporter(total_steps, self.log_every)
         eval_batch_size = eval_batch_size or schedule.batch_size
+        eval_split = "val" if task.num_val and self.eval_split == "val" else "test"
         step, images_seen, train_time = resumed_from, 0, 0.0
         stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
-        accuracy = float("nan")
+        eval_accuracy = float("nan")
 
         while step < stop_at:
             epoch, skip = divmod(step, steps_per_epoch)
@@ -332,13 +368,24 @@ class Trainer:
             train_time += time.perf_counter() - tic
             images_seen += count * schedule.batch_size
             if step % steps_per_epoch == 0:
-                accuracy = self.evaluate(task, image_size, eval_batch_size)
-                logging.info("%s: epoch %d/%d test accuracy %.4f", task.name,
-                             step // steps_per_epoch, schedule.epochs, accuracy)
+                eval_accuracy = self.evaluate(task, image_size, eval_batch_size, eval_split)
+                logging.info("%s: epoch %d/%d %s accuracy %.4f", task.name,
+                             step // steps_per_epoch, stage.epochs,
+                             "validation" if eval_split == "val" else "test", eval_accuracy)
                 with writer.as_default(step=step):
-                    tf.summary.scalar("test/accuracy", accuracy)
+                    tf.summary.scalar(f"{eval_split}/accuracy", eval_accuracy)
         writer.flush()
-        if step >= total_steps and not math.isfinite(accuracy):
-            # Resumed after the last epoch ended: evaluate what was restored.
-            accuracy = self.evaluate(task, image_size, eval_batch_size)
-        return TrainResult(step, accuracy, images_seen / max(train_time, 1e-9), resumed_from)
+        complete = step >= total_steps
+        test_accuracy = val_accuracy = float("nan")
+        if complete:
+            if not math.isfinite(eval_accuracy):
+                # Resumed after the last epoch ended: evaluate what was restored.
+                eval_accuracy = self.evaluate(task, image_size, eval_batch_size, eval_split)
+            if eval_split == "val":
+                val_accuracy = eval_accuracy
+                test_accuracy = self.evaluate(task, image_size, eval_batch_size, "test")
+            else:
+                test_accuracy = eval_accuracy
+        return TrainResult(step, test_accuracy, images_seen / max(train_time, 1e-9), resumed_from,
+                           val_accuracy=val_accuracy, total_steps=total_steps,
+                           epochs=stage.epochs)

@@ -88,3 +88,46 @@ def test_gpu_check_quick_prints_one_json_object(tmp_path):
     assert any(s.startswith("install:") for s in result["skipped"])
     # The scratch folder (per-step outputs) is removed at exit.
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("gpu_check.")]
+
+
+def test_seed_study_runs_each_seed_and_summarises_mean_and_spread(tmp_path):
+    flagfile = tmp_path / "tiny.cfg"
+    flagfile.write_text("\n".join([
+        "--tasks=digits", "--backbone=tiny", "--backbone_weights=random", "--image_size=16",
+        "--teacher_epochs=1", "--student_epochs=1", "--finetune_epochs=1", "--teacher_lr=0.05",
+        "--prune_universal=1", "--log_every=50"]))
+    markdown = tmp_path / "seeds.md"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, "seeds.py"), f"--flagfile={flagfile}",
+         "--seeds=0,1", f"--workdir={tmp_path / 'runs'}", f"--markdown={markdown}"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = _json_line(proc.stdout)
+    assert row["task"] == "digits" and row["seeds"] == [0, 1]
+    reports = [json.loads((tmp_path / "runs" / f"seed{s}" / "report.json").read_text())
+               for s in (0, 1)]
+    teachers = [r["tasks"]["digits"]["teacher"]["accuracy"] for r in reports]
+    pruned = [r["tasks"]["digits"]["pruned"]["accuracy"] for r in reports]
+    assert row["teacher"]["values"] == teachers and row["pruned"]["values"] == pruned
+    assert row["teacher"]["mean"] == pytest.approx(sum(teachers) / 2)
+    assert row["pruned"]["std"] == pytest.approx(abs(pruned[0] - pruned[1]) / 2 ** 0.5)
+    assert row["pruned_minus_teacher"] == pytest.approx([p - t for p, t in zip(pruned, teachers)])
+    assert teachers[0] != teachers[1]  # the seed reaches every stage
+    text = markdown.read_text()
+    assert "| digits |" in text and "seed 0:" in text and "seed 1:" in text
+
+    # A finished study is read again, not rerun.
+    again = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, "seeds.py"), f"--flagfile={flagfile}",
+         "--seeds=0,1", f"--workdir={tmp_path / 'runs'}", f"--markdown={markdown}"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0 and "already done" in again.stderr
+    assert _json_line(again.stdout)["pruned"]["values"] == pruned
+
+
+def test_seed_study_refuses_a_missing_flagfile(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, "seeds.py"), "--flagfile=/no/such.cfg"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "--flagfile=/no/such.cfg: no such file" in proc.stderr

@@ -68,6 +68,37 @@ def test_proxy_max_pool_pads_with_minus_infinity(pool_stride, size):
     np.testing.assert_allclose(y, _tf_same_max_pool(x, pool_stride + 1, pool_stride), rtol=1e-6)
 
 
+@pytest.mark.parametrize("pool_stride,size", [(2, 8), (2, 9), (4, 9), (4, 16), (8, 17)])
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_symmetric_proxy_pool_centres_its_windows_like_pytorch_blocks(pool_stride, size,
+                                                                      nonnegative):
+    """pool_padding='symmetric' pools the windows [i*s - s//2, i*s + s//2], as a PyTorch
+    block's stride-s convolution with padding k//2 sees them, padding as if with -inf
+    (mirrored rows), or with zeros where the input is post-ReLU."""
+    channels = 3
+    proxy = Proxy(channels, pool_stride, pool_padding="symmetric",
+                  nonnegative_input=nonnegative)
+    proxy.build((None, None, None, channels))
+    proxy.convs[-1].conv.kernel.assign(np.eye(channels, dtype=np.float32)[None, None])
+    rng = np.random.default_rng(size)
+    x = rng.uniform(0, 3, (2, size, size, channels)).astype(np.float32)
+    if not nonnegative:
+        x -= 4.0  # all negative: zero padding would show
+    y = proxy(x, training=False).numpy() * np.sqrt(1 + proxy.bn_epsilon)
+    half, out = pool_stride // 2, -(-size // pool_stride)
+    padded = np.pad(x, [(0, 0), (half, half), (half, half), (0, 0)], constant_values=-np.inf)
+    expected = np.stack([np.stack([
+        padded[:, i * pool_stride:i * pool_stride + pool_stride + 1,
+               j * pool_stride:j * pool_stride + pool_stride + 1].max(axis=(1, 2))
+        for j in range(out)], axis=1) for i in range(out)], axis=1)
+    np.testing.assert_allclose(y, expected, rtol=1e-6)
+    if size % pool_stride == 0:
+        # TF's "same" pads nothing before a size the stride divides: its windows start at
+        # i*s, and give another answer on the same input.
+        same = _tf_same_max_pool(x, pool_stride + 1, pool_stride)
+        assert not np.allclose(same, expected)
+
+
 def test_proxy_weight_counts():
     """Plain proxy: kernel, gamma, beta (+ 2 BN statistics); bottleneck: twice that."""
     plain = _proxy(24, 40)
@@ -117,6 +148,12 @@ def test_folded_proxy_equals_inference_output(hidden_channels):
     assert all(conv.bn is None for conv in folded.convs)
     x = tf.random.normal((3, 10, 10, 5), seed=4)
     np.testing.assert_allclose(folded(x).numpy(), proxy(x, training=False).numpy(), atol=1e-5)
+
+
+def test_proxy_config_round_trip_keeps_the_pool_alignment():
+    proxy = Proxy(6, 2, pool_padding="symmetric", nonnegative_input=True, name="p")
+    restored = Proxy.from_config(proxy.get_config())
+    assert (restored.pool_padding, restored.nonnegative_input) == ("symmetric", True)
 
 
 def test_proxy_config_round_trip():

@@ -174,6 +174,59 @@ def test_hand_made_task_generic_path():
     assert [len(y) for _, y in evals] == [7, 7, 7, 7, 2]
 
 
+def _labels(ds) -> np.ndarray:
+    return np.concatenate([y for _, y in _batches(ds)])
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded(mnist):
+    split = data.with_validation_split(mnist, 0.1, seed=3)
+    assert (split.num_train, split.num_val, split.num_test) == (3600, 400, 1000)
+    val_labels = _labels(data.eval_pipeline(split, 8, 100, "val"))
+    assert np.bincount(val_labels, minlength=10).tolist() == [40] * 10
+    train_images = np.concatenate([x for x, _ in _batches(data.eval_pipeline(split, 28, 400,
+                                                                             "train"))])
+    val_images = np.concatenate([x for x, _ in _batches(data.eval_pipeline(split, 28, 400,
+                                                                           "val"))])
+    # No validation image is also a training image (MNIST has no duplicates).
+    train_keys = {img.tobytes() for img in train_images.astype(np.uint8)}
+    assert not any(img.tobytes() in train_keys for img in val_images.astype(np.uint8))
+    # The test split is untouched; the same seed gives the same split, another seed another.
+    _assert_same_batches(_batches(data.eval_pipeline(mnist, 8, 250)),
+                         _batches(data.eval_pipeline(split, 8, 250)))
+    again = data.with_validation_split(mnist, 0.1, seed=3)
+    _assert_same_batches(_batches(data.eval_pipeline(split, 8, 100, "val")),
+                         _batches(data.eval_pipeline(again, 8, 100, "val")))
+    other = data.with_validation_split(mnist, 0.1, seed=4)
+    assert not np.array_equal(_batches(data.eval_pipeline(split, 8, 400, "val"))[0][0],
+                              _batches(data.eval_pipeline(other, 8, 400, "val"))[0][0])
+    # Training batches come from the 3600 images only.
+    assert data.steps_per_epoch(split, 32) == 3600 // 32
+    assert data.with_validation_split(mnist, 0.0, seed=0) is mnist
+    with pytest.raises(DataError, match="no validation split"):
+        data.eval_pipeline(mnist, 8, 10, "val")
+
+
+def test_validation_split_of_sequential_and_hand_made_tasks():
+    task = _hand_made_task([i % 3 for i in range(30)], 3)
+    split = data.with_validation_split(task, 0.2, seed=0)
+    assert (split.num_train, split.num_val) == (24, 6)
+    assert sorted(_labels(data.eval_pipeline(split, 8, 4, "val")).tolist()) == [0, 0, 1, 1, 2, 2]
+    assert len(_batches(data.train_pipeline(split, 8, 4, 0, 0))) == 6
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        svhn = data.load_task("tfds:svhn_cropped")
+        split = data.with_validation_split(svhn, 0.25, seed=0)
+        assert split.num_train + split.num_val == 40
+        assert len(_labels(data.eval_pipeline(split, 16, 8, "val"))) == split.num_val
+        # The sequential path still shuffles, skips and resumes the same way.
+        full = _batches(data.train_pipeline(split, 16, 5, 0, 0))
+        assert len(full) == split.num_train // 5
+        _assert_same_batches(full[1:], _batches(data.train_pipeline(split, 16, 5, 0, 0,
+                                                                    skip_batches=1)))
+    tiny = _hand_made_task([0, 1], 2)
+    with pytest.raises(DataError, match="too few"):
+        data.with_validation_split(tiny, 0.2, seed=0)
+
+
 def test_label_out_of_range_names_task():
     task = _hand_made_task([0, 1, 2, 5, 1, 0, 2, 1], num_classes=3, name="badlabels")
     for ds in (data.train_pipeline(task, 8, 2, 0, 0), data.eval_pipeline(task, 8, 2)):

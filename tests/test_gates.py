@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nettailor_tf.gates import Gate
+from nettailor_tf.gates import Gate, sharpness
 
 
 def _softmax(logits):
@@ -108,13 +108,30 @@ def test_config_round_trip():
 
 
 def test_weight_counts():
-    """Exactly one trainable variable (the logits) and one non-trainable (the keep-mask)."""
+    """One trainable variable (the logits); the keep-mask and the mass are not."""
     gate = _gate(5)
     assert [v.name for v in gate.trainable_weights] == ["logits"]
-    assert [v.name for v in gate.non_trainable_weights] == ["keep"]
+    assert [v.name for v in gate.non_trainable_weights] == ["keep", "mass"]
+    assert float(gate.mass.numpy()) == 1.0
     assert gate.logits.shape == (5,) and gate.keep.shape == (5,)
     np.testing.assert_array_equal(gate.keep.numpy(), np.ones(5))
     np.testing.assert_array_equal(gate.logits.numpy(), [2, -2, -2, -2, -2])
+
+
+def test_mass_scales_the_kept_branches_and_sharpness_reads_the_entropy():
+    gate = _gate(3)
+    gate.keep.assign([1.0, 0.0, 1.0])
+    gate.mass.assign(0.6)
+    alphas = gate.alphas().numpy()
+    assert alphas[1] == 0 and alphas.sum() == pytest.approx(0.6)
+    np.testing.assert_allclose(alphas[[0, 2]] / 0.6, _softmax([2.0, -2.0]), rtol=1e-6)
+    sharp = sharpness([[1.0], [0.5, 0.5], [0.98, 0.01, 0.01], [0.25, 0.25, 0.25, 0.25]])
+    assert sharp["normalized_entropy"][0] is None  # one branch: nothing to choose
+    assert sharp["normalized_entropy"][1] == pytest.approx(1.0)
+    assert sharp["normalized_entropy"][3] == pytest.approx(1.0)
+    assert 0 < sharp["normalized_entropy"][2] < 0.15
+    assert sharp["mean_normalized_entropy"] == pytest.approx(
+        (2 + sharp["normalized_entropy"][2]) / 3, abs=1e-4)
 
 
 @pytest.mark.parametrize("args", [(0,), (2, [1.0]), (1, [1.0, 2.0])])

@@ -29,15 +29,16 @@ def test_stages_stop_resume_and_are_skipped_when_done(tmp_path):
     assert "stopped at step 12" in stopped.stderr
     assert not (tmp_path / "w" / "digits" / "teacher.weights.h5").exists()
 
-    # The teacher resumes at step 12 of its 44 and every later stage runs.
+    # The teacher resumes at step 12 of its 40 (1,293 training images after the
+    # validation split, batch 32) and every later stage runs.
     resumed = run_cli(f"--flagfile={flagfile}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stderr and "(step 12 of 44)" in resumed.stderr
+    assert "resuming from" in resumed.stderr and "(step 12 of 40)" in resumed.stderr
     report = json.loads((tmp_path / "w" / "report.json").read_text())
     teacher = report["tasks"]["digits"]["teacher"]
     assert report["backbone"] == "tiny" and report["image_size"] == 16
     assert report["tasks"]["digits"]["num_classes"] == 10
-    assert 0.0 <= teacher["accuracy"] <= 1.0 and teacher["steps"] == 44
+    assert 0.0 <= teacher["accuracy"] <= 1.0 and teacher["steps"] == 40
     assert teacher["params"] == 10_952 + 16 * 10 + 10
     assert teacher["flops"] > 0
     assert (tmp_path / "w" / "digits" / "teacher.weights.h5").exists()

@@ -205,8 +205,8 @@ def test_task_state_round_trip(trained, tmp_path):
     np.testing.assert_array_equal(fresh(images)[0].numpy(), full(images)[0].numpy())
     with np.load(path) as stored:
         keys = set(stored.files)
-    # 9 proxies x 5 variables, 4 gates x 2 (logits, keep), classifier 2.
-    assert len(keys) == 9 * 5 + 4 * 2 + 2
+    # 9 proxies x 5 variables, 4 gates x 3 (logits, keep, mass), classifier 2.
+    assert len(keys) == 9 * 5 + 4 * 3 + 2
     assert not keys & _universal_paths(full)
     assert not any(k.startswith(("stem/", "block")) for k in keys)
 

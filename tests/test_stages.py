@@ -43,14 +43,20 @@ def test_all_stages_fill_the_report_and_are_skipped_when_done(tmp_path, mocked_s
     task = report["tasks"]["svhn_cropped"]
     assert task["num_classes"] == 10
     assert set(task["teacher"]) >= {"accuracy", "params", "flops"}
-    assert set(task["student"]) >= {"accuracy", "gates"}
+    assert set(task["student"]) >= {"accuracy", "val_accuracy", "gates", "gate_entropy"}
+    assert 0 <= task["student"]["gate_entropy"] <= 1
+    assert 0 <= task["teacher"]["val_accuracy"] <= 1
     # 4 blocks, max_skip 3: gates of 2, 3, 4, 4 branches, each a distribution.
     assert [len(g) for g in task["student"]["gates"]] == [2, 3, 4, 4]
     for gates in task["student"]["gates"]:
         assert sum(gates) == pytest.approx(1.0, abs=1e-4)
+    # 48 mocked images, 10% held out per class (one of each of the 10 classes).
+    split = json.loads((tmp_path / "svhn_cropped" / "validation_split.json").read_text())
+    assert split["num_val"] == 10 and split["num_train"] == 38
     pruned = task["pruned"]
     assert set(pruned) >= {"accuracy", "flops", "params_total", "params_task_specific",
-                           "universal_blocks_kept", "proxies_kept"}
+                           "universal_blocks_kept", "proxies_kept", "accuracy_before_finetune",
+                           "val_accuracy_before_finetune"}
     assert pruned["universal_blocks_kept"] == 3  # --prune_universal=1 of 4
     assert pruned["flops"] < task["teacher"]["flops"] + 1e5
     assert pruned["params_task_specific"] < pruned["params_total"]
@@ -96,16 +102,63 @@ def test_all_stages_fill_the_report_and_are_skipped_when_done(tmp_path, mocked_s
     assert report["tasks"]["svhn_cropped"]["architecture_png"] == "svhn_cropped/architecture.png"
 
 
-def test_prune_search_picks_the_leanest_candidate_within_tolerance(tmp_path, mocked_svhn):
-    # A tolerance of 1 accepts any accuracy: the search must go to the largest
-    # N that still leaves a path to the classifier.
-    config = _config(tmp_path, prune_search=True, prune_universal=0, prune_tolerance=0.99,
-                     stages=("teacher", "student", "prune"))
-    stages.run(config, tf.distribute.get_strategy())
+def _fake_search(tmp_path, monkeypatch, accuracies, teacher_val, tolerance):
+    """Runs the prune search over 4 blocks with candidate scores given by N."""
+    scored = []
+
+    def score(config, strategy, task, student, plan, teacher, n, split, target):
+        scored.append(n)
+        return {"accuracy": accuracies[n], **plan.counts()}
+
+    monkeypatch.setattr(stages, "_score_candidate", score)
+    config = _config(tmp_path, prune_universal=None, prune_tolerance=tolerance)
+    report = stages.Report(str(tmp_path), "tiny", 16)
+    report.set("t", "teacher", {"accuracy": 0.5, "val_accuracy": teacher_val})
+    task = type("Task", (), {"name": "t"})()
+    student = student_lib.build_student(stages._universal_backbone(config), 3,
+                                        student_lib.Plan.full(4, 3), "frozen", 16)
+    # Two universal gates under one half: the search tries N=2 first.
+    alphas = [np.array([0.9, 0.1]), np.array([0.8, 0.1, 0.1]), np.array([0.4, 0.4, 0.1, 0.1]),
+              np.array([0.3, 0.5, 0.1, 0.1])]
+    result = stages._search_prune_universal(config, None, task, report, student, alphas)
+    return result, scored
+
+
+def test_prune_search_picks_the_leanest_candidate_within_tolerance(tmp_path, monkeypatch):
+    # Target 0.82 - 0.03 = 0.79: N=2 (0.80) passes, N=3 (0.60) does not.
+    result, scored = _fake_search(tmp_path, monkeypatch, {0: .9, 1: .85, 2: .8, 3: .6, 4: .5},
+                                  teacher_val=0.82, tolerance=0.03)
+    assert result["chosen"] == 2 and result["met_tolerance"]
+    assert result["target"] == pytest.approx(0.79)
+    # N=0 first, then the gates' answer 2 (accepted), then 3 (rejected); 4 never needed.
+    assert scored == [0, 2, 3]
+    saved = json.loads((tmp_path / "t" / "prune_search.json").read_text())
+    assert sorted(saved) == ["0", "2", "3"] and saved["3"]["accuracy"] == 0.6
+
+
+def test_prune_search_that_finds_nothing_says_so(tmp_path, monkeypatch):
+    result, _ = _fake_search(tmp_path, monkeypatch, {0: .7, 1: .6, 2: .5, 3: .4, 4: .3},
+                             teacher_val=0.9, tolerance=0.005)
+    assert result["chosen"] == 0 and not result["met_tolerance"]
+
+
+def test_prune_search_with_brief_fine_tunes_hands_its_checkpoint_to_the_fine_tune(
+        tmp_path, mocked_svhn, caplog):
+    config = _config(tmp_path, prune_universal=None, prune_tolerance=0.99,
+                     prune_search_steps=2, finetune=Schedule(2, 16, 0.05))
+    with caplog.at_level("INFO", logger="absl"):
+        stages.run(config, tf.distribute.get_strategy())
     _, info = prune.load_plan(str(tmp_path / "svhn_cropped" / "plan.json"))
-    searched = json.loads((tmp_path / "svhn_cropped" / "prune_search.json").read_text())
-    assert info["prune_search"] is True
-    assert info["prune_universal"] == max(int(n) for n in searched) == 4
+    search = info["prune_search"]
+    assert search["met_tolerance"] and search["steps_per_candidate"] == 2
+    chosen = search["candidates"][str(search["chosen"])]
+    assert chosen["steps"] == 2 and "zero_shot_accuracy" in chosen
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("resumes from the prune search's brief fine-tune" in m for m in messages)
+    assert any("resuming from" in m and "finetune_ckpt" in m and "(step 2 of 4)" in m
+               for m in messages)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["tasks"]["svhn_cropped"]["pruned"]["steps"] == 4
 
 
 def test_student_stage_without_a_teacher_is_a_clear_error(tmp_path, mocked_svhn):

@@ -9,7 +9,8 @@ import tensorflow as tf
 from nettailor_tf import backbones
 from nettailor_tf.losses import cross_entropy, mimic_loss
 from nettailor_tf.prune import mask_student
-from nettailor_tf.student import BlockPlan, Plan, build_student, copy_task_weights
+from nettailor_tf.student import (BlockPlan, Plan, build_student, copy_task_weights,
+                                  recalibrate_batchnorm)
 
 NUM_CLASSES = 5
 IMAGE_SIZE = 32
@@ -311,3 +312,36 @@ def test_copy_task_weights_into_a_pruned_plan_equals_the_masked_full_student():
         np.testing.assert_allclose(pruned.block(l).gate.alphas().numpy(),
                                    [a for a in full.block(l).gate.alphas().numpy() if a > 0],
                                    rtol=1e-6)
+
+
+def test_a_pruned_copy_computes_the_students_sums_minus_the_removed_terms():
+    """Each pruned gate keeps the share its surviving branches held in the student, so a
+    block's output is the student's sum without the removed branches' terms (not the
+    survivors scaled up to a total of 1)."""
+    backbone = _tiny_backbone()
+    full = _student(backbone, Plan.full(4, 3), seed=6)
+    pruned = _student(backbone, PRUNED, seed=7)
+    full_alphas = [a.numpy() for a in full.alphas()]
+    copy_task_weights(full, pruned)
+    # Block 3 keeps the universal branch (index 0) and the proxy from node 2 (index 2).
+    kept = full_alphas[3][[0, 2]]
+    np.testing.assert_allclose(pruned.block(3).gate.alphas().numpy(), kept, rtol=1e-6)
+    assert kept.sum() < 0.999
+
+
+def test_recalibrated_statistics_are_the_mean_of_the_batch_moments():
+    backbone = _tiny_backbone()
+    student = _student(backbone, PRUNED, seed=2)
+    batches = [(_images(8, seed=s), np.zeros(8, np.int32)) for s in range(3)]
+    bn = student.block(1).proxies[0].convs[-1].bn
+    before = bn.moving_mean.numpy().copy()
+    momentum = bn.momentum
+    assert recalibrate_batchnorm(student, batches) == 3
+    assert bn.momentum == momentum  # restored
+    # The proxy of block 1 reads node 0 (the stem's output), which no other weight moves.
+    stem_out = [student.stem(images, training=False) for images, _ in batches]
+    proxy = student.block(1).proxies[0]
+    pre_bn = [proxy.convs[-1].conv(x) for x in stem_out]
+    expected = np.mean([tf.reduce_mean(p, axis=[0, 1, 2]).numpy() for p in pre_bn], axis=0)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(before, expected)

@@ -70,14 +70,14 @@ def test_sgd_with_coupled_weight_decay_and_step_decay():
     # and momentum m gives v1 = g + wd*x0, x1 = x0 - lr*v1.
     strategy = tf.distribute.get_strategy()
     w = keras.Variable(np.array([2.0], np.float32))
-    schedule = train.Schedule(epochs=1, batch_size=1, learning_rate=0.1, decay_epochs=1,
+    schedule = train.Schedule(epochs=2, batch_size=1, learning_rate=0.1, decay_epochs=1,
                               weight_decay=0.5, momentum=0.9)
 
     def loss_fn(images, labels, training):
         return tf.reduce_sum(w), tf.zeros((1, 2)), {}
 
     trainer = train.Trainer(strategy, None, loss_fn, [w], [w], schedule, checkpoint_dir="unused")
-    trainer._build_steps(steps_per_epoch=2)
+    trainer.build_steps(steps_per_epoch=2)
     batch = (tf.zeros((1, 4, 4, 3)), tf.zeros((1,), tf.int32))
     trainer.train_step(batch)
     v1 = 1 + 0.5 * 2.0
@@ -88,6 +88,71 @@ def test_sgd_with_coupled_weight_decay_and_step_decay():
     assert float(w[0]) == pytest.approx(x1 - 0.1 * v2, abs=1e-6)
     # Step 2 starts epoch 1: the learning rate drops tenfold.
     assert float(trainer.optimizer.learning_rate) == pytest.approx(0.01)
+
+
+def test_decay_at_fractions_of_the_stage_and_a_gate_learning_rate_multiplier():
+    # Two variables, loss = a + b (gradient 1 each), no momentum or decay:
+    # each step moves a by lr and b by 10 * lr; the rate drops tenfold at
+    # 40% and 80% of the 10 steps (steps 4 and 8).
+    strategy = tf.distribute.get_strategy()
+    a = keras.Variable(np.array([0.0], np.float32))
+    b = keras.Variable(np.array([0.0], np.float32))
+    schedule = train.Schedule(epochs=5, batch_size=1, learning_rate=0.1, weight_decay=0.0,
+                              momentum=0.0)
+
+    def loss_fn(images, labels, training):
+        return tf.reduce_sum(a) + tf.reduce_sum(b), tf.zeros((1, 2)), {}
+
+    trainer = train.Trainer(strategy, None, loss_fn, [a, b], [], schedule,
+                            checkpoint_dir="unused", lr_multipliers=[1.0, 10.0])
+    stage = trainer.build_steps(steps_per_epoch=2)
+    assert stage.total_steps == 10 and stage.decay_steps == [4, 8]
+    batch = (tf.zeros((1, 4, 4, 3)), tf.zeros((1,), tf.int32))
+    rates = []
+    for _ in range(10):
+        rates.append(float(trainer.optimizer.learning_rate))
+        trainer.train_step(batch)
+    np.testing.assert_allclose(rates, [0.1] * 4 + [0.01] * 4 + [0.001] * 2, rtol=1e-6)
+    assert float(a[0]) == pytest.approx(-sum(rates), rel=1e-5)
+    assert float(b[0]) == pytest.approx(-10 * sum(rates), rel=1e-5)
+
+
+def test_held_variables_keep_their_rate_and_a_multiplier_scales_weight_decay_too():
+    # loss = a + b + c; c has weight decay 0.5 and a multiplier of 2 (a
+    # PyTorch parameter group with twice the rate); b's rate holds at 10x the
+    # stage's initial rate while the stage's decays at step 2 of 4.
+    strategy = tf.distribute.get_strategy()
+    a, b, c = (keras.Variable(np.array([1.0], np.float32)) for _ in range(3))
+    schedule = train.Schedule(epochs=2, batch_size=1, learning_rate=0.1, decay_every=0.5,
+                              weight_decay=0.5, momentum=0.0)
+
+    def loss_fn(images, labels, training):
+        return tf.reduce_sum(a + b + c), tf.zeros((1, 2)), {}
+
+    trainer = train.Trainer(strategy, None, loss_fn, [a, b, c], [c], schedule,
+                            checkpoint_dir="unused", lr_multipliers=[1.0, 10.0, 2.0], held=[b])
+    assert trainer.build_steps(steps_per_epoch=2).decay_steps == [2]
+    batch = (tf.zeros((1, 4, 4, 3)), tf.zeros((1,), tf.int32))
+    expected_c = 1.0
+    for step in range(4):
+        lr = 0.1 if step < 2 else 0.01
+        trainer.train_step(batch)
+        expected_c -= 2 * lr * (1 + 0.5 * expected_c)
+    assert float(a[0]) == pytest.approx(1 - 2 * 0.1 - 2 * 0.01, abs=1e-6)
+    assert float(b[0]) == pytest.approx(1 - 4 * 10 * 0.1, abs=1e-5)
+    assert float(c[0]) == pytest.approx(expected_c, abs=1e-6)
+
+
+def test_fit_selects_on_validation_and_reports_test_once(digits, tmp_path):
+    split = data.with_validation_split(digits, 0.1, seed=0)
+    trainer, _ = _trainer(tmp_path, train.Schedule(1, 32, 0.05, min_steps=60))
+    result = trainer.fit(split, 16, seed=0)
+    steps_per_epoch = data.steps_per_epoch(split, 32)
+    # 60 steps need two whole epochs of this split.
+    assert result.epochs == 2 and result.steps == 2 * steps_per_epoch
+    assert 0 < result.val_accuracy <= 1 and 0 < result.test_accuracy <= 1
+    assert result.val_accuracy == pytest.approx(trainer.evaluate(split, 16, 32, "val"))
+    assert result.test_accuracy == pytest.approx(trainer.evaluate(split, 16, 32, "test"))
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(digits, tmp_path):

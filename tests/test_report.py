@@ -1,0 +1,44 @@
+"""report.md: the tables, and results that break the method's promise named as findings."""
+import json
+
+from nettailor_tf.report import Report, findings, render_markdown
+
+
+def _task(student=0.98, pruned=0.975, entropy=0.2, pruned_flops=50):
+    return {"num_classes": 10,
+            "teacher": {"accuracy": 0.97, "val_accuracy": 0.96, "params": 10, "flops": 100},
+            "student": {"accuracy": student, "val_accuracy": student, "gates": [[1.0]],
+                        "gate_entropy": entropy},
+            "pruned": {"accuracy": pruned, "val_accuracy": pruned, "flops": pruned_flops,
+                       "accuracy_before_finetune": 0.95, "params_total": 5,
+                       "params_task_specific": 1, "universal_blocks_kept": 8,
+                       "proxies_kept": 3}}
+
+
+def test_a_good_result_has_no_finding():
+    assert findings(_task()) == []
+
+
+def test_each_broken_promise_is_named():
+    notes = findings(_task(student=0.15, pruned=0.90, entropy=0.9, pruned_flops=100))
+    assert len(notes) == 4
+    text = " ".join(notes)
+    assert "closer to chance" in text and "diffuse" in text
+    assert "7.00 points below its teacher" in text and "no multiply-adds" in text
+    search = _task()
+    search["pruned"]["prune_search"] = {"met_tolerance": False, "target": 0.955}
+    assert "no pruned candidate reached" in findings(search)[0]
+
+
+def test_markdown_shows_validation_pre_finetune_and_findings(tmp_path):
+    report = Report(str(tmp_path), "tiny", 16)
+    report.data["tasks"]["digits"] = _task(pruned=0.90)
+    report.save()
+    text = (tmp_path / "report.md").read_text()
+    assert "| fine-tuned teacher | 97.00% | 96.00% |" in text
+    assert "| NetTailor pruned, before fine-tuning | 95.00% |" in text
+    assert "**Finding:** the pruned network is 7.00 points below its teacher." in text
+    assert "gate entropy 0.200" in text
+    assert json.loads((tmp_path / "report.json").read_text())["tasks"]["digits"]["pruned"][
+        "accuracy"] == 0.90
+    assert render_markdown(report.data) == text
