@@ -38,11 +38,12 @@ class Config:
     finetune: Schedule = DEFAULT_SCHEDULES["finetune"]
     gate_lr_multiplier: float = 10.0   # gate logits' lr relative to the stage's
     gate_lr_decay: bool = False        # True: the gates' lr decays with the stage's
+    cache_teacher_targets: bool = True  # compute the teacher's targets once per stage
     validation_fraction: float = 0.1   # of the training data, held out for every choice
     selection_split: str = "validation"  # 'test': the paper's protocol
     max_skip: int | None = 3           # None: dense connectivity
     universal_bn: str = "frozen"
-    complexity_coeff: float = 0.3
+    complexity_coeff: float | None = None  # None: what the backbone declares
     teacher_coeff: float = 10.0
     complexity_exact: bool = True      # False: the published p_in approximation
     mimic_normalized: bool | None = None  # None: what the backbone declares
@@ -126,7 +127,7 @@ class Config:
             raise ConfigError(f"--validation_fraction={self.validation_fraction} must be in "
                               f"(0, 1) (or choose on the test split, the paper's protocol: "
                               f"--selection_split=test)")
-        if not 0 <= self.complexity_coeff <= 100:
+        if self.complexity_coeff is not None and not 0 <= self.complexity_coeff <= 100:
             raise ConfigError(f"--complexity_coeff={self.complexity_coeff} must be in [0, 100]")
         if not 0 <= self.teacher_coeff <= 1000:
             raise ConfigError(f"--teacher_coeff={self.teacher_coeff} must be in [0, 1000]")

@@ -785,8 +785,11 @@ def _split_view(task: TaskData, split: str) -> tuple[_Split | None, Callable | N
 
 
 def train_pipeline(task: TaskData, image_size: int, batch_size: int, epoch: int, seed: int,
-                   skip_batches: int = 0, augment: str | None = None) -> tf.data.Dataset:
-    """Batches of one training epoch: (float32 [B, S, S, 3] in 0..255, int32 [B]).
+                   skip_batches: int = 0, augment: str | None = None,
+                   with_index: bool = False) -> tf.data.Dataset:
+    """Batches of one training epoch: (float32 [B, S, S, 3] in 0..255, int32 [B]),
+    and with `with_index` each image's int64 position in the training split (the
+    order `eval_pipeline(task, ..., "train")` reads it in).
 
     The order and augmentation are functions of (seed, epoch) only; the last
     incomplete batch is dropped; ``skip_batches=k`` yields batches k, k+1, ...
@@ -823,15 +826,18 @@ def train_pipeline(task: TaskData, image_size: int, batch_size: int, epoch: int,
     if policy == "none" and same_size and decode is None:
         # Equal-sized pixels: one resize per batch is much cheaper than per image.
         ds = ds.batch(batch_size, drop_remainder=True)
-        ds = ds.map(lambda img, lab, idx: (_resize(img, image_size), _checked_label(lab, task)),
+        ds = ds.map(lambda img, lab, idx: (_resize(img, image_size), _checked_label(lab, task),
+                                           idx),
                     num_parallel_calls=tf.data.AUTOTUNE)
     else:
         def element(item, label, index):
             image = decode(item) if decode is not None else item
             return (_train_transform(image, index, policy, image_size, (crop_key, flip_key)),
-                    _checked_label(label, task))
+                    _checked_label(label, task), index)
         ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
+    if not with_index:
+        ds = ds.map(lambda images, labels, index: (images, labels))
     return _finish(ds, image_size)
 
 
@@ -880,9 +886,9 @@ def keyed_eval_pipeline(keyed_images: tf.data.Dataset, augment: str, image_size:
 
 
 def _finish(ds: tf.data.Dataset, image_size: int) -> tf.data.Dataset:
-    def shape(images, labels_or_keys):
+    def shape(images, *rest):
         images = tf.ensure_shape(images, [None, image_size, image_size, 3])
-        return images, labels_or_keys
+        return (images, *rest)
     ds = ds.map(shape)
     options = tf.data.Options()
     options.deterministic = True  # parallel maps keep the input order

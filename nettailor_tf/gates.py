@@ -20,13 +20,15 @@ class Gate(keras.layers.Layer):
     that pruning a branch changes a value, not the graph: a traced step keeps
     working (no retrace) and the mask is checkpointed with the logits.
 
-    `mass` (non-trainable, 1 in a student) is the share of the student's gate
-    that a pruned block's surviving branches held.  Keeping it means pruning
-    only drops the removed branches' terms from the block's sum; a softmax
-    renormalised to 1 over the survivors would also scale every surviving
-    branch up, by 1 / mass, which on the quickstart's digits cost 4 points of
-    validation accuracy before any fine-tuning even where no universal block
-    was removed (95.2% against 99.3%).
+    `mass` (1 in a student, where it is not trained) is the share of the
+    student's gate that a pruned block's surviving branches held.  Keeping
+    it means pruning only drops the removed branches' terms from the block's
+    sum; a softmax renormalised to 1 over the survivors would also scale
+    every surviving branch up, by 1 / mass, which on the quickstart's digits
+    cost 4 points of validation accuracy before any fine-tuning even where no
+    universal block was removed (95.2% against 99.3%).  The fine-tune of a
+    pruned network trains it, so a block whose survivors held little (its
+    dominant branch cut by a fixed --prune_universal) can grow back.
 
     Args:
         num_branches: number of branches the gate mixes.
@@ -58,7 +60,9 @@ class Gate(keras.layers.Layer):
             initializer=keras.initializers.Constant(self.initial_logits))
         self.keep = self.add_weight(shape=(self.num_branches,), name="keep", trainable=False,
                                     initializer="ones", autocast=False)
-        self.mass = self.add_weight(shape=(), name="mass", trainable=False, initializer="ones",
+        # Trainable so that a pruned network's fine-tune may rescale a block
+        # whose survivors held little; the student stage never trains it.
+        self.mass = self.add_weight(shape=(), name="mass", trainable=True, initializer="ones",
                                     autocast=False)
 
 

@@ -67,6 +67,9 @@ flags.DEFINE_float("gate_lr_multiplier", 10.0, "Learning rate of the gate logits
 flags.DEFINE_bool("gate_lr_decay", False, "Whether the gate logits' learning rate follows the "
                   "stage's decay; off, it holds at --gate_lr_multiplier x the stage's initial "
                   "rate, so gates keep choosing once the proxies have settled.")
+flags.DEFINE_bool("cache_teacher_targets", True, "For tasks without augmentation, run the "
+                  "frozen teacher once over the training split per stage and look its "
+                  "mimic targets up at each step (exact; skipped above 2 GB of targets).")
 flags.DEFINE_float("validation_fraction", 0.1, "Fraction of each task's training data held out "
                    "(stratified, seeded by --seed) as the validation split every choice is "
                    "made on.")
@@ -74,7 +77,9 @@ flags.DEFINE_enum("selection_split", "validation", ["validation", "test"], "Wher
                   "(prune search, tolerance checks) are made: 'validation' (held out of "
                   "training), or 'test', the paper's protocol (trains on the whole training "
                   "split; test accuracy then selects and reports).")
-flags.DEFINE_float("complexity_coeff", 0.3, "Weight of the expected-complexity loss.")
+flags.DEFINE_float("complexity_coeff", None, "Weight of the expected-complexity loss. "
+                   "Default: what the backbone declares (the paper's 0.3 with the plain mimic "
+                   "loss; 3.0 with the normalised one, see --mimic_normalized).")
 flags.DEFINE_float("teacher_coeff", 10.0, "Weight of the mimic (distillation) loss.")
 flags.DEFINE_bool("mimic_normalized", None, "Divide each mimic term by the teacher "
                   "output's mean square (scale-free). Default: what the backbone declares "
@@ -147,7 +152,7 @@ def config_from_flags():
         complexity_coeff=FLAGS.complexity_coeff, teacher_coeff=FLAGS.teacher_coeff,
         complexity_exact=FLAGS.complexity_p_in == "exact",
         mimic_normalized=FLAGS.mimic_normalized, gate_lr_multiplier=FLAGS.gate_lr_multiplier,
-        gate_lr_decay=FLAGS.gate_lr_decay,
+        gate_lr_decay=FLAGS.gate_lr_decay, cache_teacher_targets=FLAGS.cache_teacher_targets,
         validation_fraction=FLAGS.validation_fraction, selection_split=FLAGS.selection_split,
         prune_universal=FLAGS.prune_universal,
         prune_proxy_threshold=FLAGS.prune_proxy_threshold,

@@ -137,6 +137,10 @@ class Student(keras.Model):
     def gate_variables(self) -> list:
         return [block.gate.logits for block in self.tailored]
 
+    def mass_variables(self) -> list:
+        """Each gate's mass: trained only when a pruned network is fine-tuned."""
+        return [block.gate.mass for block in self.tailored]
+
     def task_variables(self) -> tuple[list, list]:
         """(variables to train, the subset with weight decay): proxies,
         classifier and any task-specific head decay; gate logits do not.

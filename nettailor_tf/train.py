@@ -109,7 +109,9 @@ def learning_rate_schedule(stage: StagePlan, schedule: Schedule):
 
 # loss_fn(images, labels, training) -> (total loss of the local batch, logits,
 # {name: scalar term}); the loop scales it to the global batch.
-LossFn = Callable[[tf.Tensor, tf.Tensor, bool], tuple]
+# With `Trainer(indexed=True)` it also gets each image's position in the
+# training split: loss_fn(images, labels, training, indices).
+LossFn = Callable[..., tuple]
 
 
 @dataclasses.dataclass
@@ -197,12 +199,14 @@ class Trainer:
 
         eval_split: the split `fit` evaluates after each epoch ('val' or
             'test'); the test accuracy is measured once at the end.
+        indexed: hand `loss_fn` each image's position in the training split
+            (to look up targets computed once, e.g. a frozen teacher's).
     """
 
     def __init__(self, strategy, model, loss_fn: LossFn, trainable, decayed, schedule: Schedule,
                  checkpoint_dir: str, summary_dir: str | None = None, jit_compile: bool = False,
                  checkpoint_every: int = 200, log_every: int = 20, predict_fn=None,
-                 lr_multipliers=None, held=(), eval_split: str = "val"):
+                 lr_multipliers=None, held=(), eval_split: str = "val", indexed: bool = False):
         self.strategy = strategy
         self.predict_fn = predict_fn or (lambda images: model(images, training=False)[0])
         self.model = model
@@ -216,6 +220,7 @@ class Trainer:
         held_ids = {id(v) for v in held}
         self.held_mask = [id(v) in held_ids for v in self.trainable]
         self.eval_split = eval_split
+        self.indexed = indexed
         self._evaluator = None
         self.schedule = schedule
         self.checkpoint_dir = checkpoint_dir
@@ -249,9 +254,9 @@ class Trainer:
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         decay = schedule.weight_decay
 
-        def replica_step(images, labels):
+        def replica_step(images, labels, *indices):
             with tf.GradientTape() as tape:
-                loss, logits, terms = self.loss_fn(images, labels, True)
+                loss, logits, terms = self.loss_fn(images, labels, True, *indices)
                 # Replicas' gradients are summed: scale to the global batch.
                 scaled = loss / replicas
                 if loss_scaling:
@@ -332,7 +337,8 @@ class Trainer:
         while step < stop_at:
             epoch, skip = divmod(step, steps_per_epoch)
             dataset = self.strategy.experimental_distribute_dataset(data_lib.train_pipeline(
-                task, image_size, schedule.batch_size, epoch, seed, skip_batches=skip))
+                task, image_size, schedule.batch_size, epoch, seed, skip_batches=skip,
+                with_index=self.indexed))
             sums, count, tic = {}, 0, time.perf_counter()
             for batch in dataset:
                 stats = {k: float(v) for k, v in self.train_step(batch).items()}

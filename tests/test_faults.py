@@ -17,6 +17,7 @@ ARGS = ["--backbone=tiny", "--backbone_weights=random", "--image_size=16", "--ta
         "--stages=teacher,student,prune,finetune,export,benchmark", "--teacher_epochs=1",
         "--teacher_lr=0.05", "--student_epochs=2", "--finetune_epochs=1",
         "--prune_universal=1", "--log_every=5", "--checkpoint_every=7",
+        "--teacher_min_steps=0", "--student_min_steps=0", "--finetune_min_steps=0",
         "--export_variants=float32", "--bundle_variants=float32",
         "--calibration_images=32", "--benchmark_runs=50", "--seed=0"]
 # A line each stage logs when it starts its real work, and the range (s) the

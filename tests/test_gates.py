@@ -108,10 +108,11 @@ def test_config_round_trip():
 
 
 def test_weight_counts():
-    """One trainable variable (the logits); the keep-mask and the mass are not."""
+    """The logits and the mass can be trained (the student trains only the logits); the
+    keep-mask cannot."""
     gate = _gate(5)
-    assert [v.name for v in gate.trainable_weights] == ["logits"]
-    assert [v.name for v in gate.non_trainable_weights] == ["keep", "mass"]
+    assert [v.name for v in gate.trainable_weights] == ["logits", "mass"]
+    assert [v.name for v in gate.non_trainable_weights] == ["keep"]
     assert float(gate.mass.numpy()) == 1.0
     assert gate.logits.shape == (5,) and gate.keep.shape == (5,)
     np.testing.assert_array_equal(gate.keep.numpy(), np.ones(5))

@@ -102,7 +102,7 @@ def test_all_stages_fill_the_report_and_are_skipped_when_done(tmp_path, mocked_s
     assert report["tasks"]["svhn_cropped"]["architecture_png"] == "svhn_cropped/architecture.png"
 
 
-def _fake_search(tmp_path, monkeypatch, accuracies, teacher_val, tolerance):
+def _fake_search(tmp_path, monkeypatch, accuracies, teacher_val, tolerance, student_val=1.0):
     """Runs the prune search over 4 blocks with candidate scores given by N."""
     scored = []
 
@@ -114,7 +114,8 @@ def _fake_search(tmp_path, monkeypatch, accuracies, teacher_val, tolerance):
     config = _config(tmp_path, prune_universal=None, prune_tolerance=tolerance)
     report = stages.Report(str(tmp_path), "tiny", 16)
     report.set("t", "teacher", {"accuracy": 0.5, "val_accuracy": teacher_val})
-    task = type("Task", (), {"name": "t"})()
+    report.set("t", "student", {"accuracy": 0.5, "val_accuracy": student_val})
+    task = type("Task", (), {"name": "t", "num_val": 1000, "num_test": 1000})()
     student = student_lib.build_student(stages._universal_backbone(config), 3,
                                         student_lib.Plan.full(4, 3), "frozen", 16)
     # Two universal gates under one half: the search tries N=2 first.
@@ -134,6 +135,15 @@ def test_prune_search_picks_the_leanest_candidate_within_tolerance(tmp_path, mon
     assert scored == [0, 2, 3]
     saved = json.loads((tmp_path / "t" / "prune_search.json").read_text())
     assert sorted(saved) == ["0", "2", "3"] and saved["3"]["accuracy"] == 0.6
+
+
+def test_prune_search_aims_at_a_weaker_student_and_at_least_one_image(tmp_path, monkeypatch):
+    # The student (0.86) is below the teacher (0.9): pruning keeps the student's.
+    result, _ = _fake_search(tmp_path, monkeypatch, {0: .9, 1: .85, 2: .8, 3: .6, 4: .5},
+                             teacher_val=0.9, tolerance=0.0, student_val=0.86)
+    # 1,000 validation images: the tolerance is at least one of them.
+    assert result["tolerance"] == pytest.approx(0.001)
+    assert result["target"] == pytest.approx(0.859) and result["chosen"] == 0
 
 
 def test_prune_search_that_finds_nothing_says_so(tmp_path, monkeypatch):
@@ -165,3 +175,16 @@ def test_student_stage_without_a_teacher_is_a_clear_error(tmp_path, mocked_svhn)
     config = _config(tmp_path, stages=("student",))
     with pytest.raises(stages.StageError, match="run --stages=teacher first"):
         stages.run(config, tf.distribute.get_strategy())
+
+
+def test_a_workdir_split_with_another_seed_is_refused(tmp_path, mocked_svhn):
+    strategy = tf.distribute.get_strategy()
+    stages.run(_config(tmp_path, stages=()), strategy)
+    record = json.loads((tmp_path / "svhn_cropped" / "validation_split.json").read_text())
+    assert record == {"selection_split": "validation", "validation_fraction": 0.1, "seed": 0,
+                      "num_train": 38, "num_val": 10, "num_test": 48}
+    stages.run(_config(tmp_path, stages=()), strategy)  # the same split: fine
+    with pytest.raises(stages.StageError, match=r"split differently \(seed 0 -> 1\).*new --workdir"):
+        stages.run(_config(tmp_path, stages=(), seed=1), strategy)
+    with pytest.raises(stages.StageError, match=r"selection_split validation -> test"):
+        stages.run(_config(tmp_path, stages=(), selection_split="test"), strategy)

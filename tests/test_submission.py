@@ -107,6 +107,7 @@ def _config(workdir, annotations, **overrides):
                   backbone="tiny", backbone_weights="random", image_size=16, teacher=ONE_EPOCH,
                   student=ONE_EPOCH, finetune=LEARN, prune_universal=1,
                   prune_proxy_threshold=0.0, log_every=1, checkpoint_every=3,
+                  gate_lr_multiplier=1.0, selection_split="test",
                   eval_batch_size=10, decathlon_annotations=annotations)
     values.update(overrides)
     config = Config(**values)
