@@ -1,9 +1,12 @@
 """The custom training loop: tf.function steps under a tf.distribute strategy.
 
 One loop serves every stage (teacher, student, finetune): a stage hands it a
-loss function, the variables to train and those to decay.  The loop owns the
-optimizer (SGD with PyTorch-style coupled weight decay and step LR decay,
-SPEC.md section 4), checkpoints, resumption, TensorBoard and progress.
+loss function, the variables to train and those to decay (and, per variable,
+a learning-rate factor).  The loop owns the optimizer (SGD with PyTorch-style
+coupled weight decay and Keras' piecewise-constant decay of the stage's
+schedule), checkpoints, resumption, TensorBoard and progress.  After each
+epoch it evaluates on the task's validation split; the test split only once,
+at the end.
 
 Resumption is exact: the data order and augmentation of an epoch are a pure
 function of (seed, epoch) (see `data.train_pipeline`), so a run restored at
@@ -196,7 +199,6 @@ class Trainer:
             PyTorch parameter group would (None: all 1).
         held: variables whose learning rate stays at (stage rate x
             multiplier) for the whole stage instead of following its decay.
-
         eval_split: the split `fit` evaluates after each epoch ('val' or
             'test'); the test accuracy is measured once at the end.
         indexed: hand `loss_fn` each image's position in the training split

@@ -32,20 +32,19 @@ def write_digit_folder(root, classes=(3, 5), train_per_class=75, test_per_class=
 def test_a_small_folder_task_with_the_quickstart_flagfile(tmp_path):
     data = write_digit_folder(str(tmp_path / "mydigits"))
     workdir = tmp_path / "run"
-    # The quickstart's flags, on the user's folder; training stages only, and the
-    # stages' minimum steps lowered so that CI runs it in about two minutes.
+    # The quickstart's flags and schedules, on the user's folder; training stages
+    # only, and at 32 px instead of 64 so that CI runs it in about a minute and a half
+    # (README, "Measured", has the 64-px run).
     proc = subprocess.run(
         [sys.executable, "-m", "nettailor_tf.main", "--flagfile=flags/quickstart.cfg",
-         f"--tasks=folder:{data}", f"--workdir={workdir}",
-         "--stages=teacher,student,prune,finetune", "--teacher_min_steps=60",
-         "--student_min_steps=150", "--finetune_min_steps=60"],
+         f"--tasks=folder:{data}", f"--workdir={workdir}", "--image_size=32",
+         "--stages=teacher,student,prune,finetune"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     task = json.loads((workdir / "report.json").read_text())["tasks"]["mydigits"]
     teacher, student, pruned = task["teacher"], task["student"], task["pruned"]
-    print(json.dumps({k: task[k] for k in ("teacher", "student", "pruned")}, default=str)[:3000])
-    assert teacher["accuracy"] > 0.8, teacher
+    assert teacher["accuracy"] > 0.9, teacher
     assert student["accuracy"] > 0.5 + 0.5 * (teacher["accuracy"] - 0.5), student
     assert pruned["accuracy"] >= teacher["accuracy"] - 0.03, (teacher, pruned)
     assert pruned["flops"] < teacher["flops"]
