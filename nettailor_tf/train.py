@@ -48,6 +48,9 @@ def model_weights_by_path(model) -> dict:
     return weights
 
 
+_EVALUATIONS_PER_STAGE = 10
+
+
 class TrainingError(RuntimeError):
     """A run that cannot go on (for example a non-finite loss); one line."""
 
@@ -335,6 +338,10 @@ class Trainer:
         step, images_seen, train_time = resumed_from, 0, 0.0
         stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
         eval_accuracy = float("nan")
+        # A small data set's many short epochs are evaluated about ten times
+        # per stage, not after each one (digits' 13 student epochs, a
+        # 150-image folder's 38): each evaluation costs a pipeline and a pass.
+        evaluate_every = -(-stage.epochs // _EVALUATIONS_PER_STAGE)
 
         while step < stop_at:
             epoch, skip = divmod(step, steps_per_epoch)
@@ -375,7 +382,9 @@ class Trainer:
                     break
             train_time += time.perf_counter() - tic
             images_seen += count * schedule.batch_size
-            if step % steps_per_epoch == 0:
+            epochs_done = step // steps_per_epoch
+            if step % steps_per_epoch == 0 and (epochs_done % evaluate_every == 0
+                                                or epochs_done == stage.epochs):
                 eval_accuracy = self.evaluate(task, image_size, eval_batch_size, eval_split)
                 logging.info("%s: epoch %d/%d %s accuracy %.4f", task.name,
                              step // steps_per_epoch, stage.epochs,

@@ -119,13 +119,6 @@ def test_seed_study_runs_each_seed_and_summarises_mean_and_spread(tmp_path):
     text = markdown.read_text()
     assert "| digits |" in text and "seed 0:" in text and "seed 1:" in text
 
-    # A finished study is read again, not rerun.
-    again = subprocess.run(
-        [sys.executable, os.path.join(BENCHMARKS, "seeds.py"), f"--flagfile={flagfile}",
-         "--seeds=0,1", f"--workdir={tmp_path / 'runs'}", f"--markdown={markdown}"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
-    assert again.returncode == 0 and "already done" in again.stderr
-    assert _json_line(again.stdout)["pruned"]["values"] == pruned
 
 
 def test_seed_study_refuses_a_missing_flagfile(tmp_path):
