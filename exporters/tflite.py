@@ -1,6 +1,6 @@
 """TFLite files from the serving SavedModels, and what is inside them.
 
-Variants (SPEC.md section 9): `float32`; `float16` (weights stored in
+Variants (README, "Outputs"): `float32`; `float16` (weights stored in
 half precision); `dynamic` (int8 weights, float activations); `int8` (int8
 weights and activations, calibrated on a representative set).  The uint8
 image input and float32 outputs stay as they are in every variant, so one

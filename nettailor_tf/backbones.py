@@ -124,7 +124,7 @@ CAFFE_MEAN_RGB = (123.68, 116.779, 103.939)
 def _inverted_residual_net(name, stages, padding, bn_epsilon, mean, std) -> Backbone:
     # The converted EfficientNet checkpoint expects TF "same" padding and
     # (x - 127) / 128; torchvision's MobileNetV2 symmetric padding and
-    # ImageNet mean/std (SPEC.md section 10).
+    # ImageNet mean/std (tests/test_backbones.py checks both on photos).
     stem = keras.Sequential([
         Normalize(mean, std, name="normalize"),
         ConvBN(32, 3, 2, padding, activation="relu6", bn_epsilon=bn_epsilon, name="conv"),
@@ -170,7 +170,7 @@ def _resnet(name) -> Backbone:
 
 
 def _wrn26() -> Backbone:
-    # The Visual Decathlon ResNet-26 (SPEC.md section 6): no max-pool, weight-free
+    # The Visual Decathlon ResNet-26, as the published code builds it: no max-pool, weight-free
     # shortcuts, and a BN on the last features (task-specific in NetTailor).
     stem = keras.Sequential([
         Normalize(IMAGENET_MEAN, IMAGENET_STD, name="normalize"),

@@ -1,9 +1,9 @@
-"""Task-specific proxies and the gated NetTailor block (SPEC.md section 3).
+"""Task-specific proxies and the gated NetTailor block (the paper).
 
 A NetTailor block mixes its frozen universal block with proxies that read
 the current node or older ones: `node_{l+1} = act(sum_j alpha_j branch_j)`.
 
-Gradient routing of the mimic loss (SPEC.md section 4) is done here without
+Gradient routing of the mimic loss (the paper) is done here without
 computing any block twice: the frozen universal branch's output is reused
 through `stop_gradient` (its value on a stop-gradient input is the same and it
 has no trainable weights), and only the cheap proxies are evaluated again on
@@ -41,7 +41,7 @@ class Proxy(keras.layers.Layer):
             and is the cheaper op on device).
         hidden_channels: None for the plain proxy; for bottleneck backbones
             the published variant 1x1 conv to this width, BN, ReLU, 1x1 conv,
-            BN (SPEC.md: max(C_out / 32, 16)).
+            BN (the paper: max(C_out / 32, 16)).
         bn_epsilon: BN epsilon.
         folded: BN folded into the convs (the deployed form).
     """
@@ -60,7 +60,7 @@ class Proxy(keras.layers.Layer):
         self.hidden_channels = hidden_channels
         self.bn_epsilon = bn_epsilon
         self.folded = folded
-        # N(0, 0.01): a new proxy starts close to silent (SPEC.md section 3).
+        # N(0, 0.01): a new proxy starts close to silent (the paper).
         init = keras.initializers.RandomNormal(stddev=0.01)
         conv_bn = lambda filters, activation, name: ConvBN(
             filters, 1, activation=activation, bn_epsilon=bn_epsilon, folded=folded,

@@ -130,7 +130,7 @@ def universal_network_flops(backbone: Backbone, image_size: int) -> int:
 
 
 def expected_complexity(alphas, costs, plan, exact: bool = True):
-    """The complexity loss C of SPEC.md section 4 (the paper's eq. 9).
+    """The complexity loss C of the paper (the paper's eq. 9).
 
     Args:
         alphas: gate values per live block of `plan` (tensors, branch order as

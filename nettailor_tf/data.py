@@ -505,7 +505,7 @@ def decathlon_test_split(spec: str, data_dir: str | None = None) -> tuple[tf.dat
 
 def _load_voc_objects(spec: str, ref: str, builder, config: str | None) -> TaskData:
     """tfds:voc/2007 (or voc/2012) as object classification: one example per
-    non-difficult object, the image cropped to its box (SPEC.md section 6:
+    non-difficult object, the image cropped to its box (the published demos:
     VOC cropped objects).  Images stay encoded until after shuffling; each
     object carries its image's bytes and box, and is cut out when decoded.
     2012's test split has no boxes, so its validation split is the test."""

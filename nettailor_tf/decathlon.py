@@ -5,7 +5,7 @@ Domains are named as the configs of the TFDS dataset `visual_domain_decathlon`
 (task spec ``tfds:visual_domain_decathlon/<domain>``).  Accuracies are
 fractions in [0, 1], as everywhere in this project (report.json).
 
-Score (SPEC.md section 7; the challenge's scoring rule): for each domain d with
+Score (the paper's results; the challenge's scoring rule): for each domain d with
 test error E_d and Emax_d = twice the error of the challenge's fine-tuned
 ResNet-26 baseline,
 
@@ -59,8 +59,8 @@ NUM_CLASSES: dict[str, int] = {
     "imagenet12": 1000, "omniglot": 1623, "svhn": 10, "ucf101": 101, "vgg-flowers": 102,
 }
 
-# Test accuracy of the challenge's fine-tuned ResNet-26 baseline (SPEC.md
-# section 7: ImNet 59.87, Airc 60.34, C100 82.12, DPed 92.82, DTD 55.53,
+# Test accuracy of the challenge's fine-tuned ResNet-26 baseline (the NetTailor paper's
+# Table 3: ImNet 59.87, Airc 60.34, C100 82.12, DPed 92.82, DTD 55.53,
 # GTSR 97.53, Flwr 81.41, Oglt 87.69, SVHN 96.55, UCF 51.20), as fractions.
 BASELINE_ACCURACY: dict[str, float] = {
     "aircraft": 0.6034, "cifar100": 0.8212, "daimlerpedcls": 0.9282, "dtd": 0.5553,

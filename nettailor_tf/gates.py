@@ -1,4 +1,4 @@
-"""The soft-attention gate of a NetTailor block (SPEC.md section 3)."""
+"""The soft-attention gate of a NetTailor block (the paper)."""
 from __future__ import annotations
 
 import keras

@@ -1,4 +1,4 @@
-"""NetTailor's training objective: CE + complexity_coeff * C + teacher_coeff * T (SPEC.md 4)."""
+"""NetTailor's training objective: CE + complexity_coeff * C + teacher_coeff * T (the paper)."""
 from __future__ import annotations
 
 import tensorflow as tf

@@ -1,4 +1,4 @@
-"""Pruning (SPEC.md section 5): from gates to a plan, and from a plan to a static network.
+"""Pruning (the paper): from gates to a plan, and from a plan to a static network.
 
 The published code only masks pruned branches, so its savings are bookkeeping.
 Here the pruned network is a new static Keras model holding only live

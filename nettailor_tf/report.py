@@ -1,4 +1,4 @@
-"""`<workdir>/report.json` (the contract of SPEC.md section 9) and `report.md`.
+"""`<workdir>/report.json` (the contract of README, "Outputs") and `report.md`.
 
 Both files are rewritten whole through a temporary file and a rename, so a
 run killed mid-write leaves the previous report, never half of one.
@@ -12,7 +12,7 @@ from nettailor_tf import atomic
 
 
 class Report:
-    """The run's results, keyed as SPEC.md section 9 fixes; saved after each change."""
+    """The run's results, keyed as README, "Outputs" fixes; saved after each change."""
 
     def __init__(self, workdir: str, backbone: str, image_size: int):
         self.json_path = os.path.join(workdir, "report.json")

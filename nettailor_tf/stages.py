@@ -476,7 +476,7 @@ def _draw_architecture(config, task, report, student, pruned, backbone) -> str:
 
 def run_finetune(config: Config, strategy, task, report: Report) -> bool:
     """Trains the pruned network again: complexity off, fresh optimizer,
-    gates still trainable (SPEC.md section 2)."""
+    gates still trainable (the paper)."""
     state_path = pruned_state_path(config, task)
     if report.get(task.name, "pruned") and os.path.exists(state_path):
         logging.info("%s: finetune stage already done (%s); skipping", task.name, state_path)

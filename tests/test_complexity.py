@@ -39,10 +39,10 @@ def test_blocks_dominate_efficientnet():
     parts = complexity.backbone_flops(backbones.build_backbone("efficientnet_lite0"), 224)
     total = parts["stem"] + sum(parts["blocks"]) + parts["head"] + 1280 * 1000
     assert 0.88 < sum(parts["blocks"]) / total < 0.92
-    assert max(parts["blocks"]) / total < 0.086  # SPEC.md: "no block above 8.5%"
+    assert max(parts["blocks"]) / total < 0.086  # the paper: "no block above 8.5%"
 
 
-# --- NetTailor: branch costs and the expected complexity C (SPEC.md section 4) ------------
+# --- NetTailor: branch costs and the expected complexity C (the paper) ------------
 
 def test_tiny_branch_flops_by_hand():
     """Universal branches cost their block; a proxy H_out * W_out * C_in * C_out."""
@@ -101,7 +101,7 @@ def _expected_by_hand(a, c, exact):
 
 @pytest.mark.parametrize("exact", [True, False])
 def test_expected_complexity_by_hand(exact):
-    """C of SPEC.md section 4 on a 3-block plan, written out term by term."""
+    """C of the paper on a 3-block plan, written out term by term."""
     import tensorflow as tf
 
     plan, a, c = _three_block_case()

@@ -8,7 +8,7 @@ from nettailor_tf import decathlon
 from nettailor_tf.decathlon import (BASELINE_ACCURACY, DOMAINS, NUM_CLASSES, decathlon_score,
                                     domain_scores, read_submission, submission_json)
 
-# The paper's Table 3 (SPEC.md section 7), columns in the paper's order.
+# The paper's Table 3 (the paper's results), columns in the paper's order.
 TABLE3_ORDER = ("imagenet12", "aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb",
                 "vgg-flowers", "omniglot", "svhn", "ucf101")
 TABLE3 = {

@@ -24,7 +24,7 @@ FLAGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, 
 FLAGFILES = sorted(f for f in os.listdir(FLAGS_DIR) if f.endswith(".cfg"))
 DECATHLON = [d for d in DOMAINS if d != "imagenet12"]
 
-# SPEC.md section 6 (the published demos; ResNet-34 at 224, max_skip 3, wd 5e-4).
+# the published demos (the published demos; ResNet-34 at 224, max_skip 3, wd 5e-4).
 # stage: (epochs, batch size, lr, decay epochs); prune: (N, proxy threshold).
 PAPER = {
     "paper_svhn.cfg": {"teacher": (20, 64, 0.01, 8), "student": (20, 32, 0.1, 8),
@@ -34,7 +34,7 @@ PAPER = {
     "paper_voc.cfg": {"teacher": (50, 64, 0.01, 20), "student": (50, 32, 0.1, 20),
                       "finetune": (60, 32, 0.01, 20), "prune": (3, 0.1)},
 }
-# SPEC.md section 6: svhn and omniglot crop 64; aircraft, daimlerpedcls,
+# the published demos: svhn and omniglot crop 64; aircraft, daimlerpedcls,
 # cifar100, gtsrb and dtd work at 72; the others crop 64.
 DECATHLON_SIZE = {"aircraft": 72, "cifar100": 72, "daimlerpedcls": 72, "dtd": 72, "gtsrb": 72,
                   "omniglot": 64, "svhn": 64, "ucf101": 64, "vgg-flowers": 64}

@@ -23,7 +23,7 @@ def test_initial_alphas_favour_the_universal_branch():
     e = np.e
     expected = np.array([e ** 2, e ** -2, e ** -2, e ** -2]) / (e ** 2 + 3 * e ** -2)
     np.testing.assert_allclose(alphas, expected, rtol=1e-6)
-    assert round(float(alphas[0]), 2) == 0.95  # SPEC.md: "about 0.95"
+    assert round(float(alphas[0]), 2) == 0.95  # the paper: "about 0.95"
     assert alphas.sum() == pytest.approx(1.0, abs=1e-6)
     # A block without proxies passes its universal branch through unchanged.
     np.testing.assert_array_equal(_gate(1).alphas().numpy(), [1.0])

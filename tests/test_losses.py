@@ -1,4 +1,4 @@
-"""Losses by hand: the mimic term T of SPEC.md section 4 and the cross-entropy."""
+"""Losses by hand: the mimic term T of the paper and the cross-entropy."""
 import numpy as np
 import pytest
 import tensorflow as tf
