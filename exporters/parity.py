@@ -13,12 +13,13 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorflow as tf
 
+from nettailor_tf.errors import NetTailorError
 from exporters import savedmodel as savedmodel_lib
 
 Predictor = Callable[[np.ndarray], np.ndarray]  # uint8 images -> logits
 
 
-class ParityError(RuntimeError):
+class ParityError(NetTailorError, RuntimeError):
     """An artefact disagrees with its Keras model beyond the allowed rate."""
 
 

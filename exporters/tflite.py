@@ -23,12 +23,13 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.lite.python import schema_py_generated as schema
 
+from nettailor_tf.errors import NetTailorError
 from exporters.savedmodel import INPUT_NAME
 
 VARIANTS = ("float32", "float16", "dynamic", "int8")
 
 
-class ConversionError(RuntimeError):
+class ConversionError(NetTailorError, RuntimeError):
     """The TFLite converter refused a model."""
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from nettailor_tf.errors import NetTailorError
 from nettailor_tf import decathlon
 from nettailor_tf.backbones import (BACKBONES, DOWNLOADED_IMAGENET, PACKAGED_IMAGENET,
                                    build_backbone)
@@ -21,7 +22,7 @@ DEFAULT_STAGES = STAGES[:6]
 TFLITE_VARIANTS = ("float32", "float16", "dynamic", "int8")
 
 
-class ConfigError(ValueError):
+class ConfigError(NetTailorError, ValueError):
     """A bad flag value: one line naming the flag and what it accepts."""
 
 

@@ -37,6 +37,8 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from nettailor_tf.errors import NetTailorError
+
 __all__ = [
     "DataError",
     "TaskData",
@@ -86,7 +88,7 @@ _TFDS_REF_RE = re.compile(
 )
 
 
-class DataError(ValueError):
+class DataError(NetTailorError, ValueError):
     """One-line user-facing message: names the task spec and the problem and what would be accepted."""
 
 

@@ -193,9 +193,9 @@ def main(argv):
     # Imported here so that --help and flag errors answer without loading TF.
     import tensorflow as tf
 
-    from exporters import parity, tflite
-    from nettailor_tf import data, prune, stages, train, weights
+    from nettailor_tf import stages, train
     from nettailor_tf.config import ConfigError
+    from nettailor_tf.errors import NetTailorError
 
     config = config_from_flags()
     try:
@@ -209,9 +209,7 @@ def main(argv):
         logging.info("strategy %s with replicas=%d", config.strategy,
                      strategy.num_replicas_in_sync)
         report = stages.run(config, strategy)
-    except (ConfigError, data.DataError, weights.WeightsError, train.TrainingError,
-            stages.StageError, prune.PruneError, parity.ParityError,
-            tflite.ConversionError) as err:
+    except NetTailorError as err:
         _fail(str(err))
     except OSError as err:
         _fail(f"cannot write to --workdir={config.workdir}: {err.strerror or err} "

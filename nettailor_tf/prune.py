@@ -15,13 +15,14 @@ import json
 import keras
 import numpy as np
 
+from nettailor_tf.errors import NetTailorError
 from nettailor_tf import atomic, complexity
 from nettailor_tf.backbones import Backbone, count_params
 from nettailor_tf.layers import PACKAGE, apply_activation, fold_batchnorm
 from nettailor_tf.student import BlockPlan, Plan, Student
 
 
-class PruneError(ValueError):
+class PruneError(NetTailorError, ValueError):
     """Pruning would leave no path from the input to the classifier."""
 
 

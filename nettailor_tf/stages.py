@@ -14,6 +14,7 @@ import os
 import keras
 from absl import logging
 
+from nettailor_tf.errors import NetTailorError
 from nettailor_tf import atomic
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import complexity
@@ -117,7 +118,7 @@ def run_teacher(config: Config, strategy, task: data_lib.TaskData, report: Repor
 
 # --- NetTailor: student, prune, finetune ----------------------------------------
 
-class StageError(RuntimeError):
+class StageError(NetTailorError, RuntimeError):
     """A stage cannot start (e.g. the stage it builds on has not run)."""
 
 
@@ -307,13 +308,16 @@ def _search_prune_universal(config, strategy, task, report, student, alphas) -> 
     one image of that split) of the teacher's, or of the student's where the
     student is the weaker.
 
-    A candidate is scored as pruning leaves it (its BN statistics
-    re-estimated), or, with --prune_search_steps, after that many steps of
-    the fine-tuning stage itself: a brief fine-tune is the start of the
-    final one, which resumes from the chosen candidate's checkpoint instead
-    of redoing it, and a candidate still far below the target halfway is
-    abandoned.  Accuracy falls as N grows, so N is found by bisection (about
-    log2(L) candidates) after N=0 is checked.  Each result is saved as soon
+    Two phases, cheapest first.  Candidates are first scored as pruning
+    leaves them (BN statistics re-estimated, seconds each); accuracy falls as
+    N grows, so after N=0 the gates' own answer is tried and the boundary
+    found by bisection (about log2(L) candidates).  Fine-tuning only adds
+    accuracy, so that boundary is safe but conservative: with
+    --prune_search_steps, the candidates beyond it are then tried one by one
+    after that many steps of the fine-tuning stage itself, until one misses.
+    A brief fine-tune is the start of the final one, which resumes from the
+    chosen candidate's checkpoint instead of redoing it, and a candidate still
+    far below the target halfway is abandoned.  Each result is saved as soon
     as it is known, so an interrupted search resumes without redoing any.
     Returns what the search found, for plan.json.
     """
@@ -332,26 +336,32 @@ def _search_prune_universal(config, strategy, task, report, student, alphas) -> 
     if os.path.exists(results_path):
         with open(results_path, encoding="utf-8") as f:
             results = {int(k): v for k, v in json.load(f).items()}
-    teacher = targets = None
-    if config.prune_search_steps:
-        teacher = _frozen_teacher(config, task)
-        targets = _teacher_targets(config, strategy, task, teacher)
+    teacher = None
 
-    def accuracy_of(n: int) -> float | None:
-        if n not in results:
+    def accuracy_of(n: int, steps: int = 0) -> float | None:
+        nonlocal teacher
+        # A candidate scored as pruned is scored again when a brief
+        # fine-tune is asked of it; one already fine-tuned (or abandoned) is not.
+        if n not in results or (steps and "steps" not in results[n]):
             try:
                 plan = prune_lib.prune_plan(student.plan, alphas, n,
                                             config.prune_proxy_threshold,
                                             config.prune_universal_threshold)
             except prune_lib.PruneError:
                 return None
-            results[n] = _score_candidate(config, strategy, task, student, plan,
-                                          (teacher, targets), n, split, target)
+            if steps and teacher is None:
+                frozen = _frozen_teacher(config, task)
+                teacher = (frozen, _teacher_targets(config, strategy, task, frozen))
+            results[n] = _score_candidate(config, strategy, task, student, plan, teacher, n,
+                                          split, target, steps)
             atomic.write_text(results_path, json.dumps(results, indent=1) + "\n")
             logging.info("%s: prune search N=%d: %s accuracy %.4f%s (target %.4f)", task.name,
                          n, config.selection_split, results[n]["accuracy"],
-                         " (abandoned halfway)" if results[n].get("abandoned") else "", target)
-        return results[n]["accuracy"]
+                         (f" after {results[n]['steps']} steps"
+                          + (" (abandoned halfway)" if results[n].get("abandoned") else ""))
+                         if steps else " as pruned",
+                         target)
+        return results[n]["accuracy" if steps else "zero_shot_accuracy"]
 
     first = accuracy_of(0)
     low, high = 0, len(student.plan.blocks)
@@ -368,6 +378,14 @@ def _search_prune_universal(config, strategy, task, report, student, alphas) -> 
             high = mid - 1
         mid = (low + high + 1) // 2
     met = first is not None and first >= target
+    if met and config.prune_search_steps:
+        # Past the zero-shot boundary: each further block cut is kept only if
+        # a brief fine-tune brings it back to the target.
+        while low < len(student.plan.blocks):
+            accuracy = accuracy_of(low + 1, config.prune_search_steps)
+            if accuracy is None or accuracy < target:
+                break
+            low += 1
     if not met:
         logging.warning("%s: prune search: no candidate reached the target %.4f (%s %.4f - "
                         "tolerance %.4f); even N=0 reads %s. Keeping N=0: the student's "
@@ -389,12 +407,13 @@ def _search_prune_universal(config, strategy, task, report, student, alphas) -> 
 _ABANDON_MARGIN = 0.10
 
 
-def _score_candidate(config, strategy, task, student, plan, teacher, n, split, target) -> dict:
-    """A candidate's accuracy on `split`; `teacher` is (frozen teacher, its targets)."""
+def _score_candidate(config, strategy, task, student, plan, teacher, n, split, target,
+                     steps: int) -> dict:
+    """A candidate's accuracy on `split` as pruned or after `steps` of
+    fine-tuning; `teacher` is (frozen teacher, its targets)."""
     keras.utils.set_random_seed(config.seed)
     candidate, before = _prepared_pruned(config, strategy, task, student, plan, [split])
     entry = {"zero_shot_accuracy": before[split], **plan.counts()}
-    steps = config.prune_search_steps
     if not steps:
         return {"accuracy": before[split], **entry}
     trainer = _student_trainer(config, strategy, task, candidate, teacher[0], config.finetune,

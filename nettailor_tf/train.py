@@ -25,6 +25,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from nettailor_tf.errors import NetTailorError
 from nettailor_tf import data as data_lib
 from nettailor_tf.schedules import Schedule, StagePlan
 
@@ -51,7 +52,7 @@ def model_weights_by_path(model) -> dict:
 _EVALUATIONS_PER_STAGE = 10
 
 
-class TrainingError(RuntimeError):
+class TrainingError(NetTailorError, RuntimeError):
     """A run that cannot go on (for example a non-finite loss); one line."""
 
 

@@ -25,8 +25,10 @@ from typing import Any, NamedTuple
 import ml_dtypes  # a dependency of keras and tensorflow; numpy has no bfloat16 of its own
 import numpy as np
 
+from nettailor_tf.errors import NetTailorError
 
-class WeightsError(ValueError):
+
+class WeightsError(NetTailorError, ValueError):
     """One-line, user-facing message naming the file and the problem."""
 
 

@@ -102,16 +102,24 @@ def test_all_stages_fill_the_report_and_are_skipped_when_done(tmp_path, mocked_s
     assert report["tasks"]["svhn_cropped"]["architecture_png"] == "svhn_cropped/architecture.png"
 
 
-def _fake_search(tmp_path, monkeypatch, accuracies, teacher_val, tolerance, student_val=1.0):
-    """Runs the prune search over 4 blocks with candidate scores given by N."""
+def _fake_search(tmp_path, monkeypatch, accuracies, teacher_val, tolerance, student_val=1.0,
+                 fine_tuned=None, steps=0):
+    """Runs the prune search over 4 blocks with candidate scores given by N
+    (`fine_tuned`: after a brief fine-tune)."""
     scored = []
 
-    def score(config, strategy, task, student, plan, teacher, n, split, target):
-        scored.append(n)
-        return {"accuracy": accuracies[n], **plan.counts()}
+    def score(config, strategy, task, student, plan, teacher, n, split, target, steps):
+        scored.append((n, steps) if steps else n)
+        accuracy = fine_tuned[n] if steps else accuracies[n]
+        extra = {"steps": steps} if steps else {}
+        return {"accuracy": accuracy, "zero_shot_accuracy": accuracies[n], **extra,
+                **plan.counts()}
 
     monkeypatch.setattr(stages, "_score_candidate", score)
-    config = _config(tmp_path, prune_universal=None, prune_tolerance=tolerance)
+    monkeypatch.setattr(stages, "_frozen_teacher", lambda config, task: None)
+    monkeypatch.setattr(stages, "_teacher_targets", lambda *args: None)
+    config = _config(tmp_path, prune_universal=None, prune_tolerance=tolerance,
+                     prune_search_steps=steps)
     report = stages.Report(str(tmp_path), "tiny", 16)
     report.set("t", "teacher", {"accuracy": 0.5, "val_accuracy": teacher_val})
     report.set("t", "student", {"accuracy": 0.5, "val_accuracy": student_val})
@@ -137,6 +145,30 @@ def test_prune_search_picks_the_leanest_candidate_within_tolerance(tmp_path, mon
     assert sorted(saved) == ["0", "2", "3"] and saved["3"]["accuracy"] == 0.6
 
 
+def test_prune_search_brief_fine_tunes_go_past_the_zero_shot_boundary(tmp_path, monkeypatch):
+    # As pruned, N=3 misses the target 0.79; fine-tuned briefly it reaches
+    # 0.81 and is kept, N=4 (0.7 after its fine-tune) is rejected.
+    zero_shot = {0: .9, 1: .85, 2: .8, 3: .6, 4: .5}
+    result, scored = _fake_search(tmp_path, monkeypatch, zero_shot, teacher_val=0.82,
+                                  tolerance=0.03, fine_tuned={3: .81, 4: .7}, steps=10)
+    assert result["chosen"] == 3 and result["met_tolerance"]
+    assert scored == [0, 2, 3, (3, 10), (4, 10)]
+    candidates = result["candidates"]
+    assert candidates["3"]["steps"] == 10 and candidates["3"]["zero_shot_accuracy"] == .6
+    # Resuming replays the bisection from the saved zero-shot scores and
+    # redoes nothing.
+    result, scored = _fake_search(tmp_path, monkeypatch, zero_shot, teacher_val=0.82,
+                                  tolerance=0.03, fine_tuned={3: .81, 4: .7}, steps=10)
+    assert result["chosen"] == 3 and scored == []
+
+
+def test_prune_search_brief_fine_tunes_stop_at_the_first_miss(tmp_path, monkeypatch):
+    result, scored = _fake_search(tmp_path, monkeypatch, {0: .9, 1: .85, 2: .8, 3: .6, 4: .5},
+                                  teacher_val=0.82, tolerance=0.03,
+                                  fine_tuned={3: .75, 4: .95}, steps=10)
+    assert result["chosen"] == 2 and scored == [0, 2, 3, (3, 10)]
+
+
 def test_prune_search_aims_at_a_weaker_student_and_at_least_one_image(tmp_path, monkeypatch):
     # The student (0.86) is below the teacher (0.9): pruning keeps the student's.
     result, _ = _fake_search(tmp_path, monkeypatch, {0: .9, 1: .85, 2: .8, 3: .6, 4: .5},
@@ -147,22 +179,37 @@ def test_prune_search_aims_at_a_weaker_student_and_at_least_one_image(tmp_path, 
 
 
 def test_prune_search_that_finds_nothing_says_so(tmp_path, monkeypatch):
-    result, _ = _fake_search(tmp_path, monkeypatch, {0: .7, 1: .6, 2: .5, 3: .4, 4: .3},
-                             teacher_val=0.9, tolerance=0.005)
+    result, scored = _fake_search(tmp_path, monkeypatch, {0: .7, 1: .6, 2: .5, 3: .4, 4: .3},
+                                  teacher_val=0.9, tolerance=0.005, fine_tuned={}, steps=10)
     assert result["chosen"] == 0 and not result["met_tolerance"]
+    # Nothing passed as pruned: no brief fine-tune is spent past a failed N=0.
+    assert all(isinstance(n, int) for n in scored)
 
 
 def test_prune_search_with_brief_fine_tunes_hands_its_checkpoint_to_the_fine_tune(
-        tmp_path, mocked_svhn, caplog):
+        tmp_path, mocked_svhn, caplog, monkeypatch):
     config = _config(tmp_path, prune_universal=None, prune_tolerance=0.99,
                      prune_search_steps=2, finetune=Schedule(2, 16, 0.05))
+    prepared = stages._prepared_pruned
+
+    def only_the_unpruned_passes_as_pruned(config, strategy, task, student, plan, splits,
+                                           raw_test=False):
+        # Zero-shot, every cut misses the (lenient) target, so only brief
+        # fine-tunes can go past N=0.
+        network, accuracies = prepared(config, strategy, task, student, plan, splits, raw_test)
+        if not raw_test and plan.counts()["universal_blocks_kept"] < len(plan.blocks):
+            accuracies = {split: -1.0 for split in accuracies}
+        return network, accuracies
+
+    monkeypatch.setattr(stages, "_prepared_pruned", only_the_unpruned_passes_as_pruned)
     with caplog.at_level("INFO", logger="absl"):
         stages.run(config, tf.distribute.get_strategy())
     _, info = prune.load_plan(str(tmp_path / "svhn_cropped" / "plan.json"))
     search = info["prune_search"]
     assert search["met_tolerance"] and search["steps_per_candidate"] == 2
+    assert search["chosen"] > 0
     chosen = search["candidates"][str(search["chosen"])]
-    assert chosen["steps"] == 2 and "zero_shot_accuracy" in chosen
+    assert chosen["steps"] == 2 and chosen["zero_shot_accuracy"] == -1.0
     messages = [r.getMessage() for r in caplog.records]
     assert any("resumes from the prune search's brief fine-tune" in m for m in messages)
     assert any("resuming from" in m and "finetune_ckpt" in m and "(step 2 of 4)" in m

@@ -1,0 +1,19 @@
+"""The one error type a user can cause.
+
+Every condition a user can cause and fix (a bad flag, a missing or broken
+file, data that does not fit, a workdir made with other settings) raises a
+subclass of `NetTailorError`.  The command line prints it as one line naming
+what it is about and exits with code 2; any other exception is a bug and
+keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class NetTailorError(Exception):
+    """A user-fixable problem.  `flag` or `path` name what it is about, when
+    one flag or file is (the message names it too)."""
+
+    def __init__(self, message: str, *, flag: str | None = None, path: str | None = None):
+        super().__init__(message)
+        self.flag = flag
+        self.path = path
