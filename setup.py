@@ -24,7 +24,8 @@ setup(
         "absl-py>=2.1,<3",
         # tf.summary needs it; TensorFlow 2.21 no longer installs it.
         "tensorboard>=2.16",
-        "ai-edge-litert>=2.0,<3",
+        # The interpreter, and the flatbuffer schema exporters/tflite.py reads files with.
+        "ai-edge-litert>=2.3,<3",
         "matplotlib>=3.8,<4",
         "numpy>=1.26",
         "pillow>=10",

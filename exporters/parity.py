@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from nettailor_tf.errors import NetTailorError
 from exporters import savedmodel as savedmodel_lib
+from nettailor_tf.errors import NetTailorError
 
 Predictor = Callable[[np.ndarray], np.ndarray]  # uint8 images -> logits
 

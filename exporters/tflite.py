@@ -21,10 +21,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.lite.python import schema_py_generated as schema
+# LiteRT publishes the flatbuffer schema it reads; TensorFlow's copy is private.
+from ai_edge_litert import schema_py_generated as schema
 
-from nettailor_tf.errors import NetTailorError
 from exporters.savedmodel import INPUT_NAME
+from nettailor_tf.errors import NetTailorError
 
 VARIANTS = ("float32", "float16", "dynamic", "int8")
 
