@@ -64,7 +64,8 @@ def measure_steps(backbone_name, image_size, batch_size, num_classes=10, warmup=
     import keras
     import tensorflow as tf
 
-    from nettailor_tf import backbones, complexity, losses, stages, train
+    from nettailor_tf import backbones, complexity, losses, train
+    from nettailor_tf.stages import nettailor
     from nettailor_tf import student as student_lib
 
     keras.utils.set_random_seed(0)
@@ -101,7 +102,7 @@ def measure_steps(backbone_name, image_size, batch_size, num_classes=10, warmup=
     norm = complexity.universal_network_flops(backbone, image_size)
     costs = [[c / norm for c in row]
              for row in complexity.branch_flops(backbone, plan, image_size)]
-    loss_fn = stages.nettailor_loss(student, frozen_teacher, costs, 0.3, 10.0, True)
+    loss_fn = nettailor.nettailor_loss(student, frozen_teacher, costs, 0.3, 10.0, True)
     trainable, decayed = student.task_variables()
     student_trainer = train.Trainer(strategy, student, loss_fn, trainable, decayed, schedule,
                                     checkpoint_dir="", jit_compile=jit_compile)
@@ -119,7 +120,7 @@ def measure_steps(backbone_name, image_size, batch_size, num_classes=10, warmup=
     logits, endpoints = frozen_teacher(images, training=False)
     targets = teacher_cache.TeacherTargets(
         tf.Variable(logits, trainable=False), [tf.Variable(e, trainable=False) for e in endpoints])
-    cached_loss = stages.nettailor_loss(student, frozen_teacher, costs, 0.3, 10.0, True,
+    cached_loss = nettailor.nettailor_loss(student, frozen_teacher, costs, 0.3, 10.0, True,
                                         targets=targets)
     cached_trainer = train.Trainer(strategy, student, cached_loss, trainable, decayed, schedule,
                                    checkpoint_dir="", jit_compile=jit_compile, indexed=True)

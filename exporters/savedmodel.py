@@ -29,7 +29,8 @@ SERVING_KEY = "serving_default"
 class Endpoint:
     """One signature: `model` maps float32 images in 0..255 at
     `image_size` to logits; `crop` says whether the task's evaluation
-    resizes to image_size * 8/7 and centre-crops (data.py's convention)."""
+    resizes to image_size * 8/7 and centre-crops (the convention of
+    nettailor_tf/data/pipeline.py)."""
     model: keras.Model
     image_size: int
     crop: bool

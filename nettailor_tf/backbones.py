@@ -21,9 +21,10 @@ from typing import Callable
 import keras
 import numpy as np
 
+from nettailor_tf import config as config_lib
 from nettailor_tf import weights as weights_lib
 from nettailor_tf.layers import (BasicBlock, Bottleneck, ConvBN, InvertedResidual, Normalize,
-                                 _Block, fold_batchnorm)
+                                 UniversalBlock, fold_batchnorm)
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -49,7 +50,7 @@ class Backbone:
     """
     name: str
     stem: keras.Sequential
-    blocks: list[_Block]
+    blocks: list[UniversalBlock]
     head: keras.Sequential
     block_activation: str | None
     stem_channels: int
@@ -217,7 +218,9 @@ _BUILDERS: dict[str, Callable[[], Backbone]] = {
     "wrn26": _wrn26,
     "tiny": _tiny,
 }
-BACKBONES = tuple(_BUILDERS)
+# The names are the command line's (config.BACKBONES); each needs a builder.
+BACKBONES = config_lib.BACKBONES
+assert set(_BUILDERS) == set(BACKBONES), "config.BACKBONES and the builders disagree"
 # Where `weights="imagenet"` needs no file from the user.
 PACKAGED_IMAGENET = ("efficientnet_lite0", "mobilenet_v2")
 # Where `weights="imagenet"` downloads them through keras.applications.

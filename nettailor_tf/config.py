@@ -1,79 +1,191 @@
-"""A run's whole configuration, read once from the flags and checked before any work.
+"""A run's whole configuration: every setting declared once, checked before any work.
 
-Library code takes a `Config` (or pieces of it), never absl FLAGS.
+Each field of `Config` carries its default, help text and accepted values
+(`options.option`); the command-line flags, their absl validators and
+`Config.validate` are generated from it, so changing a default is a one-line
+edit here.  Library code takes a `Config` (or pieces of it), never absl FLAGS.
+Pure Python at import time: `--help` and flag errors answer without loading
+TensorFlow.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
-from nettailor_tf.errors import NetTailorError
+from absl import flags
+
 from nettailor_tf import decathlon
-from nettailor_tf.backbones import (BACKBONES, DOWNLOADED_IMAGENET, PACKAGED_IMAGENET,
-                                   build_backbone)
-from nettailor_tf.student import UNIVERSAL_BN_MODES
-from nettailor_tf.schedules import DEFAULT_SCHEDULES, Schedule
-from nettailor_tf.train import STRATEGIES
+from nettailor_tf.errors import NetTailorError
+from nettailor_tf.options import OneOf, Range, check_value, option
+from nettailor_tf.schedules import Schedule
 
 STAGES = ("teacher", "student", "prune", "finetune", "export", "benchmark", "submission")
 # What a run does unless --stages says otherwise: `submission` only applies to
 # Visual Decathlon tasks and needs the challenge's annotation files.
 DEFAULT_STAGES = STAGES[:6]
 TFLITE_VARIANTS = ("float32", "float16", "dynamic", "int8")
+# The backbones `backbones.build_backbone` knows, named here so that the
+# command line can list them without importing TensorFlow.
+BACKBONES = ("efficientnet_lite0", "mobilenet_v2", "resnet18", "resnet34", "resnet50",
+             "resnet50_keras", "wrn26", "tiny")
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+UNIVERSAL_BN_MODES = ("frozen", "task")
 
 
 class ConfigError(NetTailorError, ValueError):
     """A bad flag value: one line naming the flag and what it accepts."""
 
 
+def parse_max_skip(text: str) -> int | None:
+    """'dense' (None) or a positive number of earlier nodes."""
+    if text == "dense":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("must be a positive integer or 'dense'") from None
+
+
+def _max_skip_check(value) -> str | None:
+    return None if value is None or value >= 1 else "must be >= 1 or 'dense'"
+
+
+_PROBABILITY = Range(0, 1, open_high=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    workdir: str
-    tasks: tuple[str, ...]
-    stages: tuple[str, ...] = DEFAULT_STAGES
-    backbone: str = "efficientnet_lite0"
-    backbone_weights: str = "imagenet"  # 'imagenet', 'random', or a weights file
-    image_size: int = 64
-    teacher: Schedule = DEFAULT_SCHEDULES["teacher"]
-    student: Schedule = DEFAULT_SCHEDULES["student"]
-    finetune: Schedule = DEFAULT_SCHEDULES["finetune"]
-    gate_lr_multiplier: float = 10.0   # gate logits' lr relative to the stage's
-    gate_lr_decay: bool = False        # True: the gates' lr decays with the stage's
-    cache_teacher_targets: bool = True  # compute the teacher's targets once per stage
-    validation_fraction: float = 0.1   # of the training data, held out for every choice
-    selection_split: str = "validation"  # 'test': the paper's protocol
-    max_skip: int | None = 3           # None: dense connectivity
-    universal_bn: str = "frozen"
-    complexity_coeff: float | None = None  # None: what the backbone declares
-    teacher_coeff: float = 10.0
-    complexity_exact: bool = True      # False: the published p_in approximation
-    mimic_normalized: bool | None = None  # None: what the backbone declares
-    prune_universal: int | None = None  # None: chosen by the prune search
-    prune_proxy_threshold: float = 0.05
-    prune_universal_threshold: float = 0.01
-    prune_search: bool | None = None    # None: search unless --prune_universal is set
-    prune_tolerance: float = 0.005
-    prune_search_steps: int = 0         # 0: score candidates as pruning leaves them
-    data_dir: str | None = None
-    download: bool = False
-    seed: int = 0
-    strategy: str = "default"
-    num_cpu_devices: int = 1
-    jit_compile: bool = False
-    mixed_precision: bool = False  # float16 compute in the training stages (GPUs)
-    checkpoint_every: int = 200
-    log_every: int = 20
-    eval_batch_size: int = 128
-    max_steps: int | None = None  # stop each stage early, as an interruption would
-    export_variants: tuple[str, ...] = TFLITE_VARIANTS
-    teacher_variants: tuple[str, ...] = ("float32",)
-    bundle_variants: tuple[str, ...] = ("float32", "int8")
-    calibration_images: int = 256
-    parity_min_agreement: float = 0.995
-    parity_max_images: int = 0    # 0: the whole test split
-    benchmark_runs: int = 100
-    benchmark_warmup: int = 10
-    decathlon_annotations: str | None = None  # the devkit's annotations folder
+    """Every setting of a run.  Field order is the order of `--helpfull`."""
+    workdir: str | None = option(None, "Folder for everything the run writes (checkpoints, "
+                                 "report.json, exports). Re-running the same command resumes.")
+    tasks: tuple[str, ...] = option((), "Task specs: mnist5k, digits, tfds:NAME[/CONFIG], "
+                                    "folder:PATH.")
+    stages: tuple[str, ...] = option(
+        DEFAULT_STAGES, "Stages to run, in order: teacher, student, prune, finetune, export "
+        "(SavedModel + TFLite files, parity-checked), benchmark (LiteRT latency), submission "
+        "(Visual Decathlon test predictions; not run by default).", check=OneOf(STAGES, "stage"))
+    backbone: str = option("efficientnet_lite0", "The pretrained network whose blocks become "
+                           "the universal blocks.", choices=BACKBONES)
+    backbone_weights: str = option("imagenet", "'imagenet' (packaged weights), 'random', or a "
+                                   "torchvision .pth / .weights.h5 file.")
+    image_size: int = option(64, "Square input size of the network, in pixels.",
+                             check=Range(1))
+    data_dir: str | None = option(None, "tensorflow-datasets data dir (default: TFDS_DATA_DIR "
+                                  "or ~/tensorflow_datasets).")
+    download: bool = option(False, "Let tfds download and prepare datasets (needs internet).")
+    # The defaults of every stage.  Minimum steps: the quickstart's
+    # 1,293-image digits gives 40 steps an epoch, and its student needed
+    # about 500 steps to converge (at 200 it read 45-69% depending on the
+    # seed); the teacher and the fine-tune about 200.
+    teacher: Schedule = option(Schedule(epochs=2, batch_size=32, learning_rate=0.01,
+                                        min_steps=200), "teacher fine-tuning")
+    student: Schedule = option(Schedule(epochs=3, batch_size=32, learning_rate=0.01,
+                                        min_steps=500), "NetTailor student training")
+    finetune: Schedule = option(Schedule(epochs=2, batch_size=32, learning_rate=0.01,
+                                         min_steps=200), "fine-tuning the pruned network")
+    max_skip: int | None = option(3, "Proxies per block read the last max_skip nodes; 'dense' "
+                                  "reads every earlier node.", parse=parse_max_skip,
+                                  check=_max_skip_check)
+    universal_bn: str = option("frozen", "Universal BN statistics: 'frozen' (pretrained; "
+                               "universal weights stay shareable across tasks) or 'task' "
+                               "(re-estimated per task, as the published code does).",
+                               choices=UNIVERSAL_BN_MODES)
+    gate_lr_multiplier: float = option(
+        10.0, "Learning rate of the gate logits relative to the stage's (student and "
+        "finetune): gates need large steps to become decisive, proxies small ones to stay "
+        "stable.", check=Range(0, 1000, open_low=True))
+    gate_lr_decay: bool = option(False, "Whether the gate logits' learning rate follows the "
+                                 "stage's decay; off, it holds at --gate_lr_multiplier x the "
+                                 "stage's initial rate, so gates keep choosing once the proxies "
+                                 "have settled.")
+    cache_teacher_targets: bool = option(True, "For tasks without augmentation, run the frozen "
+                                         "teacher once over the training split per stage and "
+                                         "look its mimic targets up at each step (exact; "
+                                         "skipped above 2 GB of targets).")
+    validation_fraction: float = option(0.1, "Fraction of each task's training data held out "
+                                        "(stratified, seeded by --seed) as the validation "
+                                        "split every choice is made on.")
+    selection_split: str = option("validation", "Where choices (prune search, tolerance "
+                                  "checks) are made: 'validation' (held out of training), or "
+                                  "'test', the paper's protocol (trains on the whole training "
+                                  "split; test accuracy then selects and reports).",
+                                  choices=("validation", "test"))
+    complexity_coeff: float | None = option(
+        None, "Weight of the expected-complexity loss. Default: what the backbone declares "
+        "(the paper's 0.3 with the plain mimic loss; 3.0 with the normalised one, see "
+        "--mimic_normalized).", check=Range(0, 100))
+    teacher_coeff: float = option(10.0, "Weight of the mimic (distillation) loss.",
+                                  check=Range(0, 1000))
+    mimic_normalized: bool | None = option(
+        None, "Divide each mimic term by the teacher output's mean square (scale-free). "
+        "Default: what the backbone declares (on for linear-bottleneck backbones such as "
+        "efficientnet_lite0 and mobilenet_v2, off for ReLU ResNets, the paper's plain MSE).")
+    complexity_p_in: str = option("exact", "p_in of the complexity loss: of the node each "
+                                  "branch reads (exact) or block l-1's for every branch "
+                                  "(published).", choices=("exact", "published"))
+    prune_universal: int | None = option(None, "Universal blocks to remove (smallest gates). "
+                                         "Unset: the prune search chooses (see "
+                                         "--prune_search).", check=Range(0))
+    prune_proxy_threshold: float = option(0.05, "Remove proxies whose gate is <= this.",
+                                          check=_PROBABILITY)
+    prune_universal_threshold: float = option(
+        0.01, "Also remove every universal block whose gate is <= this, whatever "
+        "--prune_universal says: it adds at most that share to its block's output and costs a "
+        "whole block.", check=_PROBABILITY)
+    prune_search: bool | None = option(
+        None, "Choose --prune_universal automatically: the leanest network whose accuracy on "
+        "the selection split (--selection_split) is within --prune_tolerance of the teacher's "
+        "(the paper's sweep). On by default unless --prune_universal is given; "
+        "--noprune_search cuts no universal block.")
+    prune_tolerance: float = option(0.005, "Accuracy the prune search may give up against the "
+                                    "teacher.", check=_PROBABILITY)
+    prune_search_steps: int = option(
+        0, "Steps of the fine-tuning stage that each prune-search candidate past the zero-shot "
+        "boundary runs before it is scored (0: every candidate is scored as pruning leaves "
+        "it, with its BN statistics re-estimated; seconds per candidate).", check=Range(0))
+    seed: int = option(0, "Seed of initialisation, data order and augmentation.")
+    strategy: str = option("default", "tf.distribute strategy (multi_worker reads TF_CONFIG).",
+                           choices=STRATEGIES)
+    num_cpu_devices: int = option(1, "Split the CPU into this many logical devices (to run "
+                                  "--strategy=mirrored without GPUs).", check=Range(1))
+    jit_compile: bool = option(False, "XLA-compile the train step (slower on CPU).")
+    mixed_precision: bool = option(False, "Train with float16 compute and float32 weights (for "
+                                   "GPUs; loss scaling on; gates, losses and updates stay "
+                                   "float32). Exports are always float32 graphs.")
+    checkpoint_every: int = option(200, "Steps between checkpoints.", check=Range(1))
+    log_every: int = option(20, "Steps between log lines and TensorBoard summaries.",
+                            check=Range(1))
+    eval_batch_size: int = option(128, "Batch size of evaluation.", check=Range(1))
+    max_steps: int | None = option(None, "Stop each stage after this many steps (an "
+                                   "interruption on purpose; re-run to resume).",
+                                   check=Range(1))
+    export_variants: tuple[str, ...] = option(
+        TFLITE_VARIANTS, "TFLite variants of each NetTailor network and of the bundle.",
+        check=OneOf(TFLITE_VARIANTS, "TFLite variant"))
+    teacher_variants: tuple[str, ...] = option(("float32",), "TFLite variants of each teacher.",
+                                               check=OneOf(TFLITE_VARIANTS, "TFLite variant"))
+    bundle_variants: tuple[str, ...] = option(("float32", "int8"), "TFLite variants of the "
+                                              "multi-task bundle.",
+                                              check=OneOf(TFLITE_VARIANTS, "TFLite variant"))
+    calibration_images: int = option(256, "Training images (per task) that calibrate the int8 "
+                                     "variant.", check=Range(1))
+    parity_min_agreement: float = option(0.995, "An export whose float32 top-1 agreement with "
+                                         "its Keras model is below this fails and is "
+                                         "discarded.", check=Range(0, 1))
+    parity_max_images: int = option(0, "Test images each parity check runs (0: all).",
+                                    check=Range(0))
+    benchmark_runs: int = option(100, "Timed runs per latency (median; >= 50: a median of "
+                                 "fewer runs is noise).", check=Range(50))
+    benchmark_warmup: int = option(10, "Untimed runs before each latency.", check=Range(0))
+    decathlon_annotations: str | None = option(
+        None, "The Visual Decathlon devkit's annotations folder (<domain>_test_stripped.json); "
+        "needed by --stages=submission.")
+
+    @property
+    def complexity_exact(self) -> bool:
+        """Whether the complexity loss uses each branch's own p_in."""
+        return self.complexity_p_in == "exact"
 
     @property
     def searches_prune(self) -> bool:
@@ -81,107 +193,43 @@ class Config:
         return self.prune_universal is None and self.prune_search is not False
 
     def validate(self) -> None:
-        """Raises ConfigError on the first bad value; cheap, runs before any work."""
+        """Raises ConfigError on the first bad value; cheap, runs before any work.
+
+        What needs the backbone itself (its smallest image, its packaged
+        weights) is checked by `artifacts.check_backbone_settings`.
+        """
+        for name, field, value in _settings(self):
+            problem = check_value(field, value)
+            if problem:
+                raise ConfigError(f"--{name}={_shown(value)}: {problem}", flag=name)
         if not self.workdir:
-            raise ConfigError("--workdir is required: the folder every output of the run goes to")
+            raise ConfigError("--workdir is required: the folder every output of the run goes "
+                              "to", flag="workdir")
         if not self.tasks:
-            raise ConfigError("--tasks is required: e.g. --tasks=mnist5k,digits")
+            raise ConfigError("--tasks is required: e.g. --tasks=mnist5k,digits", flag="tasks")
         if len(set(self.tasks)) != len(self.tasks):
-            raise ConfigError(f"--tasks lists a task twice: {','.join(self.tasks)}")
-        for stage in self.stages:
-            if stage not in STAGES:
-                raise ConfigError(f"--stages: unknown stage {stage!r}; accepted: {', '.join(STAGES)}")
-        if self.backbone not in BACKBONES:
-            raise ConfigError(f"--backbone={self.backbone!r} is not one of {', '.join(BACKBONES)}")
-        if (self.backbone_weights == "imagenet"
-                and self.backbone not in PACKAGED_IMAGENET + DOWNLOADED_IMAGENET):
-            raise ConfigError(
-                f"--backbone_weights=imagenet: no packaged ImageNet weights for {self.backbone} "
-                f"(packaged: {', '.join(PACKAGED_IMAGENET)}); pass a weights file or 'random'")
+            raise ConfigError(f"--tasks lists a task twice: {','.join(self.tasks)}", flag="tasks")
         if self.backbone_weights not in ("imagenet", "random") and not os.path.isfile(
                 self.backbone_weights):
             raise ConfigError(f"--backbone_weights={self.backbone_weights!r}: no such file "
-                              f"(accepted: imagenet, random, or a .pth / .weights.h5 file)")
-        backbone = build_backbone(self.backbone)
-        minimum = backbone.min_image_size
-        if self.image_size < minimum:
-            raise ConfigError(f"--image_size={self.image_size} is too small for {self.backbone}: "
-                              f"its blocks reduce the image {minimum}x, so use >= {minimum}")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"--strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if self.num_cpu_devices < 1:
-            raise ConfigError(f"--num_cpu_devices={self.num_cpu_devices} must be >= 1")
-        for stage in ("teacher", "student", "finetune"):
-            _check_schedule(stage, getattr(self, stage))
-        if self.max_skip is not None and self.max_skip < 1:
-            raise ConfigError(f"--max_skip={self.max_skip} must be >= 1 or 'dense'")
-        if self.universal_bn not in UNIVERSAL_BN_MODES:
-            raise ConfigError(f"--universal_bn={self.universal_bn!r} is not one of "
-                              f"{', '.join(UNIVERSAL_BN_MODES)}")
-        if not 0 < self.gate_lr_multiplier <= 1000:
-            raise ConfigError(f"--gate_lr_multiplier={self.gate_lr_multiplier} must be in "
-                              f"(0, 1000]")
-        if self.selection_split not in ("validation", "test"):
-            raise ConfigError(f"--selection_split={self.selection_split!r} is not one of "
-                              f"validation, test")
+                              f"(accepted: imagenet, random, or a .pth / .weights.h5 file)",
+                              flag="backbone_weights", path=self.backbone_weights)
+        if self.num_cpu_devices > 1 and self.strategy not in ("mirrored", "multi_worker"):
+            raise ConfigError(f"--num_cpu_devices={self.num_cpu_devices} splits the CPU for a "
+                              f"multi-replica strategy; use --strategy=mirrored (or drop it)",
+                              flag="num_cpu_devices")
         if self.selection_split == "validation" and not 0 < self.validation_fraction < 1:
             raise ConfigError(f"--validation_fraction={self.validation_fraction} must be in "
                               f"(0, 1) (or choose on the test split, the paper's protocol: "
-                              f"--selection_split=test)")
-        if self.complexity_coeff is not None and not 0 <= self.complexity_coeff <= 100:
-            raise ConfigError(f"--complexity_coeff={self.complexity_coeff} must be in [0, 100]")
-        if not 0 <= self.teacher_coeff <= 1000:
-            raise ConfigError(f"--teacher_coeff={self.teacher_coeff} must be in [0, 1000]")
-        if not 0 <= self.prune_proxy_threshold < 1:
-            raise ConfigError(f"--prune_proxy_threshold={self.prune_proxy_threshold} must be "
-                              f"in [0, 1)")
-        if not 0 <= self.prune_universal_threshold < 1:
-            raise ConfigError(f"--prune_universal_threshold={self.prune_universal_threshold} "
-                              f"must be in [0, 1)")
-        if not 0 <= self.prune_tolerance < 1:
-            raise ConfigError(f"--prune_tolerance={self.prune_tolerance} must be in [0, 1)")
-        if self.prune_search_steps < 0:
-            raise ConfigError(f"--prune_search_steps={self.prune_search_steps} must be >= 0 "
-                              f"(0: score candidates without fine-tuning)")
-        num_blocks = len(backbone.blocks)
-        if self.prune_universal is not None and not 0 <= self.prune_universal <= num_blocks:
-            raise ConfigError(f"--prune_universal={self.prune_universal} must be in "
-                              f"[0, {num_blocks}] for {self.backbone}")
-        for flag, value in (("checkpoint_every", self.checkpoint_every),
-                            ("log_every", self.log_every), ("eval_batch_size", self.eval_batch_size)):
-            if value < 1:
-                raise ConfigError(f"--{flag}={value} must be >= 1")
-        for flag, variants in (("export_variants", self.export_variants),
-                               ("teacher_variants", self.teacher_variants),
-                               ("bundle_variants", self.bundle_variants)):
-            for variant in variants:
-                if variant not in TFLITE_VARIANTS:
-                    raise ConfigError(f"--{flag}: unknown TFLite variant {variant!r}; accepted: "
-                                      f"{', '.join(TFLITE_VARIANTS)}")
-        for flag, variants in (("export_variants", self.export_variants),
-                               ("teacher_variants", self.teacher_variants),
-                               ("bundle_variants", self.bundle_variants)):
-            if "float32" not in variants:
+                              f"--selection_split=test)", flag="validation_fraction")
+        for flag in ("export_variants", "teacher_variants", "bundle_variants"):
+            if "float32" not in getattr(self, flag):
                 raise ConfigError(f"--{flag} must include float32: the parity check and the "
-                                  f"size and latency comparisons read it")
-        if self.calibration_images < 1:
-            raise ConfigError(f"--calibration_images={self.calibration_images} must be >= 1")
-        if not 0 <= self.parity_min_agreement <= 1:
-            raise ConfigError(f"--parity_min_agreement={self.parity_min_agreement} must be "
-                              f"in [0, 1]")
-        if self.parity_max_images < 0:
-            raise ConfigError(f"--parity_max_images={self.parity_max_images} must be >= 0 "
-                              f"(0: the whole test split)")
-        if self.benchmark_runs < 50:
-            raise ConfigError(f"--benchmark_runs={self.benchmark_runs} must be >= 50: a median "
-                              f"of fewer runs is noise")
-        if self.benchmark_warmup < 0:
-            raise ConfigError(f"--benchmark_warmup={self.benchmark_warmup} must be >= 0")
+                                  f"size and latency comparisons read it", flag=flag)
         if self.prune_search and self.prune_universal is not None:
             raise ConfigError(f"--prune_search chooses the number of universal blocks to remove; "
-                              f"drop --prune_universal={self.prune_universal} or --prune_search")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"--max_steps={self.max_steps} must be >= 1 (or unset)")
+                              f"drop --prune_universal={self.prune_universal} or --prune_search",
+                              flag="prune_search")
         if "submission" in self.stages:
             self._validate_submission()
 
@@ -191,34 +239,122 @@ class Config:
                 raise ConfigError(
                     f"--stages=submission: task {spec!r} is not a Visual Decathlon task; the "
                     f"stage predicts the challenge's test split of "
-                    f"tfds:visual_domain_decathlon/<domain> tasks only")
+                    f"tfds:visual_domain_decathlon/<domain> tasks only", flag="stages")
         if not self.decathlon_annotations:
             raise ConfigError("--stages=submission needs --decathlon_annotations: the devkit's "
                               "annotations folder (decathlon-1.0/annotations, with "
-                              "<domain>_test_stripped.json)")
+                              "<domain>_test_stripped.json)", flag="decathlon_annotations")
         for spec in self.tasks:
             path = decathlon.stripped_test_annotations(self.decathlon_annotations,
                                                        decathlon.task_domain(spec))
             if not os.path.isfile(path):
                 raise ConfigError(f"--decathlon_annotations={self.decathlon_annotations}: no "
                                   f"{os.path.basename(path)} in it (the devkit's "
-                                  f"decathlon-1.0/annotations folder has one per domain)")
+                                  f"decathlon-1.0/annotations folder has one per domain)",
+                                  flag="decathlon_annotations", path=path)
 
 
-def _check_schedule(stage: str, s: Schedule) -> None:
-    if s.epochs < 1:
-        raise ConfigError(f"--{stage}_epochs={s.epochs} must be >= 1")
-    if s.batch_size < 1:
-        raise ConfigError(f"--{stage}_batch_size={s.batch_size} must be >= 1")
-    if not 0 < s.learning_rate <= 10:
-        raise ConfigError(f"--{stage}_lr={s.learning_rate} must be in (0, 10]")
-    if s.decay_epochs is not None and s.decay_epochs < 1:
-        raise ConfigError(f"--{stage}_decay_epochs={s.decay_epochs} must be >= 1 (or unset: "
-                          f"--{stage}_decay_every)")
-    if not 0 < s.decay_every <= 1:
-        raise ConfigError(f"--{stage}_decay_every={s.decay_every} must be in (0, 1]: a "
-                          f"fraction of the stage (1: no decay)")
-    if s.min_steps < 0:
-        raise ConfigError(f"--{stage}_min_steps={s.min_steps} must be >= 0")
-    if not 0 <= s.weight_decay < 1:
-        raise ConfigError(f"--weight_decay={s.weight_decay} must be in [0, 1)")
+# --- the command line, generated from the fields above -------------------------
+
+def _is_schedule(field: dataclasses.Field) -> bool:
+    return isinstance(field.default, Schedule)
+
+
+def _flag_name(prefix: str, field: dataclasses.Field) -> str:
+    suffix = field.metadata["flag"]
+    name = field.name if suffix == "auto" else suffix
+    return name if field.metadata["shared"] or not prefix else f"{prefix}_{name}"
+
+
+def _settings(config: Config):
+    """(flag name, field, value) of every setting that has a flag; a shared
+    schedule field is listed once, from the first stage."""
+    seen = set()
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if not _is_schedule(field):
+            yield field.name, field, value
+            continue
+        for sub in dataclasses.fields(Schedule):
+            if sub.metadata["flag"] is None:
+                continue
+            name = _flag_name(field.name, sub)
+            if name not in seen:
+                seen.add(name)
+                yield name, sub, getattr(value, sub.name)
+
+
+def _shown(value) -> str:
+    """A value as absl shows it in its errors."""
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
+_KINDS = {"str": flags.DEFINE_string, "int": flags.DEFINE_integer,
+          "float": flags.DEFINE_float, "bool": flags.DEFINE_bool}
+
+
+def _define(name: str, field: dataclasses.Field, default, help_text: str,
+            flag_values: flags.FlagValues) -> None:
+    meta = field.metadata
+    kind = re.sub(r" \| None$", "", str(field.type))
+    if meta["parse"] is not None:
+        flags.DEFINE_string(name, None if default is None else str(default), help_text,
+                            flag_values=flag_values)
+    elif meta["choices"] is not None:
+        flags.DEFINE_enum(name, default, list(meta["choices"]), help_text,
+                          flag_values=flag_values)
+    elif kind.startswith("tuple"):
+        flags.DEFINE_list(name, list(default), help_text, flag_values=flag_values)
+    else:
+        _KINDS[kind](name, default, help_text, flag_values=flag_values)
+
+    def checker(value, field=field):
+        if meta["parse"] is not None and value is not None:
+            try:
+                value = meta["parse"](value)
+            except ValueError as error:
+                raise flags.ValidationError(str(error)) from None
+        problem = check_value(field, value)
+        if problem:
+            raise flags.ValidationError(problem)
+        return True
+
+    if meta["parse"] is not None or meta["check"] is not None:
+        flags.register_validator(name, checker, flag_values=flag_values)
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines one flag per setting of `Config`, with its default, help and checks."""
+    defaults = Config()
+    for field in dataclasses.fields(Config):
+        if not _is_schedule(field):
+            _define(field.name, field, field.default, field.metadata["help"], flag_values)
+            continue
+        what = field.metadata["help"]
+        for sub in dataclasses.fields(Schedule):
+            if sub.metadata["flag"] is None:
+                continue
+            name = _flag_name(field.name, sub)
+            if name in flag_values:
+                continue  # a shared field, defined by the first stage
+            help_text = sub.metadata["help"].format(what=what, stage=field.name)
+            _define(name, sub, getattr(getattr(defaults, field.name), sub.name), help_text,
+                    flag_values)
+
+
+def from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Config:
+    """The Config that parsed flags describe (`define_flags` defined them)."""
+    values = {}
+    for field in dataclasses.fields(Config):
+        if _is_schedule(field):
+            values[field.name] = Schedule(**{
+                sub.name: flag_values[_flag_name(field.name, sub)].value
+                for sub in dataclasses.fields(Schedule) if sub.metadata["flag"] is not None})
+            continue
+        value = flag_values[field.name].value
+        if field.metadata["parse"] is not None and value is not None:
+            value = field.metadata["parse"](value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[field.name] = value
+    return Config(**values)

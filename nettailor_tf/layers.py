@@ -176,7 +176,7 @@ class ConvBN(keras.layers.Layer):
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
 
 
-class _Block(keras.layers.Layer):
+class UniversalBlock(keras.layers.Layer):
     """Base of the universal blocks: shape bookkeeping shared by all of them."""
 
     def __init__(self, in_channels, out_channels, strides, folded=False, **kwargs):
@@ -205,7 +205,7 @@ class _Block(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class InvertedResidual(_Block):
+class InvertedResidual(UniversalBlock):
     """MobileNetV2 / EfficientNet-Lite block: expand, depthwise, linear project.
 
     Returns the linear-bottleneck output (plus the identity where stride is 1
@@ -250,7 +250,7 @@ class InvertedResidual(_Block):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class BasicBlock(_Block):
+class BasicBlock(UniversalBlock):
     """ResNet basic block returning `bn2(conv2(relu(bn1(conv1(x))))) + shortcut`.
 
     Args:
@@ -299,7 +299,7 @@ class BasicBlock(_Block):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class Bottleneck(_Block):
+class Bottleneck(UniversalBlock):
     """ResNet-50 bottleneck: torchvision's (stride on the 3x3 conv, "v1.5") or
     keras.applications' (stride on the first 1x1 conv, `stride_on='conv1'`).
 

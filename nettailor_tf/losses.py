@@ -20,7 +20,9 @@ def mimic_loss(logits, block_outputs, teacher_logits, teacher_endpoints, live_bl
 
     `block_outputs[k]` is the student's output of block `live_blocks[k]` along
     the stop-gradient route; `teacher_endpoints[l]` is the teacher's node l+1.
-    L counts every block of the backbone; the logits term is not counted.
+    L is `num_blocks`, the blocks compared (a pruned network's live ones, so
+    that pruning keeps the balance between mimic and CE); the logits term is
+    not counted.
     `normalized` divides each term by the teacher's mean square (a relative
     error): scale-free where block outputs are large linear bottlenecks.
     """

@@ -9,6 +9,7 @@ import json
 import os
 
 from nettailor_tf import atomic
+from nettailor_tf.workdir import WorkdirError
 
 
 class Report:
@@ -21,10 +22,10 @@ class Report:
             with open(self.json_path, encoding="utf-8") as f:
                 self.data = json.load(f)
             if (self.data.get("backbone"), self.data.get("image_size")) != (backbone, image_size):
-                raise ValueError(
+                raise WorkdirError(
                     f"{self.json_path} belongs to a run with --backbone="
                     f"{self.data.get('backbone')} --image_size={self.data.get('image_size')}; "
-                    f"use another --workdir or the same flags")
+                    f"use another --workdir or the same flags", path=self.json_path)
         else:
             self.data = {"backbone": backbone, "image_size": image_size, "tasks": {}}
 

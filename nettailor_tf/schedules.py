@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from nettailor_tf.options import Range, option
+
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
@@ -19,14 +21,23 @@ class Schedule:
     reach them: a schedule counted in epochs alone leaves a 1,400-image task
     with a fifth of the updates of a 7,000-image one.
     """
-    epochs: int
-    batch_size: int          # global batch, over all replicas
-    learning_rate: float
-    decay_epochs: int | None = None  # None: decay at fractions of the stage
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    decay_every: float = 0.4
-    min_steps: int = 0
+    # The flag of each field is --<stage>_<name> (its help names the stage
+    # where it says {what}); a `shared` field has one flag for every stage.
+    epochs: int = option(help="Epochs of {what}.", check=Range(1))
+    batch_size: int = option(help="Global batch size of {what}.", check=Range(1))
+    learning_rate: float = option(help="Learning rate of {what}.",
+                                  check=Range(0, 10, open_low=True), flag="lr")
+    decay_epochs: int | None = option(
+        None, "If set: learning rate x0.1 every this many epochs of {what} instead of "
+        "--{stage}_decay_every.", check=Range(1))
+    weight_decay: float = option(5e-4, "Coupled (PyTorch-style) weight decay.",
+                                 check=Range(0, 1, open_high=True), shared=True)
+    momentum: float = option(0.9, flag=None)
+    decay_every: float = option(0.4, "Learning rate x0.1 at every this fraction of {what} "
+                                "(the paper: 0.4; 1: no decay).",
+                                check=Range(0, 1, open_low=True))
+    min_steps: int = option(0, "Fewest optimiser steps of {what}: a small data set gets more "
+                            "epochs (whole epochs, derived and logged).", check=Range(0))
 
     def plan(self, steps_per_epoch: int) -> "StagePlan":
         """The stage's length and learning-rate boundaries for `steps_per_epoch`."""
@@ -63,14 +74,3 @@ class StagePlan:
         else:
             text += " without decay"
         return text
-
-
-# The defaults of every stage, the one place they are written.  Minimum
-# steps: the quickstart's 1,293-image digits gives 40 steps an epoch, and its
-# student needed about 500 steps to converge (at 200 it read 45-69%
-# depending on the seed); the teacher and the fine-tune about 200.
-DEFAULT_SCHEDULES = {
-    "teacher": Schedule(epochs=2, batch_size=32, learning_rate=0.01, min_steps=200),
-    "student": Schedule(epochs=3, batch_size=32, learning_rate=0.01, min_steps=500),
-    "finetune": Schedule(epochs=2, batch_size=32, learning_rate=0.01, min_steps=200),
-}

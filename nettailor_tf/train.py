@@ -25,11 +25,10 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from nettailor_tf.errors import NetTailorError
 from nettailor_tf import data as data_lib
+from nettailor_tf.config import STRATEGIES
+from nettailor_tf.errors import NetTailorError
 from nettailor_tf.schedules import Schedule, StagePlan
-
-STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
 
 def model_weights_by_path(model) -> dict:

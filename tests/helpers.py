@@ -61,11 +61,28 @@ def run_in_process(capsys, *args):
     from nettailor_tf import main as cli
 
     flags.FLAGS.unparse_flags()
-    flags.FLAGS(["nettailor_tf", *args])
     capsys.readouterr()
     try:
         with pytest.raises(SystemExit) as exit_info:
-            cli.main(["nettailor_tf"])
+            cli.main(cli.parse_flags(["nettailor_tf", *args]))
     finally:
         flags.FLAGS.unparse_flags()
     return exit_info.value.code, capsys.readouterr().err
+
+
+def stage_config(workdir, **overrides):
+    """A validated Config of the training stages on the tiny backbone and
+    mocked svhn_cropped (one epoch each, every step logged and checkpointed)."""
+    from nettailor_tf.config import Config
+    from nettailor_tf.schedules import Schedule
+
+    one_epoch = Schedule(epochs=1, batch_size=16, learning_rate=0.05, decay_epochs=1)
+    values = dict(workdir=str(workdir), tasks=("tfds:svhn_cropped",),
+                  stages=("teacher", "student", "prune", "finetune"), backbone="tiny",
+                  backbone_weights="random", image_size=16, teacher=one_epoch,
+                  student=one_epoch, finetune=one_epoch, prune_universal=1,
+                  prune_proxy_threshold=0.0, log_every=1, checkpoint_every=1)
+    values.update(overrides)
+    config = Config(**values)
+    config.validate()
+    return config

@@ -1,5 +1,8 @@
 """Backbones: geometry, exact parameter counts, weight import, and a real ImageNet check."""
+import json
 import os
+import struct
+import zipfile
 
 import keras
 import numpy as np
@@ -82,36 +85,159 @@ def test_keras_round_trip(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def _torch_layout_state(backbone):
-    """The backbone's own weights, written back in torch layout (inverse transforms)."""
-    targets, _ = backbones._TORCH_LAYOUTS[backbone.name](backbone)
+# --- torchvision ResNet .pth files ----------------------------------------
+
+# torchvision's own state_dict() names, shapes and dtypes, written by
+# tests/fixtures/make_torchvision_resnet_keys.py (torch is no dependency here).
+with open(os.path.join(os.path.dirname(__file__), "fixtures",
+                       "torchvision_resnet_keys.json")) as _file:
+    TORCHVISION_RESNETS = json.load(_file)["models"]
+# What a backbone load legitimately leaves unused: the ImageNet classifier
+# (taken only with `imagenet_classifier=`) and one batch counter per BN.
+CLASSIFIER_KEYS = {"fc.weight", "fc.bias"}
+BN_COUNT = {"resnet18": 1 + 8 * 2 + 3, "resnet34": 1 + 16 * 2 + 3, "resnet50": 1 + 16 * 3 + 4}
+TORCH_STORAGES = {"float32": "FloatStorage", "int64": "LongStorage"}
+
+
+def _torchvision_state(name, seed=0):
+    """Random values with exactly torchvision's keys, shapes and dtypes, in its order."""
+    rng = np.random.default_rng(seed)
     state = {}
-    for key, (variable, transform) in targets.items():
-        value = variable.numpy()
-        if transform is weights_lib.conv_kernel:
-            value = value.transpose(3, 2, 0, 1)
-        elif transform is weights_lib.depthwise_kernel:
-            value = value.transpose(2, 3, 0, 1)
-        state[key] = value
+    for key, shape, dtype in TORCHVISION_RESNETS[name]:
+        if dtype == "int64":
+            value = rng.integers(0, 10_000, shape)
+        elif key.endswith("running_var"):
+            value = rng.uniform(0.5, 1.5, shape)
+        else:
+            value = rng.normal(0, 1, shape)
+        state[key] = value.astype(dtype)
     return state
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_torchvision_resnet_layout_round_trip(name, monkeypatch, tmp_path):
-    source = backbones.build_backbone(name)
-    state = _torch_layout_state(source)
-    state["fc.weight"] = np.zeros((1000, source.feature_dim), np.float32)
-    state["fc.bias"] = np.zeros((1000,), np.float32)
-    state["bn1.num_batches_tracked"] = np.zeros((), np.int64)
-    monkeypatch.setattr(weights_lib, "read_torch_state_dict", lambda path: state)
-    target = backbones.build_backbone(name)
-    backbones.load_backbone_weights(target, str(tmp_path / "resnet.pth"))
-    x = np.random.RandomState(0).uniform(0, 255, (1, 64, 64, 3)).astype(np.float32)
-    a = backbones.classifier_model(source, 3)
-    b = backbones.classifier_model(target, 3)
-    b.get_layer("classifier").set_weights(a.get_layer("classifier").get_weights())
-    np.testing.assert_allclose(a(x, training=False)[1][-1], b(x, training=False)[1][-1],
-                               rtol=1e-5, atol=1e-5)
+def _write_torch_zip(path, state):
+    """Writes `state` as torch.save (zip format, torch>=1.6) does, without torch: a
+    protocol-2 pickle of an OrderedDict of `torch._utils._rebuild_tensor_v2`
+    calls on persistent storage ids, plus one raw little-endian entry per storage."""
+    out = bytearray(b"\x80\x02")                                # PROTO 2
+
+    def global_(module, name):
+        out.extend(b"c" + f"{module}\n{name}\n".encode())       # GLOBAL
+
+    def text(s):
+        out.extend(b"X" + struct.pack("<I", len(s.encode())) + s.encode())  # BINUNICODE
+
+    def ints(values):
+        out.extend(b"(")                                            # MARK
+        for v in values:
+            out.extend(b"J" + struct.pack("<i", v))                 # BININT
+        out.extend(b"t")                                            # TUPLE
+
+    global_("collections", "OrderedDict")
+    out.extend(b")R")                                               # OrderedDict()
+    for index, (key, value) in enumerate(state.items()):
+        text(key)
+        global_("torch._utils", "_rebuild_tensor_v2")
+        out.extend(b"((")                      # MARK args, MARK persistent id
+        text("storage")
+        global_("torch", TORCH_STORAGES[str(value.dtype)])
+        text(str(index))
+        text("cpu")
+        out.extend(b"J" + struct.pack("<i", value.size) + b"tQ")    # numel; TUPLE, BINPERSID
+        out.extend(b"J" + struct.pack("<i", 0))                     # storage offset
+        ints(value.shape)
+        ints([s // value.itemsize for s in value.strides])
+        out.extend(b"\x89")                                        # requires_grad=False
+        global_("collections", "OrderedDict")
+        out.extend(b")R" + b"tR" + b"s")       # hooks; TUPLE, REDUCE; SETITEM
+    out.extend(b".")                                                # STOP
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("resnet/data.pkl", bytes(out))
+        archive.writestr("resnet/byteorder", "little")
+        for index, value in enumerate(state.values()):
+            archive.writestr(f"resnet/data/{index}", value.astype(value.dtype.newbyteorder("<")).tobytes())
+        archive.writestr("resnet/version", "3\n")
+
+
+def _expected_resnet_mapping(backbone, depths, convs):
+    """[(keras variable, torchvision key, torch->keras transform)], written out by
+    hand from torchvision's module names, independently of backbones._resnet_targets."""
+    oihw_to_hwio = lambda w: w.transpose(2, 3, 1, 0)
+
+    def conv_bn(layer, conv, bn):
+        return [(layer.conv.kernel, f"{conv}.weight", oihw_to_hwio),
+                (layer.bn.gamma, f"{bn}.weight", None), (layer.bn.beta, f"{bn}.bias", None),
+                (layer.bn.moving_mean, f"{bn}.running_mean", None),
+                (layer.bn.moving_variance, f"{bn}.running_var", None)]
+
+    expected = conv_bn(backbone.stem.get_layer("conv"), "conv1", "bn1")
+    blocks = iter(backbone.blocks)
+    for stage, repeats in enumerate(depths):
+        for i in range(repeats):
+            block, p = next(blocks), f"layer{stage + 1}.{i}."
+            for j in range(1, convs + 1):
+                expected += conv_bn(getattr(block, f"conv{j}"), f"{p}conv{j}", f"{p}bn{j}")
+            if block.downsample is not None:
+                expected += conv_bn(block.downsample, p + "downsample.0", p + "downsample.1")
+    assert next(blocks, None) is None
+    return expected
+
+
+# (depths, convs per block): BasicBlock has two, Bottleneck three.
+@pytest.mark.parametrize("name,depths,convs", [("resnet18", [2, 2, 2, 2], 2),
+                                               ("resnet34", [3, 4, 6, 3], 2),
+                                               ("resnet50", [3, 4, 6, 3], 3)])
+def test_torchvision_resnet_pth_loads_every_tensor_where_it_belongs(name, depths, convs, tmp_path):
+    layout = TORCHVISION_RESNETS[name]
+    keys = [key for key, _, _ in layout]
+    counters = {key for key in keys if key.endswith(".num_batches_tracked")}
+    assert len(counters) == BN_COUNT[name] and CLASSIFIER_KEYS <= set(keys)
+    used = [key for key in keys if key not in CLASSIFIER_KEYS | counters]
+    # Each batch counter belongs to a BN whose statistics are used.
+    assert {key.replace("num_batches_tracked", "running_mean") for key in counters} <= set(used)
+
+    # A real zip .pth, read by the torch-free reader: torchvision's names, shapes, dtypes.
+    state = _torchvision_state(name)
+    path = str(tmp_path / f"{name}.pth")
+    _write_torch_zip(path, state)
+    read = weights_lib.read_torch_state_dict(path)
+    assert [[k, list(v.shape), str(v.dtype)] for k, v in read.items()] == layout
+    for key in keys:
+        np.testing.assert_array_equal(read[key], state[key])
+
+    # The mapping takes every tensor but the unused ones, and nothing else.
+    backbone = backbones.build_backbone(name)
+    targets, fc = backbones._TORCH_LAYOUTS[name](backbone)
+    assert fc == "fc" and sorted(targets) == sorted(used)
+    backbones.load_backbone_weights(backbone, path)
+
+    # Every Keras weight of the backbone got the value of its torchvision tensor
+    # (the map written out above, not the one under test), none is left over.
+    expected = _expected_resnet_mapping(backbone, depths, convs)
+    assert sorted(key for _, key, _ in expected) == sorted(used)
+    all_weights = [w for layer in backbone.layers for w in layer.weights]
+    assert sorted(id(v) for v, _, _ in expected) == sorted(id(w) for w in all_weights)
+    for variable, key, transform in expected:
+        value = state[key] if transform is None else transform(state[key])
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=key)
+    # Spelled out once: a conv kernel is OIHW -> HWIO, BN statistics copy as they are.
+    stem = backbone.stem.get_layer("conv")
+    assert tuple(stem.conv.kernel.shape) == (7, 7, 3, 64)
+    np.testing.assert_array_equal(stem.conv.kernel.numpy()[2, 5, 1, 40],
+                                  state["conv1.weight"][40, 1, 2, 5])
+    np.testing.assert_array_equal(stem.bn.moving_mean.numpy(), state["bn1.running_mean"])
+    last = backbone.blocks[-1]
+    np.testing.assert_array_equal(last.conv2.bn.moving_variance.numpy(),
+                                  state["layer4.%d.bn2.running_var" % (depths[-1] - 1)])
+    shortcut = backbone.blocks[depths[0]].downsample  # layer2.0: a strided 1x1 conv
+    np.testing.assert_array_equal(shortcut.conv.kernel.numpy()[0, 0],
+                                  state["layer2.0.downsample.0.weight"][:, :, 0, 0].T)
+
+    # With the ImageNet classifier, fc is taken too (a transposed Dense kernel).
+    backbone = backbones.build_backbone(name)
+    model = backbones.classifier_model(backbone, 1000)
+    backbones.load_backbone_weights(backbone, path, imagenet_classifier=model.get_layer("classifier"))
+    np.testing.assert_array_equal(model.get_layer("classifier").kernel.numpy(), state["fc.weight"].T)
+    np.testing.assert_array_equal(model.get_layer("classifier").bias.numpy(), state["fc.bias"])
 
 
 def test_weights_of_another_backbone_are_refused():
@@ -174,14 +300,66 @@ def test_mobilenet_v2_recognises_real_photos():
     _check_imagenet("mobilenet_v2")
 
 
-def test_efficientnet_needs_tensorflow_same_padding():
-    # The converted checkpoint expects TF "same" padding: a torch-style
-    # symmetric pad is off by one pixel at every stride-2 layer.  The first
-    # layer's measured statistics expose the difference on a real photo.
-    backbone = backbones.build_backbone("efficientnet_lite0")
-    assert all(b.padding == "same" for b in backbone.blocks)
-    assert backbone.stem.get_layer("normalize").mean == [127.0]
-    assert backbone.stem.get_layer("normalize").std == [128.0]
+def _efficientnet_lite0_on_photos(padding, monkeypatch):
+    """EfficientNet-Lite0 with the packaged ImageNet weights, built with `padding`:
+    (stem output, block outputs, class probabilities) on the three photos."""
+    with monkeypatch.context() as patch:
+        if padding != "same":  # the shipped builder, but for the padding
+            patch.setitem(backbones._BUILDERS, "efficientnet_lite0", lambda: (
+                backbones._inverted_residual_net("efficientnet_lite0", backbones._EFFICIENTNET_LITE0,
+                                                 padding, 1e-3, (127.0,), (128.0,))))
+        backbone = backbones.build_backbone("efficientnet_lite0")
+    assert {b.padding for b in backbone.blocks} == {backbone.stem.get_layer("conv").padding} \
+        == {padding}
+    model = backbones.classifier_model(backbone, 1000)
+    backbones.load_backbone_weights(backbone, "imagenet",
+                                    imagenet_classifier=model.get_layer("classifier"))
+    photos = tf.cast(_photos(), tf.float32)
+    logits, endpoints = model(photos, training=False)
+    return (backbone.stem(photos, training=False).numpy(), [e.numpy() for e in endpoints[:2]],
+            tf.nn.softmax(logits).numpy())
+
+
+def test_efficientnet_needs_tensorflow_same_padding(monkeypatch):
+    # The converted checkpoint expects TF "same" padding: at a stride-2 layer
+    # on an even input it pads nothing before and one pixel after, where a
+    # torch-style symmetric pad puts one pixel on each side, moving every
+    # stride-2 sampling grid by a pixel.  Measured on the three 224x224 photos
+    # (TF 2.21, CPU), same vs symmetric padding, same packaged weights:
+    #   stem output (conv+BN+ReLU6), relative L2 difference: 0.27
+    #     (per photo 0.35, 0.26, 0.19); block 0 output: 0.69; block 1: 1.03
+    #   probability of the right classes, same / symmetric: cat 0.916 / 0.912,
+    #     espresso 0.954 / 0.928, rocket (missile+projectile+shuttle) 0.645 / 0.565;
+    #     summed log-probability margin of "same": 0.16
+    same_stem, same_blocks, same = _efficientnet_lite0_on_photos("same", monkeypatch)
+    sym_stem, sym_blocks, symmetric = _efficientnet_lite0_on_photos("symmetric", monkeypatch)
+    assert backbones.build_backbone("efficientnet_lite0").padding == "same"  # what ships
+
+    # The shipped network recognises the photos.
+    cat, coffee, rocket = same
+    assert int(cat.argmax()) in CAT_CLASSES and set(np.argsort(cat)[-3:]) <= CAT_CLASSES
+    assert int(coffee.argmax()) == ESPRESSO
+    assert set(np.argsort(rocket)[-2:]) <= ROCKET_CLASSES
+
+    # The padding changes the activations far beyond float rounding ...
+    relative = lambda a, b, axis=None: (np.linalg.norm(a - b, axis=axis)
+                                        / np.linalg.norm(a, axis=axis))
+    assert sym_stem.shape == same_stem.shape == (3, 112, 112, 32)
+    per_photo = relative(same_stem.reshape(3, -1), sym_stem.reshape(3, -1), axis=1)
+    assert relative(same_stem, sym_stem) > 0.15 and per_photo.min() > 0.1
+    assert relative(same_blocks[0], sym_blocks[0]) > 0.4
+    assert relative(same_blocks[1], sym_blocks[1]) > 0.6
+
+    # ... and the weights were trained for "same": it is at least as sure of the
+    # right class on every photo and clearly surer over the three.
+    def right(probs):
+        return np.array([probs[0][sorted(CAT_CLASSES)].sum(), probs[1][ESPRESSO],
+                         probs[2][sorted(ROCKET_CLASSES)].sum()])
+    assert np.all(right(same) > right(symmetric) - 0.01)
+    assert np.log(right(same)).sum() - np.log(right(symmetric)).sum() > 0.05
+    # Preprocessing of the converted checkpoint: (x - 127) / 128.
+    normalize = backbones.build_backbone("efficientnet_lite0").stem.get_layer("normalize")
+    assert (normalize.mean, normalize.std) == ([127.0], [128.0])
 
 
 def test_packaged_weights_are_offline_files():

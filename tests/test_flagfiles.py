@@ -3,8 +3,8 @@ configuration check, without loading data or weights or training anything.
 
 The flagfile is parsed by absl, as `python -m nettailor_tf.main --flagfile=...`
 parses it, into a private copy of the CLI's flag registry (the global FLAGS is
-left alone); `nettailor_tf.main.config_from_flags` turns it into the `Config`
-main() would build, and `Config.validate()` runs as main() runs it.  The one
+left alone); `config.from_flags` turns it into the `Config` main() would
+build, and `Config.validate()` and the backbone checks run as main() runs them.  The one
 thing that cannot hold here is that a `--backbone_weights` file the user
 produces (a torchvision .pth, an imagenet12-trained WRN-26) exists: its name is
 checked against what the loader reads for that backbone, and validation then
@@ -45,13 +45,12 @@ def cli():
     """The CLI module, with backbone construction cached for this module's tests:
     validate() only reads a backbone's block count and minimum input size, and
     building ResNet-34 thirteen times would cost more than everything else."""
-    from nettailor_tf import config as config_lib
-    from nettailor_tf import main
+    from nettailor_tf import backbones, main
 
-    real = config_lib.build_backbone
-    config_lib.build_backbone = functools.lru_cache(maxsize=None)(real)
+    real = backbones.build_backbone
+    backbones.build_backbone = functools.lru_cache(maxsize=None)(real)
     yield main
-    config_lib.build_backbone = real
+    backbones.build_backbone = real
 
 
 def parse(cli, name, monkeypatch):
@@ -59,8 +58,9 @@ def parse(cli, name, monkeypatch):
     values = copy.deepcopy(cli.FLAGS)  # the CLI's definitions, private values
     leftover = values(["nettailor_tf", f"--flagfile={os.path.join(FLAGS_DIR, name)}"])
     assert leftover == ["nettailor_tf"], f"{name}: lines that are not --flags: {leftover[1:]}"
-    monkeypatch.setattr(cli, "FLAGS", values)
-    return cli.config_from_flags(), values
+    from nettailor_tf import config as config_lib
+
+    return config_lib.from_flags(values), values
 
 
 def flag_lines(name):
@@ -76,7 +76,7 @@ def test_the_expected_flagfiles_exist():
 
 @pytest.mark.parametrize("name", FLAGFILES)
 def test_flagfile_parses_and_validates(cli, name, monkeypatch, tmp_path):
-    from nettailor_tf import backbones
+    from nettailor_tf import artifacts, backbones
 
     config, _ = parse(cli, name, monkeypatch)
     weights = config.backbone_weights
@@ -93,6 +93,7 @@ def test_flagfile_parses_and_validates(cli, name, monkeypatch, tmp_path):
         stand_in.write_bytes(b"")
         config = dataclasses.replace(config, backbone_weights=str(stand_in))
     config.validate()
+    artifacts.check_backbone_settings(config)
 
 
 @pytest.mark.parametrize("name", FLAGFILES)

@@ -1,6 +1,7 @@
 """The command line, run as a user runs it: a real subprocess."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -57,7 +58,8 @@ def test_stages_stop_resume_and_are_skipped_when_done(tmp_path):
 # whole program, a missing flagfile (checked before absl parses anything) and
 # a strategy conflict (checked before TensorFlow touches a device).
 @pytest.mark.parametrize("args,expected", [
-    (["--backbone=resnet9"], "--backbone='resnet9' is not one of"),
+    (["--backbone=resnet9"], "--backbone=resnet9: value should be one of <efficientnet_lite0|"),
+    (["--image_size=abc"], "--image_size=abc: invalid literal for int()"),
     (["--flagfile=/no/such.cfg"], "--flagfile=/no/such.cfg: no such file"),
     (["--num_cpu_devices=2"], "--num_cpu_devices=2 splits the CPU for a multi-replica"),
 ])
@@ -112,13 +114,16 @@ def _packaged_efficientnet(tmp_path):
 # README's "What happens when ..." table.
 IN_PROCESS_CASES = {
     "unknown task": (["--tasks=foo"], "foo"),
-    "unknown stage": (["--stages=teacher,distill"], "--stages: unknown stage 'distill'"),
-    "unknown strategy": (["--strategy=horovod"], "--strategy='horovod' is not one of"),
-    "learning rate out of range": (["--teacher_lr=-1"], "--teacher_lr=-1.0 must be in (0, 10]"),
+    "unknown stage": (["--stages=teacher,distill"], "unknown stage 'distill'; accepted: teacher,"),
+    "unknown strategy": (["--strategy=horovod"], "--strategy=horovod: value should be one of"),
+    "learning rate out of range": (["--teacher_lr=-1"], "--teacher_lr=-1.0: must be in (0, 10]"),
     "coefficient out of range": (["--complexity_coeff=-1"],
-                                 "--complexity_coeff=-1.0 must be in [0, 100]"),
+                                 "--complexity_coeff=-1.0: must be in [0, 100]"),
     "threshold out of range": (["--prune_proxy_threshold=1.5"],
-                               "--prune_proxy_threshold=1.5 must be in [0, 1)"),
+                               "--prune_proxy_threshold=1.5: must be in [0, 1)"),
+    "max_skip neither a number nor dense": (["--max_skip=wide"],
+                                            "--max_skip=wide: must be a positive integer or "
+                                            "'dense'"),
     "image too small": (["--image_size=2"], "--image_size=2 is too small for tiny"),
     "conflicting flags": (["--prune_search", "--prune_universal=2"],
                           "--prune_search chooses the number of universal blocks"),
@@ -136,12 +141,29 @@ IN_PROCESS_CASES = {
     "corrupt image": ([lambda p: f"--tasks={_corrupt_folder(p)}"], "corrupt image"),
     "workdir is not a directory": ([lambda p: f"--workdir={_a_file(p)}/run"],
                                    "cannot write to --workdir="),
+    "workdir made with another backbone": (
+        [lambda p: _workdir_made_with(p, backbone="efficientnet_lite0")],
+        "was made with --backbone=efficientnet_lite0 (now tiny)"),
+    "workdir made with another image size": (
+        [lambda p: _workdir_made_with(p, image_size=32)], "--image_size=32 (now 16)"),
+    "workdir made with another max_skip": (
+        [lambda p: _workdir_made_with(p, max_skip="dense")], "--max_skip=dense (now 3)"),
     "submission for a task outside the decathlon": (
         ["--stages=submission"], "task 'digits' is not a Visual Decathlon task"),
     "decathlon annotation file missing": (
         ["--tasks=tfds:visual_domain_decathlon/svhn", "--stages=submission",
          lambda p: f"--decathlon_annotations={p}"], "no svhn_test_stripped.json in it"),
 }
+
+
+def _workdir_made_with(tmp_path, **settings):
+    """A workdir whose first run used `settings` (the rest as TINY has them)."""
+    workdir = tmp_path / "earlier"
+    workdir.mkdir()
+    record = {"backbone": "tiny", "backbone_weights": "random", "image_size": 16, "max_skip": 3,
+              "universal_bn": "frozen", **settings}
+    (workdir / "settings.json").write_text(json.dumps(record))
+    return f"--workdir={workdir}"
 
 
 def _a_file(tmp_path):
@@ -174,11 +196,16 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(atomic, "write_text", full)
     code, err = run_in_process(capsys, *TINY, f"--workdir={tmp_path / 'w'}")
     assert code == 2
-    # The first file a run writes records its tasks' validation split.
-    assert "No space left on device" in err and "validation_split.json" in err
+    # The first file a run writes records the settings the workdir is made with.
+    assert "No space left on device" in err and "settings.json" in err
 
 
-def test_the_stages_flag_defaults_to_the_configs_default_stages():
-    from nettailor_tf import config, main
+def test_the_help_lists_every_backbone():
+    proc = run_cli("--helpfull", timeout=120)
+    from nettailor_tf.config import BACKBONES
 
-    assert tuple(main.FLAGS["stages"].default) == config.DEFAULT_STAGES
+    # The --backbone entry, its wrapped lines joined: <name|name|...>.
+    entry = proc.stdout[proc.stdout.index("--backbone:"):]
+    entry = re.sub(r"\n\s+", "", entry[:entry.index("(default")])
+    listed = re.search(r"<([a-z0-9_|]+)>", entry).group(1).split("|")
+    assert listed == list(BACKBONES)

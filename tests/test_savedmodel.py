@@ -25,12 +25,12 @@ def tasks():
 
 @pytest.mark.parametrize("crop", [False, True])
 def test_preprocess_equals_the_evaluation_pipeline_when_upscaling(crop):
-    """In-graph resize (and centre crop) = data.py's eval transform for inputs
+    """In-graph resize (and centre crop) = data/pipeline.py's eval transform for inputs
     no larger than the model's size, i.e. no antialiasing involved."""
     images = np.random.default_rng(0).integers(0, 256, (3, 11, 13, 3), dtype=np.uint8)
     ours = savedmodel.preprocess(tf.constant(images), SIZE, crop).numpy()
-    expected = np.stack([data_lib._eval_transform(tf.constant(i), "crop" if crop else "none",
-                                                  SIZE).numpy() for i in images])
+    expected = np.stack([data_lib.eval_transform(tf.constant(i), "crop" if crop else "none",
+                                                 SIZE).numpy() for i in images])
     np.testing.assert_allclose(ours, expected, atol=1e-4)
 
 

@@ -1,7 +1,8 @@
 """A stage's schedule resolved against a task's size: length, decay points, the log line."""
 import pytest
 
-from nettailor_tf.schedules import DEFAULT_SCHEDULES, Schedule
+from nettailor_tf.config import Config
+from nettailor_tf.schedules import Schedule
 
 
 def test_decay_points_are_fractions_of_the_stage_like_the_paper():
@@ -34,5 +35,5 @@ def test_a_small_data_set_gets_whole_epochs_up_to_the_minimum_steps():
 
 @pytest.mark.parametrize("stage", ["teacher", "student", "finetune"])
 def test_defaults_decay_at_the_papers_forty_percent(stage):
-    assert DEFAULT_SCHEDULES[stage].decay_every == pytest.approx(0.4)
-    assert DEFAULT_SCHEDULES[stage].decay_epochs is None
+    assert getattr(Config(), stage).decay_every == pytest.approx(0.4)
+    assert getattr(Config(), stage).decay_epochs is None

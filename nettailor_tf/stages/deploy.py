@@ -20,25 +20,24 @@ import numpy as np
 from absl import logging
 
 from exporters import latency as latency_lib, parity, savedmodel, tflite
-from nettailor_tf import atomic
+from nettailor_tf import artifacts, atomic
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import data as data_lib
 from nettailor_tf import prune as prune_lib
-from nettailor_tf import stages
-from nettailor_tf import student as student_lib
 from nettailor_tf import visualize
 from nettailor_tf.config import Config
 from nettailor_tf.report import Report
+from nettailor_tf.workdir import Workdir
 
 MANIFEST = "export.json"
 
 
 def export_dir(config: Config, task) -> str:
-    return os.path.join(stages.task_dir(config, task), "export")
+    return Workdir(config.workdir).export_dir(task.name)
 
 
 def bundle_dir(config: Config) -> str:
-    return os.path.join(config.workdir, "bundle")
+    return Workdir(config.workdir).bundle_dir
 
 
 def _rel(config: Config, path: str) -> str:
@@ -50,14 +49,16 @@ def _rel(config: Config, path: str) -> str:
 def trained_files(config: Config, task, teacher: bool = True) -> list[str]:
     """The files of the trained task (the pruned network's plan and weights,
     and the teacher's), or a StageError naming the first one missing."""
-    paths = [stages.plan_path(config, task), stages.pruned_state_path(config, task)]
+    workdir = Workdir(config.workdir)
+    paths = [workdir.plan(task.name), workdir.pruned_state(task.name)]
     if teacher:
-        paths.append(stages.teacher_weights_path(config, task))
+        paths.append(workdir.teacher_weights(task.name))
     for path in paths:
         if not os.path.exists(path):
-            raise stages.StageError(f"{task.name}: no {os.path.basename(path)} in "
-                                    f"{os.path.dirname(path)}; run the teacher, student, prune "
-                                    f"and finetune stages first (same --workdir)")
+            raise artifacts.StageError(f"{task.name}: no {os.path.basename(path)} in "
+                                       f"{os.path.dirname(path)}; run the teacher, student, "
+                                       f"prune and finetune stages first (same --workdir)",
+                                       path=path)
     return paths
 
 
@@ -82,17 +83,14 @@ def _export_settings(config: Config) -> dict:
 def nettailor_endpoint(config: Config, task, universal: prune_lib.UniversalLayers | None = None
                        ) -> savedmodel.Endpoint:
     """The pruned, fine-tuned static network of `task`, ready to serve."""
-    plan, _ = prune_lib.load_plan(stages.plan_path(config, task))
-    student = student_lib.build_student(stages._universal_backbone(config), task.num_classes,
-                                        plan, config.universal_bn, config.image_size)
-    prune_lib.load_task_state(student, stages.pruned_state_path(config, task))
+    student, _, _ = artifacts.fine_tuned_network(config, task)
     model = prune_lib.static_model(student, universal=universal,
                                    name=f"nettailor_{savedmodel.signature_key(task.name)}")
     return savedmodel.Endpoint(model, config.image_size, task.augment != "none")
 
 
 def teacher_endpoint(config: Config, task) -> savedmodel.Endpoint:
-    folded = stages._frozen_teacher(config, task)
+    folded = artifacts.frozen_teacher(config, task)
     model = keras.Model(folded.inputs, folded.outputs[0], name="teacher")
     return savedmodel.Endpoint(model, config.image_size, task.augment != "none")
 
@@ -217,7 +215,7 @@ def universal_params(config: Config, tasks) -> int:
     backbone = backbones_lib.build_backbone(config.backbone)
     kept = set()
     for task in tasks:
-        plan, _ = prune_lib.load_plan(stages.plan_path(config, task))
+        plan, _ = prune_lib.load_plan(Workdir(config.workdir).plan(task.name))
         kept |= {l for l, b in enumerate(plan.blocks) if b.universal}
     layers = [backbone.stem] + [backbone.blocks[l] for l in sorted(kept)]
     if not backbone.head_task_specific:
@@ -268,7 +266,7 @@ def _export_bundle(config, tasks, staging, final, task_params: dict) -> dict:
     endpoints = {savedmodel.signature_key(t.name): nettailor_endpoint(config, t, universal)
                  for t in tasks}
     if len(set(endpoints)) != len(tasks):
-        raise stages.StageError("bundle: two task names map to one signature key: "
+        raise artifacts.StageError("bundle: two task names map to one signature key: "
                                 + ", ".join(t.name for t in tasks))
     sm_path = os.path.join(staging, "savedmodel")
     savedmodel.write_savedmodel(sm_path, endpoints)
@@ -341,7 +339,7 @@ def _benchmark_image(config: Config, task) -> np.ndarray:
     """One real test image at the model's size (the in-graph resize is then a copy)."""
     for images, _ in data_lib.eval_pipeline(task, config.image_size, 1):
         return np.clip(np.round(images.numpy()), 0, 255).astype(np.uint8)
-    raise stages.StageError(f"{task.name}: the test split is empty")
+    raise artifacts.StageError(f"{task.name}: the test split is empty")
 
 
 def _threads() -> list[int]:
@@ -354,7 +352,7 @@ def run_benchmark(config: Config, strategy, task, report: Report) -> bool:
     parts = {"nettailor": report.get(task.name, "tflite"),
              "teacher": report.get(task.name, "teacher_tflite")}
     if not all(parts.values()):
-        raise stages.StageError(f"{task.name}: nothing exported yet; run --stages=export first")
+        raise artifacts.StageError(f"{task.name}: nothing exported yet; run --stages=export first")
     entries = {(network, variant): entry for network, part in parts.items()
                for variant, entry in part.items()}
     if all("latency_ms" in e for e in entries.values()):

@@ -78,7 +78,12 @@ def test_report_holds_every_artefact_with_its_parity_and_latency(exported):
             "nettailor"]
         assert task["tflite"]["int8"]["weight_types"].get("FLOAT32", 0) == 0
         assert task["tflite"]["float32"]["bytes"] < task["teacher_tflite"]["float32"]["bytes"]
-        assert task["latency_ratio_float32"] > 0 and 0 < task["flops_ratio"] < 1.2
+        assert task["latency_ratio_float32"] > 0
+        # One of four universal blocks cut, proxies over 0.2 kept: cheaper
+        # than the teacher, by the report's own multiply-add counts.
+        assert task["flops_ratio"] == pytest.approx(task["pruned"]["flops"]
+                                                    / task["teacher"]["flops"])
+        assert task["flops_ratio"] < 1
 
 
 def test_bundle_shares_the_universal_weights(exported):
@@ -182,11 +187,11 @@ def test_export_before_training_is_a_one_line_cli_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag,message", [
-    ("--export_variants=float32,int4", "--export_variants: unknown TFLite variant 'int4'"),
+    ("--export_variants=float32,int4", "unknown TFLite variant 'int4'; accepted: float32,"),
     ("--export_variants=int8", "must include float32"),
     ("--bundle_variants=float16", "--bundle_variants must include float32"),
-    ("--benchmark_runs=10", "--benchmark_runs=10 must be >= 50"),
-    ("--parity_min_agreement=1.5", "--parity_min_agreement=1.5 must be in [0, 1]"),
+    ("--benchmark_runs=10", "--benchmark_runs=10: must be >= 50"),
+    ("--parity_min_agreement=1.5", "--parity_min_agreement=1.5: must be in [0, 1]"),
 ])
 def test_bad_export_flags_are_one_line_errors(tmp_path, capsys, flag, message):
     code, err = run_in_process(capsys, f"--workdir={tmp_path}", "--tasks=digits",

@@ -22,20 +22,18 @@ import tensorflow as tf
 from absl import logging
 
 from nettailor_tf import data as data_lib
-from nettailor_tf import decathlon, deploy, stages
+from nettailor_tf import artifacts, decathlon
 from nettailor_tf.config import Config
 from nettailor_tf.report import Report
-
-PREDICTIONS = "decathlon_test_predictions.json"
-RESULTS = "decathlon_results.json"
-
+from nettailor_tf.stages import deploy
+from nettailor_tf.workdir import Workdir
 
 def predictions_path(config: Config, task) -> str:
-    return os.path.join(stages.task_dir(config, task), PREDICTIONS)
+    return Workdir(config.workdir).decathlon_predictions(task.name)
 
 
 def results_path(config: Config) -> str:
-    return os.path.join(config.workdir, RESULTS)
+    return Workdir(config.workdir).decathlon_results
 
 
 def _predict(config: Config, task, model, image_ids: dict[str, int]) -> dict[int, int]:
@@ -51,7 +49,7 @@ def _predict(config: Config, task, model, image_ids: dict[str, int]) -> dict[int
         for name, label in zip(names.numpy(), top1(images).numpy()):
             name = name.decode("utf-8")
             if name not in image_ids:
-                raise stages.StageError(
+                raise artifacts.StageError(
                     f"{task.name}: test image {name!r} is not in the annotation file; the "
                     f"prepared TFDS data and --decathlon_annotations come from different "
                     f"devkit versions")
@@ -60,7 +58,7 @@ def _predict(config: Config, task, model, image_ids: dict[str, int]) -> dict[int
             progress.add(len(names))
     missing = len(image_ids) - len(predictions)
     if missing:
-        raise stages.StageError(
+        raise artifacts.StageError(
             f"{task.name}: {missing} of the annotation file's {len(image_ids)} test images are "
             f"not in the TFDS test split ({len(predictions)} images); prepare the dataset from "
             f"the same devkit as --decathlon_annotations")
@@ -91,7 +89,7 @@ def run_submission(config: Config, strategy, task, report: Report) -> bool:
     try:
         annotations = decathlon.load_annotations(annotation_file)
     except ValueError as err:
-        raise stages.StageError(str(err)) from None
+        raise artifacts.StageError(str(err)) from None
     logging.info("%s: submission stage: predicting the %d test images of %s", task.name,
                  len(annotations.image_ids), os.path.basename(annotation_file))
     model = deploy.nettailor_endpoint(config, task).model
@@ -100,7 +98,7 @@ def run_submission(config: Config, strategy, task, report: Report) -> bool:
         decathlon.write_task_predictions(path, domain, predictions, annotations.category_ids,
                                          fingerprint)
     except ValueError as err:  # e.g. the annotation file's categories do not fit the domain
-        raise stages.StageError(f"{task.name}: {err}") from None
+        raise artifacts.StageError(f"{task.name}: {err}") from None
     _report(config, task, report, path, len(predictions))
     counts = np.bincount(list(predictions.values()), minlength=task.num_classes)
     logging.info("%s: wrote %d test predictions to %s (%d of %d classes predicted)", task.name,
@@ -121,7 +119,7 @@ def write_results(config: Config, tasks, report: Report) -> None:
         records = decathlon.merge_task_predictions([predictions_path(config, t) for t in tasks],
                                                    out)
     except ValueError as err:
-        raise stages.StageError(str(err)) from None
+        raise artifacts.StageError(str(err)) from None
     domains = [decathlon.task_domain(t.spec) for t in tasks]
     missing = [d for d in decathlon.DOMAINS if d not in domains]
     report.data["decathlon_submission"] = {"path": os.path.relpath(out, config.workdir),

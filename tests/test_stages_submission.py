@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from nettailor_tf import decathlon, stages, submission
+from nettailor_tf import decathlon, stages
 from nettailor_tf.config import Config
 from nettailor_tf.train import Schedule
 
@@ -165,7 +165,7 @@ def test_a_second_run_skips_and_a_changed_annotation_file_is_checked(fake, submi
         stages.run(other, strategy)
     # The earlier predictions are still there, whole.
     task = decathlon.read_task_predictions(
-        f"{submitted.workdir}/{TASK_DIR}/{submission.PREDICTIONS}")
+        f"{submitted.workdir}/{TASK_DIR}/decathlon_test_predictions.json")
     assert len(task.predictions) == NUM_VALIDATION
 
 

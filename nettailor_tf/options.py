@@ -1,0 +1,80 @@
+"""How a setting is declared: its default, help text and accepted values, once.
+
+`nettailor_tf.config` declares every setting of a run with `option(...)`;
+the command-line flags, their absl validators and `Config.validate` are all
+generated from those declarations, so a default or a range is written in one
+place.  Pure Python: the command line answers `--help` without TensorFlow.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+# A check takes a value and returns what is wrong with it, or None.
+Check = Callable[[Any], "str | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A number in [low, high]; `open_low` / `open_high` exclude that end."""
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def __call__(self, value) -> str | None:
+        if value is None:
+            return None
+        too_low = self.low is not None and (value <= self.low if self.open_low
+                                            else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.open_high
+                                              else value > self.high)
+        if not (too_low or too_high):
+            return None
+        if self.high is None:
+            return f"must be {'>' if self.open_low else '>='} {self.low:g}"
+        if self.low is None:
+            return f"must be {'<' if self.open_high else '<='} {self.high:g}"
+        return (f"must be in {'(' if self.open_low else '['}{self.low:g}, "
+                f"{self.high:g}{')' if self.open_high else ']'}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """Every item of a list is one of `choices`; `what` names an item."""
+    choices: tuple[str, ...]
+    what: str
+
+    def __call__(self, values) -> str | None:
+        for value in values:
+            if value not in self.choices:
+                return f"unknown {self.what} {value!r}; accepted: {', '.join(self.choices)}"
+        return None
+
+
+def option(default=dataclasses.MISSING, help: str = "", *, check: Check | None = None,
+           choices: tuple[str, ...] | None = None, flag: str | None = "auto",
+           parse: Callable[[str], Any] | None = None, shared: bool = False) -> Any:
+    """A dataclass field that is also a command-line flag.
+
+    `check`: extra condition on the value (a `Range`, a `OneOf`, or any
+    function returning a problem or None).  `choices`: the accepted values
+    of a string (an absl enum flag).  `flag`: None for a setting with no flag.
+    `parse`: how the flag's text becomes the value (the flag is then a
+    string flag).  `shared`: in a nested settings group (a stage's schedule),
+    one flag without the group's prefix sets it in every group.
+    """
+    metadata = {"help": help, "check": check, "choices": choices, "flag": flag,
+                "parse": parse, "shared": shared}
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_value(field: dataclasses.Field, value) -> str | None:
+    """What is wrong with `value` for `field`, or None."""
+    choices = field.metadata.get("choices")
+    if choices is not None and value is not None and value not in choices:
+        return f"is not one of {', '.join(choices)}"
+    check = field.metadata.get("check")
+    return check(value) if check is not None else None

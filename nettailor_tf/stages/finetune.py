@@ -1,0 +1,85 @@
+"""The finetune stage: the pruned network trained again, complexity off."""
+from __future__ import annotations
+
+import os
+
+import keras
+from absl import logging
+
+from nettailor_tf import artifacts, atomic
+from nettailor_tf import backbones as backbones_lib
+from nettailor_tf import prune as prune_lib
+from nettailor_tf.config import Config
+from nettailor_tf.report import Report
+from nettailor_tf.stages.nettailor import gate_values, or_none, prepared_pruned, train_nettailor
+from nettailor_tf.workdir import Workdir
+
+
+def run_finetune(config: Config, strategy, task, report: Report) -> bool:
+    """Trains the pruned network again: complexity off, fresh optimizer,
+    gates still trainable (the paper)."""
+    paths = Workdir(config.workdir)
+    state_path = paths.pruned_state(task.name)
+    if report.get(task.name, "pruned") and os.path.exists(state_path):
+        logging.info("%s: finetune stage already done (%s); skipping", task.name, state_path)
+        return True
+    if not os.path.exists(paths.plan(task.name)):
+        raise artifacts.StageError(f"{task.name}: no pruning plan at {paths.plan(task.name)}; "
+                                   f"run the prune stage first (--stages=prune)",
+                                   path=paths.plan(task.name))
+    plan, info = prune_lib.load_plan(paths.plan(task.name))
+    search = info.get("prune_search") or None
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        teacher = artifacts.frozen_teacher(config, task)
+        full, _ = artifacts.trained_student(config, task)
+    splits = ["test"] + (["val"] if task.num_val else [])
+    pruned, before = prepared_pruned(config, strategy, task, full, plan, splits,
+                                     raw_test=True)
+    _reuse_search_checkpoint(paths, task, search)
+    logging.info("%s: finetune stage: training the pruned network (%d universal blocks, "
+                 "%d proxies); before fine-tuning: test accuracy %.4f (%.4f with the student's "
+                 "BN statistics)", task.name, plan.counts()["universal_blocks_kept"],
+                 plan.counts()["proxies_kept"], before["test"], before["raw_test"])
+    result = train_nettailor(config, strategy, task, pruned, teacher, config.finetune, 0.0,
+                             "finetune", pruned=True)
+    if result is None:
+        return False
+    prune_lib.save_task_state(pruned, state_path)
+    backbone = backbones_lib.build_backbone(config.backbone)  # geometry only
+    cost = prune_lib.pruned_cost(backbone, plan, config.image_size, task.num_classes, pruned)
+    report.set(task.name, "pruned", {
+        "accuracy": result.test_accuracy, "val_accuracy": or_none(result.val_accuracy),
+        "accuracy_before_finetune": before["test"],
+        "val_accuracy_before_finetune": before.get("val"),
+        "accuracy_before_finetune_student_bn": before["raw_test"],
+        **cost, "gates": gate_values(pruned),
+        "prune_search": None if search is None else {
+            k: search[k] for k in ("chosen", "target", "split", "met_tolerance")},
+        "plan": paths.relative(paths.plan(task.name)),
+        "weights": paths.relative(state_path),
+        "epochs": result.epochs, "steps": result.steps,
+    })
+    teacher_flops = (report.get(task.name, "teacher") or {}).get("flops")
+    logging.info("%s: NetTailor test accuracy %.4f, %d multiply-adds%s", task.name,
+                 result.test_accuracy, cost["flops"],
+                 f" ({cost['flops'] / teacher_flops:.2f} of the teacher's)" if teacher_flops else "")
+    return True
+
+
+def _reuse_search_checkpoint(paths: Workdir, task, search) -> None:
+    """Starts the fine-tune where the chosen candidate's brief fine-tune of
+    the prune search stopped: it ran the first steps of this very stage (same
+    schedule, data order and starting weights)."""
+    if not search or not search.get("steps_per_candidate"):
+        return
+    target = paths.checkpoints(task.name, "finetune")
+    source = paths.prune_search_checkpoints(task.name, search["chosen"])
+    candidate = search["candidates"].get(str(search["chosen"]), {})
+    if os.path.isdir(target) or not os.path.isdir(source) or candidate.get("abandoned"):
+        return
+    atomic.copy_directory(source, target)
+    logging.info("%s: fine-tuning resumes from the prune search's brief fine-tune (%s)",
+                 task.name, source)
+
+

@@ -1,0 +1,144 @@
+"""Training NetTailor networks: the loss and the trainer that the student,
+the prune search and the fine-tune share, and the step from a student to a
+pruned network ready to fine-tune."""
+from __future__ import annotations
+
+from absl import logging
+
+from nettailor_tf import artifacts, complexity
+from nettailor_tf import backbones as backbones_lib
+from nettailor_tf import data as data_lib
+from nettailor_tf import student as student_lib
+from nettailor_tf import teacher_cache, train
+from nettailor_tf.config import Config
+from nettailor_tf.losses import cross_entropy, mimic_loss
+from nettailor_tf.train import Trainer
+from nettailor_tf.workdir import Workdir
+
+
+def or_none(value: float):
+    """JSON has no NaN: an accuracy that was not measured is null."""
+    return None if value != value else value
+
+
+def selection_accuracy(config: Config, entry: dict) -> float:
+    """The accuracy choices are made on: validation, or test (the paper's protocol)."""
+    return entry["accuracy"] if config.selection_split == "test" else entry["val_accuracy"]
+
+
+def nettailor_loss(student, teacher, costs, complexity_coeff, teacher_coeff, exact,
+                   mimic_normalized=False, targets=None):
+    """CE + complexity + mimic of `teacher`, whose outputs come from `targets`
+    (a `teacher_cache.TeacherTargets`, looked up by the batch's positions in
+    the training split) where given."""
+    live = student.live_blocks
+    # The mimic term averages over the blocks it compares: a pruned network
+    # keeps the student's balance between mimic and CE.
+    num_blocks = len(live)
+
+    def loss_fn(images, labels, training, indices=None):
+        if targets is not None:
+            teacher_logits, teacher_endpoints = targets.lookup(indices)
+        else:
+            teacher_logits, teacher_endpoints = teacher(images, training=False)
+        logits, _, routed = student(images, training=training)
+        ce = cross_entropy(logits, labels)
+        mimic = mimic_loss(logits, routed, teacher_logits, teacher_endpoints, live, num_blocks,
+                           mimic_normalized)
+        terms = {"ce": ce, "mimic": mimic}
+        total = ce + teacher_coeff * mimic
+        if complexity_coeff:
+            cost = complexity.expected_complexity(student.alphas(), costs, student.plan, exact)
+            terms["complexity"] = cost
+            total += complexity_coeff * cost
+        return total, logits, terms
+
+    return loss_fn
+
+
+def teacher_targets(config, strategy, task, teacher):
+    """The teacher's targets computed once for the stage, where the task allows."""
+    if not config.cache_teacher_targets:
+        return None
+    return teacher_cache.build(teacher, task, config.image_size, config.eval_batch_size,
+                               strategy)
+
+
+def nettailor_trainer(config, strategy, task, student, teacher, schedule, complexity_coeff,
+                      name, targets=None, pruned: bool = False) -> Trainer:
+    """The trainer of a NetTailor network: the student, or (`pruned`) a pruned
+    network, which also trains its gates' masses."""
+    paths = Workdir(config.workdir)
+    backbone = backbones_lib.build_backbone(config.backbone)  # geometry only
+    norm = complexity.universal_network_flops(backbone, config.image_size)
+    costs = [[c / norm for c in row] for row in
+             complexity.branch_flops(backbone, student.plan, config.image_size)]
+    mimic_normalized = (backbone.mimic_normalized if config.mimic_normalized is None
+                        else config.mimic_normalized)
+    loss_fn = nettailor_loss(student, teacher, costs, complexity_coeff, config.teacher_coeff,
+                             config.complexity_exact, mimic_normalized, targets)
+    trainable, decayed = student.task_variables()
+    if pruned:
+        trainable += student.mass_variables()
+    gates = {id(v) for v in student.gate_variables()}
+    multipliers = [config.gate_lr_multiplier if id(v) in gates else 1.0 for v in trainable]
+    return Trainer(
+        strategy, student, loss_fn, trainable, decayed, schedule, lr_multipliers=multipliers,
+        held=[] if config.gate_lr_decay else student.gate_variables(), indexed=targets is not None,
+        checkpoint_dir=paths.checkpoints(task.name, name),
+        summary_dir=paths.tensorboard(task.name, name),
+        jit_compile=config.jit_compile, checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every,
+        predict_fn=lambda images: student(images, training=False, mimic=False)[0])
+
+
+def train_nettailor(config, strategy, task, student, teacher, schedule, complexity_coeff,
+                    name, pruned: bool = False) -> "train.TrainResult | None":
+    """Trains to the end of `schedule`; None when --max_steps stopped it first."""
+    targets = teacher_targets(config, strategy, task, teacher)
+    trainer = nettailor_trainer(config, strategy, task, student, teacher, schedule,
+                                complexity_coeff, name, targets, pruned)
+    result = trainer.fit(task, config.image_size, config.seed, config.eval_batch_size,
+                         max_steps=config.max_steps)
+    if not result.complete:
+        logging.info("%s: %s stopped at step %d of %d (--max_steps); re-run to resume",
+                     task.name, name, result.steps, result.total_steps)
+        return None
+    return result
+
+
+def gate_values(student) -> list[list[float]]:
+    """Each block's gate (its branches' shares), rounded for report.json."""
+    return [[round(float(a), 6) for a in alphas.numpy()] for alphas in student.alphas()]
+
+
+# Enough images for stable per-channel moments (about 1,000), few enough to
+# cost a second or two.
+RECALIBRATION_BATCHES = 32
+
+
+def prepared_pruned(config, strategy, task, student, plan, splits, raw_test=False):
+    """The pruned network of `plan` as fine-tuning starts from it: the
+    student's task weights (each gate keeping its surviving share), BN
+    statistics re-estimated on the pruned stream; and its accuracy on
+    `splits` ('raw_test': on the test split before the re-estimation).
+
+    Pruning changes what reaches each surviving branch, so the statistics
+    collected on the unpruned stream no longer describe it: on the
+    quickstart's digits this step alone moved a pruned network from 18% to
+    41% before any training.
+    """
+    with strategy.scope():
+        pruned = artifacts.pruned_network(config, task, plan)
+        student_lib.copy_task_weights(student, pruned)
+    evaluate = train.make_evaluator(
+        strategy, lambda images: pruned(images, training=False, mimic=False)[0])
+    accuracies = {}
+    if raw_test:
+        accuracies["raw_test"] = evaluate(task, config.image_size, config.eval_batch_size, "test")
+    batches = data_lib.train_pipeline(task, config.image_size, config.finetune.batch_size,
+                                      epoch=0, seed=config.seed)
+    student_lib.recalibrate_batchnorm(pruned, batches.take(RECALIBRATION_BATCHES))
+    for split in splits:
+        accuracies[split] = evaluate(task, config.image_size, config.eval_batch_size, split)
+    return pruned, accuracies

@@ -1,0 +1,211 @@
+"""The prune stage: which universal blocks and proxies each task keeps."""
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+from absl import logging
+
+from nettailor_tf import artifacts, atomic, complexity, visualize
+from nettailor_tf import prune as prune_lib
+from nettailor_tf.config import Config
+from nettailor_tf.report import Report
+from nettailor_tf.stages.nettailor import (gate_values, nettailor_trainer, prepared_pruned,
+                                           selection_accuracy, teacher_targets)
+from nettailor_tf.workdir import Workdir
+
+
+def search_prune_universal(config, strategy, task, report, student, alphas) -> dict:
+    """The paper's sweep, automated: the largest N (leanest network) whose
+    accuracy on the selection split stays within --prune_tolerance (at least
+    one image of that split) of the teacher's, or of the student's where the
+    student is the weaker.
+
+    Two phases, cheapest first.  Candidates are first scored as pruning
+    leaves them (BN statistics re-estimated, seconds each); accuracy falls as
+    N grows, so after N=0 the gates' own answer is tried and the boundary
+    found by bisection (about log2(L) candidates).  Fine-tuning only adds
+    accuracy, so that boundary is safe but conservative: with
+    --prune_search_steps, the candidates beyond it are then tried one by one
+    after that many steps of the fine-tuning stage itself, until one misses.
+    A brief fine-tune is the start of the final one, which resumes from the
+    chosen candidate's checkpoint instead of redoing it, and a candidate still
+    far below the target halfway is abandoned.  Each result is saved as soon
+    as it is known, so an interrupted search resumes without redoing any.
+    Returns what the search found, for plan.json.
+    """
+    teacher_accuracy = selection_accuracy(config, report.get(task.name, "teacher"))
+    student_accuracy = selection_accuracy(config, report.get(task.name, "student"))
+    split = "val" if config.selection_split == "validation" else "test"
+    # Pruning cannot be asked to beat the student it starts from, and a
+    # tolerance finer than one image of the selection split asks for
+    # perfection: 0.5 points of digits' 145 validation images is 0.7 of one.
+    reference = min(teacher_accuracy, student_accuracy)
+    images = task.num_val if split == "val" else task.num_test
+    tolerance = max(config.prune_tolerance, 1.0 / max(images, 1))
+    target = reference - tolerance
+    paths = Workdir(config.workdir)
+    results_path = paths.prune_search_results(task.name)
+    results = {}
+    if os.path.exists(results_path):
+        with open(results_path, encoding="utf-8") as f:
+            results = {int(k): v for k, v in json.load(f).items()}
+    teacher = None
+
+    def accuracy_of(n: int, steps: int = 0) -> float | None:
+        nonlocal teacher
+        # A candidate scored as pruned is scored again when a brief
+        # fine-tune is asked of it; one already fine-tuned (or abandoned) is not.
+        if n not in results or (steps and "steps" not in results[n]):
+            try:
+                plan = prune_lib.prune_plan(student.plan, alphas, n,
+                                            config.prune_proxy_threshold,
+                                            config.prune_universal_threshold)
+            except prune_lib.PruneError:
+                return None
+            if steps and teacher is None:
+                frozen = artifacts.frozen_teacher(config, task)
+                teacher = (frozen, teacher_targets(config, strategy, task, frozen))
+            results[n] = score_candidate(config, strategy, task, student, plan, teacher, n,
+                                          split, target, steps)
+            atomic.write_text(results_path, json.dumps(results, indent=1) + "\n")
+            logging.info("%s: prune search N=%d: %s accuracy %.4f%s (target %.4f)", task.name,
+                         n, config.selection_split, results[n]["accuracy"],
+                         (f" after {results[n]['steps']} steps"
+                          + (" (abandoned halfway)" if results[n].get("abandoned") else ""))
+                         if steps else " as pruned",
+                         target)
+        return results[n]["accuracy" if steps else "zero_shot_accuracy"]
+
+    first = accuracy_of(0)
+    low, high = 0, len(student.plan.blocks)
+    # The gates' own answer goes first: the universal blocks the student
+    # gives less than half of their block's output.  When they are right, the
+    # bisection only has to confirm the boundary around it.
+    mid = min(max(1, sum(float(a[0]) < 0.5 for a, b in zip(alphas, student.plan.blocks)
+                         if b.universal)), high)
+    while low < high:
+        accuracy = accuracy_of(mid)
+        if accuracy is not None and accuracy >= target:
+            low = mid
+        else:
+            high = mid - 1
+        mid = (low + high + 1) // 2
+    met = first is not None and first >= target
+    if met and config.prune_search_steps:
+        # Past the zero-shot boundary: each further block cut is kept only if
+        # a brief fine-tune brings it back to the target.
+        while low < len(student.plan.blocks):
+            accuracy = accuracy_of(low + 1, config.prune_search_steps)
+            if accuracy is None or accuracy < target:
+                break
+            low += 1
+    if not met:
+        logging.warning("%s: prune search: no candidate reached the target %.4f (%s %.4f - "
+                        "tolerance %.4f); even N=0 reads %s. Keeping N=0: the student's "
+                        "universal blocks with its weak proxies removed", task.name, target,
+                        "teacher" if reference == teacher_accuracy else "student", reference,
+                        tolerance, "nothing" if first is None else f"{first:.4f}")
+    return {"chosen": low, "target": target, "split": config.selection_split,
+            "teacher_accuracy": teacher_accuracy, "student_accuracy": student_accuracy,
+            "tolerance": tolerance,
+            "met_tolerance": met, "steps_per_candidate": config.prune_search_steps,
+            "candidates": {str(n): results[n] for n in sorted(results)}}
+
+
+# A brief fine-tune still this far below the target halfway through is
+# abandoned, a heuristic that trades a rare late recovery for time: a digits
+# candidate with 8 universal blocks cut read 41% before fine-tuning, 64%
+# after 40 steps and 92% after 80, so brief fine-tunes much shorter than the
+# recovery are not worth finishing from that far below.
+_ABANDON_MARGIN = 0.10
+
+
+def score_candidate(config, strategy, task, student, plan, teacher, n, split, target,
+                     steps: int) -> dict:
+    """A candidate's accuracy on `split` as pruned or after `steps` of
+    fine-tuning; `teacher` is (frozen teacher, its targets)."""
+    keras.utils.set_random_seed(config.seed)
+    candidate, before = prepared_pruned(config, strategy, task, student, plan, [split])
+    entry = {"zero_shot_accuracy": before[split], **plan.counts()}
+    if not steps:
+        return {"accuracy": before[split], **entry}
+    trainer = nettailor_trainer(config, strategy, task, candidate, teacher[0], config.finetune,
+                               0.0, f"prune_search/n{n}", teacher[1], pruned=True)
+    half = trainer.fit(task, config.image_size, config.seed, config.eval_batch_size,
+                       max_steps=max(1, steps // 2))
+    halfway = trainer.evaluate(task, config.image_size, config.eval_batch_size, split)
+    if config.max_steps is not None and half.steps >= config.max_steps:
+        raise _Interrupted()
+    if halfway < target - _ABANDON_MARGIN:
+        return {"accuracy": halfway, "abandoned": True, "steps": half.steps, **entry}
+    result = trainer.fit(task, config.image_size, config.seed, config.eval_batch_size,
+                         max_steps=min(steps, config.max_steps or steps))
+    if result.steps < steps and not result.complete:
+        raise _Interrupted()
+    accuracy = trainer.evaluate(task, config.image_size, config.eval_batch_size, split)
+    return {"accuracy": accuracy, "steps": result.steps, **entry}
+
+
+class _Interrupted(Exception):
+    """A brief fine-tune stopped at --max_steps: the search resumes next run."""
+
+
+def run_prune(config: Config, strategy, task, report: Report) -> bool:
+    """Cuts weak universal blocks and proxies, then every dead path; saves the plan."""
+    path = Workdir(config.workdir).plan(task.name)
+    if os.path.exists(path):
+        if report.get(task.name, "architecture_png") is None:
+            # Killed after the plan (the stage's commit point) was written but
+            # before its drawing was: draw it now from the same inputs.
+            plan, _ = prune_lib.load_plan(path)
+            student, backbone = artifacts.trained_student(config, task)
+            _draw_architecture(config, task, report, student, plan, backbone)
+        logging.info("%s: prune stage already done (%s); skipping", task.name, path)
+        return True
+    logging.info("%s: prune stage: reading the student's gates", task.name)
+    student, backbone = artifacts.trained_student(config, task)
+    alphas = [a.numpy() for a in student.alphas()]
+    search = None
+    if config.searches_prune:
+        try:
+            search = search_prune_universal(config, strategy, task, report, student, alphas)
+        except _Interrupted:
+            logging.info("%s: prune search interrupted (--max_steps); re-run to resume",
+                         task.name)
+            return False
+        num_universal = search["chosen"]
+        logging.info("%s: prune search chose N=%d", task.name, num_universal)
+    else:
+        num_universal = config.prune_universal or 0
+    pruned = prune_lib.prune_plan(student.plan, alphas, num_universal,
+                                  config.prune_proxy_threshold, config.prune_universal_threshold)
+    counts = pruned.counts()
+    prune_lib.save_plan(path, pruned, backbone=config.backbone,
+                        backbone_weights=config.backbone_weights, image_size=config.image_size,
+                        universal_blocks=[l for l, b in enumerate(pruned.blocks) if b.universal],
+                        prune_universal=num_universal,
+                        prune_proxy_threshold=config.prune_proxy_threshold,
+                        prune_universal_threshold=config.prune_universal_threshold,
+                        prune_search=search, gates=gate_values(student), **counts)
+    png = _draw_architecture(config, task, report, student, pruned, backbone)
+    logging.info("%s: pruned to %d universal blocks and %d proxies (%d live blocks of %d); "
+                 "architecture drawn in %s", task.name, counts["universal_blocks_kept"],
+                 counts["proxies_kept"], counts["blocks_live"], len(pruned.blocks), png)
+    return True
+
+
+def _draw_architecture(config, task, report, student, pruned, backbone) -> str:
+    """architecture.png (the student's gates, what pruning kept) and its report entry."""
+    paths = Workdir(config.workdir)
+    png = paths.architecture_png(task.name)
+    visualize.plot_architecture(
+        png, f"{task.name}: NetTailor on {config.backbone} (max_skip={config.max_skip})",
+        student.plan, gate_values(student), kept_plan=pruned,
+        block_flops=complexity.backbone_flops(backbone, config.image_size)["blocks"])
+    report.task(task.name)["architecture_png"] = paths.relative(png)
+    report.save()
+    return png
+
+

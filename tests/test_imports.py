@@ -1,0 +1,115 @@
+"""The package's import graph: arrows point one way, and no module reaches
+into another's private names.
+
+Read from the source with `ast`, so a lazy import inside a function counts
+like any other: hiding a cycle inside a function does not make it go away.
+"""
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+PACKAGES = ("nettailor_tf", "exporters")
+
+
+def _modules() -> dict[str, str]:
+    """{dotted module name: path} of every module of the packages."""
+    found = {}
+    for package in PACKAGES:
+        for folder, _, files in os.walk(os.path.join(ROOT, package)):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(folder, name)
+                parts = os.path.relpath(path, ROOT)[:-3].split(os.sep)
+                if parts[-1] == "__init__":
+                    parts = parts[:-1]
+                found[".".join(parts)] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _resolve(module: str, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    base = module.split(".")
+    is_package = MODULES[module].endswith("__init__.py")
+    base = base[: len(base) - node.level + (1 if is_package else 0)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports(module: str):
+    """(imported module, names imported from it, local aliases of modules) of `module`."""
+    tree = ast.parse(open(MODULES[module], encoding="utf-8").read())
+    edges, private, aliases = set(), [], {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in MODULES:
+                    edges.add(alias.name)
+                    aliases[alias.asname or alias.name] = alias.name
+        elif isinstance(node, ast.ImportFrom):
+            source = _resolve(module, node)
+            for alias in node.names:
+                full = f"{source}.{alias.name}"
+                if full in MODULES:  # a module imported from its package
+                    edges.add(full)
+                    aliases[alias.asname or alias.name] = full
+                elif source in MODULES:
+                    edges.add(source)
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        private.append(f"from {source} import {alias.name}")
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in aliases and node.attr.startswith("_")
+                and not node.attr.startswith("__")):
+            private.append(f"{aliases[node.value.id]}.{node.attr}")
+    # A package's __init__ and its own submodules are one unit.
+    edges.discard(module)
+    return edges, private
+
+
+GRAPH = {m: _imports(m)[0] for m in MODULES}
+
+
+def test_the_graph_is_read():
+    assert "nettailor_tf.stages.prune" in MODULES and "exporters.tflite" in MODULES
+    assert "nettailor_tf.artifacts" in GRAPH["nettailor_tf.stages.prune"]
+
+
+def test_no_import_cycle():
+    state, stack = {}, []
+
+    def visit(module):
+        state[module] = "open"
+        stack.append(module)
+        for target in sorted(GRAPH[module]):
+            # A package importing its submodules to re-export them is not a
+            # cycle when the submodules do not import the package back.
+            if state.get(target) == "open":
+                cycle = stack[stack.index(target):] + [target]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target)
+        stack.pop()
+        state[module] = "done"
+
+    for module in sorted(GRAPH):
+        if module not in state:
+            visit(module)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_private_name_of_another_module(module):
+    _, private = _imports(module)
+    assert not private, f"{module} uses private names of other modules: {private}"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_modules_stay_readable(module):
+    with open(MODULES[module], encoding="utf-8") as f:
+        lines = sum(1 for _ in f)
+    assert lines <= 500, f"{module} has {lines} lines; split it by idea"

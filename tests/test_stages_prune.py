@@ -1,0 +1,134 @@
+"""The prune stage's search for how many universal blocks to cut."""
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import stage_config as _config
+
+from nettailor_tf import artifacts, prune, stages
+from nettailor_tf import student as student_lib
+from nettailor_tf.report import Report
+from nettailor_tf.schedules import Schedule
+from nettailor_tf.stages import prune as prune_stage
+
+
+def _fake_search(tmp_path, monkeypatch, accuracies, teacher_val, tolerance, student_val=1.0,
+                 fine_tuned=None, steps=0):
+    """Runs the prune search over 4 blocks with candidate scores given by N
+    (`fine_tuned`: after a brief fine-tune)."""
+    scored = []
+
+    def score(config, strategy, task, student, plan, teacher, n, split, target, steps):
+        scored.append((n, steps) if steps else n)
+        accuracy = fine_tuned[n] if steps else accuracies[n]
+        extra = {"steps": steps} if steps else {}
+        return {"accuracy": accuracy, "zero_shot_accuracy": accuracies[n], **extra,
+                **plan.counts()}
+
+    monkeypatch.setattr(prune_stage, "score_candidate", score)
+    monkeypatch.setattr(artifacts, "frozen_teacher", lambda config, task: None)
+    monkeypatch.setattr(prune_stage, "teacher_targets", lambda *args: None)
+    config = _config(tmp_path, prune_universal=None, prune_tolerance=tolerance,
+                     prune_search_steps=steps)
+    report = Report(str(tmp_path), "tiny", 16)
+    report.set("t", "teacher", {"accuracy": 0.5, "val_accuracy": teacher_val})
+    report.set("t", "student", {"accuracy": 0.5, "val_accuracy": student_val})
+    task = type("Task", (), {"name": "t", "num_val": 1000, "num_test": 1000})()
+    student = student_lib.build_student(artifacts.universal_backbone(config), 3,
+                                        student_lib.Plan.full(4, 3), "frozen", 16)
+    # Two universal gates under one half: the search tries N=2 first.
+    alphas = [np.array([0.9, 0.1]), np.array([0.8, 0.1, 0.1]), np.array([0.4, 0.4, 0.1, 0.1]),
+              np.array([0.3, 0.5, 0.1, 0.1])]
+    result = prune_stage.search_prune_universal(config, None, task, report, student, alphas)
+    return result, scored
+
+
+def test_prune_search_picks_the_leanest_candidate_within_tolerance(tmp_path, monkeypatch):
+    # Target 0.82 - 0.03 = 0.79: N=2 (0.80) passes, N=3 (0.60) does not.
+    result, scored = _fake_search(tmp_path, monkeypatch, {0: .9, 1: .85, 2: .8, 3: .6, 4: .5},
+                                  teacher_val=0.82, tolerance=0.03)
+    assert result["chosen"] == 2 and result["met_tolerance"]
+    assert result["target"] == pytest.approx(0.79)
+    # N=0 first, then the gates' answer 2 (accepted), then 3 (rejected); 4 never needed.
+    assert scored == [0, 2, 3]
+    saved = json.loads((tmp_path / "t" / "prune_search.json").read_text())
+    assert sorted(saved) == ["0", "2", "3"] and saved["3"]["accuracy"] == 0.6
+
+
+def test_prune_search_brief_fine_tunes_go_past_the_zero_shot_boundary(tmp_path, monkeypatch):
+    # As pruned, N=3 misses the target 0.79; fine-tuned briefly it reaches
+    # 0.81 and is kept, N=4 (0.7 after its fine-tune) is rejected.
+    zero_shot = {0: .9, 1: .85, 2: .8, 3: .6, 4: .5}
+    result, scored = _fake_search(tmp_path, monkeypatch, zero_shot, teacher_val=0.82,
+                                  tolerance=0.03, fine_tuned={3: .81, 4: .7}, steps=10)
+    assert result["chosen"] == 3 and result["met_tolerance"]
+    assert scored == [0, 2, 3, (3, 10), (4, 10)]
+    candidates = result["candidates"]
+    assert candidates["3"]["steps"] == 10 and candidates["3"]["zero_shot_accuracy"] == .6
+    # Resuming replays the bisection from the saved zero-shot scores and
+    # redoes nothing.
+    result, scored = _fake_search(tmp_path, monkeypatch, zero_shot, teacher_val=0.82,
+                                  tolerance=0.03, fine_tuned={3: .81, 4: .7}, steps=10)
+    assert result["chosen"] == 3 and scored == []
+
+
+def test_prune_search_brief_fine_tunes_stop_at_the_first_miss(tmp_path, monkeypatch):
+    result, scored = _fake_search(tmp_path, monkeypatch, {0: .9, 1: .85, 2: .8, 3: .6, 4: .5},
+                                  teacher_val=0.82, tolerance=0.03,
+                                  fine_tuned={3: .75, 4: .95}, steps=10)
+    assert result["chosen"] == 2 and scored == [0, 2, 3, (3, 10)]
+
+
+def test_prune_search_aims_at_a_weaker_student_and_at_least_one_image(tmp_path, monkeypatch):
+    # The student (0.86) is below the teacher (0.9): pruning keeps the student's.
+    result, _ = _fake_search(tmp_path, monkeypatch, {0: .9, 1: .85, 2: .8, 3: .6, 4: .5},
+                             teacher_val=0.9, tolerance=0.0, student_val=0.86)
+    # 1,000 validation images: the tolerance is at least one of them.
+    assert result["tolerance"] == pytest.approx(0.001)
+    assert result["target"] == pytest.approx(0.859) and result["chosen"] == 0
+
+
+def test_prune_search_that_finds_nothing_says_so(tmp_path, monkeypatch):
+    result, scored = _fake_search(tmp_path, monkeypatch, {0: .7, 1: .6, 2: .5, 3: .4, 4: .3},
+                                  teacher_val=0.9, tolerance=0.005, fine_tuned={}, steps=10)
+    assert result["chosen"] == 0 and not result["met_tolerance"]
+    # Nothing passed as pruned: no brief fine-tune is spent past a failed N=0.
+    assert all(isinstance(n, int) for n in scored)
+
+
+def test_prune_search_with_brief_fine_tunes_hands_its_checkpoint_to_the_fine_tune(
+        tmp_path, mocked_svhn, caplog, monkeypatch):
+    config = _config(tmp_path, prune_universal=None, prune_tolerance=0.99,
+                     prune_search_steps=2, finetune=Schedule(2, 16, 0.05))
+    prepared = prune_stage.prepared_pruned
+
+    def only_the_unpruned_passes_as_pruned(config, strategy, task, student, plan, splits,
+                                           raw_test=False):
+        # Zero-shot, cutting every universal block misses the (lenient)
+        # target, so only a brief fine-tune can take the search there.
+        network, accuracies = prepared(config, strategy, task, student, plan, splits, raw_test)
+        if plan.counts()["universal_blocks_kept"] == 0:
+            accuracies = {split: -1.0 for split in accuracies}
+        return network, accuracies
+
+    monkeypatch.setattr(prune_stage, "prepared_pruned", only_the_unpruned_passes_as_pruned)
+    with caplog.at_level("INFO", logger="absl"):
+        stages.run(config, tf.distribute.get_strategy())
+    _, info = prune.load_plan(str(tmp_path / "svhn_cropped" / "plan.json"))
+    search = info["prune_search"]
+    assert search["met_tolerance"] and search["steps_per_candidate"] == 2
+    # The tiny backbone's 4 blocks: 0 and the gates' answer pass as pruned,
+    # the bisection stops at 3, and only N=4 gets a brief fine-tune.
+    assert search["chosen"] == 4
+    chosen = search["candidates"]["4"]
+    assert chosen["steps"] == 2 and chosen["zero_shot_accuracy"] == -1.0
+    assert all("steps" not in c for n, c in search["candidates"].items() if n != "4")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("resumes from the prune search's brief fine-tune" in m for m in messages)
+    assert any("resuming from" in m and "finetune_ckpt" in m and "(step 2 of 4)" in m
+               for m in messages)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["tasks"]["svhn_cropped"]["pruned"]["steps"] == 4
+
+
