@@ -15,9 +15,10 @@ from nettailor_tf import atomic
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import prune as prune_lib
 from nettailor_tf import student as student_lib
+from nettailor_tf import weights as weights_lib
 from nettailor_tf.config import Config, ConfigError
 from nettailor_tf.errors import NetTailorError
-from nettailor_tf.workdir import Workdir
+from nettailor_tf.workdir import Workdir, fingerprint
 
 
 class StageError(NetTailorError, RuntimeError):
@@ -45,12 +46,17 @@ def check_backbone_settings(config: Config) -> None:
 
 
 def architecture_settings(config: Config) -> dict:
-    """The settings every network in a workdir is built with: a workdir
-    holds the results of one set of them (`Workdir.check_settings`)."""
+    """The settings every network in a workdir is built with, the universal
+    weights' content included: a workdir holds the results of one set of
+    them (`Workdir.check_settings`)."""
+    weights = backbone_weights_file(config)
+    if weights == "imagenet" and config.backbone in backbones_lib.PACKAGED_IMAGENET:
+        weights = weights_lib.packaged_weights_path(config.backbone)
     return {"backbone": config.backbone, "backbone_weights": config.backbone_weights,
             "image_size": config.image_size,
             "max_skip": "dense" if config.max_skip is None else config.max_skip,
-            "universal_bn": config.universal_bn}
+            "universal_bn": config.universal_bn,
+            "universal_weights_sha256": fingerprint(weights) or weights}
 
 
 def backbone_weights_file(config: Config) -> str:

@@ -160,6 +160,10 @@ class Config:
     max_steps: int | None = option(None, "Stop each stage after this many steps (an "
                                    "interruption on purpose; re-run to resume).",
                                    check=Range(1))
+    restart_from: str | None = option(
+        None, "Redo this stage and every later one for every task, instead of refusing a "
+        "workdir whose data changed or skipping finished stages: teacher, student, prune, "
+        "finetune or export.", choices=("teacher", "student", "prune", "finetune", "export"))
     export_variants: tuple[str, ...] = option(
         TFLITE_VARIANTS, "TFLite variants of each NetTailor network and of the bundle.",
         check=OneOf(TFLITE_VARIANTS, "TFLite variant"))

@@ -66,13 +66,13 @@ def _run_and_kill(workdir, marker, delay):
 def _results(workdir):
     report = json.loads((workdir / "report.json").read_text())
     task = report["tasks"]["digits"]
-    with np.load(workdir / "digits" / "nettailor.npz") as state:
+    with np.load(workdir / "tasks" / "digits" / "nettailor.npz") as state:
         weights = {k: state[k] for k in state.files}
     return {"teacher": task["teacher"]["accuracy"], "student": task["student"]["accuracy"],
             "gates": task["student"]["gates"], "pruned": task["pruned"]["accuracy"],
             "flops": task["pruned"]["flops"],
             "agreement": {v: e["top1_agreement"] for v, e in task["tflite"].items()},
-            "plan": json.loads((workdir / "digits" / "plan.json").read_text())["blocks"],
+            "plan": json.loads((workdir / "tasks" / "digits" / "plan.json").read_text())["blocks"],
             "weights": weights}
 
 
@@ -125,5 +125,5 @@ def test_killed_at_random_points_of_every_stage_then_resumed_ends_the_same(tmp_p
     assert task["teacher_tflite"]["float32"]["latency_ms"] > 0
     assert report["bundle"]["latency"]["float32"]["digits"] > 0
     assert (workdir / report["deployment_png"]).stat().st_size > 0
-    export = workdir / "digits" / "export"
+    export = workdir / "tasks" / "digits" / "export"
     assert json.loads((export / "export.json").read_text())["artefacts"]["nettailor_float32"]

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from helpers import run_in_process
 
@@ -29,7 +30,7 @@ def test_stages_stop_resume_and_are_skipped_when_done(tmp_path):
     stopped = run_cli(f"--flagfile={flagfile}", "--max_steps=12")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "stopped at step 12" in stopped.stderr
-    assert not (tmp_path / "w" / "digits" / "teacher.weights.h5").exists()
+    assert not (tmp_path / "w" / "tasks" / "digits" / "teacher.weights.h5").exists()
 
     # The teacher resumes at step 12 of its 40 (1,293 training images after the
     # validation split, batch 32) and every later stage runs.
@@ -43,7 +44,7 @@ def test_stages_stop_resume_and_are_skipped_when_done(tmp_path):
     assert 0.0 <= teacher["accuracy"] <= 1.0 and teacher["steps"] == 40
     assert teacher["params"] == 10_952 + 16 * 10 + 10
     assert teacher["flops"] > 0
-    assert (tmp_path / "w" / "digits" / "teacher.weights.h5").exists()
+    assert (tmp_path / "w" / "tasks" / "digits" / "teacher.weights.h5").exists()
     assert "fine-tuned teacher" in (tmp_path / "w" / "report.md").read_text()
     assert list((tmp_path / "w" / "tensorboard" / "digits" / "teacher").iterdir())
 
@@ -209,3 +210,48 @@ def test_the_help_lists_every_backbone():
     entry = re.sub(r"\n\s+", "", entry[:entry.index("(default")])
     listed = re.search(r"<([a-z0-9_|]+)>", entry).group(1).split("|")
     assert listed == list(BACKBONES)
+
+
+def test_a_second_run_on_a_busy_workdir_refuses_at_once_naming_the_first(tmp_path):
+    import time
+
+    from nettailor_tf.workdir import Workdir
+
+    with Workdir(str(tmp_path / "w")).lock():
+        started = time.monotonic()
+        proc = run_cli(*TINY, f"--workdir={tmp_path / 'w'}", timeout=120)
+        took = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("nettailor_tf: error:")]
+    assert len(errors) == 1 and f"is in use by another run (pid {os.getpid()} on" in errors[0]
+    assert "Traceback" not in proc.stderr and took < 30
+    assert not (tmp_path / "w" / "tasks").exists()  # nothing of the second run was written
+
+
+def test_a_task_named_bundle_keeps_its_files(tmp_path):
+    """A folder task called `bundle` next to the multi-task bundle of the export stage."""
+    from PIL import Image
+
+    root = tmp_path / "bundle"
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 40), ("test", 10)):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+                pixels[..., 0] = 250 if cls == "a" else 5
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+    workdir = tmp_path / "w"
+    proc = run_cli(*TINY, f"--workdir={workdir}", f"--tasks=folder:{root}",
+                   "--stages=teacher,student,prune,finetune,export",
+                   "--export_variants=float32", "--bundle_variants=float32",
+                   "--teacher_variants=float32", "--parity_min_agreement=0", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    task = workdir / "tasks" / "bundle"
+    for name in ("teacher.weights.h5", "student.npz", "plan.json", "nettailor.npz",
+                 "export/nettailor_float32.tflite"):
+        assert (task / name).exists(), name
+    assert (workdir / "bundle" / "bundle_float32.tflite").exists()
+    report = json.loads((workdir / "report.json").read_text())
+    for key in ("teacher", "student", "pruned", "tflite"):
+        assert key in report["tasks"]["bundle"]

@@ -52,5 +52,5 @@ def test_a_small_folder_task_with_the_quickstart_flagfile(tmp_path):
     assert pruned["accuracy"] >= teacher["accuracy"] - 0.03, (teacher, pruned)
     assert pruned["flops"] < teacher["flops"]
     # 150 training images, 10% held out per class for the choices.
-    assert (json.loads((workdir / "mydigits" / "validation_split.json").read_text())["num_val"]
+    assert (json.loads((workdir / "tasks" / "mydigits" / "data.json").read_text())["num_val"]
             == 16)

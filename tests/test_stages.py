@@ -10,6 +10,7 @@ from helpers import stage_config as _config
 
 from nettailor_tf import artifacts, backbones, complexity, prune, stages
 from nettailor_tf import student as student_lib
+from nettailor_tf import workdir as workdir_lib
 from nettailor_tf.workdir import WorkdirError
 
 
@@ -31,7 +32,7 @@ def test_all_stages_fill_the_report_and_are_skipped_when_done(tmp_path, mocked_s
     for gates in task["student"]["gates"]:
         assert sum(gates) == pytest.approx(1.0, abs=1e-4)
     # 48 mocked images, 10% held out per class (one of each of the 10 classes).
-    split = json.loads((tmp_path / "svhn_cropped" / "validation_split.json").read_text())
+    split = json.loads((tmp_path / "tasks" / "svhn_cropped" / "data.json").read_text())
     assert split["num_val"] == 10 and split["num_train"] == 38
     pruned = task["pruned"]
     assert set(pruned) >= {"accuracy", "flops", "params_total", "params_task_specific",
@@ -40,7 +41,7 @@ def test_all_stages_fill_the_report_and_are_skipped_when_done(tmp_path, mocked_s
     assert pruned["universal_blocks_kept"] == 3  # --prune_universal=1 of 4
     # Multiply-adds: the teacher's, less the cut universal block's, plus the
     # kept proxies', counted here from the plan independently of the stage.
-    plan, _ = prune.load_plan(str(tmp_path / "svhn_cropped" / "plan.json"))
+    plan, _ = prune.load_plan(str(tmp_path / "tasks" / "svhn_cropped" / "plan.json"))
     tiny = backbones.build_backbone("tiny")
     block_flops = complexity.backbone_flops(tiny, 16)["blocks"]
     proxy_flops = sum(sum(row[1:] if b.universal else row)
@@ -49,7 +50,7 @@ def test_all_stages_fill_the_report_and_are_skipped_when_done(tmp_path, mocked_s
     assert len(cut) == 1
     assert pruned["flops"] == (task["teacher"]["flops"] - block_flops[cut[0]] + proxy_flops)
     assert pruned["params_task_specific"] < pruned["params_total"]
-    task_dir = tmp_path / "svhn_cropped"
+    task_dir = tmp_path / "tasks" / "svhn_cropped"
     for name in ("teacher.weights.h5", "student.npz", "plan.json", "nettailor.npz",
                  "architecture.png"):
         assert (task_dir / name).exists(), name
@@ -88,17 +89,23 @@ def test_all_stages_fill_the_report_and_are_skipped_when_done(tmp_path, mocked_s
     assert (task_dir / "plan.json").read_bytes() == plan_before
     assert (task_dir / "architecture.png").stat().st_size > 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["tasks"]["svhn_cropped"]["architecture_png"] == "svhn_cropped/architecture.png"
+    assert report["tasks"]["svhn_cropped"]["architecture_png"] == "tasks/svhn_cropped/architecture.png"
 
 
 def test_a_workdir_split_with_another_seed_is_refused(tmp_path, mocked_svhn):
     strategy = tf.distribute.get_strategy()
     stages.run(_config(tmp_path, stages=()), strategy)
-    record = json.loads((tmp_path / "svhn_cropped" / "validation_split.json").read_text())
+    record = json.loads((tmp_path / "tasks" / "svhn_cropped" / "data.json").read_text())
+    fingerprint = record.pop("fingerprint")
+    assert len(fingerprint) == 64
     assert record == {"selection_split": "validation", "validation_fraction": 0.1, "seed": 0,
-                      "num_train": 38, "num_val": 10, "num_test": 48}
+                      "spec": "tfds:svhn_cropped", "num_classes": 10, "num_train": 38,
+                      "num_val": 10, "num_test": 48}
     stages.run(_config(tmp_path, stages=()), strategy)  # the same split: fine
-    with pytest.raises(stages.StageError, match=r"split differently \(seed 0 -> 1\).*new --workdir"):
+    # Another seed draws other validation images: the content differs too.
+    with pytest.raises(stages.StageError,
+                       match=r"data differs \(seed 0 -> 1, fingerprint \w{12} -> \w{12}\).*"
+                             r"new --workdir.*--restart_from=teacher"):
         stages.run(_config(tmp_path, stages=(), seed=1), strategy)
     with pytest.raises(stages.StageError, match=r"selection_split validation -> test"):
         stages.run(_config(tmp_path, stages=(), selection_split="test"), strategy)
@@ -108,6 +115,9 @@ def test_a_workdir_made_with_another_architecture_is_refused(tmp_path, mocked_sv
     strategy = tf.distribute.get_strategy()
     stages.run(_config(tmp_path, stages=()), strategy)
     settings = json.loads((tmp_path / "settings.json").read_text())
+    # The random universal weights drawn for this workdir, by content.
+    assert settings.pop("universal_weights_sha256") == workdir_lib.fingerprint(
+        str(tmp_path / "random_backbone.weights.h5"))
     assert settings == {"backbone": "tiny", "backbone_weights": "random", "image_size": 16,
                         "max_skip": 3, "universal_bn": "frozen"}
     for changes, said in (({"image_size": 32}, "--image_size=16 (now 32)"),
@@ -115,3 +125,51 @@ def test_a_workdir_made_with_another_architecture_is_refused(tmp_path, mocked_sv
                           ({"universal_bn": "task"}, "--universal_bn=frozen (now task)")):
         with pytest.raises(WorkdirError, match=said.replace("(", r"\(").replace(")", r"\)")):
             stages.run(_config(tmp_path, stages=(), **changes), strategy)
+
+
+def test_a_changed_upstream_output_makes_the_downstream_stages_stale(tmp_path, mocked_svhn,
+                                                                      caplog):
+    strategy = tf.distribute.get_strategy()
+    stages.run(_config(tmp_path), strategy)
+    task_dir = tmp_path / "tasks" / "svhn_cropped"
+    ledger = json.loads((task_dir / "ledger.json").read_text())
+    assert set(ledger) == {"teacher", "student", "prune", "finetune"}
+    # Re-prune with other flags: the old fine-tuned weights must not survive.
+    (task_dir / "plan.json").unlink()
+    with caplog.at_level("WARNING", logger="absl"):
+        stages.run(_config(tmp_path, prune_universal=2), strategy)
+    assert any("finetune stage's plan changed since it ran; redoing it" in r.getMessage()
+               for r in caplog.records)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["tasks"]["svhn_cropped"]["pruned"]["universal_blocks_kept"] == 2
+    plan, _ = prune.load_plan(str(task_dir / "plan.json"))
+    rebuilt = student_lib.build_student(artifacts.universal_backbone(_config(tmp_path)), 10,
+                                        plan, "frozen", 16)
+    prune.load_task_state(rebuilt, str(task_dir / "nettailor.npz"))  # fits the new plan
+
+
+def test_other_data_under_the_same_name_is_refused_until_restarted(tmp_path):
+    import tensorflow_datasets as tfds
+
+    strategy = tf.distribute.get_strategy()
+    config = _config(tmp_path, stages=("teacher",))
+    with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
+        stages.run(config, strategy)
+    first = (tmp_path / "tasks" / "svhn_cropped" / "teacher.weights.h5").read_bytes()
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        with pytest.raises(stages.StageError, match=r"svhn_cropped: this workdir's data differs "
+                                                    r"\(num_train 38 -> 30, num_test 48 -> 40"):
+            stages.run(config, strategy)
+        stages.run(dataclasses.replace(config, restart_from="teacher"), strategy)
+    record = json.loads((tmp_path / "tasks" / "svhn_cropped" / "data.json").read_text())
+    assert record["num_train"] == 30
+    assert (tmp_path / "tasks" / "svhn_cropped" / "teacher.weights.h5").read_bytes() != first
+
+
+def test_two_specs_that_share_a_folder_are_refused(tmp_path):
+    from nettailor_tf import data as data_lib
+
+    one = data_lib.load_task("digits")
+    other = dataclasses.replace(one, spec="folder:/elsewhere/digits")
+    with pytest.raises(data_lib.DataError, match="would share the task folder tasks/digits"):
+        stages.check_task_folders([one, other])

@@ -120,7 +120,7 @@ def test_a_second_run_skips_and_a_lost_report_entry_comes_from_the_manifest(expo
                                                                              caplog):
     report_path = exported / "report.json"
     report = _report(exported)
-    export = exported / "svhn_cropped" / "export"
+    export = exported / "tasks" / "svhn_cropped" / "export"
     mtime = (export / "nettailor_float32.tflite").stat().st_mtime_ns
     del report["tasks"]["svhn_cropped"]["tflite"]  # as if killed before the report write
     report_path.write_text(json.dumps(report))

@@ -115,7 +115,7 @@ def test_prune_search_with_brief_fine_tunes_hands_its_checkpoint_to_the_fine_tun
     monkeypatch.setattr(prune_stage, "prepared_pruned", only_the_unpruned_passes_as_pruned)
     with caplog.at_level("INFO", logger="absl"):
         stages.run(config, tf.distribute.get_strategy())
-    _, info = prune.load_plan(str(tmp_path / "svhn_cropped" / "plan.json"))
+    _, info = prune.load_plan(str(tmp_path / "tasks" / "svhn_cropped" / "plan.json"))
     search = info["prune_search"]
     assert search["met_tolerance"] and search["steps_per_candidate"] == 2
     # The tiny backbone's 4 blocks: 0 and the gates' answer pass as pruned,

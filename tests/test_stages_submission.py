@@ -23,7 +23,7 @@ ONE_EPOCH = Schedule(epochs=1, batch_size=16, learning_rate=0.05, decay_epochs=1
 LEARN = Schedule(epochs=8, batch_size=16, learning_rate=0.1, decay_epochs=8)
 SPEC = "tfds:visual_domain_decathlon/svhn"
 NAME = "visual_domain_decathlon/svhn"  # the report's key
-TASK_DIR = "visual_domain_decathlon_svhn"
+TASK_DIR = "tasks/visual_domain_decathlon_svhn"
 NUM_TRAIN, NUM_VALIDATION = 48, 24
 
 

@@ -15,12 +15,12 @@ def test_a_stopped_teacher_resumes_and_is_then_recorded(tmp_path, mocked_svhn):
     report = Report(str(tmp_path), "tiny", 16)
     stopped = stage_config(tmp_path, max_steps=1)
     assert not teacher.run_teacher(stopped, strategy, task, report)
-    assert not (tmp_path / "svhn_cropped" / "teacher.weights.h5").exists()
+    assert not (tmp_path / "tasks" / "svhn_cropped" / "teacher.weights.h5").exists()
     assert report.get(task.name, "teacher") is None
 
     assert teacher.run_teacher(stage_config(tmp_path), strategy, task, report)
     entry = json.loads((tmp_path / "report.json").read_text())["tasks"]["svhn_cropped"]["teacher"]
     # 38 training images, batch 16: 2 full batches, the first step from the checkpoint.
-    assert entry["steps"] == 2 and entry["weights"] == "svhn_cropped/teacher.weights.h5"
+    assert entry["steps"] == 2 and entry["weights"] == "tasks/svhn_cropped/teacher.weights.h5"
     assert 0 <= entry["accuracy"] <= 1 and 0 <= entry["val_accuracy"] <= 1
-    assert (tmp_path / "svhn_cropped" / "teacher.weights.h5").stat().st_size > 0
+    assert (tmp_path / "tasks" / "svhn_cropped" / "teacher.weights.h5").stat().st_size > 0

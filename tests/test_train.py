@@ -283,8 +283,8 @@ def test_two_worker_processes_match_one_worker_with_two_replicas(tmp_path):
     weights = []
     for directory in ("one", "two"):
         model = backbones.classifier_model(backbones.build_backbone("tiny"), 10, name="teacher")
-        model.load_weights(str(tmp_path / directory / "digits" / "teacher.weights.h5"))
+        model.load_weights(str(tmp_path / directory / "tasks" / "digits" / "teacher.weights.h5"))
         weights.append(model.get_weights())
     for a, b in zip(*weights):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
-    assert (tmp_path / "two" / "workers" / "worker1" / "digits" / "teacher.weights.h5").exists()
+    assert (tmp_path / "two" / "workers" / "worker1" / "tasks" / "digits" / "teacher.weights.h5").exists()

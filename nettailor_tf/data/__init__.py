@@ -24,8 +24,10 @@ Modules, each importing only those listed before it:
 * `folders`    -- image-folder tasks.
 * `load`       -- `load_task`, the spec dispatch over the loaders above.
 * `pipeline`   -- train/eval batches, their transforms and the resumable seeded shuffle.
+* `identity`   -- what a task's data is: spec, sizes and a content fingerprint.
 """
 
+from nettailor_tf.data.identity import identity
 from nettailor_tf.data.load import load_task
 from nettailor_tf.data.pipeline import (AUGMENT_POLICIES, eval_pipeline, eval_transform,
                                         keyed_eval_pipeline, steps_per_epoch, train_pipeline)
@@ -41,6 +43,7 @@ __all__ = [
     "decathlon_test_split",
     "eval_pipeline",
     "eval_transform",
+    "identity",
     "keyed_eval_pipeline",
     "load_task",
     "steps_per_epoch",

@@ -16,15 +16,16 @@ from absl import logging
 
 from nettailor_tf import artifacts, atomic, train
 from nettailor_tf import data as data_lib
+from nettailor_tf import workdir as workdir_lib
 from nettailor_tf.artifacts import StageError
 from nettailor_tf.config import Config
 from nettailor_tf.report import Report
-from nettailor_tf.stages import deploy, submission
+from nettailor_tf.stages import deploy, provenance, submission
 from nettailor_tf.stages.finetune import run_finetune
 from nettailor_tf.stages.prune import run_prune
 from nettailor_tf.stages.student import run_student
 from nettailor_tf.stages.teacher import run_teacher
-from nettailor_tf.workdir import Workdir
+from nettailor_tf.workdir import Workdir, task_folder_name
 
 __all__ = ["StageError", "TRAINING_STAGES", "run"]
 
@@ -33,36 +34,71 @@ TRAINING_STAGES = {"teacher": run_teacher, "student": run_student, "prune": run_
                    "finetune": run_finetune}
 
 
-def record_split(config: Config, task) -> None:
-    """Writes how the task's data was split into <task>/validation_split.json,
-    and refuses a workdir whose tasks were split otherwise: its teacher,
-    student and choices were made on other data."""
+def check_data(config: Config, task, restart: bool) -> dict:
+    """Writes what the task's data is, and how it was split, into
+    tasks/<task>/data.json, and refuses a workdir whose task had other data or
+    another split: its teacher, student and choices were made on that data
+    (`restart`: the run starts over, so the new data is recorded instead).
+    Returns the record."""
     record = {"selection_split": config.selection_split,
               "validation_fraction": config.validation_fraction if task.num_val else 0.0,
-              "seed": config.seed, "num_train": task.num_train, "num_val": task.num_val,
-              "num_test": task.num_test}
-    path = Workdir(config.workdir).split_record(task.name)
-    if os.path.exists(path):
+              "seed": config.seed, **data_lib.identity(task)}
+    path = Workdir(config.workdir).data_record(task.name)
+    if os.path.exists(path) and not restart:
         with open(path, encoding="utf-8") as f:
             try:
                 earlier = json.load(f)
             except json.JSONDecodeError:
                 earlier = None
-        if earlier is not None and earlier != record:
-            changed = ", ".join(f"{k} {earlier.get(k)} -> {v}" for k, v in record.items()
-                                if earlier.get(k) != v)
-            raise StageError(f"{task.name}: this workdir's data was split differently "
-                             f"({changed}); its results were trained and chosen on that split. "
-                             f"Use a new --workdir, or the same --seed, --validation_fraction "
-                             f"and --selection_split", path=path)
+        if isinstance(earlier, dict) and earlier != record:
+            changed = ", ".join(
+                f"{k} {_short(earlier.get(k))} -> {_short(v)}" for k, v in record.items()
+                if earlier.get(k) != v)
+            raise StageError(f"{task.name}: this workdir's data differs ({changed}); its "
+                             f"results were trained and chosen on the data it recorded. Use a "
+                             f"new --workdir, the same --seed, --validation_fraction and "
+                             f"--selection_split, or --restart_from=teacher to redo every "
+                             f"stage on this data", path=path)
         if earlier == record:
-            return
+            return record
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic.write_text(path, json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _short(value):
+    """A fingerprint cut to what a person compares; other values as they are."""
+    return value[:12] if isinstance(value, str) and len(value) == 64 else value
+
+
+def check_task_folders(tasks) -> None:
+    """Refuses two tasks that would share a folder (or a report entry)."""
+    folders = {}
+    for task in tasks:
+        folder = task_folder_name(task.name)
+        if folder in folders:
+            raise data_lib.DataError(f"--tasks: {folders[folder]!r} and {task.spec!r} would "
+                                     f"share the task folder tasks/{folder}; give one of them "
+                                     f"another name")
+        folders[folder] = task.spec
+
+
+def _restart(paths: Workdir, report: Report, tasks, stage: str) -> None:
+    """--restart_from: removes what `stage` and every later stage made."""
+    later = provenance.TRAINING_ORDER[provenance.TRAINING_ORDER.index(stage):] \
+        if stage in provenance.TRAINING_ORDER else ()
+    for task in tasks:
+        for each in later:
+            provenance.invalidate(paths, report, task.name, each)
+        if stage in later or stage == "export":
+            workdir_lib.remove([paths.export_dir(task.name)])
+    workdir_lib.remove([paths.bundle_dir])
+    logging.info("--restart_from=%s: removed what %s and the later stages made", stage, stage)
 
 
 def run(config: Config, strategy) -> Report:
-    """Runs the configured stages for every task, in order, skipping finished ones."""
+    """Runs the configured stages for every task, in order, skipping finished
+    ones and redoing stale ones, with the workdir locked for the run."""
     is_chief, worker = train.worker_role(strategy)
     if not is_chief:
         # Same computation, private files; exports are the chief's alone.
@@ -70,20 +106,27 @@ def run(config: Config, strategy) -> Report:
             config, workdir=os.path.join(config.workdir, "workers", worker),
             stages=tuple(s for s in config.stages if s in TRAINING_STAGES))
         logging.info("multi-worker: %s writes to %s", worker, config.workdir)
-    Workdir(config.workdir).check_settings(artifacts.architecture_settings(config))
+    paths = Workdir(config.workdir)
+    with paths.lock():
+        return _run_locked(config, strategy, paths)
+
+
+def _run_locked(config: Config, strategy, paths: Workdir) -> Report:
+    paths.check_settings(artifacts.architecture_settings(config))
     tasks = [data_lib.load_task(spec, config.data_dir, config.download) for spec in config.tasks]
     if config.selection_split == "validation":
         tasks = [data_lib.with_validation_split(t, config.validation_fraction, config.seed)
                  for t in tasks]
-    for task in tasks:
-        record_split(config, task)
-    names = [t.name for t in tasks]
-    if len(set(names)) != len(names):
-        raise data_lib.DataError(f"--tasks: two tasks share a name: {', '.join(names)}")
+    check_task_folders(tasks)
+    restart = config.restart_from is not None
+    identities = {task.name: {"data": check_data(config, task, restart)["fingerprint"]}
+                  for task in tasks}
     report = Report(config.workdir, config.backbone, config.image_size)
     for task in tasks:
         report.task(task.name)["num_classes"] = task.num_classes
     report.save()
+    if restart:
+        _restart(paths, report, tasks, config.restart_from)
     functions = {**TRAINING_STAGES, "export": deploy.run_export,
                  "benchmark": deploy.run_benchmark, "submission": submission.run_submission}
     # What a stage does once every task has been through it.
@@ -94,7 +137,13 @@ def run(config: Config, strategy) -> Report:
             # (the TFLite variants quantise from there).
             training = stage in TRAINING_STAGES and config.mixed_precision
             keras.mixed_precision.set_global_policy("mixed_float16" if training else "float32")
-            finished = [functions[stage](config, strategy, task, report) for task in tasks]
+            finished = []
+            for task in tasks:
+                if stage in TRAINING_STAGES:
+                    provenance.refresh(paths, report, task.name, stage, identities[task.name])
+                finished.append(functions[stage](config, strategy, task, report))
+                if finished[-1] and stage in TRAINING_STAGES:
+                    provenance.record(paths, task.name, stage, identities[task.name])
             if all(finished) and stage in finishers:
                 finishers[stage](config, tasks, report)
             if not all(finished):
@@ -104,4 +153,3 @@ def run(config: Config, strategy) -> Report:
     finally:
         keras.mixed_precision.set_global_policy("float32")
     return report
-
