@@ -11,6 +11,7 @@ import sys
 from absl import app, flags, logging
 
 from nettailor_tf import config as config_lib
+from nettailor_tf import quiet
 
 FLAGS = flags.FLAGS
 config_lib.define_flags(FLAGS)
@@ -25,17 +26,21 @@ def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {' '.join(argv[1:])}; every option is a --flag")
     # Imported here so that --help and flag errors answer without loading TF.
-    import tensorflow as tf
+    with quiet.native_stderr_filtered():
+        import tensorflow as tf
 
-    from nettailor_tf import artifacts, stages, train
+        from nettailor_tf import artifacts, stages, train
     from nettailor_tf.errors import NetTailorError
 
+    quiet.quiet_python_loggers()
     config = config_lib.from_flags(FLAGS)
     try:
         config.validate()
         # Splitting the CPU into logical devices must happen before anything
         # touches TensorFlow devices, the backbone checks included.
-        strategy = train.make_strategy(config.strategy, config.num_cpu_devices)
+        with quiet.native_stderr_filtered():
+            strategy = train.make_strategy(config.strategy, config.num_cpu_devices)
+            tf.config.list_logical_devices()  # the device probe, inside the filter
         artifacts.check_backbone_settings(config)
         logging.info("strategy %s with replicas=%d", config.strategy,
                      strategy.num_replicas_in_sync)

@@ -164,17 +164,30 @@ def make_evaluator(strategy, predict_fn):
     return evaluate
 
 
-def _progress_reporter(total_steps, log_every):
-    """A Keras progress bar on a terminal, periodic log lines otherwise."""
+def _progress_reporter(total_steps, log_every, first_step=0):
+    """A Keras progress bar on a terminal; otherwise periodic log lines with
+    the time the stage still needs at the rate measured so far."""
     if sys.stderr.isatty():
         bar = keras.utils.Progbar(total_steps, stateful_metrics=["loss", "acc", "img/s", "lr"])
         return lambda step, values: bar.update(step, list(values.items()))
+    started = time.monotonic()
 
     def log(step, values):
         if step % log_every == 0 or step == total_steps:
             text = " ".join(f"{k}={v:.4g}" for k, v in values.items())
-            logging.info("step %d/%d %s", step, total_steps, text)
+            done = step - first_step
+            left = (time.monotonic() - started) / max(done, 1) * (total_steps - step)
+            logging.info("step %d/%d %s eta %s", step, total_steps, text, format_duration(left))
     return log
+
+
+def format_duration(seconds: float) -> str:
+    """'42 s', '3.4 min' or '1.2 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class Trainer:
@@ -332,7 +345,7 @@ class Trainer:
         resumed_from = int(self.step.numpy())
         writer = (tf.summary.create_file_writer(self.summary_dir) if self.summary_dir
                   else tf.summary.create_noop_writer())
-        report = _progress_reporter(total_steps, self.log_every)
+        report = _progress_reporter(total_steps, self.log_every, resumed_from)
         eval_batch_size = eval_batch_size or schedule.batch_size
         eval_split = "val" if task.num_val and self.eval_split == "val" else "test"
         step, images_seen, train_time = resumed_from, 0, 0.0

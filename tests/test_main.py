@@ -30,6 +30,12 @@ def test_stages_stop_resume_and_are_skipped_when_done(tmp_path):
     stopped = run_cli(f"--flagfile={flagfile}", "--max_steps=12")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "stopped at step 12" in stopped.stderr
+    # A quiet log: the stages said with their number, steps with the time
+    # left, and none of TensorFlow's start-up notices or internals.
+    assert "stage 1 of 2: teacher for 1 task" in stopped.stderr
+    assert " eta " in stopped.stderr
+    for noise in ("cuInit", "oneDNN custom operations", "Sharding callback"):
+        assert noise not in stopped.stderr
     assert not (tmp_path / "w" / "tasks" / "digits" / "teacher.weights.h5").exists()
 
     # The teacher resumes at step 12 of its 40 (1,293 training images after the

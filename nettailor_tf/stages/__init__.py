@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
 import keras
 from absl import logging
@@ -131,8 +132,12 @@ def _run_locked(config: Config, strategy, paths: Workdir) -> Report:
                  "benchmark": deploy.run_benchmark, "submission": submission.run_submission}
     # What a stage does once every task has been through it.
     finishers = {**deploy.BUNDLE_FINISHERS, "submission": submission.write_results}
+    started = time.monotonic()
     try:
-        for stage in config.stages:
+        for number, stage in enumerate(config.stages, 1):
+            logging.info("stage %d of %d: %s for %d task%s (%s into the run)", number,
+                         len(config.stages), stage, len(tasks), "" if len(tasks) == 1 else "s",
+                         train.format_duration(time.monotonic() - started))
             # Mixed precision is for training; exported graphs are float32
             # (the TFLite variants quantise from there).
             training = stage in TRAINING_STAGES and config.mixed_precision
@@ -152,4 +157,7 @@ def _run_locked(config: Config, strategy, paths: Workdir) -> Report:
                 break
     finally:
         keras.mixed_precision.set_global_policy("float32")
+    logging.info("%d stage%s done in %s", len(config.stages),
+                 "" if len(config.stages) == 1 else "s",
+                 train.format_duration(time.monotonic() - started))
     return report
