@@ -358,7 +358,14 @@ def load_backbone_weights(backbone: Backbone, source: str,
             raise weights_lib.WeightsError(f"{source} holds no ImageNet classifier")
         if not os.path.exists(source):
             raise weights_lib.WeightsError(f"weights file {source} does not exist")
-        _backbone_model(backbone).load_weights(source)
+        model = _backbone_model(backbone)
+        values = [v.numpy() for v in model.weights]
+        try:
+            model.load_weights(source)
+        except (ValueError, OSError) as err:  # keras assigns what fits before it raises
+            for variable, value in zip(model.weights, values):
+                variable.assign(value)
+            raise weights_lib.keras_weights_error(source, f"backbone {backbone.name}", err) from None
         return
     if source == "imagenet" and backbone.name in DOWNLOADED_IMAGENET:
         try:
@@ -382,14 +389,13 @@ def load_backbone_weights(backbone: Backbone, source: str,
         raise weights_lib.WeightsError(
             f"{backbone.name} has no torch layout; load a .weights.h5 written by this package")
     targets, fc = _TORCH_LAYOUTS[backbone.name](backbone)
-    state = weights_lib.read_torch_state_dict(path)
     if imagenet_classifier is not None:
         targets.update(_dense_targets(imagenet_classifier, fc))
         ignore = lambda key: key.endswith("num_batches_tracked")
     else:
         ignore = lambda key: key.endswith("num_batches_tracked") or key.startswith(fc + ".")
-    weights_lib.assign_state_dict(state, targets, path, ignore=ignore,
-                                  backbone=f"backbone {backbone.name}")
+    # Names and shapes are checked before any tensor data is read.
+    weights_lib.load_state_dict(path, targets, ignore=ignore, backbone=f"backbone {backbone.name}")
 
 
 def load_keras_resnet50(backbone: Backbone, reference: keras.Model,

@@ -247,6 +247,58 @@ def test_weights_of_another_backbone_are_refused():
         backbones.load_backbone_weights(backbone, path)
 
 
+def test_torch_file_of_wrong_shapes_names_the_key_and_both_shapes(tmp_path):
+    state = _torchvision_state("resnet18")
+    state["conv1.weight"] = state["conv1.weight"][:, :, 2:5, 2:5].copy()  # a 3x3 stem
+    path = str(tmp_path / "resnet18.pth")
+    _write_torch_zip(path, state)
+    backbone = backbones.build_backbone("resnet18")
+    before = [w.numpy() for w in backbone.stem.weights]
+    with pytest.raises(weights_lib.WeightsError) as caught:
+        backbones.load_backbone_weights(backbone, path)
+    assert str(caught.value) == (f"weights file {path} does not fit backbone resnet18: "
+                                 "shape mismatch: conv1.weight expected (64,3,7,7) found (64,3,3,3)")
+    for value, weight in zip(before, backbone.stem.weights):
+        np.testing.assert_array_equal(weight.numpy(), value)
+
+
+def test_weights_h5_of_wrong_shapes_is_one_line_and_assigns_nothing(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    path = str(tmp_path / "tiny.weights.h5")
+    backbones.save_backbone_weights(backbones.build_backbone("tiny"), path)
+    with h5py.File(path, "r+") as file:  # the stem kernel, 3x3x3x8, made 3x3x3x4
+        kernels = []
+        file.visititems(lambda name, item: kernels.append(name) if getattr(item, "shape", None) == (3, 3, 3, 8)
+                        else None)
+        del file[kernels[0]]
+        file[kernels[0]] = np.zeros((3, 3, 3, 4), np.float32)
+    backbone = backbones.build_backbone("tiny")
+    before = [w.numpy() for layer in backbone.layers for w in layer.weights]
+    with pytest.raises(weights_lib.WeightsError) as caught:
+        backbones.load_backbone_weights(backbone, path)
+    assert str(caught.value) == (f"weights file {path} does not fit backbone tiny: shape mismatch: "
+                                 "stem/conv/conv/kernel expected (3,3,3,8) found (3,3,3,4) (1 layer does not fit)")
+    # Keras assigns every variable that fits before it raises: those are put back.
+    for value, weight in zip(before, [w for layer in backbone.layers for w in layer.weights]):
+        np.testing.assert_array_equal(weight.numpy(), value)
+
+
+def test_weights_h5_of_another_backbone_or_not_h5_is_one_line(tmp_path):
+    path = str(tmp_path / "efficientnet_lite0.weights.h5")
+    backbones.save_backbone_weights(backbones.build_backbone("efficientnet_lite0"), path)
+    with pytest.raises(weights_lib.WeightsError) as caught:
+        backbones.load_backbone_weights(backbones.build_backbone("mobilenet_v2"), path)
+    assert str(caught.value).startswith(
+        f"weights file {path} does not fit backbone mobilenet_v2: shape mismatch: "
+        "block3/depthwise/conv/kernel expected (3,3,144,1) found (5,5,144,1) (")
+    assert "\n" not in str(caught.value)
+    garbage = tmp_path / "garbage.weights.h5"
+    garbage.write_bytes(b"not hdf5" * 100)
+    with pytest.raises(weights_lib.WeightsError, match=r"garbage\.weights\.h5 is not a readable Keras "
+                                                       r"\.weights\.h5 file \(.*signature"):
+        backbones.load_backbone_weights(backbones.build_backbone("tiny"), str(garbage))
+
+
 def test_weights_h5_round_trip(tmp_path):
     source = backbones.build_backbone("tiny")
     path = str(tmp_path / "tiny.weights.h5")

@@ -52,7 +52,7 @@ def test_prune_search_picks_the_leanest_candidate_within_tolerance(tmp_path, mon
     assert result["target"] == pytest.approx(0.79)
     # N=0 first, then the gates' answer 2 (accepted), then 3 (rejected); 4 never needed.
     assert scored == [0, 2, 3]
-    saved = json.loads((tmp_path / "t" / "prune_search.json").read_text())
+    saved = json.loads((tmp_path / "tasks" / "t" / "prune_search.json").read_text())
     assert sorted(saved) == ["0", "2", "3"] and saved["3"]["accuracy"] == 0.6
 
 

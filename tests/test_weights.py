@@ -16,12 +16,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from nettailor_tf import weights
 from nettailor_tf.weights import (
     WeightsError,
     assign_state_dict,
     conv_kernel,
     dense_kernel,
     depthwise_kernel,
+    load_state_dict,
     packaged_weights_path,
     read_torch_state_dict,
 )
@@ -100,9 +102,9 @@ def _pickled(obj) -> tuple[bytes, dict[str, _Storage]]:
     return buffer.getvalue(), pickler.storages
 
 
-def write_zip(path: Path, obj, byteorder: str = "little") -> Path:
+def write_zip(path: Path, obj, byteorder: str = "little", compression: int = zipfile.ZIP_STORED) -> Path:
     data, storages = _pickled(obj)
-    with zipfile.ZipFile(path, "w") as archive:
+    with zipfile.ZipFile(path, "w", compression) as archive:
         archive.writestr("archive/data.pkl", data)
         archive.writestr("archive/byteorder", byteorder)
         for key, storage in storages.items():
@@ -258,6 +260,139 @@ def test_non_tensor_entries_are_refused(tmp_path):
         read_torch_state_dict(str(path))
 
 
+# ---------------------------------------------------------------- views that would blow memory up
+
+# Run in a fresh interpreter so that its peak resident memory is the reader's alone.
+_PEAK_SCRIPT = """
+import resource, sys
+from nettailor_tf.weights import WeightsError, read_torch_state_dict
+try:
+    read_torch_state_dict(sys.argv[1])
+    print("loaded")
+except WeightsError as error:
+    print(error)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def _stride_zero_file(path: Path, container: str) -> Path:
+    """Four 10^8-element float32 tensors (400 MB each) repeating one 4-byte storage: 0.5 KB on disk."""
+    storage = _Storage("0", "FloatStorage", np.zeros(1, np.float32))
+    views = OrderedDict((f"layer{i}.weight", _TensorView(storage, 0, (10000, 10000), (0, 0))) for i in range(4))
+    return WRITERS[container](path, views)
+
+
+@pytest.mark.parametrize("container", WRITERS)
+def test_stride_zero_file_is_refused_before_any_allocation(tmp_path, container):
+    import subprocess
+
+    path = _stride_zero_file(tmp_path / "bomb.pth", container)
+    assert path.stat().st_size < 1024
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path)], capture_output=True, text=True,
+                         env=env, timeout=120, check=True)
+    message, peak = run.stdout.strip().splitlines()
+    assert message == (f"weights file {path} refused: tensor 'layer0.weight' has stride 0 "
+                       "(size (10000,10000), stride (0,0)): it repeats its storage")
+    assert int(peak) < 2**30, f"peak resident memory {int(peak) / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("container", WRITERS)
+@pytest.mark.parametrize(
+    "offset, size, stride, problem",
+    [
+        (0, (2, 3), (3, -1), r"has a negative stride \(3,-1\)"),
+        (0, (4, 5), (5, 0), r"has stride 0 \(size \(4,5\), stride \(5,0\)\): it repeats its storage"),
+        (17, (2, 2), (2, 1), r"reaches past the end of its 20-element storage \(element 20\)"),
+        (10**12, (), (), r"reaches past the end of its 20-element storage \(element 1000000000000\)"),
+        (-1, (2,), (1,), r"has a negative size or offset"),
+        (0, (4, 4), (1, 1), r"overlaps itself \(size \(4,4\), stride \(1,1\)\)"),
+        (0, (3, 2, 2), (3, 2, 1), r"overlaps itself"),  # [1,0,0] and [0,1,1] are both element 3
+    ],
+)
+def test_hostile_views_are_refused_naming_the_tensor(tmp_path, container, offset, size, stride, problem):
+    storage = _Storage("0", "FloatStorage", np.arange(20, dtype=np.float32))
+    state = OrderedDict(ok=_TensorView(storage, 0, (20,), (1,)), evil=_TensorView(storage, offset, size, stride))
+    path = WRITERS[container](tmp_path / "views.pth", state)
+    with pytest.raises(WeightsError, match=rf"views\.pth refused: tensor 'evil' {problem}") as caught:
+        read_torch_state_dict(str(path))
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("container", WRITERS)
+def test_transposed_and_strided_views_load_without_copies(tmp_path, container):
+    weight = np.arange(12, dtype=np.float32).reshape(3, 4)  # a linear layer's (out, in) weight
+    storage = _Storage("0", "FloatStorage", weight.ravel())
+    state = OrderedDict(
+        transposed=_TensorView(storage, 0, (4, 3), (1, 4)),  # weight.T, as torch saves a .t() tensor
+        every_other=_TensorView(storage, 1, (3, 2), (4, 2)),  # weight[:, 1::2]
+        size_one=_TensorView(storage, 5, (1, 3), (0, 1)),  # a stride on a size-1 dimension is never used
+    )
+    read = read_torch_state_dict(str(WRITERS[container](tmp_path / "t.pth", state)))
+    _assert_same(read, {"transposed": weight.T, "every_other": weight[:, 1::2], "size_one": weight.ravel()[None, 5:8]})
+    assert not read["transposed"].flags.c_contiguous and not read["transposed"].flags.writeable
+    assert np.shares_memory(read["transposed"], read["every_other"])  # views onto the one storage
+
+
+def test_a_transposed_tensor_assigns_the_right_values(tmp_path, variables):
+    state = _good_state()
+    del state["bn.num_batches_tracked"]
+    storages = {name: _Storage(str(i), "FloatStorage", np.ascontiguousarray(a, np.float32).ravel())
+                for i, (name, a) in enumerate(state.items())}
+    views = OrderedDict((name, _TensorView(storages[name], 0, a.shape, tuple(s // a.itemsize for s in a.strides)))
+                        for name, a in state.items())
+    fc = state["fc.weight"].astype(np.float32)  # (6, 5), saved transposed: storage holds fc.T row-major
+    storages["fc.weight"].array = np.ascontiguousarray(fc.T).ravel()
+    views["fc.weight"] = _TensorView(storages["fc.weight"], 0, (6, 5), (1, 6))
+    load_state_dict(str(write_zip(tmp_path / "t.pth", views)), _targets(variables))
+    np.testing.assert_array_equal(np.asarray(variables["fc.weight"]), fc.T)
+    np.testing.assert_array_equal(np.asarray(variables["conv.weight"]), conv_kernel(state["conv.weight"]))
+
+
+@pytest.mark.parametrize("container", WRITERS)
+def test_wrong_shapes_are_named_before_any_tensor_data_is_read(tmp_path, container, variables, monkeypatch):
+    state = _good_state()
+    state["fc.weight"] = np.zeros((7, 5), np.float32)
+    storages = {name: _Storage(str(i), "FloatStorage" if a.dtype != np.int64 else "LongStorage", a.ravel())
+                for i, (name, a) in enumerate(state.items())}
+    views = OrderedDict((name, _TensorView(storages[name], 0, a.shape, tuple(s // a.itemsize for s in a.strides)))
+                        for name, a in state.items())
+    path = WRITERS[container](tmp_path / "wrong.pth", views)
+
+    def no_reading(*args):
+        raise AssertionError("tensor data was read")
+
+    monkeypatch.setattr(weights, "_array", no_reading)
+    with pytest.raises(WeightsError) as caught:
+        load_state_dict(str(path), _targets(variables), backbone="backbone tiny")
+    assert str(caught.value) == (f"weights file {path} does not fit backbone tiny: "
+                                 "shape mismatch: fc.weight expected (6,5) found (7,5)")
+    assert all(not np.asarray(v).any() for v in variables.values())
+
+
+def test_file_over_the_size_limit_is_refused_unread(tmp_path, monkeypatch):
+    state, _ = _sample_state()
+    path = write_zip(tmp_path / "huge.pth", state)
+    monkeypatch.setattr(weights, "MAX_WEIGHTS_BYTES", 1024)
+    monkeypatch.setattr(zipfile, "ZipFile", None)  # never opened
+    with pytest.raises(WeightsError) as caught:
+        read_torch_state_dict(str(path))
+    size = path.stat().st_size
+    assert str(caught.value) == (f"weights file {path} is {size / 1024:.1f} KiB, over the 1.0 KiB limit "
+                                 "(MAX_WEIGHTS_BYTES): no backbone's weights are that large")
+
+
+def test_zip_that_inflates_past_the_limit_is_refused(tmp_path, monkeypatch):
+    zeros = _Storage("0", "FloatStorage", np.zeros(2**20, np.float32))  # 4 MiB of zeros, deflated to 4 KiB
+    path = write_zip(tmp_path / "inflates.pth", {"w": _TensorView(zeros, 0, (2**20,), (1,))},
+                     compression=zipfile.ZIP_DEFLATED)
+    monkeypatch.setattr(weights, "MAX_WEIGHTS_BYTES", 2**20)
+    assert path.stat().st_size < 2**20
+    with pytest.raises(WeightsError, match=r"inflates\.pth refused: its tensors hold 4\.0 MiB, over the 1\.0 MiB"):
+        read_torch_state_dict(str(path))
+
+
 # ---------------------------------------------------------------- malicious files
 
 
@@ -410,8 +545,8 @@ def test_assign_state_dict_assigns_exactly(variables):
     [
         (lambda s: s.pop("fc.bias"), r"bad\.pth does not fit backbone: missing \[fc\.bias\]"),
         (lambda s: s.update(extra=np.zeros(1)), r"unexpected \[extra\]"),
-        (lambda s: s.update({"fc.weight": np.zeros((7, 5))}), r"mismatch fc\.weight \(7,5\)->expected \(5,6\)"),
-        (lambda s: s.update({"conv.weight": np.zeros(4)}), r"mismatch conv\.weight \(4\)->expected \(3,3,2,4\)"),
+        (lambda s: s.update({"fc.weight": np.zeros((7, 5))}), r"mismatch: fc\.weight expected \(6,5\) found \(7,5\)"),
+        (lambda s: s.update({"conv.weight": np.zeros(4)}), r"mismatch: conv\.weight expected \(4,2,3,3\) found \(4\)"),
     ],
 )
 def test_assign_state_dict_refuses_misfits_and_assigns_nothing(variables, change, message):
@@ -430,5 +565,5 @@ def test_assign_state_dict_reports_every_kind_of_misfit_at_once(variables):
     with pytest.raises(WeightsError) as caught:
         assign_state_dict(state, _targets(variables), "bad.pth")
     text = str(caught.value)
-    assert "missing [fc.bias]" in text and "fc.weight (1,1)->expected (5,6)" in text
+    assert "missing [fc.bias]" in text and "fc.weight expected (6,5) found (1,1)" in text
     assert "unexpected [x0, x1, x2, x3, x4, ... (+2 more)]" in text
