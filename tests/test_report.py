@@ -30,6 +30,17 @@ def test_each_broken_promise_is_named():
     assert "no pruned candidate reached" in findings(search)[0]
 
 
+def test_a_quantised_file_that_changed_the_predictions_is_named():
+    task = _task()
+    task["tflite"] = {"float32": {"accuracy": 0.975, "top1_agreement": 1.0, "bytes": 1},
+                      "dynamic": {"accuracy": 0.89, "top1_agreement": 0.889, "bytes": 1},
+                      "int8": {"accuracy": 0.972, "top1_agreement": 0.99, "bytes": 1}}
+    notes = findings(task)
+    assert len(notes) == 2
+    assert "the dynamic file agrees with its Keras model on 88.90%" in notes[0]
+    assert "the dynamic file loses 8.50 points" in notes[1]
+
+
 def test_markdown_shows_validation_pre_finetune_and_findings(tmp_path):
     report = Report(str(tmp_path), "tiny", 16)
     report.data["tasks"]["digits"] = _task(pruned=0.90)

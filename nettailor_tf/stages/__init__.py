@@ -20,7 +20,7 @@ from nettailor_tf import data as data_lib
 from nettailor_tf import workdir as workdir_lib
 from nettailor_tf.artifacts import StageError
 from nettailor_tf.config import Config
-from nettailor_tf.report import Report
+from nettailor_tf.report import Report, findings
 from nettailor_tf.stages import deploy, provenance, submission
 from nettailor_tf.stages.finetune import run_finetune
 from nettailor_tf.stages.prune import run_prune
@@ -157,6 +157,9 @@ def _run_locked(config: Config, strategy, paths: Workdir) -> Report:
                 break
     finally:
         keras.mixed_precision.set_global_policy("float32")
+    for task in tasks:
+        for note in findings(report.task(task.name)):
+            logging.warning("%s: %s", task.name, note)
     logging.info("%d stage%s done in %s", len(config.stages),
                  "" if len(config.stages) == 1 else "s",
                  train.format_duration(time.monotonic() - started))
