@@ -144,7 +144,8 @@ class Config:
         0, "Steps of the fine-tuning stage that each prune-search candidate past the zero-shot "
         "boundary runs before it is scored (0: every candidate is scored as pruning leaves "
         "it, with its BN statistics re-estimated; seconds per candidate).", check=Range(0))
-    seed: int = option(0, "Seed of initialisation, data order and augmentation.")
+    seed: int = option(0, "Seed of initialisation, data order and augmentation.",
+                       check=Range(0, 2**31 - 1))
     strategy: str = option("default", "tf.distribute strategy (multi_worker reads TF_CONFIG).",
                            choices=STRATEGIES)
     num_cpu_devices: int = option(1, "Split the CPU into this many logical devices (to run "

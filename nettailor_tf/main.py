@@ -39,8 +39,7 @@ def main(argv):
         # Splitting the CPU into logical devices must happen before anything
         # touches TensorFlow devices, the backbone checks included.
         with quiet.native_stderr_filtered():
-            strategy = train.make_strategy(config.strategy, config.num_cpu_devices)
-            tf.config.list_logical_devices()  # the device probe, inside the filter
+            strategy = _strategy(config, train, tf)
         artifacts.check_backbone_settings(config)
         logging.info("strategy %s with replicas=%d", config.strategy,
                      strategy.num_replicas_in_sync)
@@ -50,10 +49,31 @@ def main(argv):
     except OSError as err:
         _fail(f"cannot write to --workdir={config.workdir}: {err.strerror or err} "
               f"({err.filename or 'a file in it'})")
+    except tf.errors.ResourceExhaustedError:
+        _fail(f"out of memory at --image_size={config.image_size} with batches of "
+              f"{config.teacher.batch_size}/{config.student.batch_size}/"
+              f"{config.finetune.batch_size} (teacher/student/finetune): lower "
+              f"--<stage>_batch_size or --image_size")
     except tf.errors.InvalidArgumentError as err:
         # The data pipeline's checks (e.g. a label outside [0, num_classes)).
         _fail(err.message.strip().splitlines()[0])
     logging.info("done: %s", report.json_path)
+
+
+def _strategy(config, train, tf):
+    """The tf.distribute strategy, or a ConfigError naming what is missing."""
+    from nettailor_tf.config import ConfigError
+
+    try:
+        strategy = train.make_strategy(config.strategy, config.num_cpu_devices)
+        tf.config.list_logical_devices()  # the device probe, inside the caller's filter
+        return strategy
+    except (ValueError, KeyError, tf.errors.OpError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        source = ("the TF_CONFIG environment variable"
+                  if config.strategy == "multi_worker" else "this machine")
+        raise ConfigError(f"--strategy={config.strategy}: cannot start on {source} "
+                          f"({detail})", flag="strategy") from None
 
 
 def parse_flags(argv: list[str]) -> list[str]:

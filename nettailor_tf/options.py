@@ -32,11 +32,16 @@ class Range:
         if not (too_low or too_high):
             return None
         if self.high is None:
-            return f"must be {'>' if self.open_low else '>='} {self.low:g}"
+            return f"must be {'>' if self.open_low else '>='} {_number(self.low)}"
         if self.low is None:
-            return f"must be {'<' if self.open_high else '<='} {self.high:g}"
-        return (f"must be in {'(' if self.open_low else '['}{self.low:g}, "
-                f"{self.high:g}{')' if self.open_high else ']'}")
+            return f"must be {'<' if self.open_high else '<='} {_number(self.high)}"
+        return (f"must be in {'(' if self.open_low else '['}{_number(self.low)}, "
+                f"{_number(self.high)}{')' if self.open_high else ']'}")
+
+
+def _number(value: float) -> str:
+    """2147483647 as it is, 0.5 as 0.5."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 @dataclasses.dataclass(frozen=True)

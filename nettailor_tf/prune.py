@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 
 import keras
 import numpy as np
@@ -272,18 +273,30 @@ def save_task_state(student: Student, path: str) -> None:
     atomic.write_bytes(path, buffer.getvalue())
 
 
+class DamagedFileError(PruneError):
+    """A task file of the workdir cannot be read (truncated, overwritten)."""
+
+
 def load_task_state(student: Student, path: str) -> None:
-    with np.load(path) as stored:
-        state = {k: stored[k] for k in stored.files}
+    try:
+        with np.load(path) as stored:
+            state = {k: stored[k] for k in stored.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DamagedFileError(f"{path} cannot be read ({type(error).__name__}: "
+                               f"{str(error).splitlines()[0] if str(error) else 'damaged'}); "
+                               f"delete it and run again: its stage is redone",
+                               path=path) from None
     own = {v.path: v for v in student.weights}
     missing = sorted(set(state) - set(own))
     if missing:
-        raise ValueError(f"{path} does not fit this network: unknown {missing[:5]}")
+        raise DamagedFileError(f"{path} does not fit this network: unknown {missing[:5]}; "
+                               f"delete it and run again: its stage is redone", path=path)
     expected = task_state(student)
     # Files written before gates had a mass hold renormalised gates: mass 1.
     absent = sorted(k for k in set(expected) - set(state) if not k.endswith("gate/mass"))
     if absent:
-        raise ValueError(f"{path} lacks {absent[:5]}")
+        raise DamagedFileError(f"{path} lacks {absent[:5]}; delete it and run again: its "
+                               f"stage is redone", path=path)
     for key, value in state.items():
         own[key].assign(value)
 
@@ -294,6 +307,11 @@ def save_plan(path: str, plan: Plan, **info) -> None:
 
 
 def load_plan(path: str) -> tuple[Plan, dict]:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    return Plan.from_dict(data), data
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return Plan.from_dict(data), data
+    except (ValueError, KeyError, TypeError) as error:
+        raise DamagedFileError(f"{path} cannot be read ({type(error).__name__}); delete it "
+                               f"and run again: the prune stage is redone",
+                               path=path) from None

@@ -19,8 +19,13 @@ class Report:
         self.json_path = os.path.join(workdir, "report.json")
         self.md_path = os.path.join(workdir, "report.md")
         if os.path.exists(self.json_path):
-            with open(self.json_path, encoding="utf-8") as f:
-                self.data = json.load(f)
+            try:
+                with open(self.json_path, encoding="utf-8") as f:
+                    self.data = json.load(f)
+            except ValueError as error:
+                raise WorkdirError(f"{self.json_path} cannot be read ({error}); delete it and "
+                                   f"run again: finished stages are read back from their "
+                                   f"files and checkpoints", path=self.json_path) from None
             if (self.data.get("backbone"), self.data.get("image_size")) != (backbone, image_size):
                 raise WorkdirError(
                     f"{self.json_path} belongs to a run with --backbone="

@@ -338,10 +338,23 @@ class Trainer:
         checkpoint = tf.train.Checkpoint(weights=model_weights_by_path(self.model),
                                          optimizer=self.optimizer, step=self.step)
         manager = tf.train.CheckpointManager(checkpoint, self.checkpoint_dir, max_to_keep=2)
-        if manager.latest_checkpoint:
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-            logging.info("%s: resuming from %s (step %d of %d)", task.name,
-                         manager.latest_checkpoint, int(self.step.numpy()), total_steps)
+        for path in reversed(manager.checkpoints):
+            # A damaged newest checkpoint (a disk that filled, a copy cut
+            # short) falls back to the one before it.
+            try:
+                checkpoint.restore(path).assert_existing_objects_matched()
+            except Exception as error:  # a damaged file raises many types (IndexError, ...)
+                logging.warning("%s: checkpoint %s cannot be read (%s); trying the one before",
+                                task.name, path, type(error).__name__)
+                continue
+            logging.info("%s: resuming from %s (step %d of %d)", task.name, path,
+                         int(self.step.numpy()), total_steps)
+            break
+        else:
+            if manager.checkpoints:
+                raise TrainingError(f"{task.name}: no checkpoint in {self.checkpoint_dir} can "
+                                    f"be read; delete that folder to start the stage over",
+                                    path=self.checkpoint_dir)
         resumed_from = int(self.step.numpy())
         writer = (tf.summary.create_file_writer(self.summary_dir) if self.summary_dir
                   else tf.summary.create_noop_writer())

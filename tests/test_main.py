@@ -128,6 +128,9 @@ IN_PROCESS_CASES = {
                                  "--complexity_coeff=-1.0: must be in [0, 100]"),
     "threshold out of range": (["--prune_proxy_threshold=1.5"],
                                "--prune_proxy_threshold=1.5: must be in [0, 1)"),
+    "negative seed": (["--seed=-1"], "--seed=-1: must be in [0, 2147483647]"),
+    "strategy without its machine": (["--strategy=tpu"], "--strategy=tpu: cannot start on "
+                                                         "this machine"),
     "max_skip neither a number nor dense": (["--max_skip=wide"],
                                             "--max_skip=wide: must be a positive integer or "
                                             "'dense'"),

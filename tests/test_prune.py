@@ -243,3 +243,19 @@ def test_plan_file_round_trip(tmp_path):
     assert data["accuracy"] == 0.75 and data["prune_universal"] == 1
     assert json.load(open(path))["blocks"][1] == {"universal": False, "proxy_sources": [0]}
     assert Plan.from_dict(json.loads(PRUNED.to_json())) == PRUNED
+
+
+def test_damaged_task_files_are_named_with_what_to_do(tmp_path):
+    from nettailor_tf import backbones
+    from nettailor_tf.student import Plan, build_student
+
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text('{"blocks": [')
+    with pytest.raises(prune.DamagedFileError, match=r"plan.json cannot be read .*delete it"):
+        prune.load_plan(str(plan_file))
+    student = build_student(backbones.build_backbone("tiny"), 3, Plan.full(4, 3), "frozen", 16)
+    state = tmp_path / "nettailor.npz"
+    prune.save_task_state(student, str(state))
+    state.write_bytes(state.read_bytes()[:200])
+    with pytest.raises(prune.DamagedFileError, match=r"nettailor.npz cannot be read"):
+        prune.load_task_state(student, str(state))

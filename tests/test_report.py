@@ -53,3 +53,13 @@ def test_markdown_shows_validation_pre_finetune_and_findings(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["tasks"]["digits"]["pruned"][
         "accuracy"] == 0.90
     assert render_markdown(report.data) == text
+
+
+def test_a_damaged_report_is_one_clear_error(tmp_path):
+    import pytest
+
+    from nettailor_tf.workdir import WorkdirError
+
+    (tmp_path / "report.json").write_text('{"backbone": "tiny", "tas')
+    with pytest.raises(WorkdirError, match=r"report.json cannot be read .*delete it"):
+        Report(str(tmp_path), "tiny", 16)

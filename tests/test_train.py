@@ -1,6 +1,7 @@
 """The training loop: resumption, the optimizer's arithmetic, a non-finite loss, mixed
 precision, two replicas and two worker processes."""
 import json
+import os
 import subprocess
 import sys
 
@@ -288,3 +289,31 @@ def test_two_worker_processes_match_one_worker_with_two_replicas(tmp_path):
     for a, b in zip(*weights):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
     assert (tmp_path / "two" / "workers" / "worker1" / "tasks" / "digits" / "teacher.weights.h5").exists()
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(digits, tmp_path, caplog):
+    first, _ = _trainer(tmp_path)
+    first.fit(digits, 16, seed=3, max_steps=25)  # checkpoints at steps 20 and 25
+    newest = tf.train.latest_checkpoint(str(tmp_path))
+    assert newest.endswith("-25") or "ckpt" in newest
+    data_files = [p for p in tmp_path.iterdir() if p.name.startswith(os.path.basename(newest))
+                  and ".data" in p.name]
+    for path in data_files:
+        path.write_bytes(path.read_bytes()[:100])  # cut short, as a full disk would
+    second, _ = _trainer(tmp_path, seed=99)
+    with caplog.at_level("WARNING", logger="absl"):
+        result = second.fit(digits, 16, seed=3, max_steps=30)
+    assert any("cannot be read" in r.getMessage() and "trying the one before" in r.getMessage()
+               for r in caplog.records)
+    assert result.resumed_from_step == 20
+
+
+def test_no_readable_checkpoint_is_one_clear_error(digits, tmp_path):
+    first, _ = _trainer(tmp_path)
+    first.fit(digits, 16, seed=3, max_steps=25)
+    for path in tmp_path.iterdir():
+        if ".data" in path.name:
+            path.write_bytes(b"")
+    second, _ = _trainer(tmp_path)
+    with pytest.raises(train.TrainingError, match="no checkpoint in .* can be read; delete"):
+        second.fit(digits, 16, seed=3)
