@@ -1,9 +1,13 @@
 """Does an exported file compute what the Keras model computes?
 
-Every artefact is run on the task's test split, fed the raw uint8 images a
-device would feed it (any size; the graph resizes), next to the Keras model
-with the same in-graph preprocessing.  Top-1 agreement measures the export
-(conversion, quantisation); accuracy measures what a user gets.
+Every artefact is run on the task's test split, fed the uint8 images a
+device would feed it, next to the Keras model with the same in-graph
+preprocessing: a SavedModel takes the raw images (any size; the graph
+resizes), a .tflite file with a static input takes them resized to its size
+on the host (`savedmodel.fit_to_input`, what an app does), and its Keras
+reference is fed the same resized images (`resized`).  Top-1 agreement
+measures the export (conversion, quantisation); accuracy measures what a
+user gets.
 """
 from __future__ import annotations
 
@@ -48,13 +52,41 @@ def savedmodel_predictor(path: str, key: str = savedmodel_lib.SERVING_KEY) -> Pr
         "logits"].numpy()
 
 
+def resized(predict: Predictor, size: int) -> Predictor:
+    """`predict` fed the images resized to size x size on the host first."""
+    return lambda images: predict(savedmodel_lib.fit_to_input(images, size, size))
+
+
+def static_input_shape(runner) -> tuple[int, ...] | None:
+    """The fixed input shape of a LiteRT signature runner ([1, S, S, 3]), or
+    None where a dimension other than the batch is dynamic."""
+    details = runner.get_input_details()[savedmodel_lib.INPUT_NAME]
+    shape = tuple(int(d) for d in details["shape_signature"])
+    return shape if all(d > 0 for d in shape[1:]) else None
+
+
 def tflite_predictor(path: str, key: str = savedmodel_lib.SERVING_KEY,
                      num_threads: int | None = None) -> Predictor:
+    """Logits of signature `key`; for a static input [B, H, W, 3] the images
+    are resized to H x W on the host and fed B at a time."""
     from ai_edge_litert.interpreter import Interpreter  # deferred: optional at import time
 
     interpreter = Interpreter(model_path=path, num_threads=num_threads)
     runner = interpreter.get_signature_runner(key)
-    return lambda images: runner(**{savedmodel_lib.INPUT_NAME: images})["logits"]
+
+    def run(images):
+        return runner(**{savedmodel_lib.INPUT_NAME: images})["logits"]
+
+    shape = static_input_shape(runner)
+    if shape is None:
+        return run
+    batch = max(shape[0], 1)
+
+    def run_static(images):
+        images = savedmodel_lib.fit_to_input(images, shape[1], shape[2])
+        return np.concatenate([run(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+    return run_static
 
 
 @dataclasses.dataclass

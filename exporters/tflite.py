@@ -4,7 +4,10 @@ Variants (README, "Outputs"): `float32`; `float16` (weights stored in
 half precision); `dynamic` (int8 weights, float activations); `int8` (int8
 weights and activations, calibrated on a representative set).  The uint8
 image input and float32 outputs stay as they are in every variant, so one
-calling convention fits all files.
+calling convention fits all files.  The files are converted from the static
+SavedModel of `static_savedmodel`: each signature takes one image
+`[1, S, S, 3]` at the model's size and returns `logits` (output index 0)
+and `probabilities` (index 1).
 
 The converter de-duplicates constant buffers by their bytes, not by the
 variables they came from: a multi-signature file stores the universal
@@ -16,15 +19,18 @@ silently leave a signature in float, TensorFlow issue 52145).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
-from typing import Callable, Iterable
+import os
+import tempfile
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import tensorflow as tf
 # LiteRT publishes the flatbuffer schema it reads; TensorFlow's copy is private.
 from ai_edge_litert import schema_py_generated as schema
 
-from exporters.savedmodel import INPUT_NAME
+from exporters import savedmodel
 from nettailor_tf.errors import NetTailorError
 
 VARIANTS = ("float32", "float16", "dynamic", "int8")
@@ -38,8 +44,9 @@ def convert(savedmodel_dir: str, signature_keys: list[str], variant: str,
             calibration: Callable[[], Iterable[np.ndarray]] | None = None) -> bytes:
     """Converts the listed signatures of a SavedModel into one .tflite file.
 
-    `calibration` (int8 only) returns an iterable of uint8 image batches;
-    every batch is fed to EVERY signature.  Samples for only some
+    `calibration` (int8 only) returns an iterable of uint8 image batches
+    at the model's size; every image is fed, one at a time (the static
+    input's batch of 1), to EVERY signature.  Samples for only some
     signatures leave the others in float without any error, and different
     images per signature give the shared universal layers different
     quantisation parameters per task, which ends their sharing.
@@ -58,8 +65,9 @@ def convert(savedmodel_dir: str, signature_keys: list[str], variant: str,
 
         def representative_dataset():
             for images in calibration():
-                for key in signature_keys:
-                    yield key, {INPUT_NAME: np.asarray(images, np.uint8)}
+                for image in np.asarray(images, np.uint8):
+                    for key in signature_keys:
+                        yield key, {savedmodel.INPUT_NAME: image[None]}
 
         converter.representative_dataset = representative_dataset
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -69,6 +77,17 @@ def convert(savedmodel_dir: str, signature_keys: list[str], variant: str,
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConversionError(f"TFLite {variant} conversion of {savedmodel_dir} failed: "
                               f"{first}") from error
+
+
+@contextlib.contextmanager
+def static_savedmodel(endpoints: dict[str, savedmodel.Endpoint]) -> Iterator[str]:
+    """A temporary SavedModel of `endpoints` whose signatures take one image
+    [1, S, S, 3]: what the .tflite files are converted from (the kept
+    SavedModel, for servers, takes any size)."""
+    with tempfile.TemporaryDirectory(prefix="nettailor_static_") as folder:
+        path = os.path.join(folder, "savedmodel")
+        savedmodel.write_savedmodel(path, endpoints, static=True)
+        yield path
 
 
 # --- what is inside a file ------------------------------------------------------

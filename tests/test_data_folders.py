@@ -112,3 +112,88 @@ def test_folder_errors(tmp_path):
     write_images(root / "train" / "a", 2, seed=0)
     with pytest.raises(DataError, match="no test/"):
         data.load_task(f"folder:{root}")
+
+
+# --- images TensorFlow's decoders would get wrong, names it cannot open -----
+
+PALETTE = np.array([[255, 0, 0], [0, 128, 255], [20, 200, 60], [250, 250, 10]], np.uint8)
+
+
+def _palette_bmp(path, seed: int) -> np.ndarray:
+    """An 8-bit palette BMP; returns the RGB pixels a viewer shows."""
+    indices = np.random.default_rng(seed).integers(0, len(PALETTE), (9 + seed, 7), dtype=np.uint8)
+    image = Image.fromarray(indices, mode="P")
+    image.putpalette(PALETTE.ravel().tolist())
+    image.save(path)
+    with Image.open(path) as saved:
+        assert (saved.format, saved.mode) == ("BMP", "P")
+    return PALETTE[indices]
+
+
+def _decoded(task) -> dict[tuple, np.ndarray]:
+    images = [x.numpy() for split in (task.train, task.test) for x, _ in split]
+    return {x.shape: x for x in images}
+
+
+def test_palette_bmp_decodes_to_its_colours_not_its_indices(tmp_path):
+    root = tmp_path / "paletted"
+    expected = {}
+    for c, cls in enumerate(["a", "b"]):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            rgb = _palette_bmp(root / cls / f"im{i}.bmp", seed=3 * c + i)
+            expected[rgb.shape] = rgb
+    # What TensorFlow's own BMP decoder makes of it: the indices as grey levels.
+    raw = tf.io.decode_image(tf.io.read_file(str(root / "a" / "im0.bmp")), channels=3).numpy()
+    assert raw.max() < len(PALETTE)
+    task = data.load_task(f"folder:{root}", holdout_fraction=0.34, split_seed=0)
+    decoded = _decoded(task)
+    assert decoded.keys() == expected.keys()
+    for shape, rgb in expected.items():
+        np.testing.assert_array_equal(decoded[shape], rgb)
+
+
+def test_one_bit_bmp_decodes_to_black_and_white(tmp_path):
+    root = tmp_path / "bilevel"
+    expected = {}
+    for c, cls in enumerate(["a", "b"]):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            bits = np.random.default_rng(10 * c + i).integers(0, 2, (5 + 2 * c + i, 8), dtype=bool)
+            Image.fromarray(bits).save(root / cls / f"im{i}.bmp")
+            with Image.open(root / cls / f"im{i}.bmp") as saved:
+                assert saved.mode == "1"
+            expected[bits.shape + (3,)] = np.repeat(bits[..., None], 3, axis=-1).astype(np.uint8) * 255
+    decoded = _decoded(data.load_task(f"folder:{root}", holdout_fraction=0.5, split_seed=0))
+    assert decoded.keys() == expected.keys()
+    for shape, rgb in expected.items():
+        assert set(np.unique(decoded[shape])) <= {0, 255}
+        np.testing.assert_array_equal(decoded[shape], rgb)
+
+
+def test_file_name_that_is_not_utf8_is_named_on_one_line(tmp_path):
+    root = tmp_path / "latin1"
+    write_images(root / "a", 3, seed=0)
+    write_images(root / "b", 3, seed=1)
+    name = os.path.join(os.fsencode(root / "b"), b"caf\xe9.png")  # Latin-1, not UTF-8
+    with open(name, "wb") as file:
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(file, format="PNG")
+    with pytest.raises(DataError) as info:
+        data.load_task(f"folder:{root}")
+    message = str(info.value)
+    assert message == (f"task 'folder:{root}': image {root}/b/caf\\xe9.png: its path is not valid UTF-8, "
+                       "which TensorFlow cannot open; rename it")
+    message.encode("utf-8")  # printable as it stands
+
+
+@pytest.mark.parametrize("where", ["class folder", "root"])
+def test_looping_symlink_is_named_on_one_line(tmp_path, where):
+    root = tmp_path / "loops"
+    write_images(root / "a", 3, seed=0)
+    write_images(root / "b", 3, seed=1)
+    loop = root / "b" / "loop.jpg" if where == "class folder" else root / "c"
+    os.symlink(loop.name, loop)  # a link to itself
+    with pytest.raises(DataError) as info:
+        data.load_task(f"folder:{root}")
+    assert str(info.value) == (f"task 'folder:{root}': {loop} is a symbolic link that loops; "
+                               "remove or fix it")

@@ -18,6 +18,7 @@ def mnist() -> TaskData:
 
 def test_mnist5k_split_and_batches(mnist):
     assert (mnist.name, mnist.num_classes, mnist.augment) == ("mnist5k", 10, "none")
+    assert mnist.class_names == ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9")
     assert (mnist.num_train, mnist.num_test) == (4000, 1000)
     test_labels = np.array([int(y) for _, y in mnist.test])
     assert np.bincount(test_labels, minlength=10).tolist() == [100] * 10
@@ -58,6 +59,7 @@ def test_digits_split_and_batches():
     test_labels = np.array([int(y) for _, y in task.test])
     assert np.bincount(test_labels, minlength=10).tolist() == expected_test.tolist()
     assert (task.num_classes, task.augment) == (10, "none")
+    assert task.class_names == tuple("0123456789")
 
     batches = numpy_batches(data.eval_pipeline(task, 32, 100))
     assert sum(len(y) for _, y in batches) == 359 and len(batches[-1][1]) == 59

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from data_helpers import hand_made_task
 
@@ -60,3 +61,30 @@ def test_hand_built_task_has_no_source_until_given_one():
     assert tasks.source_of(given) is source and given.num_train == 2
     assert tasks.undecoded_split(given, "train")[0] is source.train
     assert given.name == task.name and given.test is task.test
+
+
+def test_class_names_are_one_per_class_and_label_names_fill_the_gaps():
+    source = _two_item_source()
+    named = tasks.make_task("two", "custom:two", 2, source, 2, 2, "none",
+                            class_names=["cat", "dog"])
+    assert named.class_names == ("cat", "dog")  # a tuple, whatever was given
+    assert tasks.label_names(named) == ("cat", "dog")
+    unnamed = tasks.make_task("two", "custom:two", 2, source, 2, 2, "none")
+    assert unnamed.class_names is None
+    assert tasks.label_names(unnamed) == ("class_0", "class_1")
+    odd = dataclasses.replace(named, class_names=("two\nlines", "  "))
+    assert tasks.label_names(odd) == ("two lines", "class_1")
+    # Editing a loaded task keeps its names, its source and its behaviour.
+    assert dataclasses.replace(named, num_train=1).class_names == ("cat", "dog")
+    with pytest.raises(tasks.DataError, match="1 class names for 2 classes"):
+        tasks.make_task("two", "custom:two", 2, source, 2, 2, "none", class_names=["cat"])
+
+
+def test_a_tfds_task_names_its_classes_after_its_class_label(mocked_svhn):
+    from nettailor_tf import data
+
+    # Names written in the dataset's code; others (cifar10) read them from
+    # the prepared data, which mock data has not, and get "0".."N-1" then.
+    hands = data.load_task("tfds:rock_paper_scissors")
+    assert hands.class_names == ("rock", "paper", "scissors")
+    assert data.load_task("tfds:mnist").class_names == tuple(str(d) for d in range(10))

@@ -74,3 +74,33 @@ def test_low_agreement_fails_with_the_figures():
 def test_an_empty_test_split_is_an_error():
     with pytest.raises(parity.ParityError, match="empty"):
         parity.run_all({"k": lambda x: x}, lambda: iter(()))
+
+
+def test_a_static_file_gets_images_resized_on_the_host(artefacts, tmp_path):
+    """A .tflite file with a static input takes images of any size through
+    `tflite_predictor` (resized to S x S first, fed one at a time), and agrees
+    with the Keras model fed the same resized images."""
+    endpoint, _, dynamic_path = artefacts
+    path = str(tmp_path / "static.tflite")
+    with tflite.static_savedmodel({savedmodel.SERVING_KEY: endpoint}) as sm_path:
+        with open(path, "wb") as f:
+            f.write(tflite.convert(sm_path, [savedmodel.SERVING_KEY], "float32"))
+    from ai_edge_litert.interpreter import Interpreter
+
+    def shape(file):
+        runner = Interpreter(model_path=file).get_signature_runner(savedmodel.SERVING_KEY)
+        return parity.static_input_shape(runner)
+
+    assert shape(path) == (1, SIZE, SIZE, 3) and shape(dynamic_path) is None
+    data = _dataset([(12, 12, 3), (30, 19, 3), (16, 16, 3), (5, 40, 3)] * 2 + [(24, 24, 3)] * 3,
+                    seed=4)
+    keras_predict = parity.keras_predictor(endpoint)
+    outcome = parity.run_all(
+        {"keras_resized": parity.resized(keras_predict, SIZE),
+         "static": parity.tflite_predictor(path, num_threads=1)},
+        lambda: parity.raw_test_batches(data))
+    assert len(outcome.labels) == 11
+    assert outcome.agreement("static", "keras_resized") == 1.0
+    batch = np.random.default_rng(6).integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
+    np.testing.assert_allclose(parity.tflite_predictor(path)(batch),
+                               parity.resized(keras_predict, SIZE)(batch), rtol=1e-4, atol=1e-4)

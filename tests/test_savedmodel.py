@@ -121,3 +121,41 @@ def test_universal_layers_with_different_values_are_not_shared():
 def test_signature_key_is_a_valid_identifier():
     assert savedmodel.signature_key("visual_domain_decathlon/dtd") == "visual_domain_decathlon_dtd"
     assert savedmodel.signature_key("102flowers") == "task_102flowers"
+
+
+def test_static_savedmodel_takes_one_image_at_the_models_size(tasks, tmp_path):
+    """What the .tflite files are converted from: [1, S, S, 3] uint8, the same
+    graph and the same named outputs."""
+    ((model, _), _), _ = tasks
+    endpoint = savedmodel.Endpoint(model, SIZE, crop=True)
+    path = str(tmp_path / "static")
+    savedmodel.write_savedmodel(path, {savedmodel.SERVING_KEY: endpoint}, static=True)
+    signature = tf.saved_model.load(path).signatures[savedmodel.SERVING_KEY]
+    spec = signature.structured_input_signature[1]["images"]
+    assert spec.shape.as_list() == [1, SIZE, SIZE, 3] and spec.dtype == tf.uint8
+    assert sorted(signature.structured_outputs) == list(savedmodel.OUTPUT_NAMES)
+    image = np.random.default_rng(4).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
+    expected = model(savedmodel.preprocess(tf.constant(image), SIZE, True)).numpy()
+    np.testing.assert_allclose(signature(images=tf.constant(image))["logits"].numpy(), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(SIZE, SIZE), (40, 23), (7, 12)])
+def test_fit_to_input_resizes_as_the_evaluation_pipeline(shape):
+    images = np.random.default_rng(5).integers(0, 256, (2, *shape, 3), dtype=np.uint8)
+    fitted = savedmodel.fit_to_input(images, SIZE, SIZE)
+    assert fitted.dtype == np.uint8 and fitted.shape == (2, SIZE, SIZE, 3)
+    for image, ours in zip(images, fitted):
+        expected = data_lib.eval_transform(tf.constant(image), "none", SIZE).numpy()
+        np.testing.assert_array_equal(ours, np.clip(np.round(expected), 0, 255))
+    if shape == (SIZE, SIZE):
+        assert np.array_equal(fitted, images)
+
+
+def test_labels_files_hold_one_name_per_line(tmp_path):
+    path = str(tmp_path / savedmodel.LABELS_FILE)
+    savedmodel.write_labels(path, ["Ägypten", "b c", "7"])
+    assert open(path, "rb").read() == "Ägypten\nb c\n7\n".encode()
+    assert savedmodel.read_labels(path) == ["Ägypten", "b c", "7"]
+    assert savedmodel.bundle_labels_file("visual_domain_decathlon_dtd") == \
+        "labels_visual_domain_decathlon_dtd.txt"

@@ -1,28 +1,59 @@
-"""The export and benchmark stages end to end: two mocked tfds tasks on the
-tiny backbone, trained for one short epoch per stage, then exported,
-parity-checked, bundled and timed."""
+"""The export and benchmark stages end to end: an image-folder task and a
+mocked tfds task on the tiny backbone, trained for one short epoch per stage,
+then exported, parity-checked, bundled and timed; and what an app developer
+gets: labels files, static .tflite inputs, named outputs, the predict command
+and the BUILD.md snippet run on those files."""
 import json
+import pathlib
+import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from ai_edge_litert.interpreter import Interpreter
 from helpers import run_in_process
+from PIL import Image
 
-from exporters import parity, tflite
-from nettailor_tf import stages
+from exporters import parity, savedmodel, tflite
+from nettailor_tf import data as data_lib
+from nettailor_tf import predict, stages
 from nettailor_tf.config import Config
+from nettailor_tf.stages import deploy
 from nettailor_tf.train import Schedule
 
 ONE_EPOCH = Schedule(epochs=1, batch_size=16, learning_rate=0.05, decay_epochs=1)
-TASKS = ("tfds:svhn_cropped", "tfds:mnist")
-NAMES = ("svhn_cropped", "mnist")
+SIZE = 16
+# A folder task ("objects": class folders written in this order, labels are
+# the sorted names) and a mocked tfds one (ClassLabel names "0".."9").
+FOLDER_CLASSES = ("zebra", "apple", "mango")
+LABELS = {"objects": ["apple", "mango", "zebra"], "mnist": [str(d) for d in range(10)]}
+NAMES = ("objects", "mnist")
+TASKS = []  # the specs, set by the `folder` fixture
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """20 pictures per class at the model's size, each class its own tint."""
+    root = tmp_path_factory.mktemp("pictures") / "objects"
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(FOLDER_CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(20):
+            pixels = rng.integers(0, 160, (SIZE, SIZE, 3))
+            pixels[..., index] += 90
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i:02d}.png")
+    TASKS[:] = [f"folder:{root}", "tfds:mnist"]
+    return root
 
 
 def _config(workdir, **overrides):
-    values = dict(workdir=str(workdir), tasks=TASKS, backbone="tiny", backbone_weights="random",
-                  image_size=16, teacher=ONE_EPOCH, student=ONE_EPOCH, finetune=ONE_EPOCH,
+    values = dict(workdir=str(workdir), tasks=tuple(TASKS), backbone="tiny",
+                  backbone_weights="random",
+                  image_size=SIZE, teacher=ONE_EPOCH, student=ONE_EPOCH, finetune=ONE_EPOCH,
                   prune_universal=1, prune_proxy_threshold=0.2, log_every=100,
                   checkpoint_every=100, calibration_images=32, benchmark_runs=50,
                   benchmark_warmup=2)
@@ -39,7 +70,7 @@ def mocked():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, mocked):
+def trained(tmp_path_factory, mocked, folder):
     """A workdir after teacher, student, prune and finetune."""
     workdir = tmp_path_factory.mktemp("deploy") / "run"
     config = _config(workdir, stages=("teacher", "student", "prune", "finetune"))
@@ -73,9 +104,10 @@ def test_report_holds_every_artefact_with_its_parity_and_latency(exported):
         for entry in (task["tflite"]["float32"], task["teacher_tflite"]["float32"],
                       task["savedmodel"], task["teacher_savedmodel"]):
             assert entry["top1_agreement"] >= 0.995
-        # The file computes what the Keras model computes on the same images.
-        assert task["tflite"]["float32"]["accuracy"] == task["export"]["keras_accuracy"][
-            "nettailor"]
+        # The file computes what the Keras model computes on the same images
+        # (resized to the static input's size, as an app feeds it).
+        assert task["tflite"]["float32"]["accuracy"] == task["export"][
+            "keras_accuracy_resized"]["nettailor"]
         assert task["tflite"]["int8"]["weight_types"].get("FLOAT32", 0) == 0
         assert task["tflite"]["float32"]["bytes"] < task["teacher_tflite"]["float32"]["bytes"]
         assert task["latency_ratio_float32"] > 0
@@ -107,7 +139,9 @@ def test_bundle_shares_the_universal_weights(exported):
         assert info["top1_agreement"] >= 0.995
     assert set(bundle["latency"]["float32"]) == set(NAMES)
     sm = tf.saved_model.load(str(exported / bundle["savedmodel_path"]))
-    assert set(sm.signatures) >= {"svhn_cropped", "mnist"}
+    # The tasks, and the alias ExportArchive adds for TF Serving (documented).
+    assert set(sm.signatures) == {"objects", "mnist", "serving_default"}
+    assert bundle["savedmodel_default_signature"] == "objects"
 
 
 def test_markdown_and_plot(exported):
@@ -120,23 +154,23 @@ def test_a_second_run_skips_and_a_lost_report_entry_comes_from_the_manifest(expo
                                                                              caplog):
     report_path = exported / "report.json"
     report = _report(exported)
-    export = exported / "tasks" / "svhn_cropped" / "export"
+    export = exported / "tasks" / "objects" / "export"
     mtime = (export / "nettailor_float32.tflite").stat().st_mtime_ns
-    del report["tasks"]["svhn_cropped"]["tflite"]  # as if killed before the report write
+    del report["tasks"]["objects"]["tflite"]  # as if killed before the report write
     report_path.write_text(json.dumps(report))
     with caplog.at_level("INFO", logger="absl"):
         stages.run(_config(exported, stages=("export",)), tf.distribute.get_strategy())
     messages = [r.getMessage() for r in caplog.records]
     assert any("export stage already done" in m for m in messages), messages
     assert (export / "nettailor_float32.tflite").stat().st_mtime_ns == mtime
-    restored = _report(exported)["tasks"]["svhn_cropped"]["tflite"]
+    restored = _report(exported)["tasks"]["objects"]["tflite"]
     assert set(restored) == set(tflite.VARIANTS)
 
 
 def test_a_failing_export_keeps_the_previous_one(exported, mocked, monkeypatch):
     """Injected failure at the int8 conversion of a new export (new settings):
     the previous export directory and its manifest stay as they were."""
-    export = exported / "mnist" / "export"
+    export = exported / "tasks" / "mnist" / "export"
     before = {p.name: p.stat().st_mtime_ns for p in export.iterdir()}
     manifest = (export / "export.json").read_text()
     real = tflite.convert
@@ -152,7 +186,8 @@ def test_a_failing_export_keeps_the_previous_one(exported, mocked, monkeypatch):
         stages.run(config, tf.distribute.get_strategy())
     assert {p.name: p.stat().st_mtime_ns for p in export.iterdir()} == before
     assert (export / "export.json").read_text() == manifest
-    assert not [p for p in (exported / "mnist").iterdir() if p.name.startswith(".export")]
+    assert not [p for p in (exported / "tasks" / "mnist").iterdir()
+                if p.name.startswith(".export")]
 
 
 def test_an_export_that_disagrees_with_keras_is_discarded(trained, mocked, monkeypatch,
@@ -173,7 +208,7 @@ def test_an_export_that_disagrees_with_keras_is_discarded(trained, mocked, monke
     config = _config(workdir, stages=("export",), tasks=("tfds:mnist",))
     with pytest.raises(parity.ParityError, match="nettailor_float32.tflite: top-1 agreement"):
         stages.run(config, tf.distribute.get_strategy())
-    assert sorted(p.name for p in (workdir / "mnist").iterdir()
+    assert sorted(p.name for p in (workdir / "tasks" / "mnist").iterdir()
                   if "export" in p.name) == []
 
 
@@ -199,3 +234,147 @@ def test_bad_export_flags_are_one_line_errors(tmp_path, capsys, flag, message):
                                flag)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+# --- what an app developer gets --------------------------------------------------
+
+def test_every_export_carries_its_class_names(exported):
+    report = _report(exported)
+    for name in NAMES:
+        export = exported / "tasks" / name / "export"
+        assert sorted(p.name for p in export.iterdir()) == sorted(
+            ["export.json", "labels.txt", "nettailor_savedmodel", "teacher_savedmodel",
+             "teacher_float32.tflite"] + [f"nettailor_{v}.tflite" for v in tflite.VARIANTS])
+        assert (export / "labels.txt").read_text().splitlines() == LABELS[name]
+        assert report["tasks"][name]["export"]["labels"] == f"tasks/{name}/export/labels.txt"
+    bundle = report["bundle"]
+    assert bundle["labels"] == {name: f"bundle/labels_{name}.txt" for name in NAMES}
+    for name, path in bundle["labels"].items():
+        assert (exported / path).read_text().splitlines() == LABELS[name]
+
+
+def _signature_runners(path):
+    interpreter = Interpreter(model_path=str(path))
+    return interpreter, {key: interpreter.get_signature_runner(key)
+                         for key in interpreter.get_signature_list()}
+
+
+def test_tflite_files_take_one_static_uint8_image_and_name_their_outputs(exported):
+    report = _report(exported)
+    files = [(exported / e["path"], ["serving_default"]) for name in NAMES
+             for part in ("tflite", "teacher_tflite")
+             for e in report["tasks"][name][part].values()]
+    files += [(exported / v["path"], list(NAMES)) for v in report["bundle"]["variants"].values()]
+    assert len(files) == 2 * 5 + len(report["bundle"]["variants"]) and "int8" in str(files)
+    for path, keys in files:
+        interpreter, runners = _signature_runners(path)
+        assert list(runners) == sorted(keys), path  # the converter sorts the keys
+        for key, runner in runners.items():
+            (name, details), = runner.get_input_details().items()
+            assert name == "images" and details["dtype"] == np.uint8, (path, details)
+            assert details["shape"].tolist() == [1, SIZE, SIZE, 3]
+            assert details["shape_signature"].tolist() == [1, SIZE, SIZE, 3]
+            assert details["name"] == f"{key}_images:0"  # benchmark_model's --input_layer
+            outputs = runner.get_output_details()
+            assert set(outputs) == {"logits", "probabilities"}
+            assert all(o["dtype"] == np.float32 and o["shape"][0] == 1 for o in outputs.values())
+        # Index-based APIs see subgraph 0, the first key in sorted order:
+        # output 0 logits, 1 probabilities.
+        first = runners[min(keys)].get_output_details()
+        assert interpreter.get_input_details()[0]["name"] == f"{min(keys)}_images:0"
+        assert [d["index"] for d in interpreter.get_output_details()] == [
+            first["logits"]["index"], first["probabilities"]["index"]], path
+    assert report["tasks"]["objects"]["export"]["tflite_input"] == {
+        "name": "images", "shape": [1, SIZE, SIZE, 3], "dtype": "uint8"}
+    assert report["bundle"]["tflite_outputs"] == ["logits", "probabilities"]
+    # The SavedModels stay any-size, for servers.
+    signature = tf.saved_model.load(
+        str(exported / report["tasks"]["mnist"]["savedmodel"]["path"])).signatures[
+            "serving_default"]
+    spec = signature.structured_input_signature[1]["images"]
+    assert spec.shape.as_list() == [None, None, None, 3] and spec.dtype == tf.uint8
+    assert set(signature.structured_outputs) == {"logits", "probabilities"}
+
+
+@pytest.fixture(scope="module")
+def pictures(folder, tmp_path_factory):
+    """A test picture at the model's size, and a larger JPEG that the static
+    files get resized on the host."""
+    root = tmp_path_factory.mktemp("predict")
+    small = folder / "mango" / "03.png"
+    big = root / "big.jpg"
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (37, 29, 3), dtype=np.uint8)).save(big, quality=95)
+    return [str(small), str(big)]
+
+
+@pytest.fixture(scope="module")
+def keras_answers(exported, mocked, pictures):
+    """Top-1 label of the Keras networks per (task, picture): on the picture
+    as it is (the SavedModels' input) and resized to S x S (the .tflite files')."""
+    config = _config(exported)
+    answers = {}
+    for spec, name in zip(TASKS, NAMES):
+        endpoint = deploy.nettailor_endpoint(config, data_lib.load_task(spec))
+        raw = parity.keras_predictor(endpoint)
+        resized = parity.resized(raw, SIZE)
+        for picture in pictures:
+            image = np.asarray(Image.open(picture).convert("RGB"))[None]
+            answers[name, picture] = {kind: LABELS[name][int(np.argmax(f(image)[0]))]
+                                      for kind, f in (("raw", raw), ("resized", resized))}
+    return answers
+
+
+def _predict(capsys, *args):
+    capsys.readouterr()
+    code = predict.main(["predict", *args])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return [json.loads(line) for line in out.splitlines()]
+
+
+@pytest.mark.parametrize("model,task,kind", [
+    ("tasks/objects/export/nettailor_float32.tflite", None, "resized"),
+    ("tasks/mnist/export/nettailor_int8.tflite", None, "resized"),
+    ("tasks/objects/export/nettailor_savedmodel", None, "raw"),
+    ("bundle/bundle_float32.tflite", None, "resized"),
+    ("bundle/bundle_float32.tflite", "mnist", "resized"),
+    ("bundle/savedmodel", None, "raw"),
+])
+def test_predict_prints_the_top_classes_of_each_task(exported, pictures, keras_answers, capsys,
+                                                     model, task, kind):
+    args = [f"--model={exported / model}", *(f"--image={p}" for p in pictures), "--top_k=2"]
+    lines = _predict(capsys, *args, *([f"--task={task}"] if task else []))
+    tasks = [task] if task else (NAMES if model.startswith("bundle") else [model.split("/")[1]])
+    assert [line["image"] for line in lines] == pictures
+    for line in lines:
+        assert set(line) == {"image", "tasks", "latency_ms", "peak_memory_mb"}
+        assert line["latency_ms"] > 0 and line["peak_memory_mb"] > 50
+        assert sorted(line["tasks"]) == sorted(tasks)
+        for name, answer in line["tasks"].items():
+            top = answer["top"]
+            assert [t["label"] in LABELS[name] for t in top] == [True, True]
+            assert top[0]["probability"] >= top[1]["probability"] > 0
+            if "int8" not in model:  # the quantised file may differ; parity measures how often
+                assert top[0]["label"] == keras_answers[name, line["image"]][kind], (name, line)
+
+
+def test_the_build_md_python_snippet_runs_on_the_bundle(exported, pictures, keras_answers,
+                                                        tmp_path):
+    text = (pathlib.Path(__file__).resolve().parents[1] / "BUILD.md").read_text(encoding="utf-8")
+    code = re.search(r"<!-- python-bundle-snippet[^\n]*-->\n```python\n(.*?)```", text,
+                     re.S).group(1)
+    assert "bundle, task, picture = " in code
+
+    def snippet(task, picture):
+        edited = re.sub(r"(?m)^bundle, task, picture = .*$",
+                        f"bundle, task, picture = {str(exported / 'bundle')!r}, {task!r}, "
+                        f"{picture!r}", code)
+        run = subprocess.run([sys.executable, "-c", edited], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=120)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
+
+    # At the model's size (PIL's resize is then a copy): the Keras network's answer.
+    assert snippet("objects", pictures[0]) == keras_answers["objects", pictures[0]]["raw"]
+    assert snippet("mnist", pictures[1]) in LABELS["mnist"]  # resized by PIL

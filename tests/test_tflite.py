@@ -124,3 +124,33 @@ def test_bad_variant_and_missing_calibration_are_refused(exported):
         tflite.convert(paths["task_a"], [savedmodel.SERVING_KEY], "int4")
     with pytest.raises(ValueError, match="calibration"):
         tflite.convert(paths["task_a"], [savedmodel.SERVING_KEY], "int8")
+
+
+def test_static_files_take_one_uint8_image_and_list_logits_first(exported):
+    """Every variant of a file converted from the static SavedModel: input
+    `images` uint8 [1, S, S, 3] with no dynamic dimension; output index 0 is
+    `logits`, index 1 `probabilities`; int8 calibration feeds single images."""
+    endpoints, _ = exported
+    with tflite.static_savedmodel(endpoints) as path:
+        contents = {v: tflite.convert(path, list(endpoints), v, lambda: CALIBRATION)
+                    for v in tflite.VARIANTS}
+    image = RNG.integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
+    for variant, content in contents.items():
+        interpreter = Interpreter(model_content=content)
+        assert list(interpreter.get_signature_list()) == ["task_a", "task_b"]
+        for key, endpoint in endpoints.items():
+            runner = interpreter.get_signature_runner(key)
+            details = runner.get_input_details()["images"]
+            assert details["dtype"] == np.uint8, variant
+            assert details["shape_signature"].tolist() == [1, SIZE, SIZE, 3], variant
+            outputs = runner.get_output_details()
+            assert [outputs[n]["name"][-2:] for n in savedmodel.OUTPUT_NAMES] == [":0", ":1"]
+            if variant == "float32":
+                expected = endpoint.model(savedmodel.preprocess(tf.constant(image), SIZE, False))
+                np.testing.assert_allclose(runner(images=image)["logits"], expected.numpy(),
+                                           rtol=1e-4, atol=1e-4)
+        first = interpreter.get_signature_runner("task_a").get_output_details()
+        assert [d["index"] for d in interpreter.get_output_details()] == [
+            first["logits"]["index"], first["probabilities"]["index"]]
+    int8 = tflite.inspect(contents["int8"])
+    assert all(tflite.float_weights(int8, key) == 0 for key in endpoints)

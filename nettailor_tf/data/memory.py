@@ -37,8 +37,9 @@ def _in_memory_task(name: str, spec: str, images: np.ndarray, labels: np.ndarray
         UndecodedSplit(items=images[train_idx], labels=labels[train_idx]),
         UndecodedSplit(items=images[test_idx], labels=labels[test_idx]),
         decode=None, same_size=True)
-    return make_task(name, spec, int(labels.max()) + 1, source, len(train_idx), len(test_idx),
-                     "none")
+    num_classes = int(labels.max()) + 1
+    return make_task(name, spec, num_classes, source, len(train_idx), len(test_idx), "none",
+                     class_names=tuple(str(digit) for digit in range(num_classes)))
 
 
 def _gray_to_rgb_array(gray: np.ndarray) -> np.ndarray:

@@ -94,9 +94,31 @@ class TaskData:
     # makes is made on it, so the test split is only ever reported.
     val: tf.data.Dataset | None = None
     num_val: int = 0
+    # The classes' names in label order (folder names, a tfds ClassLabel's
+    # names, the digits "0".."9"), or None when the source names none; an
+    # export writes them to its labels files (`label_names`).
+    class_names: tuple[str, ...] | None = None
     # Internal fast path set by load_task (not part of the public API): read it
     # with `source_of` / `undecoded_split`, set it with `with_source`.
     _source: UndecodedSource | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.class_names is None:
+            return
+        names = tuple(str(n) for n in self.class_names)
+        if len(names) != self.num_classes:
+            raise task_error(self.spec, f"{len(names)} class names for {self.num_classes} "
+                                        "classes; give one name per class, in label order")
+        object.__setattr__(self, "class_names", names)  # frozen: lists become a tuple
+
+
+def label_names(task: TaskData) -> tuple[str, ...]:
+    """One name per class in label order: the task's `class_names`, or
+    ``class_<i>`` where it has none.  Line breaks become spaces and an empty
+    name becomes ``class_<i>``, so that each name is one line of a labels file."""
+    names = task.class_names or ("",) * task.num_classes
+    lines = (" ".join(name.splitlines()).strip() for name in names)
+    return tuple(line or f"class_{i}" for i, line in enumerate(lines))
 
 
 def build_source(train: UndecodedSplit, test: UndecodedSplit,
@@ -117,12 +139,12 @@ def build_source(train: UndecodedSplit, test: UndecodedSplit,
 
 
 def make_task(name: str, spec: str, num_classes: int, source: UndecodedSource, num_train: int,
-              num_test: int, augment: str) -> TaskData:
+              num_test: int, augment: str, class_names=None) -> TaskData:
     """The `TaskData` a loader returns: `source`'s public datasets, with the
     source attached as the pipelines' fast path."""
     return TaskData(name=name, spec=spec, num_classes=num_classes, train=source.public_train,
                     test=source.public_test, num_train=num_train, num_test=num_test,
-                    augment=augment, _source=source)
+                    augment=augment, class_names=class_names, _source=source)
 
 
 def source_of(task: TaskData) -> UndecodedSource | None:

@@ -157,7 +157,8 @@ def load_tfds(spec: str, ref: str, data_dir: str | None, download: bool) -> Task
                           UndecodedSplit(stream=as_pairs(test_stream)),
                           decode=decode, same_size=False)
     return make_task(ref, spec, num_classes, source, count("train", train_stream),
-                     count(test_split, test_stream), _tfds_augment(name, config))
+                     count(test_split, test_stream), _tfds_augment(name, config),
+                     class_names=_class_names(features["label"], num_classes))
 
 
 def _open_tfds_split(spec: str, builder, split: str) -> tf.data.Dataset:
@@ -252,7 +253,18 @@ def _load_voc_objects(spec: str, ref: str, builder, config: str | None) -> TaskD
     num_train, num_test = count(train), count(test)
     if not num_train or not num_test:
         raise task_error(spec, f"no (non-difficult) objects in the train or {test_split} split")
-    return make_task(ref, spec, num_classes, source, num_train, num_test, "crop_flip")
+    return make_task(ref, spec, num_classes, source, num_train, num_test, "crop_flip",
+                     class_names=_class_names(features["objects"]["label"], num_classes))
+
+
+def _class_names(label_feature, num_classes: int) -> tuple[str, ...] | None:
+    """A ClassLabel's names (its own "0".."N-1" where the dataset names none),
+    or None where it has no usable list."""
+    try:
+        names = tuple(str(name) for name in label_feature.names)
+    except Exception:  # a feature without names; they only label the exports
+        return None
+    return names if len(names) == num_classes else None
 
 
 def _tfds_config_names(tfds, name: str) -> list[str]:

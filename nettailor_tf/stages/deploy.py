@@ -2,6 +2,10 @@
 parity) and `benchmark` (LiteRT latency), per task and for the multi-task
 bundle.
 
+Every .tflite file takes one uint8 image [1, S, S, 3] at the trained size
+(a static input; the SavedModels take any size), and every export carries
+its class names (`labels.txt`; `labels_<signature>.txt` in the bundle).
+
 Each export directory is built aside and renamed into place whole
 (nettailor_tf/atomic.py), with a manifest (`export.json`) that records the
 fingerprint of the weights it came from: a finished export is skipped, a
@@ -26,10 +30,14 @@ from nettailor_tf import data as data_lib
 from nettailor_tf import prune as prune_lib
 from nettailor_tf import visualize
 from nettailor_tf.config import Config
+from nettailor_tf.data.tasks import label_names
 from nettailor_tf.report import Report
 from nettailor_tf.workdir import Workdir
 
 MANIFEST = "export.json"
+# Bumped when the exported files change form (2: static .tflite input and
+# labels files), so that an export of an older form is made again.
+EXPORT_FORMAT = 2
 
 
 def export_dir(config: Config, task) -> str:
@@ -73,7 +81,7 @@ def file_fingerprint(paths: list[str], settings: dict) -> str:
 
 
 def _export_settings(config: Config) -> dict:
-    return {"variants": list(config.export_variants),
+    return {"format": EXPORT_FORMAT, "variants": list(config.export_variants),
             "teacher_variants": list(config.teacher_variants),
             "calibration_images": config.calibration_images,
             "parity_max_images": config.parity_max_images,
@@ -147,34 +155,52 @@ def _read_manifest(directory: str) -> dict | None:
         return json.load(f)
 
 
+def _tflite_interface(config: Config) -> dict:
+    """What every signature of the .tflite files takes and returns (output index order)."""
+    shape = [1, config.image_size, config.image_size, 3]
+    return {"tflite_input": {"name": savedmodel.INPUT_NAME, "shape": shape, "dtype": "uint8"},
+            "tflite_outputs": list(savedmodel.OUTPUT_NAMES)}
+
+
+def _keras_predictors(name: str, endpoint: savedmodel.Endpoint) -> dict:
+    """The Keras references: on the raw images (for the SavedModels) and on
+    the images resized to the model's size (what the .tflite files get)."""
+    keras_predict = parity.keras_predictor(endpoint)
+    return {name: keras_predict, f"{name}_resized": parity.resized(keras_predict,
+                                                                    endpoint.image_size)}
+
+
 def _export_task(config, task, nettailor, teacher, staging, final) -> dict:
     networks = {"nettailor": (nettailor, config.export_variants),
                 "teacher": (teacher, config.teacher_variants)}
     predictors = {}
     files = {}  # artefact name -> (network, format, file name)
     for network, (endpoint, variants) in networks.items():
-        predictors[f"{network}_keras"] = parity.keras_predictor(endpoint)
+        predictors.update(_keras_predictors(f"{network}_keras", endpoint))
         sm_name = f"{network}_savedmodel"
         savedmodel.write_savedmodel(os.path.join(staging, sm_name),
                                     {savedmodel.SERVING_KEY: endpoint})
         predictors[sm_name] = parity.savedmodel_predictor(os.path.join(staging, sm_name))
         files[sm_name] = (network, "savedmodel", sm_name)
         calibration = None
-        for variant in variants:
-            if variant == "int8" and calibration is None:
-                calibration = calibration_images(config, task)
-            content = tflite.convert(os.path.join(staging, sm_name), [savedmodel.SERVING_KEY],
-                                     variant, (lambda c=calibration: c))
-            name = f"{network}_{variant}.tflite"
-            with open(os.path.join(staging, name), "wb") as f:
-                f.write(content)
-            predictors[f"{network}_{variant}"] = parity.tflite_predictor(
-                os.path.join(staging, name), num_threads=latency_lib.all_cores())
-            files[f"{network}_{variant}"] = (network, variant, name)
+        with tflite.static_savedmodel({savedmodel.SERVING_KEY: endpoint}) as static_path:
+            for variant in variants:
+                if variant == "int8" and calibration is None:
+                    calibration = calibration_images(config, task)
+                content = tflite.convert(static_path, [savedmodel.SERVING_KEY], variant,
+                                         (lambda c=calibration: c))
+                name = f"{network}_{variant}.tflite"
+                with open(os.path.join(staging, name), "wb") as f:
+                    f.write(content)
+                predictors[f"{network}_{variant}"] = parity.tflite_predictor(
+                    os.path.join(staging, name), num_threads=latency_lib.all_cores())
+                files[f"{network}_{variant}"] = (network, variant, name)
+    savedmodel.write_labels(os.path.join(staging, savedmodel.LABELS_FILE), label_names(task))
     outcome = parity.run_all(predictors, _test_batches(config, task))
     entries = {}
     for artefact, (network, variant, name) in files.items():
-        agreement = outcome.agreement(artefact, f"{network}_keras")
+        reference = f"{network}_keras" + ("" if variant == "savedmodel" else "_resized")
+        agreement = outcome.agreement(artefact, reference)
         if variant in ("float32", "savedmodel"):
             parity.check_agreement(f"{task.name}: {name}", agreement, config.parity_min_agreement)
         path = os.path.join(final, name)
@@ -189,8 +215,11 @@ def _export_task(config, task, nettailor, teacher, staging, final) -> dict:
         logging.info("%s: %-26s %9.2f MB  accuracy %.4f  agreement %.4f", task.name, name,
                      size / 1e6, entries[artefact]["accuracy"], agreement)
     return {"task": task.name, "test_images": int(len(outcome.labels)),
-            "keras_accuracy": {"nettailor": outcome.accuracy("nettailor_keras"),
-                               "teacher": outcome.accuracy("teacher_keras")},
+            "keras_accuracy": {n: outcome.accuracy(f"{n}_keras") for n in networks},
+            # The Keras networks fed what the .tflite files get (resized to S x S).
+            "keras_accuracy_resized": {n: outcome.accuracy(f"{n}_keras_resized")
+                                       for n in networks},
+            "labels": savedmodel.LABELS_FILE, **_tflite_interface(config),
             "artefacts": entries}
 
 
@@ -202,9 +231,13 @@ def _report_task_export(config: Config, task, report: Report, manifest: dict) ->
         v: artefacts[f"teacher_{v}"] for v in config.teacher_variants}
     report.task(task.name)["savedmodel"] = artefacts["nettailor_savedmodel"]
     report.task(task.name)["teacher_savedmodel"] = artefacts["teacher_savedmodel"]
-    report.task(task.name)["export"] = {"test_images": manifest["test_images"],
-                                        "keras_accuracy": manifest["keras_accuracy"],
-                                        "dir": _rel(config, export_dir(config, task))}
+    folder = export_dir(config, task)
+    report.task(task.name)["export"] = {
+        "test_images": manifest["test_images"], "keras_accuracy": manifest["keras_accuracy"],
+        "keras_accuracy_resized": manifest["keras_accuracy_resized"],
+        "dir": _rel(config, folder),
+        "labels": _rel(config, os.path.join(folder, manifest["labels"])),
+        "tflite_input": manifest["tflite_input"], "tflite_outputs": manifest["tflite_outputs"]}
     report.save()
 
 
@@ -271,14 +304,21 @@ def _export_bundle(config, tasks, staging, final, task_params: dict) -> dict:
     sm_path = os.path.join(staging, "savedmodel")
     savedmodel.write_savedmodel(sm_path, endpoints)
     stored = savedmodel.stored_variables(sm_path)
+    labels = {}
+    for task, key in zip(tasks, endpoints):
+        name = savedmodel.bundle_labels_file(key)
+        savedmodel.write_labels(os.path.join(staging, name), label_names(task))
+        labels[task.name] = _rel(config, os.path.join(final, name))
     used = {id(w): w for e in endpoints.values() for w in e.model.weights}
     # Common calibration for every signature: the same images give the
     # shared universal layers the same quantisation parameters in every task.
     calibration = ([b for t in tasks for b in calibration_images(config, t)]
                    if "int8" in config.bundle_variants else None)
     variants = {}
-    for variant in config.bundle_variants:
-        content = tflite.convert(sm_path, list(endpoints), variant, lambda: calibration)
+    with tflite.static_savedmodel(endpoints) as static_path:
+        converted = {v: tflite.convert(static_path, list(endpoints), v, lambda: calibration)
+                     for v in config.bundle_variants}
+    for variant, content in converted.items():
         name = f"bundle_{variant}.tflite"
         with open(os.path.join(staging, name), "wb") as f:
             f.write(content)
@@ -295,14 +335,15 @@ def _export_bundle(config, tasks, staging, final, task_params: dict) -> dict:
             variants[variant]["float_weights_per_signature"] = left
             variants[variant]["every_signature_quantized"] = not any(left.values())
     for task, key in zip(tasks, endpoints):
-        predictors = {"keras": parity.keras_predictor(endpoints[key]),
+        predictors = {**_keras_predictors("keras", endpoints[key]),
                       "savedmodel": parity.savedmodel_predictor(sm_path, key)}
         for variant in variants:
             predictors[variant] = parity.tflite_predictor(
                 os.path.join(staging, f"bundle_{variant}.tflite"), key, latency_lib.all_cores())
         outcome = parity.run_all(predictors, _test_batches(config, task))
         for name in ["savedmodel", *variants]:
-            agreement = outcome.agreement(name, "keras")
+            agreement = outcome.agreement(name, "keras" if name == "savedmodel"
+                                          else "keras_resized")
             if name in ("savedmodel", "float32"):
                 parity.check_agreement(f"bundle {name}, signature {key}", agreement,
                                        config.parity_min_agreement)
@@ -326,7 +367,9 @@ def _export_bundle(config, tasks, staging, final, task_params: dict) -> dict:
         "within_size_bound": bool(float32 and float32["bytes"] <= bound),
         "unshared_universal_layers": universal.unshared,
         "signatures": {t.name: k for t, k in zip(tasks, endpoints)},
-        "variants": variants,
+        # Keras's ExportArchive adds it for TF Serving: an alias of the first task.
+        "savedmodel_default_signature": next(iter(endpoints)),
+        "labels": labels, **_tflite_interface(config), "variants": variants,
     }
     logging.info("bundle: %d signatures, float32 %s bytes (bound %d), SavedModel %d variables",
                  len(endpoints), bundle["bytes"], bound, len(stored))
@@ -336,7 +379,7 @@ def _export_bundle(config, tasks, staging, final, task_params: dict) -> dict:
 # --- benchmark stage ------------------------------------------------------------------
 
 def _benchmark_image(config: Config, task) -> np.ndarray:
-    """One real test image at the model's size (the in-graph resize is then a copy)."""
+    """One real test image [1, S, S, 3], the static input of the .tflite files."""
     for images, _ in data_lib.eval_pipeline(task, config.image_size, 1):
         return np.clip(np.round(images.numpy()), 0, 255).astype(np.uint8)
     raise artifacts.StageError(f"{task.name}: the test split is empty")
