@@ -378,3 +378,17 @@ def test_the_build_md_python_snippet_runs_on_the_bundle(exported, pictures, kera
     # At the model's size (PIL's resize is then a copy): the Keras network's answer.
     assert snippet("objects", pictures[0]) == keras_answers["objects", pictures[0]]["raw"]
     assert snippet("mnist", pictures[1]) in LABELS["mnist"]  # resized by PIL
+
+
+def test_the_bundle_memory_benchmark_measures_every_way(exported):
+    """benchmarks/bundle_memory.py on this run's files: fresh processes, one per way."""
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
+    try:
+        import bundle_memory
+    finally:
+        sys.path.pop(0)
+    result = bundle_memory.bundle_memory(str(exported), repeats=1)
+    assert result["tasks"] == 2 and result["baseline"] > 10
+    for way in ("separate_files", "separate_files_weight_cache", "bundle",
+                "bundle_weight_cache"):
+        assert -5 < result[way] < 500, (way, result)
