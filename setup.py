@@ -37,6 +37,7 @@ setup(
         "scikit-image>=0.22",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # xdist: the suite runs on both cores (pytest.ini), one file per worker.
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
     },
 )

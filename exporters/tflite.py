@@ -31,6 +31,7 @@ import tensorflow as tf
 from ai_edge_litert import schema_py_generated as schema
 
 from exporters import savedmodel
+from nettailor_tf import quiet
 from nettailor_tf.errors import NetTailorError
 
 VARIANTS = ("float32", "float16", "dynamic", "int8")
@@ -72,7 +73,8 @@ def convert(savedmodel_dir: str, signature_keys: list[str], variant: str,
         converter.representative_dataset = representative_dataset
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     try:
-        return converter.convert()
+        with quiet.native_stderr_filtered():
+            return converter.convert()
     except Exception as error:  # the converter raises many unrelated types
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConversionError(f"TFLite {variant} conversion of {savedmodel_dir} failed: "

@@ -85,6 +85,28 @@ def universal_backbone(config: Config) -> backbones_lib.Backbone:
     return backbone
 
 
+def _read_only_universal_backbone(config: Config) -> backbones_lib.Backbone:
+    """The universal backbone for a network whose task weights are then
+    loaded or copied (so the random draws of building it do not matter).
+
+    With --universal_bn=frozen such a network only reads the backbone (its
+    layers are folded into copies), so one loaded instance per weights file
+    serves the process: the prune search builds a dozen candidates.  With
+    --universal_bn=task the network trains its BN statistics: a fresh copy.
+    """
+    if config.universal_bn != "frozen":
+        return universal_backbone(config)
+    path = backbone_weights_file(config)
+    key = (config.backbone, path, fingerprint(path) if os.path.isfile(path) else path)
+    if key not in _LOADED_BACKBONES:
+        _LOADED_BACKBONES.clear()  # one at a time: a run uses one backbone
+        _LOADED_BACKBONES[key] = universal_backbone(config)
+    return _LOADED_BACKBONES[key]
+
+
+_LOADED_BACKBONES: dict = {}
+
+
 def build_teacher(config: Config, num_classes: int, pretrained: bool = True) -> tuple:
     """A whole backbone with a fresh `num_classes` classifier: (model, backbone)."""
     backbone = backbones_lib.build_backbone(config.backbone)
@@ -125,16 +147,17 @@ def trained_student(config: Config, task) -> tuple:
     if not os.path.exists(path):
         raise StageError(f"{task.name}: no trained student at {path}; run the student stage "
                          f"first (--stages=student)", path=path)
-    backbone = universal_backbone(config)
+    backbone = _read_only_universal_backbone(config)
     student = full_student(config, task.num_classes, backbone)
     prune_lib.load_task_state(student, path)
     return student, backbone
 
 
 def pruned_network(config: Config, task, plan) -> student_lib.Student:
-    """The (untrained) network of a pruning `plan` over the universal blocks."""
-    return student_lib.build_student(universal_backbone(config), task.num_classes, plan,
-                                     config.universal_bn, config.image_size)
+    """The network of a pruning `plan` over the universal blocks, before its
+    task weights are copied or loaded into it."""
+    return student_lib.build_student(_read_only_universal_backbone(config), task.num_classes,
+                                     plan, config.universal_bn, config.image_size)
 
 
 def fine_tuned_network(config: Config, task) -> tuple:

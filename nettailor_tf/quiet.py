@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 
 # Lines TensorFlow prints on every start or on a healthy CPU-only machine.
 _NOTICES = re.compile(
@@ -25,7 +26,10 @@ _NOTICES = re.compile(
     r"|cudart_stub\.cc:\d+\] Could not find cuda drivers"
     r"|cuda_platform\.cc:\d+\] failed call to cuInit"
     r"|cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized"
-    r"|To enable the following instructions: .*rebuild TensorFlow")
+    r"|To enable the following instructions: .*rebuild TensorFlow"
+    # The TFLite converter's calibration and LiteRT's first interpreter.
+    r"|^fully_quantize: \d+, inference_type"
+    r"|^INFO: Created TensorFlow Lite XNNPACK delegate for CPU")
 
 # Python loggers of TensorFlow and its helpers whose INFO/WARNING lines are
 # internals (e.g. retracing hints).
@@ -77,7 +81,10 @@ _LIBRARY_PACKAGES = ("tensorflow", "keras", "tf_keras", "tensorflow_datasets")
 
 
 def quiet_python_loggers() -> None:
-    """TensorFlow's and Keras's Python-side lines at errors only."""
+    """TensorFlow's and Keras's Python-side lines at errors only, and the
+    deprecation warning of the interpreter TensorFlow's converter calibrates
+    with (the project itself runs files on LiteRT's)."""
+    warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated")
     for name in _CHATTY_LOGGERS:
         py_logging.getLogger(name).setLevel(py_logging.ERROR)
     absl_logger = py_logging.getLogger("absl")

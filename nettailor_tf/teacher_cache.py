@@ -78,6 +78,6 @@ def build(teacher, task: data_lib.TaskData, image_size: int, batch_size: int, st
     if targets.logits.shape[0] != task.num_train:
         raise ValueError(f"{task.name}: {targets.logits.shape[0]} teacher targets for "
                          f"{task.num_train} training images")
-    logging.info("%s: the teacher's targets for %d training images computed once (%.0f MB)",
+    logging.debug("%s: the teacher's targets for %d training images computed once (%.0f MB)",
                  task.name, task.num_train, targets.bytes / 1e6)
     return targets

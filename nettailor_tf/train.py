@@ -164,16 +164,22 @@ def make_evaluator(strategy, predict_fn):
     return evaluate
 
 
+# Log lines a stage writes about its steps when stderr is not a terminal
+# (TensorBoard gets every --log_every steps regardless).
+STEP_LINES_PER_STAGE = 3
+
+
 def _progress_reporter(total_steps, log_every, first_step=0):
-    """A Keras progress bar on a terminal; otherwise periodic log lines with
-    the time the stage still needs at the rate measured so far."""
+    """A Keras progress bar on a terminal; otherwise a few log lines per
+    stage with the time it still needs at the rate measured so far."""
     if sys.stderr.isatty():
         bar = keras.utils.Progbar(total_steps, stateful_metrics=["loss", "acc", "img/s", "lr"])
         return lambda step, values: bar.update(step, list(values.items()))
     started = time.monotonic()
+    every = max(log_every, -(-(total_steps - first_step) // STEP_LINES_PER_STAGE))
 
     def log(step, values):
-        if step % log_every == 0 or step == total_steps:
+        if (step - first_step) % every == 0 or step == total_steps:
             text = " ".join(f"{k}={v:.4g}" for k, v in values.items())
             done = step - first_step
             left = (time.monotonic() - started) / max(done, 1) * (total_steps - step)
@@ -412,7 +418,7 @@ class Trainer:
             if step % steps_per_epoch == 0 and (epochs_done % evaluate_every == 0
                                                 or epochs_done == stage.epochs):
                 eval_accuracy = self.evaluate(task, image_size, eval_batch_size, eval_split)
-                logging.info("%s: epoch %d/%d %s accuracy %.4f", task.name,
+                logging.debug("%s: epoch %d/%d %s accuracy %.4f", task.name,
                              step // steps_per_epoch, stage.epochs,
                              "validation" if eval_split == "val" else "test", eval_accuracy)
                 with writer.as_default(step=step):

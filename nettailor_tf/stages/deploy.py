@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from exporters import latency as latency_lib, parity, savedmodel, tflite
-from nettailor_tf import artifacts, atomic
+from nettailor_tf import artifacts, atomic, quiet
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import data as data_lib
 from nettailor_tf import prune as prune_lib
@@ -196,7 +196,8 @@ def _export_task(config, task, nettailor, teacher, staging, final) -> dict:
                     os.path.join(staging, name), num_threads=latency_lib.all_cores())
                 files[f"{network}_{variant}"] = (network, variant, name)
     savedmodel.write_labels(os.path.join(staging, savedmodel.LABELS_FILE), label_names(task))
-    outcome = parity.run_all(predictors, _test_batches(config, task))
+    with quiet.native_stderr_filtered():  # LiteRT's "Created ... delegate" on first use
+        outcome = parity.run_all(predictors, _test_batches(config, task))
     entries = {}
     for artefact, (network, variant, name) in files.items():
         reference = f"{network}_keras" + ("" if variant == "savedmodel" else "_resized")
@@ -212,8 +213,11 @@ def _export_task(config, task, nettailor, teacher, staging, final) -> dict:
             with open(os.path.join(staging, name), "rb") as f:
                 contents = tflite.inspect(f.read())
             entries[artefact]["weight_types"] = contents.weight_types[savedmodel.SERVING_KEY]
-        logging.info("%s: %-26s %9.2f MB  accuracy %.4f  agreement %.4f", task.name, name,
-                     size / 1e6, entries[artefact]["accuracy"], agreement)
+        logging.debug("%s: %-26s %9.2f MB  accuracy %.4f  agreement %.4f", task.name, name,
+                      size / 1e6, entries[artefact]["accuracy"], agreement)
+    logging.info("%s: exported %s", task.name, ", ".join(
+        f"{files[artefact][2]} {e['bytes'] / 1e6:.2f} MB {100 * e['accuracy']:.2f}%"
+        for artefact, e in entries.items()))
     return {"task": task.name, "test_images": int(len(outcome.labels)),
             "keras_accuracy": {n: outcome.accuracy(f"{n}_keras") for n in networks},
             # The Keras networks fed what the .tflite files get (resized to S x S).
@@ -340,7 +344,8 @@ def _export_bundle(config, tasks, staging, final, task_params: dict) -> dict:
         for variant in variants:
             predictors[variant] = parity.tflite_predictor(
                 os.path.join(staging, f"bundle_{variant}.tflite"), key, latency_lib.all_cores())
-        outcome = parity.run_all(predictors, _test_batches(config, task))
+        with quiet.native_stderr_filtered():
+            outcome = parity.run_all(predictors, _test_batches(config, task))
         for name in ["savedmodel", *variants]:
             agreement = outcome.agreement(name, "keras" if name == "savedmodel"
                                           else "keras_resized")
@@ -406,8 +411,9 @@ def run_benchmark(config: Config, strategy, task, report: Report) -> bool:
     image = _benchmark_image(config, task)
     files = {name: (os.path.join(config.workdir, e["path"]), savedmodel.SERVING_KEY)
              for name, e in entries.items()}
-    results = {t: latency_lib.measure_many(files, image, t, config.benchmark_warmup,
-                                           config.benchmark_runs) for t in _threads()}
+    with quiet.native_stderr_filtered():
+        results = {t: latency_lib.measure_many(files, image, t, config.benchmark_warmup,
+                                               config.benchmark_runs) for t in _threads()}
     costs = {"nettailor": report.get(task.name, "pruned"),
              "teacher": report.get(task.name, "teacher")}
     cores = latency_lib.all_cores()
@@ -417,8 +423,11 @@ def run_benchmark(config: Config, strategy, task, report: Report) -> bool:
         entry["latency_ms_all_cores"] = results[cores][(network, variant)].median_ms
         entry["flops"] = costs[network]["flops"]
         entry["params"] = costs[network].get("params_total", costs[network].get("params"))
-        logging.info("%s: %s %s: %.3f ms (1 thread), %.3f ms (%d threads)", task.name, network,
-                     variant, entry["latency_ms"], entry["latency_ms_all_cores"], cores)
+        logging.debug("%s: %s %s: %.3f ms (1 thread), %.3f ms (%d threads)", task.name,
+                      network, variant, entry["latency_ms"], entry["latency_ms_all_cores"], cores)
+    logging.info("%s: latency at 1 thread (ms): %s", task.name, ", ".join(
+        f"{network} {variant} {entry['latency_ms']:.3f}"
+        for (network, variant), entry in entries.items()))
     if "float32" in parts["nettailor"] and "float32" in parts["teacher"]:
         ratio = parts["nettailor"]["float32"]["latency_ms"] / parts["teacher"]["float32"][
             "latency_ms"]

@@ -70,7 +70,7 @@ def search_prune_universal(config, strategy, task, report, student, alphas) -> d
             results[n] = score_candidate(config, strategy, task, student, plan, teacher, n,
                                           split, target, steps)
             atomic.write_text(results_path, json.dumps(results, indent=1) + "\n")
-            logging.info("%s: prune search N=%d: %s accuracy %.4f%s (target %.4f)", task.name,
+            logging.debug("%s: prune search N=%d: %s accuracy %.4f%s (target %.4f)", task.name,
                          n, config.selection_split, results[n]["accuracy"],
                          (f" after {results[n]['steps']} steps"
                           + (" (abandoned halfway)" if results[n].get("abandoned") else ""))
@@ -176,7 +176,10 @@ def run_prune(config: Config, strategy, task, report: Report) -> bool:
                          task.name)
             return False
         num_universal = search["chosen"]
-        logging.info("%s: prune search chose N=%d", task.name, num_universal)
+        logging.info("%s: prune search chose N=%d of the candidates (N: %s accuracy) %s, "
+                     "target %.4f", task.name, num_universal, config.selection_split,
+                     ", ".join(f"{n}: {c['accuracy']:.4f}{'*' if c.get('steps') else ''}"
+                               for n, c in search["candidates"].items()), search["target"])
     else:
         num_universal = config.prune_universal or 0
     pruned = prune_lib.prune_plan(student.plan, alphas, num_universal,
