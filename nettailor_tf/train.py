@@ -166,7 +166,7 @@ def make_evaluator(strategy, predict_fn):
 
 # Log lines a stage writes about its steps when stderr is not a terminal
 # (TensorBoard gets every --log_every steps regardless).
-STEP_LINES_PER_STAGE = 3
+STEP_LINES_PER_STAGE = 2
 
 
 def _progress_reporter(total_steps, log_every, first_step=0):

@@ -425,17 +425,18 @@ def run_benchmark(config: Config, strategy, task, report: Report) -> bool:
         entry["params"] = costs[network].get("params_total", costs[network].get("params"))
         logging.debug("%s: %s %s: %.3f ms (1 thread), %.3f ms (%d threads)", task.name,
                       network, variant, entry["latency_ms"], entry["latency_ms_all_cores"], cores)
-    logging.info("%s: latency at 1 thread (ms): %s", task.name, ", ".join(
-        f"{network} {variant} {entry['latency_ms']:.3f}"
-        for (network, variant), entry in entries.items()))
+    ratios = ""
     if "float32" in parts["nettailor"] and "float32" in parts["teacher"]:
         ratio = parts["nettailor"]["float32"]["latency_ms"] / parts["teacher"]["float32"][
             "latency_ms"]
         flops_ratio = costs["nettailor"]["flops"] / costs["teacher"]["flops"]
         report.task(task.name)["latency_ratio_float32"] = ratio
         report.task(task.name)["flops_ratio"] = flops_ratio
-        logging.info("%s: NetTailor/teacher float32 latency %.3f, multiply-adds %.3f", task.name,
-                     ratio, flops_ratio)
+        ratios = (f"; NetTailor/teacher float32: latency {ratio:.3f}, multiply-adds "
+                  f"{flops_ratio:.3f}")
+    logging.info("%s: latency at 1 thread (ms): %s%s", task.name, ", ".join(
+        f"{network} {variant} {entry['latency_ms']:.3f}"
+        for (network, variant), entry in entries.items()), ratios)
     report.save()
     return True
 
