@@ -222,4 +222,12 @@ def _bundle_section(bundle: dict | None) -> list[str]:
                       f"(universal + task-specific parameters) = "
                       f"{bundle['size_bound_bytes'] / 1e6:.2f} MB: "
                       f"{'within' if bundle['within_size_bound'] else 'OVER'}."]
+    memory = bundle.get("memory_mb")
+    if memory:
+        lines += ["", "Peak memory of a fresh process running every task once (float32, "
+                      f"1 thread; MB above the runtime's {memory['baseline']:.1f} MB):", "",
+                  "| | per-task files | bundle |", "| --- | --- | --- |",
+                  f"| plain | {memory['separate_files']:.1f} | {memory['bundle']:.1f} |",
+                  f"| XNNPACK weight cache | {memory['separate_files_weight_cache']:.1f} | "
+                  f"{memory['bundle_weight_cache']:.1f} |"]
     return lines + [""]

@@ -8,3 +8,17 @@ def mocked_svhn():
     """tfds's mock data: 48 random images per split of any dataset."""
     with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
         yield
+
+
+# The longest files go first: with pytest-xdist (pytest.ini) a file runs on
+# one worker, and the longest one dispatched last keeps the other core idle.
+_LONGEST_FIRST = ("test_own_data.py", "test_faults.py", "test_benchmarks.py",
+                  "test_stages_deploy.py", "test_main.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file is kept

@@ -63,3 +63,15 @@ def test_a_damaged_report_is_one_clear_error(tmp_path):
     (tmp_path / "report.json").write_text('{"backbone": "tiny", "tas')
     with pytest.raises(WorkdirError, match=r"report.json cannot be read .*delete it"):
         Report(str(tmp_path), "tiny", 16)
+
+
+def test_the_bundle_memory_table():
+    from nettailor_tf.report import render_markdown
+
+    bundle = {"savedmodel_path": "bundle/savedmodel", "savedmodel_variables": 3,
+              "signatures": {"a": "a"}, "universal_params": 10, "task_specific_params": {"a": 1},
+              "variants": {}, "memory_mb": {"baseline": 43.8, "separate_files": 53.9,
+                                            "separate_files_weight_cache": 37.3,
+                                            "bundle": 47.5, "bundle_weight_cache": 26.4}}
+    text = render_markdown({"backbone": "tiny", "image_size": 16, "tasks": {}, "bundle": bundle})
+    assert "| XNNPACK weight cache | 37.3 | 26.4 |" in text and "runtime's 43.8 MB" in text

@@ -23,7 +23,9 @@ import keras
 import numpy as np
 from absl import logging
 
-from exporters import latency as latency_lib, parity, savedmodel, tflite
+from exporters import latency as latency_lib
+from exporters import memory as memory_lib
+from exporters import parity, savedmodel, tflite
 from nettailor_tf import artifacts, atomic, quiet
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import data as data_lib
@@ -453,10 +455,27 @@ def benchmark_bundle(config: Config, tasks, report: Report) -> None:
                                             config.benchmark_runs)
         bundle["latency"] = {variant: {task.name: measured[(variant, task.name)].median_ms
                                        for task in tasks} for variant in bundle["variants"]}
+        if "float32" in bundle["variants"]:
+            bundle["memory_mb"] = _bundle_memory(config, tasks, report, bundle)
+            logging.info("bundle: peak memory running every task once (MB over a %.1f MB "
+                         "runtime): separate files %.1f, bundle %.1f, bundle with XNNPACK's "
+                         "weight cache %.1f", *(bundle["memory_mb"][k] for k in (
+                             "baseline", "separate_files", "bundle", "bundle_weight_cache")))
     png = os.path.join(config.workdir, "deployment.png")
     visualize.plot_deployment(png, report.data)
     report.data["deployment_png"] = _rel(config, png)
     report.save()
+
+
+def _bundle_memory(config: Config, tasks, report: Report, bundle: dict) -> dict:
+    """Peak memory of running every task once: separate float32 files
+    against the float32 bundle, with and without XNNPACK's weight cache
+    (one process each: about a second apiece)."""
+    separate = [os.path.join(config.workdir, report.get(task.name, "tflite")["float32"]["path"])
+                for task in tasks]
+    return memory_lib.bundle_memory(
+        separate, os.path.join(config.workdir, bundle["variants"]["float32"]["path"]),
+        repeats=1)
 
 
 BUNDLE_FINISHERS = {"export": export_bundle, "benchmark": benchmark_bundle}
