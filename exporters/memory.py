@@ -60,11 +60,14 @@ def bundle_memory(separate: list[str], bundle: str, repeats: int = 3) -> dict:
     baseline = measure([], repeats=repeats)
     result = {"baseline": round(baseline, 1)}
     with tempfile.TemporaryDirectory() as folder:
-        cache = os.path.join(folder, "xnnpack_cache")
+        # A cache file per way (and per repeat and model, in `measure`): a
+        # cache packed for another model must never be read.
         for name, files, cache in (("separate_files", separate, ""),
-                                   ("separate_files_weight_cache", separate, cache),
+                                   ("separate_files_weight_cache", separate,
+                                    os.path.join(folder, "separate_cache")),
                                    ("bundle", [bundle], ""),
-                                   ("bundle_weight_cache", [bundle], cache)):
+                                   ("bundle_weight_cache", [bundle],
+                                    os.path.join(folder, "bundle_cache"))):
             result[name] = round(measure(files, cache, repeats) - baseline, 1)
     result["tasks"] = len(separate)
     result["repeats"] = repeats
