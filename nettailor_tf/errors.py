@@ -17,3 +17,8 @@ class NetTailorError(Exception):
         super().__init__(message)
         self.flag = flag
         self.path = path
+
+
+class TrainingError(NetTailorError, RuntimeError):
+    """A training run that cannot go on (a diverged loss, no readable
+    checkpoint); the message says what the next run will do."""

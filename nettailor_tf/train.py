@@ -27,32 +27,12 @@ from absl import logging
 
 from nettailor_tf import data as data_lib
 from nettailor_tf.config import STRATEGIES
-from nettailor_tf.errors import NetTailorError
+from nettailor_tf.checkpoints import TrainingCheckpoints
+from nettailor_tf.errors import NetTailorError, TrainingError  # noqa: F401 (re-exported)
 from nettailor_tf.schedules import Schedule, StagePlan
 
 
-def model_weights_by_path(model) -> dict:
-    """Every weight of `model` keyed by its Keras path.
-
-    TensorFlow's object-graph tracking does not see layers that a subclassed
-    Keras 3 model holds in lists, so a checkpoint of `model` itself would
-    silently miss them (and restore nothing there); paths name them all.
-    Layers built on their own (BN-folded copies) can share a path: those get
-    a numbered suffix in `model.weights` order, which a rebuilt model repeats.
-    """
-    weights, seen = {}, {}
-    for variable in model.weights:
-        key = variable.path.replace("/", ".")
-        seen[key] = seen.get(key, 0) + 1
-        weights[key if seen[key] == 1 else f"{key}.{seen[key]}"] = variable
-    return weights
-
-
 _EVALUATIONS_PER_STAGE = 10
-
-
-class TrainingError(NetTailorError, RuntimeError):
-    """A run that cannot go on (for example a non-finite loss); one line."""
 
 
 def make_strategy(name: str, num_cpu_devices: int = 1) -> tf.distribute.Strategy:
@@ -341,26 +321,12 @@ class Trainer:
         stage = self.build_steps(steps_per_epoch)
         total_steps = stage.total_steps
         logging.info("%s: %s", task.name, stage.describe(schedule))
-        checkpoint = tf.train.Checkpoint(weights=model_weights_by_path(self.model),
-                                         optimizer=self.optimizer, step=self.step)
-        manager = tf.train.CheckpointManager(checkpoint, self.checkpoint_dir, max_to_keep=2)
-        for path in reversed(manager.checkpoints):
-            # A damaged newest checkpoint (a disk that filled, a copy cut
-            # short) falls back to the one before it.
-            try:
-                checkpoint.restore(path).assert_existing_objects_matched()
-            except Exception as error:  # a damaged file raises many types (IndexError, ...)
-                logging.warning("%s: checkpoint %s cannot be read (%s); trying the one before",
-                                task.name, path, type(error).__name__)
-                continue
-            logging.info("%s: resuming from %s (step %d of %d)", task.name, path,
+        checkpoints = TrainingCheckpoints(self.checkpoint_dir, self.model, self.optimizer,
+                                          self.step, task.name)
+        restored = checkpoints.restore()
+        if restored:
+            logging.info("%s: resuming from %s (step %d of %d)", task.name, restored,
                          int(self.step.numpy()), total_steps)
-            break
-        else:
-            if manager.checkpoints:
-                raise TrainingError(f"{task.name}: no checkpoint in {self.checkpoint_dir} can "
-                                    f"be read; delete that folder to start the stage over",
-                                    path=self.checkpoint_dir)
         resumed_from = int(self.step.numpy())
         writer = (tf.summary.create_file_writer(self.summary_dir) if self.summary_dir
                   else tf.summary.create_noop_writer())
@@ -384,11 +350,8 @@ class Trainer:
             for batch in dataset:
                 stats = {k: float(v) for k, v in self.train_step(batch).items()}
                 step += 1
-                if not math.isfinite(stats["loss"]):
-                    # The last checkpoint is from before this step: keep it.
-                    raise TrainingError(
-                        f"{task.name}: loss became {stats['loss']} at step {step}; the last good "
-                        f"checkpoint is kept in {self.checkpoint_dir} (lower the learning rate?)")
+                # Per replica: the reduced loss is the sum over replicas.
+                checkpoints.observe(stats["loss"] / self.strategy.num_replicas_in_sync, step)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
@@ -409,7 +372,7 @@ class Trainer:
                                 tf.summary.scalar(f"train/{k}", v / count / self.strategy.num_replicas_in_sync)
                 end_of_epoch = step % steps_per_epoch == 0
                 if step % self.checkpoint_every == 0 or end_of_epoch or step == stop_at:
-                    manager.save(checkpoint_number=step)
+                    checkpoints.save(step, final=step == total_steps)
                 if end_of_epoch or step == stop_at:
                     break
             train_time += time.perf_counter() - tic

@@ -27,8 +27,8 @@ STAGE_MARKERS = {"teacher": ("teacher stage: fine-tuning", 2.5), "student": ("st
                  "export": ("exporting to", 2.5), "benchmark": ("benchmark stage:", 0.8)}
 
 
-def _command(workdir):
-    return [sys.executable, "-m", "nettailor_tf.main", f"--workdir={workdir}", *ARGS]
+def _command(workdir, *extra):
+    return [sys.executable, "-m", "nettailor_tf.main", f"--workdir={workdir}", *ARGS, *extra]
 
 
 def _run_to_end(workdir):
@@ -37,11 +37,11 @@ def _run_to_end(workdir):
     return result.stderr
 
 
-def _run_and_kill(workdir, marker, delay):
+def _run_and_kill(workdir, marker, delay, *extra):
     """Starts the run, waits for `marker` in its log, then `delay` seconds
     more, and SIGKILLs it.  Returns whether the kill landed (the run may
     finish first)."""
-    process = subprocess.Popen(_command(workdir), stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(_command(workdir, *extra), stderr=subprocess.PIPE, text=True)
     seen = threading.Event()
 
     def read():
@@ -127,3 +127,25 @@ def test_killed_at_random_points_of_every_stage_then_resumed_ends_the_same(tmp_p
     assert (workdir / report["deployment_png"]).stat().st_size > 0
     export = workdir / "tasks" / "digits" / "export"
     assert json.loads((export / "export.json").read_text())["artefacts"]["nettailor_float32"]
+
+    # A restart from the student stage throws away the student and everything
+    # made from it (plan, fine-tuned weights, exports); killed in the middle of
+    # the new student and again in the new fine-tuning, the run still ends on
+    # the very same results: nothing stale is reused, nothing is lost.
+    old_plan_time = (workdir / "tasks" / "digits" / "plan.json").stat().st_mtime_ns
+    restart_kills = [_run_and_kill(workdir, "student stage:", float(rng.uniform(0.5, 2.5)),
+                                   "--restart_from=student"),
+                     _run_and_kill(workdir, "finetune stage:", float(rng.uniform(0.1, 2.5)))]
+    assert all(restart_kills), restart_kills
+    log = _run_to_end(workdir)
+    # The kill cut the new fine-tuning short, and the exports of the old one
+    # are stale: both are made again.
+    assert "finetune stage already done" not in log, log[-3000:]
+    assert "export stage already done" not in log, log[-3000:]
+    got = _results(workdir)
+    assert (workdir / "tasks" / "digits" / "plan.json").stat().st_mtime_ns != old_plan_time
+    for key in ("teacher", "student", "gates", "pruned", "flops", "agreement", "plan"):
+        assert got[key] == expected[key], (key, "after the restart")
+    for name, value in expected["weights"].items():
+        np.testing.assert_array_equal(got["weights"][name], value, err_msg=name)
+    assert _leftovers(workdir) == []

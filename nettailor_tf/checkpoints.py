@@ -1,0 +1,235 @@
+"""Training checkpoints that are safe to resume from.
+
+A checkpoint is only worth resuming from if the network in it was healthy.
+The loop hands every step's loss to `TrainingCheckpoints.observe`, which
+keeps the mean of the last `WINDOW` losses and the best such mean of the
+stage (kept in ``health.json`` beside the checkpoints, so it survives a
+restart):
+
+* a save is made only while that mean is finite and at most `SAVE_FACTOR`
+  times the best: a loss on its way up is not frozen into a checkpoint;
+* a non-finite loss, or a mean above `DIVERGED_FACTOR` times the best, is a
+  divergence: the checkpoints saved after the last healthy one are dropped
+  and `TrainingError` names the checkpoint a rerun (say with a lower learning
+  rate) will resume from.
+
+The optimizer's slots (momentum, the loss scale) are stored under the name
+of the model weight they belong to, never by their position in the
+optimizer's list: two weights of one shape swapped in order would otherwise
+load each other's momentum without a word.
+
+Restoring tries the newest checkpoint first and falls back to the one before
+when a file is damaged (a full disk, a copy cut short), with a warning.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+
+import tensorflow as tf
+from absl import logging
+
+from nettailor_tf import atomic
+from nettailor_tf.errors import TrainingError
+
+WINDOW = 20          # steps in the mean loss that is judged
+MIN_STEPS = 5        # a mean of fewer steps is too noisy to judge
+SAVE_FACTOR = 3.0    # a save needs mean <= SAVE_FACTOR x best
+DIVERGED_FACTOR = 10.0  # mean > DIVERGED_FACTOR x best stops the run
+HEALTH_FILE = "health.json"
+KEEP = 2             # checkpoints kept
+
+
+def weights_by_path(model) -> dict:
+    """Every weight of `model` keyed by its Keras path.
+
+    TensorFlow's object-graph tracking does not see layers that a subclassed
+    Keras 3 model holds in lists, so a checkpoint of `model` itself would
+    silently miss them (and restore nothing there); paths name them all.
+    Layers built on their own (BN-folded copies) can share a path: those get
+    a numbered suffix in `model.weights` order, which a rebuilt model repeats.
+    """
+    return _unique_keys((variable.path.replace("/", "."), variable)
+                        for variable in model.weights)
+
+
+def optimizer_state_by_name(optimizer) -> dict:
+    """Every variable of a Keras 3 optimizer keyed by its name, which for a
+    slot holds the path of the weight it belongs to (``<path>_momentum``).
+
+    The optimizer's own prefix (``sgd``, ``sgd_1``, ...) depends on how many
+    optimizers the process made, so it is replaced by ``outer``/``inner`` (the
+    loss-scale optimizer wraps an inner one)."""
+    inner = getattr(optimizer, "inner_optimizer", None)
+    inner_ids = {id(v) for v in inner.variables} if inner is not None else set()
+    return _unique_keys((f"{'inner' if id(v) in inner_ids else 'outer'}.{v.name}", v)
+                        for v in optimizer.variables)
+
+
+def _unique_keys(pairs) -> dict:
+    found, seen = {}, {}
+    for key, variable in pairs:
+        seen[key] = seen.get(key, 0) + 1
+        found[key if seen[key] == 1 else f"{key}.{seen[key]}"] = variable
+    return found
+
+
+class LossHealth:
+    """The mean of the last `WINDOW` losses against the best such mean."""
+
+    def __init__(self, best: float = math.inf):
+        self.best = best
+        self.recent = collections.deque(maxlen=WINDOW)
+        self.non_finite = None
+
+    def add(self, loss: float) -> None:
+        if not math.isfinite(loss):
+            self.non_finite = loss
+            return
+        self.recent.append(loss)
+        if len(self.recent) >= MIN_STEPS:
+            self.best = min(self.best, self.mean)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.recent) / len(self.recent) if self.recent else math.nan
+
+    def ratio(self) -> float:
+        """The recent mean over the best; 1 while there is nothing to judge."""
+        if len(self.recent) < MIN_STEPS or not math.isfinite(self.best) or self.best <= 0:
+            return 1.0
+        return self.mean / self.best
+
+    def diverged(self) -> bool:
+        return self.non_finite is not None or self.ratio() > DIVERGED_FACTOR
+
+    def healthy(self) -> bool:
+        return self.non_finite is None and self.ratio() <= SAVE_FACTOR
+
+
+class TrainingCheckpoints:
+    """The checkpoints of one training stage, in `directory`.
+
+    Args:
+        directory: where the checkpoint files and ``health.json`` live.
+        model: the Keras model whose weights are saved.
+        optimizer: the built Keras optimizer.
+        step: the loop's step counter (a tf.Variable).
+        label: names the run in messages (the task).
+    """
+
+    def __init__(self, directory: str, model, optimizer, step, label: str):
+        self.directory = directory
+        self.label = label
+        self.checkpoint = tf.train.Checkpoint(weights=weights_by_path(model),
+                                              optimizer=optimizer_state_by_name(optimizer),
+                                              step=step)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=KEEP)
+        self.losses = {}  # checkpoint path -> the mean loss when it was saved
+        self.health = LossHealth()
+        self._read_health()
+        self._held_back_warned = False
+
+    # --- health.json -----------------------------------------------------------
+
+    def _health_path(self) -> str:
+        return os.path.join(self.directory, HEALTH_FILE)
+
+    def _read_health(self) -> None:
+        try:
+            with open(self._health_path(), encoding="utf-8") as f:
+                stored = json.load(f)
+            self.health.best = math.inf if stored["best"] is None else float(stored["best"])
+            self.losses = {os.path.join(self.directory, name): float(loss)
+                           for name, loss in stored["checkpoints"].items()}
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError, AttributeError):
+            logging.warning("%s: %s cannot be read; the loss history starts afresh",
+                            self.label, self._health_path())
+
+    def _write_health(self) -> None:
+        kept = set(self.manager.checkpoints)
+        atomic.write_text(self._health_path(), json.dumps({
+            "best": self.health.best if math.isfinite(self.health.best) else None,
+            "checkpoints": {os.path.basename(path): loss for path, loss in self.losses.items()
+                            if path in kept}}, indent=1))
+
+    # --- restore, save, roll back ------------------------------------------------
+
+    def restore(self) -> str | None:
+        """Restores the newest readable checkpoint; None when there is none."""
+        for path in reversed(self.manager.checkpoints):
+            try:
+                self.checkpoint.restore(path).assert_existing_objects_matched()
+            except Exception as error:  # a damaged file raises many types (IndexError, ...)
+                logging.warning("%s: checkpoint %s cannot be read (%s); trying the one before",
+                                self.label, path, type(error).__name__)
+                continue
+            return path
+        if self.manager.checkpoints:
+            raise TrainingError(f"{self.label}: no checkpoint in {self.directory} can be read; "
+                                f"delete that folder to start the stage over",
+                                path=self.directory)
+        return None
+
+    def observe(self, loss: float, step: int) -> None:
+        """Takes one step's loss; on a divergence rolls back and raises."""
+        self.health.add(loss)
+        if self.health.diverged():
+            self._roll_back(step)
+
+    def save(self, step: int, final: bool = False) -> bool:
+        """Saves at `step` if the recent loss is healthy (the last step of a
+        stage always saves: its network is the result, judged by accuracy)."""
+        if not final and not self.health.healthy():
+            if not self._held_back_warned:
+                logging.warning("%s: the loss (%.4g over the last %d steps) is %.1f times its "
+                                "best; no checkpoint is saved until it comes back down",
+                                self.label, self.health.mean, len(self.health.recent),
+                                self.health.ratio())
+                self._held_back_warned = True
+            return False
+        self._held_back_warned = False
+        path = self.manager.save(checkpoint_number=step)
+        self.losses[path] = self.health.mean
+        self._write_health()
+        return True
+
+    def _roll_back(self, step: int) -> None:
+        limit = SAVE_FACTOR * self.health.best
+        kept = list(self.manager.checkpoints)
+        while kept and not self.losses.get(kept[-1], math.inf) <= limit:
+            kept.pop()
+        dropped = [p for p in self.manager.checkpoints if p not in kept]
+        for path in dropped:
+            for name in tf.io.gfile.glob(path + ".*"):
+                tf.io.gfile.remove(name)
+        if dropped and kept:
+            tf.compat.v1.train.update_checkpoint_state(
+                self.directory, kept[-1], all_model_checkpoint_paths=kept)
+        elif dropped:  # nothing healthy: the stage starts over
+            for name in ("checkpoint", HEALTH_FILE):
+                if tf.io.gfile.exists(os.path.join(self.directory, name)):
+                    tf.io.gfile.remove(os.path.join(self.directory, name))
+        if dropped:
+            self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory,
+                                                      max_to_keep=KEEP)
+            if kept:
+                self._write_health()
+        if self.health.non_finite is not None:
+            what = f"the loss became {self.health.non_finite}"
+        else:
+            what = (f"the loss diverged to {self.health.mean:.4g} (mean of the last "
+                    f"{len(self.health.recent)} steps; best {self.health.best:.4g})")
+        if kept:
+            where = (f"rolled back to the last healthy checkpoint, {os.path.basename(kept[-1])} "
+                     f"in {self.directory}")
+        else:
+            where = f"no healthy checkpoint in {self.directory}; the stage starts over"
+        if dropped:
+            where += f" ({len(dropped)} later one(s) dropped)"
+        raise TrainingError(f"{self.label}: {what} at step {step}; {where}. Rerun with a lower "
+                            f"learning rate to go on from there", path=self.directory)

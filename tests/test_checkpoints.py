@@ -1,0 +1,221 @@
+"""Checkpoints worth resuming from: every weight and optimizer slot by name, no
+save while the loss is running away, a roll-back to the last healthy one on a
+divergence, and a fall-back past a damaged file."""
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from nettailor_tf import backbones, checkpoints, data, train
+from nettailor_tf.losses import cross_entropy
+
+SCHEDULE = train.Schedule(epochs=2, batch_size=32, learning_rate=0.05, decay_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_task("digits")
+
+
+def _trainer(tmp_dir, schedule=SCHEDULE, seed=0, loss_scale=None):
+    """A tiny classifier's trainer; `loss_scale` (a tf.Variable) multiplies the
+    loss, as a learning rate far too high would."""
+    keras.utils.set_random_seed(seed)
+    strategy = tf.distribute.get_strategy()
+    model = backbones.classifier_model(backbones.build_backbone("tiny"), 10)
+
+    def loss_fn(images, labels, training):
+        logits, _ = model(images, training=training)
+        loss = cross_entropy(logits, labels)
+        return (loss if loss_scale is None else loss * loss_scale), logits, {}
+
+    trainer = train.Trainer(strategy, model, loss_fn, model.trainable_variables,
+                            model.trainable_variables, schedule, checkpoint_dir=str(tmp_dir),
+                            checkpoint_every=10, log_every=10)
+    return trainer, model
+
+
+def test_checkpoint_holds_every_weight_of_a_subclassed_student(tmp_path):
+    # TF's object graph misses layers a Keras 3 subclassed model keeps in
+    # lists (the student's gates and proxies): the trainer keys weights by path.
+    from nettailor_tf import student as student_lib
+    backbone = backbones.build_backbone("tiny")
+    plan = student_lib.Plan.full(4, 3)
+    student = student_lib.build_student(backbone, 10, plan, "frozen", 16)
+    weights = checkpoints.weights_by_path(student)
+    assert len(weights) == len(student.weights)
+    checkpoint = tf.train.Checkpoint(weights=weights)
+    path = checkpoint.save(str(tmp_path / "ckpt"))
+    gate = student.block(3).gate.logits
+    moving_mean = student.block(3).proxies[0].convs[-1].bn.moving_mean
+    saved_gate, saved_mean = gate.numpy(), moving_mean.numpy()
+    gate.assign(gate.numpy() + 1.0)
+    moving_mean.assign(moving_mean.numpy() + 1.0)
+    checkpoint.restore(path).assert_existing_objects_matched()
+    np.testing.assert_array_equal(gate.numpy(), saved_gate)
+    np.testing.assert_array_equal(moving_mean.numpy(), saved_mean)
+
+
+def test_checkpoint_keys_stay_unique_when_folded_layers_share_a_path():
+    # EfficientNet's folded stem and head both hold a ConvBN named "conv".
+    from nettailor_tf import student as student_lib
+    backbone = backbones.build_backbone("efficientnet_lite0")
+    student = student_lib.build_student(backbone, 10, student_lib.Plan.full(16, 3), "frozen", 32)
+    weights = checkpoints.weights_by_path(student)
+    assert len(weights) == len(student.weights)
+
+
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(digits, tmp_path, caplog):
+    first, _ = _trainer(tmp_path)
+    first.fit(digits, 16, seed=3, max_steps=25)  # checkpoints at steps 20 and 25
+    newest = tf.train.latest_checkpoint(str(tmp_path))
+    assert newest.endswith("-25") or "ckpt" in newest
+    data_files = [p for p in tmp_path.iterdir() if p.name.startswith(os.path.basename(newest))
+                  and ".data" in p.name]
+    for path in data_files:
+        path.write_bytes(path.read_bytes()[:100])  # cut short, as a full disk would
+    second, _ = _trainer(tmp_path, seed=99)
+    with caplog.at_level("WARNING", logger="absl"):
+        result = second.fit(digits, 16, seed=3, max_steps=30)
+    assert any("cannot be read" in r.getMessage() and "trying the one before" in r.getMessage()
+               for r in caplog.records)
+    assert result.resumed_from_step == 20
+
+
+def test_no_readable_checkpoint_is_one_clear_error(digits, tmp_path):
+    first, _ = _trainer(tmp_path)
+    first.fit(digits, 16, seed=3, max_steps=25)
+    for path in tmp_path.iterdir():
+        if ".data" in path.name:
+            path.write_bytes(b"")
+    second, _ = _trainer(tmp_path)
+    with pytest.raises(train.TrainingError, match="no checkpoint in .* can be read; delete"):
+        second.fit(digits, 16, seed=3)
+
+
+def test_a_loss_that_blows_up_at_once_leaves_no_checkpoint_to_resume(digits, tmp_path):
+    trainer, _ = _trainer(tmp_path, train.Schedule(2, 32, 1e12, 1))
+    with pytest.raises(train.TrainingError,
+                       match=r"digits: the loss (became|diverged).* at step \d+; no healthy "
+                             r"checkpoint in .*; the stage starts over\. Rerun with a lower"):
+        trainer.fit(digits, 16, seed=0)
+    assert tf.train.latest_checkpoint(str(tmp_path)) is None
+
+
+def test_a_divergence_rolls_back_to_the_last_healthy_checkpoint_and_a_rerun_learns(
+        digits, tmp_path):
+    # The loss is multiplied by 1e4 from step 25 on: the weights blow up within
+    # a few steps, as with a learning rate far too high.
+    boost = tf.Variable(1.0, trainable=False)
+    calls = tf.Variable(0, trainable=False)
+
+    def boosted(images, labels, training):
+        calls.assign_add(1)
+        boost.assign(tf.where(calls > 25, 1e4, 1.0))
+        return boost
+
+    trainer, _ = _trainer(tmp_path, loss_scale=None)
+    inner = trainer.loss_fn
+    trainer.loss_fn = lambda images, labels, training: (
+        lambda out: (out[0] * boosted(images, labels, training), out[1], out[2]))(
+        inner(images, labels, training))
+    with pytest.raises(train.TrainingError) as info:
+        trainer.fit(digits, 16, seed=3)
+    message = str(info.value)
+    assert "rolled back to the last healthy checkpoint, ckpt-20" in message, message
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-20")
+    health = json.loads((tmp_path / checkpoints.HEALTH_FILE).read_text())
+    # Every checkpoint kept was saved while the loss was near its best.
+    assert all(loss <= checkpoints.SAVE_FACTOR * health["best"]
+               for loss in health["checkpoints"].values())
+
+    # The rerun (a sane loss now, as after lowering the learning rate) goes on
+    # from step 20 and learns: far above chance (0.1).
+    rerun, _ = _trainer(tmp_path, seed=99)
+    result = rerun.fit(digits, 16, seed=3)
+    assert result.resumed_from_step == 20
+    assert result.test_accuracy > 0.3
+
+
+def _tiny_model(name):
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(4, name="first")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(4, name="second")(hidden), name=name)
+
+
+def test_optimizer_slots_are_restored_by_weight_name_not_position(tmp_path):
+    model = _tiny_model("net")
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+    optimizer.build(model.trainable_variables)
+    for k, slot in enumerate(optimizer.momentums):
+        slot.assign(np.full(slot.shape, float(k + 1), np.float32))
+    saved = {v.path: optimizer.momentums[optimizer._get_variable_index(v)].numpy()
+             for v in model.trainable_variables}
+    step = tf.Variable(0, dtype=tf.int64)
+    checkpoints.TrainingCheckpoints(str(tmp_path), model, optimizer, step, "t").save(1)
+
+    # The same network, its weights handed to the optimizer in reverse order:
+    # the two kernels (and the two biases) have one shape, so a restore by
+    # position would swap their momentum without an error.
+    again = _tiny_model("net")
+    reordered = keras.optimizers.SGD(0.1, momentum=0.9)
+    reordered.build(list(reversed(again.trainable_variables)))
+    restored = checkpoints.TrainingCheckpoints(str(tmp_path), again, reordered,
+                                               tf.Variable(0, dtype=tf.int64), "t").restore()
+    assert restored.endswith("ckpt-1")
+    for v in again.trainable_variables:
+        np.testing.assert_array_equal(
+            reordered.momentums[reordered._get_variable_index(v)].numpy(), saved[v.path],
+            err_msg=v.path)
+
+
+def test_a_save_is_held_back_while_the_loss_is_high_and_dropped_if_it_diverges(tmp_path):
+    model = _tiny_model("net")
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+    optimizer.build(model.trainable_variables)
+    keeper = checkpoints.TrainingCheckpoints(str(tmp_path), model, optimizer,
+                                             tf.Variable(0, dtype=tf.int64), "t")
+
+    def feed(loss, steps):
+        for _ in range(steps):
+            keeper.observe(loss, 0)
+
+    feed(1.0, 20)
+    assert keeper.save(20)
+    feed(2.5, 20)                  # 2.5 x the best: still saved
+    assert keeper.save(40)
+    feed(5.0, 20)                  # 5 x: held back, not yet a divergence
+    assert not keeper.save(60)
+    assert keeper.save(60, final=True)  # a stage's last step always saves
+    assert [os.path.basename(p) for p in keeper.manager.checkpoints] == ["ckpt-40", "ckpt-60"]
+
+    # After the best improves to 0.5, ckpt-60 (saved at 5.0) is no longer
+    # healthy, ckpt-40 (2.5) neither: a divergence drops both.
+    feed(0.5, 20)
+    with pytest.raises(train.TrainingError, match=r"no healthy checkpoint .* \(2 later one"):
+        feed(math.nan, 1)
+    assert tf.train.latest_checkpoint(str(tmp_path)) is None
+    assert not (tmp_path / checkpoints.HEALTH_FILE).exists()
+
+
+def test_the_best_loss_survives_a_restart(tmp_path):
+    model = _tiny_model("net")
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+    optimizer.build(model.trainable_variables)
+    first = checkpoints.TrainingCheckpoints(str(tmp_path), model, optimizer,
+                                            tf.Variable(0, dtype=tf.int64), "t")
+    for _ in range(20):
+        first.observe(0.2, 0)
+    first.save(20)
+    second = checkpoints.TrainingCheckpoints(str(tmp_path), model, optimizer,
+                                             tf.Variable(0, dtype=tf.int64), "t")
+    assert second.health.best == pytest.approx(0.2)
+    for _ in range(checkpoints.MIN_STEPS):
+        second.observe(1.0, 0)     # 5 x a best seen before the restart
+    assert not second.save(25)
