@@ -49,15 +49,33 @@ def main(argv):
     except OSError as err:
         _fail(f"cannot write to --workdir={config.workdir}: {err.strerror or err} "
               f"({err.filename or 'a file in it'})")
-    except tf.errors.ResourceExhaustedError:
-        _fail(f"out of memory at --image_size={config.image_size} with batches of "
-              f"{config.teacher.batch_size}/{config.student.batch_size}/"
-              f"{config.finetune.batch_size} (teacher/student/finetune): lower "
-              f"--<stage>_batch_size or --image_size")
-    except tf.errors.InvalidArgumentError as err:
+    except (tf.errors.ResourceExhaustedError, tf.errors.InvalidArgumentError) as err:
+        if isinstance(err, tf.errors.ResourceExhaustedError) or _is_allocation_failure(err):
+            _fail(f"out of memory at --image_size={config.image_size} with batches of "
+                  f"{config.teacher.batch_size}/{config.student.batch_size}/"
+                  f"{config.finetune.batch_size} (teacher/student/finetune): lower "
+                  f"--<stage>_batch_size or --image_size")
         # The data pipeline's checks (e.g. a label outside [0, num_classes)).
-        _fail(err.message.strip().splitlines()[0])
+        _fail(_first_detail(err.message))
     logging.info("done: %s", report.json_path)
+
+
+# Without oneDNN's retrying allocator, a tensor that cannot be allocated can
+# surface as a constant that "cannot be parsed" (measured under a memory limit).
+_ALLOCATION_FAILURES = ("OOM when allocating", "Cannot parse tensor from")
+
+
+def _is_allocation_failure(err) -> bool:
+    return any(text in err.message for text in _ALLOCATION_FAILURES)
+
+
+def _first_detail(message: str) -> str:
+    """The first line of a TensorFlow error that says something: graph
+    errors start with a bare "Graph execution error:" line."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    useful = [line for line in lines if line.rstrip(":") not in ("Graph execution error",)
+              and not line.startswith("Detected at node")]
+    return (useful or lines or ["TensorFlow error"])[0]
 
 
 def _strategy(config, train, tf):

@@ -211,6 +211,30 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     assert "No space left on device" in err and "settings.json" in err
 
 
+def test_running_out_of_memory_names_the_flags_to_lower(tmp_path):
+    """A real allocation failure: the CLI under a 6 GiB address-space limit,
+    asked for batches of 256 images of 600x600 (each 1.1 GB as float32)."""
+    import resource
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    # oneDNN's allocator waits 10 s before each failed allocation is given up
+    # (the same line comes out after about a minute); the plain one fails at once.
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "nettailor_tf.main", f"--workdir={tmp_path / 'w'}",
+         "--backbone=tiny", "--backbone_weights=random", "--tasks=digits", "--stages=teacher",
+         "--image_size=600", "--teacher_batch_size=256", "--teacher_min_steps=0"],
+        capture_output=True, text=True, timeout=300, env=env, preexec_fn=limit_memory)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("nettailor_tf: error: out of memory at --image_size=600 with "
+                           "batches of 256/"), proc.stderr[-3000:]
+    assert "lower --<stage>_batch_size or --image_size" in last
+    assert "Traceback" not in proc.stderr
+
+
 def test_the_help_lists_every_backbone():
     proc = run_cli("--helpfull", timeout=120)
     from nettailor_tf.config import BACKBONES
