@@ -3,8 +3,14 @@
 The input is set once; each timed run is one `Invoke` of the signature's
 subgraph, so Python's per-call resize/allocate/copy work (tens of
 microseconds, a few percent of a 1 ms model) is not counted.  The result is
-the median of `runs` timed invokes after `warmup` untimed ones.  XNNPACK is
-applied by default, as on a phone.
+the median of `runs` timed invokes after `warmup` untimed ones, with the 10th
+and 90th percentiles as its spread.  XNNPACK is applied by default, as on a
+phone.
+
+A figure is only as good as the machine was quiet: while timing, the CPU time
+that other processes took is read from /proc/stat (Linux) and kept with the
+result as `other_load_cores` (the cores they kept busy on average); above
+`BUSY_CORES` the figure is marked busy.
 """
 from __future__ import annotations
 
@@ -18,6 +24,9 @@ import numpy as np
 from exporters.savedmodel import INPUT_NAME, SERVING_KEY
 
 MIN_RUNS = 50
+# Other processes using more than this many cores on average while timing
+# make a latency a busy-machine figure (an upper bound, not a measurement).
+BUSY_CORES = 0.25
 
 
 @dataclasses.dataclass
@@ -27,9 +36,44 @@ class Latency:
     median_ms: float
     p10_ms: float
     p90_ms: float
+    other_load_cores: float | None = None  # None where /proc/stat cannot be read
+
+    @property
+    def busy(self) -> bool:
+        return self.other_load_cores is not None and self.other_load_cores > BUSY_CORES
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "busy": self.busy}
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (Linux)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    # guest time is already counted in user time
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """Measures the cores other processes kept busy between `start` and `stop`."""
+
+    def start(self) -> None:
+        self._machine = _machine_busy_seconds()
+        self._own = time.process_time()
+        self._wall = time.perf_counter()
+
+    def stop(self) -> float | None:
+        machine = _machine_busy_seconds()
+        if machine is None or self._machine is None:
+            return None
+        wall = time.perf_counter() - self._wall
+        others = (machine - self._machine) - (time.process_time() - self._own)
+        # /proc/stat counts in clock ticks (10 ms): never report noise as load.
+        return round(max(others, 0.0) / max(wall, 1e-9), 3)
 
 
 def all_cores() -> int:
@@ -61,10 +105,11 @@ def _check(image: np.ndarray, runs: int) -> None:
                          f"{image.dtype} {image.shape}")
 
 
-def _summary(times: list[float], threads: int) -> Latency:
+def _summary(times: list[float], threads: int, other_load: float | None) -> Latency:
     times = sorted(times)
     return Latency(threads=threads, runs=len(times), median_ms=statistics.median(times),
-                   p10_ms=times[len(times) // 10], p90_ms=times[(9 * len(times)) // 10])
+                   p10_ms=times[len(times) // 10], p90_ms=times[(9 * len(times)) // 10],
+                   other_load_cores=other_load)
 
 
 def measure(path: str, image: np.ndarray, threads: int, key: str = SERVING_KEY,
@@ -86,6 +131,8 @@ def measure_many(files: dict[str, tuple[str, str]], image: np.ndarray, threads: 
         for _ in range(warmup):
             invoke()
     times = {name: [] for name in invokers}
+    load = OtherLoad()
+    load.start()
     per_round = [runs // rounds + (1 if r < runs % rounds else 0) for r in range(rounds)]
     for count in per_round:
         for name, invoke in invokers.items():
@@ -93,4 +140,5 @@ def measure_many(files: dict[str, tuple[str, str]], image: np.ndarray, threads: 
                 start = time.perf_counter()
                 invoke()
                 times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: _summary(t, threads) for name, t in times.items()}
+    other_load = load.stop()
+    return {name: _summary(t, threads, other_load) for name, t in times.items()}

@@ -164,8 +164,9 @@ class Config:
     restart_from: str | None = option(
         None, "Redo this stage and every later one for every task, instead of refusing a "
         "workdir whose data changed or skipping finished stages: teacher, student, prune, "
-        "finetune or export. Every run given it starts them over: drop it to resume.",
-        choices=("teacher", "student", "prune", "finetune", "export"))
+        "finetune, export or benchmark (times the files again, e.g. on a quieter machine). "
+        "Every run given it starts them over: drop it to resume.",
+        choices=("teacher", "student", "prune", "finetune", "export", "benchmark"))
     export_variants: tuple[str, ...] = option(
         TFLITE_VARIANTS, "TFLite variants of each NetTailor network and of the bundle.",
         check=OneOf(TFLITE_VARIANTS, "TFLite variant"))

@@ -158,6 +158,11 @@ def findings(task: dict) -> list[str]:
     if search and not search.get("met_tolerance", True):
         notes.append(f"no pruned candidate reached the target of {_fmt_acc(search['target'])}; "
                      f"the search kept the most accurate one it tried.")
+    busy_threads, load = _busy_latencies(task)
+    if busy_threads:
+        notes.append(f"the latencies at {' and '.join(busy_threads)} thread(s) were timed while "
+                     f"other processes kept {load:.1f} cores busy: read them as upper bounds, "
+                     f"and time again on a quiet machine (--restart_from=benchmark).")
     reference = (task.get("tflite") or {}).get("float32", {}).get("accuracy")
     for variant, entry in (task.get("tflite") or {}).items():
         agreement = entry.get("top1_agreement")
@@ -173,9 +178,29 @@ def findings(task: dict) -> list[str]:
     return notes
 
 
-def _fmt_ms(entry: dict, key: str) -> str:
-    value = entry.get(key)
-    return "-" if value is None else f"{value:.3f}"
+def _fmt_latency(entry: dict, threads: str | None) -> str:
+    """'median [p10, p90]', marked when other processes were busy meanwhile."""
+    timed = entry.get("latency") or {}
+    if threads is None:  # all cores: the largest thread count timed
+        threads = max(timed, key=int, default=None)
+    found = timed.get(threads)
+    if not found:
+        return "-"
+    text = f"{found['median_ms']:.3f} [{found['p10_ms']:.3f}, {found['p90_ms']:.3f}]"
+    return text + " (busy)" if found.get("busy") else text
+
+
+def _busy_latencies(task: dict) -> tuple[list[str], float]:
+    """The thread counts whose timing ran beside other work, and the most
+    cores that work took."""
+    threads, load = set(), 0.0
+    for part in ("tflite", "teacher_tflite"):
+        for entry in (task.get(part) or {}).values():
+            for count, found in (entry.get("latency") or {}).items():
+                if found.get("busy"):
+                    threads.add(count)
+                    load = max(load, found.get("other_load_cores") or 0.0)
+    return sorted(threads, key=int), load
 
 
 def _deployment_table(task: dict) -> list[str]:
@@ -188,12 +213,12 @@ def _deployment_table(task: dict) -> list[str]:
         return []
     lines = ["### On device (LiteRT, batch 1)", "",
              "| network | format | size | test accuracy | top-1 agreement with Keras | "
-             "latency 1 thread (ms) | latency all cores (ms) |",
+             "latency 1 thread, ms: median [p10, p90] | all cores |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for network, entry, variant in rows:
         lines.append(f"| {network} | {variant} | {entry['bytes'] / 1e6:.2f} MB | "
                      f"{_fmt_acc(entry.get('accuracy'))} | {_fmt_acc(entry.get('top1_agreement'))}"
-                     f" | {_fmt_ms(entry, 'latency_ms')} | {_fmt_ms(entry, 'latency_ms_all_cores')} |")
+                     f" | {_fmt_latency(entry, '1')} | {_fmt_latency(entry, None)} |")
     if task.get("latency_ratio_float32") is not None:
         lines += ["", f"float32 NetTailor / teacher: latency {task['latency_ratio_float32']:.2f}, "
                       f"multiply-adds {task['flops_ratio']:.2f}."]

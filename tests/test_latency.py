@@ -46,3 +46,23 @@ def test_too_few_runs_or_a_batch_are_refused(tflite_file):
 
 def test_all_cores_is_positive():
     assert latency.all_cores() >= 1
+
+
+def test_other_processes_load_is_measured_and_marks_the_figure_busy(tflite_file):
+    import subprocess
+    import sys
+    import time
+
+    if latency._machine_busy_seconds() is None:
+        pytest.skip("no /proc/stat on this system")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # the interpreter is up and spinning
+        result = latency.measure(tflite_file, np.zeros((1, SIZE, SIZE, 3), np.uint8), 1,
+                                 runs=2000)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    # One core spun the whole time (on 2 cores the timing loop held the other).
+    assert result.other_load_cores > 0.5, result
+    assert result.busy and result.as_dict()["busy"] is True

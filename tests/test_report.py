@@ -41,6 +41,28 @@ def test_a_quantised_file_that_changed_the_predictions_is_named():
     assert "the dynamic file loses 8.50 points" in notes[1]
 
 
+def test_latency_shows_its_spread_and_a_busy_machine_is_a_finding(tmp_path):
+    quiet = {"threads": 1, "runs": 100, "median_ms": 0.812, "p10_ms": 0.8, "p90_ms": 0.85,
+             "other_load_cores": 0.02, "busy": False}
+    busy = {**quiet, "threads": 2, "median_ms": 7.4, "p10_ms": 0.9, "p90_ms": 12.0,
+            "other_load_cores": 1.3, "busy": True}
+    task = _task()
+    task["tflite"] = {"float32": {"accuracy": 0.975, "top1_agreement": 1.0, "bytes": 10**6,
+                                  "latency": {"1": quiet, "2": busy}}}
+    notes = findings(task)
+    assert len(notes) == 1
+    assert notes[0].startswith("the latencies at 2 thread(s) were timed while other processes "
+                               "kept 1.3 cores busy")
+    assert "--restart_from=benchmark" in notes[0]
+    report = Report(str(tmp_path), "tiny", 16)
+    report.data["tasks"]["digits"] = task
+    report.save()
+    text = (tmp_path / "report.md").read_text()
+    assert "| 0.812 [0.800, 0.850] | 7.400 [0.900, 12.000] (busy) |" in text
+    task["tflite"]["float32"]["latency"]["2"] = {**busy, "busy": False}
+    assert findings(task) == []
+
+
 def test_markdown_shows_validation_pre_finetune_and_findings(tmp_path):
     report = Report(str(tmp_path), "tiny", 16)
     report.data["tasks"]["digits"] = _task(pruned=0.90)

@@ -86,6 +86,10 @@ def check_task_folders(tasks) -> None:
 
 def _restart(paths: Workdir, report: Report, tasks, stage: str) -> None:
     """--restart_from: removes what `stage` and every later stage made."""
+    if stage == "benchmark":
+        _forget_latencies(report, tasks)
+        logging.info("--restart_from=benchmark: the exported files will be timed again")
+        return
     later = provenance.TRAINING_ORDER[provenance.TRAINING_ORDER.index(stage):] \
         if stage in provenance.TRAINING_ORDER else ()
     for task in tasks:
@@ -95,6 +99,22 @@ def _restart(paths: Workdir, report: Report, tasks, stage: str) -> None:
             workdir_lib.remove([paths.export_dir(task.name)])
     workdir_lib.remove([paths.bundle_dir])
     logging.info("--restart_from=%s: removed what %s and the later stages made", stage, stage)
+
+
+# What the benchmark stage adds to an export entry and to the bundle.
+_LATENCY_KEYS = ("latency", "latency_ms", "latency_ms_all_cores")
+_BUNDLE_BENCHMARK_KEYS = ("latency", "latency_other_load_cores", "memory_mb")
+
+
+def _forget_latencies(report: Report, tasks) -> None:
+    for task in tasks:
+        for part in ("tflite", "teacher_tflite"):
+            for entry in (report.get(task.name, part) or {}).values():
+                for key in _LATENCY_KEYS:
+                    entry.pop(key, None)
+    for key in _BUNDLE_BENCHMARK_KEYS:
+        (report.data.get("bundle") or {}).pop(key, None)
+    report.save()
 
 
 def run(config: Config, strategy) -> Report:

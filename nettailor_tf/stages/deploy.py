@@ -436,11 +436,15 @@ def run_benchmark(config: Config, strategy, task, report: Report) -> bool:
         report.task(task.name)["flops_ratio"] = flops_ratio
         ratios = (f"; NetTailor/teacher float32: latency {ratio:.3f}, multiply-adds "
                   f"{flops_ratio:.3f}")
-    logging.info("%s: latency at 1 thread (ms): %s%s", task.name, ", ".join(
-        f"{network} {variant} {entry['latency_ms']:.3f}"
+    logging.info("%s: latency at 1 thread, ms, median [p10, p90]: %s%s", task.name, ", ".join(
+        f"{network} {variant} {_spread(entry['latency']['1'])}"
         for (network, variant), entry in entries.items()), ratios)
     report.save()
     return True
+
+
+def _spread(latency: dict) -> str:
+    return f"{latency['median_ms']:.3f} [{latency['p10_ms']:.3f}, {latency['p90_ms']:.3f}]"
 
 
 def benchmark_bundle(config: Config, tasks, report: Report) -> None:
@@ -455,6 +459,7 @@ def benchmark_bundle(config: Config, tasks, report: Report) -> None:
                                             config.benchmark_runs)
         bundle["latency"] = {variant: {task.name: measured[(variant, task.name)].median_ms
                                        for task in tasks} for variant in bundle["variants"]}
+        bundle["latency_other_load_cores"] = next(iter(measured.values())).other_load_cores
         if "float32" in bundle["variants"]:
             bundle["memory_mb"] = _bundle_memory(config, tasks, report, bundle)
             logging.info("bundle: peak memory running every task once (MB over a %.1f MB "
