@@ -43,6 +43,11 @@ print(json.dumps({"peak_mb": peak_mb()}))
 def measure(files: list[str], cache: str = "", repeats: int = 3) -> float:
     """Peak memory (MB) of a fresh process that loads `files` and runs every
     signature: the median of `repeats` processes (each with a fresh cache)."""
+    for path in files:
+        # A file still dirty in the page cache (just written) is not shared
+        # the same way: the weight cache then saved nothing (measured).
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
     peaks = []
     for repeat in range(repeats):
         path = f"{cache}.{repeat}" if cache else ""

@@ -31,6 +31,23 @@ def test_a_finished_export_replaces_the_previous_one(tmp_path):
     assert oct(os.stat(final).st_mode & 0o777) != oct(0o700)  # not mkdtemp's private mode
 
 
+def test_every_file_of_an_export_is_on_disk_before_it_is_renamed_into_place(tmp_path,
+                                                                           monkeypatch):
+    synced, real_fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        assert not os.path.exists(tmp_path / "export")  # before the rename
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    with atomic.staged_directory(str(tmp_path / "export")) as staging:
+        _write(staging, "a.tflite", "one")
+        os.makedirs(os.path.join(staging, "savedmodel"))
+        _write(os.path.join(staging, "savedmodel"), "saved_model.pb", "two")
+    assert sorted(synced) == ["a.tflite", "saved_model.pb"]
+
+
 def test_a_failing_export_leaves_the_previous_one_intact(tmp_path):
     final = str(tmp_path / "export")
     with atomic.staged_directory(final) as staging:
