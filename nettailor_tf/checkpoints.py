@@ -231,5 +231,6 @@ class TrainingCheckpoints:
             where = f"no healthy checkpoint in {self.directory}; the stage starts over"
         if dropped:
             where += f" ({len(dropped)} later one(s) dropped)"
-        raise TrainingError(f"{self.label}: {what} at step {step}; {where}. Rerun with a lower "
-                            f"learning rate to go on from there", path=self.directory)
+        advice = "Rerun with a lower learning rate" + (" to go on from there" if kept else "")
+        raise TrainingError(f"{self.label}: {what} at step {step}; {where}. {advice}",
+                            path=self.directory)

@@ -49,12 +49,16 @@ def main(argv):
     except OSError as err:
         _fail(f"cannot write to --workdir={config.workdir}: {err.strerror or err} "
               f"({err.filename or 'a file in it'})")
+    except MemoryError:
+        # std::bad_alloc from TensorFlow's C++ side: its threads may be stuck
+        # in the allocator, and an orderly exit would wait on them forever
+        # (seen under an address-space limit): leave at once.  Every file
+        # the run wrote is complete already (atomic writes).
+        print(f"nettailor_tf: error: {_out_of_memory(config)}", file=sys.stderr, flush=True)
+        os._exit(2)
     except (tf.errors.ResourceExhaustedError, tf.errors.InvalidArgumentError) as err:
         if isinstance(err, tf.errors.ResourceExhaustedError) or _is_allocation_failure(err):
-            _fail(f"out of memory at --image_size={config.image_size} with batches of "
-                  f"{config.teacher.batch_size}/{config.student.batch_size}/"
-                  f"{config.finetune.batch_size} (teacher/student/finetune): lower "
-                  f"--<stage>_batch_size or --image_size")
+            _fail(_out_of_memory(config))
         # The data pipeline's checks (e.g. a label outside [0, num_classes)).
         _fail(_first_detail(err.message))
     logging.info("done: %s", report.json_path)
@@ -63,6 +67,13 @@ def main(argv):
 # Without oneDNN's retrying allocator, a tensor that cannot be allocated can
 # surface as a constant that "cannot be parsed" (measured under a memory limit).
 _ALLOCATION_FAILURES = ("OOM when allocating", "Cannot parse tensor from")
+
+
+def _out_of_memory(config) -> str:
+    return (f"out of memory at --image_size={config.image_size} with batches of "
+            f"{config.teacher.batch_size}/{config.student.batch_size}/"
+            f"{config.finetune.batch_size} (teacher/student/finetune): lower "
+            f"--<stage>_batch_size or --image_size")
 
 
 def _is_allocation_failure(err) -> bool:

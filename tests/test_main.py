@@ -44,6 +44,9 @@ def test_stages_stop_resume_and_are_skipped_when_done(tmp_path):
     assert "resuming from" in resumed.stderr and "(step 12 of 40)" in resumed.stderr
     # A few step lines per stage, each with the time the stage still needs.
     assert re.search(r"step \d+/40 .* eta \d+ s", resumed.stderr)
+    # The second stage's line estimates the rest of the run from the first's pace.
+    assert re.search(r"stage 2 of 2: student for 1 task \(\d+ s into the run(, about \d+ s "
+                     r"left)?\)", resumed.stderr)
     report = json.loads((tmp_path / "w" / "report.json").read_text())
     teacher = report["tasks"]["digits"]["teacher"]
     assert report["backbone"] == "tiny" and report["image_size"] == 16
