@@ -96,6 +96,18 @@ def test_killed_at_random_points_of_every_stage_then_resumed_ends_the_same(tmp_p
         reference_run = subprocess.Popen(_command(reference), stdout=subprocess.DEVNULL,
                                          stderr=log_file)
 
+    # A second run on the reference's workdir, started while it works, is
+    # refused at once and names it; the reference then ends exactly where the
+    # runs below (alone on their workdir) end.
+    deadline = time.monotonic() + 120
+    while "stage 1 of" not in reference_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)  # the lock is held from before the first stage
+    started = time.monotonic()
+    intruder = subprocess.run(_command(reference), capture_output=True, text=True, timeout=120)
+    assert intruder.returncode == 2, intruder.stderr[-2000:]
+    assert f"is in use by another run (pid {reference_run.pid} on" in intruder.stderr
+    assert time.monotonic() - started < 30
+
     rng = np.random.default_rng(seed)
     workdir = tmp_path / "killed"
     kills = []
