@@ -2,7 +2,10 @@
 
 Variants (README, "Outputs"): `float32`; `float16` (weights stored in
 half precision); `dynamic` (int8 weights, float activations); `int8` (int8
-weights and activations, calibrated on a representative set).  The uint8
+weights and activations, calibrated on a representative set); and, through
+ai-edge-quantizer on the float32 file, `int8_weights` and `int4_weights`
+(weight-only: weights stored in 8 or 4 bits per channel, dequantised to
+float before each op, so the arithmetic stays float32).  The uint8
 image input and float32 outputs stay as they are in every variant, so one
 calling convention fits all files.  The files are converted from the static
 SavedModel of `static_savedmodel`: each signature takes one image
@@ -34,15 +37,37 @@ from exporters import savedmodel
 from nettailor_tf import quiet
 from nettailor_tf.errors import NetTailorError
 
-VARIANTS = ("float32", "float16", "dynamic", "int8")
+VARIANTS = ("float32", "float16", "dynamic", "int8", "int8_weights", "int4_weights")
+# The weight-only variants and their bits: ai-edge-quantizer recipes applied
+# to the float32 file (the TFLite converter has no weight-only int4).
+WEIGHT_ONLY_BITS = {"int8_weights": 8, "int4_weights": 4}
 
 
 class ConversionError(NetTailorError, RuntimeError):
     """The TFLite converter refused a model."""
 
 
+def quantize_weights(float_content: bytes, bits: int) -> bytes:
+    """A float32 .tflite with its weights stored in `bits` (8 or 4) bits,
+    per channel, by ai-edge-quantizer's weight-only recipe.  Every signature
+    quantises a shared buffer the same way, so a bundle's universal weights
+    stay stored once."""
+    from ai_edge_quantizer import quantizer, recipe
+
+    chosen = {8: recipe.weight_only_wi8_afp32, 4: recipe.weight_only_wi4_afp32}[bits]()
+    try:
+        model = quantizer.Quantizer(bytearray(float_content))
+        model.load_quantization_recipe(chosen)
+        result = model.quantize(enable_progress_bar=False, enable_progress_report=False)
+    except Exception as error:  # the quantizer raises many unrelated types
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConversionError(f"{bits}-bit weight-only quantisation failed: {first}") from None
+    return bytes(result.quantized_model)
+
+
 def convert(savedmodel_dir: str, signature_keys: list[str], variant: str,
-            calibration: Callable[[], Iterable[np.ndarray]] | None = None) -> bytes:
+            calibration: Callable[[], Iterable[np.ndarray]] | None = None,
+            float_content: bytes | None = None) -> bytes:
     """Converts the listed signatures of a SavedModel into one .tflite file.
 
     `calibration` (int8 only) returns an iterable of uint8 image batches
@@ -51,9 +76,16 @@ def convert(savedmodel_dir: str, signature_keys: list[str], variant: str,
     signatures leave the others in float without any error, and different
     images per signature give the shared universal layers different
     quantisation parameters per task, which ends their sharing.
+
+    The weight-only variants start from the float32 file: pass it as
+    `float_content` when it was converted already.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown TFLite variant {variant!r}; accepted: {', '.join(VARIANTS)}")
+    if variant in WEIGHT_ONLY_BITS:
+        if float_content is None:
+            float_content = convert(savedmodel_dir, signature_keys, "float32")
+        return quantize_weights(float_content, WEIGHT_ONLY_BITS[variant])
     converter = tf.lite.TFLiteConverter.from_saved_model(savedmodel_dir,
                                                          signature_keys=list(signature_keys))
     if variant != "float32":

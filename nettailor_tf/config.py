@@ -24,7 +24,7 @@ STAGES = ("teacher", "student", "prune", "finetune", "export", "benchmark", "sub
 # What a run does unless --stages says otherwise: `submission` only applies to
 # Visual Decathlon tasks and needs the challenge's annotation files.
 DEFAULT_STAGES = STAGES[:6]
-TFLITE_VARIANTS = ("float32", "float16", "dynamic", "int8")
+TFLITE_VARIANTS = ("float32", "float16", "dynamic", "int8", "int8_weights", "int4_weights")
 # The backbones `backbones.build_backbone` knows, named here so that the
 # command line can list them without importing TensorFlow.
 BACKBONES = ("efficientnet_lite0", "mobilenet_v2", "resnet18", "resnet34", "resnet50",

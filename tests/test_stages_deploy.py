@@ -178,7 +178,7 @@ def test_a_failing_export_keeps_the_previous_one(exported, mocked, monkeypatch):
     manifest = (export / "export.json").read_text()
     real = tflite.convert
 
-    def failing(path, keys, variant, calibration=None):
+    def failing(path, keys, variant, calibration=None, float_content=None):
         if variant == "int8":
             raise tflite.ConversionError("injected failure")
         return real(path, keys, variant, calibration)
@@ -268,7 +268,9 @@ def test_tflite_files_take_one_static_uint8_image_and_name_their_outputs(exporte
              for part in ("tflite", "teacher_tflite")
              for e in report["tasks"][name][part].values()]
     files += [(exported / v["path"], list(NAMES)) for v in report["bundle"]["variants"].values()]
-    assert len(files) == 2 * 5 + len(report["bundle"]["variants"]) and "int8" in str(files)
+    # Per task: every NetTailor variant and the teacher's float32.
+    assert len(files) == 2 * (len(tflite.VARIANTS) + 1) + len(report["bundle"]["variants"])
+    assert "int8" in str(files) and "int4_weights" in str(files)
     for path, keys in files:
         interpreter, runners = _signature_runners(path)
         assert list(runners) == sorted(keys), path  # the converter sorts the keys

@@ -66,6 +66,7 @@ def test_variants_shrink_the_file(exported):
                                    lambda: CALIBRATION)) for v in tflite.VARIANTS}
     assert sizes["float16"] < sizes["float32"]
     assert sizes["dynamic"] < sizes["float16"] and sizes["int8"] < sizes["float16"]
+    assert sizes["int4_weights"] < sizes["int8_weights"] < sizes["float16"]
 
 
 def test_bundle_keeps_shared_universal_weights_once(exported):

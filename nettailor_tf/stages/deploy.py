@@ -185,12 +185,15 @@ def _export_task(config, task, nettailor, teacher, staging, final) -> dict:
         predictors[sm_name] = parity.savedmodel_predictor(os.path.join(staging, sm_name))
         files[sm_name] = (network, "savedmodel", sm_name)
         calibration = None
+        converted = {}
         with tflite.static_savedmodel({savedmodel.SERVING_KEY: endpoint}) as static_path:
-            for variant in variants:
+            # float32 first: the weight-only variants quantise its bytes.
+            for variant in sorted(variants, key=lambda v: v != "float32"):
                 if variant == "int8" and calibration is None:
                     calibration = calibration_images(config, task)
                 content = tflite.convert(static_path, [savedmodel.SERVING_KEY], variant,
-                                         (lambda c=calibration: c))
+                                         (lambda c=calibration: c), converted.get("float32"))
+                converted[variant] = content
                 name = f"{network}_{variant}.tflite"
                 with open(os.path.join(staging, name), "wb") as f:
                     f.write(content)
