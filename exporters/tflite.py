@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import io
 import os
 import tempfile
 from typing import Callable, Iterable, Iterator
@@ -56,9 +57,12 @@ def quantize_weights(float_content: bytes, bits: int) -> bytes:
 
     chosen = {8: recipe.weight_only_wi8_afp32, 4: recipe.weight_only_wi4_afp32}[bits]()
     try:
-        model = quantizer.Quantizer(bytearray(float_content))
-        model.load_quantization_recipe(chosen)
-        result = model.quantize(enable_progress_bar=False, enable_progress_report=False)
+        # Its progress bar ignores `enable_progress_bar` (0.10.0): keep it
+        # off the run's log.
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = quantizer.Quantizer(bytearray(float_content))
+            model.load_quantization_recipe(chosen)
+            result = model.quantize(enable_progress_bar=False, enable_progress_report=False)
     except Exception as error:  # the quantizer raises many unrelated types
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConversionError(f"{bits}-bit weight-only quantisation failed: {first}") from None

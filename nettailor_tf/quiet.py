@@ -77,7 +77,8 @@ class _FromLibraries(py_logging.Filter):
         return not any(f"/{package}/" in path for package in _LIBRARY_PACKAGES)
 
 
-_LIBRARY_PACKAGES = ("tensorflow", "keras", "tf_keras", "tensorflow_datasets")
+_LIBRARY_PACKAGES = ("tensorflow", "keras", "tf_keras", "tensorflow_datasets",
+                     "ai_edge_quantizer")
 
 
 def quiet_python_loggers() -> None:
@@ -87,6 +88,8 @@ def quiet_python_loggers() -> None:
     warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated")
     for name in _CHATTY_LOGGERS:
         py_logging.getLogger(name).setLevel(py_logging.ERROR)
-    absl_logger = py_logging.getLogger("absl")
-    if not any(isinstance(f, _FromLibraries) for f in absl_logger.filters):
-        absl_logger.addFilter(_FromLibraries())
+    # absl's own logger, and the root logger that libraries calling
+    # `logging.info` directly write to (ai-edge-quantizer's "Serializing model...").
+    for logger in (py_logging.getLogger("absl"), py_logging.getLogger()):
+        if not any(isinstance(f, _FromLibraries) for f in logger.filters):
+            logger.addFilter(_FromLibraries())

@@ -165,16 +165,21 @@ def findings(task: dict) -> list[str]:
                      f"and time again on a quiet machine (--restart_from=benchmark).")
     reference = (task.get("tflite") or {}).get("float32", {}).get("accuracy")
     for variant, entry in (task.get("tflite") or {}).items():
+        if variant == "float32":
+            continue
+        # One note per file: what quantisation did to its predictions and its accuracy.
+        said = []
         agreement = entry.get("top1_agreement")
-        if variant != "float32" and agreement is not None and agreement < QUANTIZED_AGREEMENT:
-            notes.append(f"the {variant} file agrees with its Keras model on "
-                         f"{_fmt_acc(agreement)} of the test images only: quantisation "
-                         f"changed its predictions.")
+        if agreement is not None and agreement < QUANTIZED_AGREEMENT:
+            said.append(f"agrees with its Keras model on {_fmt_acc(agreement)} of the test "
+                        f"images only")
         accuracy = entry.get("accuracy")
-        if (variant != "float32" and None not in (accuracy, reference)
-                and accuracy < reference - PRUNED_GAP_NOTED):
-            notes.append(f"the {variant} file loses {100 * (reference - accuracy):.2f} points "
-                         f"of accuracy against the float32 one.")
+        if None not in (accuracy, reference) and accuracy < reference - PRUNED_GAP_NOTED:
+            said.append(f"loses {100 * (reference - accuracy):.2f} points of accuracy against "
+                        f"the float32 one")
+        if said:
+            notes.append(f"the {variant} file {' and '.join(said)}: quantisation changed its "
+                         f"predictions.")
     return notes
 
 

@@ -175,12 +175,17 @@ def test_optimizer_slots_are_restored_by_weight_name_not_position(tmp_path):
             err_msg=v.path)
 
 
-def test_a_save_is_held_back_while_the_loss_is_high_and_dropped_if_it_diverges(tmp_path):
+def _keeper(directory):
+    """The checkpoints of a tiny network with a built SGD optimizer."""
     model = _tiny_model("net")
     optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
     optimizer.build(model.trainable_variables)
-    keeper = checkpoints.TrainingCheckpoints(str(tmp_path), model, optimizer,
-                                             tf.Variable(0, dtype=tf.int64), "t")
+    return checkpoints.TrainingCheckpoints(str(directory), model, optimizer,
+                                           tf.Variable(0, dtype=tf.int64), "t")
+
+
+def test_a_save_is_held_back_while_the_loss_is_high_and_dropped_if_it_diverges(tmp_path):
+    keeper = _keeper(tmp_path)
 
     def feed(loss, steps):
         for _ in range(steps):
@@ -205,16 +210,11 @@ def test_a_save_is_held_back_while_the_loss_is_high_and_dropped_if_it_diverges(t
 
 
 def test_the_best_loss_survives_a_restart(tmp_path):
-    model = _tiny_model("net")
-    optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
-    optimizer.build(model.trainable_variables)
-    first = checkpoints.TrainingCheckpoints(str(tmp_path), model, optimizer,
-                                            tf.Variable(0, dtype=tf.int64), "t")
+    first = _keeper(tmp_path)
     for _ in range(20):
         first.observe(0.2, 0)
     first.save(20)
-    second = checkpoints.TrainingCheckpoints(str(tmp_path), model, optimizer,
-                                             tf.Variable(0, dtype=tf.int64), "t")
+    second = _keeper(tmp_path)  # a new process: new network, new optimizer
     assert second.health.best == pytest.approx(0.2)
     for _ in range(checkpoints.MIN_STEPS):
         second.observe(1.0, 0)     # 5 x a best seen before the restart

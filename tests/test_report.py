@@ -34,11 +34,14 @@ def test_a_quantised_file_that_changed_the_predictions_is_named():
     task = _task()
     task["tflite"] = {"float32": {"accuracy": 0.975, "top1_agreement": 1.0, "bytes": 1},
                       "dynamic": {"accuracy": 0.89, "top1_agreement": 0.889, "bytes": 1},
-                      "int8": {"accuracy": 0.972, "top1_agreement": 0.99, "bytes": 1}}
+                      "int8": {"accuracy": 0.972, "top1_agreement": 0.99, "bytes": 1},
+                      "int4_weights": {"accuracy": 0.96, "top1_agreement": 0.99, "bytes": 1}}
     notes = findings(task)
-    assert len(notes) == 2
-    assert "the dynamic file agrees with its Keras model on 88.90%" in notes[0]
-    assert "the dynamic file loses 8.50 points" in notes[1]
+    assert notes == ["the dynamic file agrees with its Keras model on 88.90% of the test images "
+                     "only and loses 8.50 points of accuracy against the float32 one: "
+                     "quantisation changed its predictions.",
+                     "the int4_weights file loses 1.50 points of accuracy against the float32 "
+                     "one: quantisation changed its predictions."]
 
 
 def test_latency_shows_its_spread_and_a_busy_machine_is_a_finding(tmp_path):

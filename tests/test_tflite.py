@@ -155,3 +155,19 @@ def test_static_files_take_one_uint8_image_and_list_logits_first(exported):
             first["logits"]["index"], first["probabilities"]["index"]]
     int8 = tflite.inspect(contents["int8"])
     assert all(tflite.float_weights(int8, key) == 0 for key in endpoints)
+
+
+def test_weight_only_quantisation_keeps_the_log_quiet(exported, capfd, caplog):
+    """ai-edge-quantizer's progress bar and its "Serializing model..." line
+    stay out of the run's log."""
+    from nettailor_tf import quiet
+
+    _, paths = exported
+    float_content = tflite.convert(paths["task_a"], [savedmodel.SERVING_KEY], "float32")
+    quiet.quiet_python_loggers()
+    capfd.readouterr()
+    with caplog.at_level("INFO"):
+        smaller = tflite.quantize_weights(float_content, 4)
+    assert len(smaller) < len(float_content)
+    assert capfd.readouterr().err == ""
+    assert not [r for r in caplog.records if "ai_edge_quantizer" in r.pathname]
