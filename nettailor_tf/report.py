@@ -165,22 +165,28 @@ def findings(task: dict) -> list[str]:
                      f"and time again on a quiet machine (--restart_from=benchmark).")
     reference = (task.get("tflite") or {}).get("float32", {}).get("accuracy")
     for variant, entry in (task.get("tflite") or {}).items():
-        if variant == "float32":
-            continue
-        # One note per file: what quantisation did to its predictions and its accuracy.
-        said = []
-        agreement = entry.get("top1_agreement")
-        if agreement is not None and agreement < QUANTIZED_AGREEMENT:
-            said.append(f"agrees with its Keras model on {_fmt_acc(agreement)} of the test "
-                        f"images only")
-        accuracy = entry.get("accuracy")
-        if None not in (accuracy, reference) and accuracy < reference - PRUNED_GAP_NOTED:
-            said.append(f"loses {100 * (reference - accuracy):.2f} points of accuracy against "
-                        f"the float32 one")
+        said = _quantisation_damage(variant, entry, reference)
         if said:
             notes.append(f"the {variant} file {' and '.join(said)}: quantisation changed its "
                          f"predictions.")
     return notes
+
+
+def _quantisation_damage(variant: str, entry: dict, reference: float | None) -> list[str]:
+    """What quantisation did to a file's predictions and accuracy, when it
+    went past what is noted (one finding per file, and its marked row)."""
+    if variant == "float32":
+        return []
+    said = []
+    agreement = entry.get("top1_agreement")
+    if agreement is not None and agreement < QUANTIZED_AGREEMENT:
+        said.append(f"agrees with its Keras model on {_fmt_acc(agreement)} of the test images "
+                    f"only")
+    accuracy = entry.get("accuracy")
+    if None not in (accuracy, reference) and accuracy < reference - PRUNED_GAP_NOTED:
+        said.append(f"loses {100 * (reference - accuracy):.2f} points of accuracy against the "
+                    f"float32 one")
+    return said
 
 
 def _fmt_latency(entry: dict, threads: str | None) -> str:
@@ -220,8 +226,11 @@ def _deployment_table(task: dict) -> list[str]:
              "| network | format | size | test accuracy | top-1 agreement with Keras | "
              "latency 1 thread, ms: median [p10, p90] | all cores |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
+    reference = (task.get("tflite") or {}).get("float32", {}).get("accuracy")
     for network, entry, variant in rows:
-        lines.append(f"| {network} | {variant} | {entry['bytes'] / 1e6:.2f} MB | "
+        damaged = network == "NetTailor" and _quantisation_damage(variant, entry, reference)
+        shown = f"**{variant} (finding)**" if damaged else variant
+        lines.append(f"| {network} | {shown} | {entry['bytes'] / 1e6:.2f} MB | "
                      f"{_fmt_acc(entry.get('accuracy'))} | {_fmt_acc(entry.get('top1_agreement'))}"
                      f" | {_fmt_latency(entry, '1')} | {_fmt_latency(entry, None)} |")
     if task.get("latency_ratio_float32") is not None:

@@ -42,6 +42,10 @@ def test_a_quantised_file_that_changed_the_predictions_is_named():
                      "quantisation changed its predictions.",
                      "the int4_weights file loses 1.50 points of accuracy against the float32 "
                      "one: quantisation changed its predictions."]
+    table = "\n".join(render_markdown({"backbone": "tiny", "image_size": 16,
+                                        "tasks": {"t": task}}).splitlines())
+    assert "| NetTailor | **dynamic (finding)** |" in table
+    assert "| NetTailor | int8 |" in table and "| NetTailor | float32 |" in table
 
 
 def test_latency_shows_its_spread_and_a_busy_machine_is_a_finding(tmp_path):
