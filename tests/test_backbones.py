@@ -88,7 +88,7 @@ def test_keras_round_trip(tmp_path):
 # --- torchvision ResNet .pth files ----------------------------------------
 
 # torchvision's own state_dict() names, shapes and dtypes, written by
-# tools/make_torchvision_resnet_keys.py (torch is no dependency here).
+# the recipe in tests/fixtures/README.md (torch is no dependency here).
 with open(os.path.join(os.path.dirname(__file__), "fixtures",
                        "torchvision_resnet_keys.json")) as _file:
     TORCHVISION_RESNETS = json.load(_file)["models"]
