@@ -43,11 +43,6 @@ print(json.dumps({"peak_mb": peak_mb()}))
 def measure(files: list[str], cache: str = "", repeats: int = 3) -> float:
     """Peak memory (MB) of a fresh process that loads `files` and runs every
     signature: the median of `repeats` processes (each with a fresh cache)."""
-    for path in files:
-        # A file still dirty in the page cache (just written) is not shared
-        # the same way: the weight cache then saved nothing (measured).
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
     peaks = []
     for repeat in range(repeats):
         path = f"{cache}.{repeat}" if cache else ""
@@ -62,6 +57,11 @@ def bundle_memory(separate: list[str], bundle: str, repeats: int = 3) -> dict:
     "bundle_weight_cache"} in MB (all but the baseline as increments over it)
     for running every task once from the `separate` per-task files or from
     the `bundle` file."""
+    for path in [*separate, bundle]:
+        # A file still dirty in the page cache (just written) is not shared
+        # the same way: the weight cache then saved nothing (measured).
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
     baseline = measure([], repeats=repeats)
     result = {"baseline": round(baseline, 1)}
     with tempfile.TemporaryDirectory() as folder:

@@ -199,26 +199,14 @@ class TrainingCheckpoints:
         return True
 
     def _roll_back(self, step: int) -> None:
+        """Drops every checkpoint after the last healthy one and raises."""
         limit = SAVE_FACTOR * self.health.best
-        kept = list(self.manager.checkpoints)
-        while kept and not self.losses.get(kept[-1], math.inf) <= limit:
-            kept.pop()
-        dropped = [p for p in self.manager.checkpoints if p not in kept]
-        for path in dropped:
-            for name in tf.io.gfile.glob(path + ".*"):
-                tf.io.gfile.remove(name)
-        if dropped and kept:
-            tf.compat.v1.train.update_checkpoint_state(
-                self.directory, kept[-1], all_model_checkpoint_paths=kept)
-        elif dropped:  # nothing healthy: the stage starts over
-            for name in ("checkpoint", HEALTH_FILE):
-                if tf.io.gfile.exists(os.path.join(self.directory, name)):
-                    tf.io.gfile.remove(os.path.join(self.directory, name))
+        saved = list(self.manager.checkpoints)
+        healthy = [path for path in saved if self.losses.get(path, math.inf) <= limit]
+        kept = saved[:saved.index(healthy[-1]) + 1] if healthy else []
+        dropped = saved[len(kept):]
         if dropped:
-            self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory,
-                                                      max_to_keep=KEEP)
-            if kept:
-                self._write_health()
+            self._drop(dropped, kept)
         if self.health.non_finite is not None:
             what = f"the loss became {self.health.non_finite}"
         else:
@@ -234,3 +222,19 @@ class TrainingCheckpoints:
         advice = "Rerun with a lower learning rate" + (" to go on from there" if kept else "")
         raise TrainingError(f"{self.label}: {what} at step {step}; {where}. {advice}",
                             path=self.directory)
+
+    def _drop(self, dropped: list[str], kept: list[str]) -> None:
+        for path in dropped:
+            for name in tf.io.gfile.glob(path + ".*"):
+                tf.io.gfile.remove(name)
+        if kept:
+            tf.compat.v1.train.update_checkpoint_state(
+                self.directory, kept[-1], all_model_checkpoint_paths=kept)
+        else:  # nothing healthy: the stage starts over
+            for name in ("checkpoint", HEALTH_FILE):
+                if tf.io.gfile.exists(os.path.join(self.directory, name)):
+                    tf.io.gfile.remove(os.path.join(self.directory, name))
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory,
+                                                  max_to_keep=KEEP)
+        if kept:
+            self._write_health()

@@ -84,7 +84,7 @@ def _first_detail(message: str) -> str:
     """The first line of a TensorFlow error that says something: graph
     errors start with a bare "Graph execution error:" line."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    useful = [line for line in lines if line.rstrip(":") not in ("Graph execution error",)
+    useful = [line for line in lines if line.rstrip(":") != "Graph execution error"
               and not line.startswith("Detected at node")]
     return (useful or lines or ["TensorFlow error"])[0]
 

@@ -28,7 +28,7 @@ from absl import logging
 from nettailor_tf import data as data_lib
 from nettailor_tf.config import STRATEGIES
 from nettailor_tf.checkpoints import TrainingCheckpoints
-from nettailor_tf.errors import NetTailorError, TrainingError  # noqa: F401 (re-exported)
+from nettailor_tf.errors import TrainingError  # noqa: F401 (train.TrainingError)
 from nettailor_tf.schedules import Schedule, StagePlan
 
 

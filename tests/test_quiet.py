@@ -14,6 +14,12 @@ def test_known_notices_are_dropped_and_other_lines_kept():
     assert quiet.drop_notices(text) == "E0000 00:00:1.0 1 something.cc:9] a real error\n"
 
 
+def _stderr_of(code: str) -> str:
+    """What a fresh Python process running `code` writes to stderr."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stderr
+
+
 def test_native_stderr_is_filtered_line_by_line_and_restored():
     code = ("import os, sys\n"
             "from nettailor_tf import quiet\n"
@@ -21,9 +27,7 @@ def test_native_stderr_is_filtered_line_by_line_and_restored():
             "    os.write(2, b'I0 cudart_stub.cc:31] Could not find cuda drivers\\n')\n"
             "    os.write(2, b'kept line\\n')\n"
             "os.write(2, b'after\\n')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True)
-    assert proc.stderr == "kept line\nafter\n"
+    assert _stderr_of(code) == "kept line\nafter\n"
 
 
 def test_library_lines_below_error_are_dropped_from_absl():
@@ -36,6 +40,5 @@ def test_library_lines_below_error_are_dropped_from_absl():
             "                           'Sharding callback duration', None, None)\n"
             "logging.getLogger('absl').handle(record)\n"
             "absl_logging.info('our line')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True)
-    assert "our line" in proc.stderr and "Sharding" not in proc.stderr
+    stderr = _stderr_of(code)
+    assert "our line" in stderr and "Sharding" not in stderr

@@ -324,9 +324,12 @@ def _export_bundle(config, tasks, staging, final, task_params: dict) -> dict:
     calibration = ([b for t in tasks for b in calibration_images(config, t)]
                    if "int8" in config.bundle_variants else None)
     variants = {}
+    converted = {}
     with tflite.static_savedmodel(endpoints) as static_path:
-        converted = {v: tflite.convert(static_path, list(endpoints), v, lambda: calibration)
-                     for v in config.bundle_variants}
+        # float32 first: the weight-only variants quantise its bytes.
+        for v in sorted(config.bundle_variants, key=lambda v: v != "float32"):
+            converted[v] = tflite.convert(static_path, list(endpoints), v, lambda: calibration,
+                                          converted.get("float32"))
     for variant, content in converted.items():
         name = f"bundle_{variant}.tflite"
         with open(os.path.join(staging, name), "wb") as f:
