@@ -5,7 +5,10 @@ half precision); `dynamic` (int8 weights, float activations); `int8` (int8
 weights and activations, calibrated on a representative set); and, through
 ai-edge-quantizer on the float32 file, `int8_weights` and `int4_weights`
 (weight-only: weights stored in 8 or 4 bits per channel, dequantised to
-float before each op, so the arithmetic stays float32).  The uint8
+float before each op, so the arithmetic stays float32); `mixed` is int4
+weight-only with the layers that int4 would cost accuracy kept in int8 or
+float, chosen on validation data (exporters/mixed.py, through `convert_mixed`).
+The uint8
 image input and float32 outputs stay as they are in every variant, so one
 calling convention fits all files.  The files are converted from the static
 SavedModel of `static_savedmodel`: each signature takes one image
@@ -38,7 +41,7 @@ from exporters import savedmodel
 from nettailor_tf import quiet
 from nettailor_tf.errors import NetTailorError
 
-VARIANTS = ("float32", "float16", "dynamic", "int8", "int8_weights", "int4_weights")
+VARIANTS = ("float32", "float16", "dynamic", "int8", "int8_weights", "int4_weights", "mixed")
 # The weight-only variants and their bits: ai-edge-quantizer recipes applied
 # to the float32 file (the TFLite converter has no weight-only int4).
 WEIGHT_ONLY_BITS = {"int8_weights": 8, "int4_weights": 4}
@@ -86,6 +89,8 @@ def convert(savedmodel_dir: str, signature_keys: list[str], variant: str,
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown TFLite variant {variant!r}; accepted: {', '.join(VARIANTS)}")
+    if variant == "mixed":
+        raise ValueError("the mixed variant is chosen on labelled images: use convert_mixed")
     if variant in WEIGHT_ONLY_BITS:
         if float_content is None:
             float_content = convert(savedmodel_dir, signature_keys, "float32")
@@ -115,6 +120,19 @@ def convert(savedmodel_dir: str, signature_keys: list[str], variant: str,
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConversionError(f"TFLite {variant} conversion of {savedmodel_dir} failed: "
                               f"{first}") from error
+
+
+def convert_mixed(float_content: bytes, images: np.ndarray, labels: np.ndarray, budget: float,
+                  kept_bits: int | None = 8):
+    """The `mixed` variant of a float32 file (see exporters/mixed.py):
+    returns a `mixed.MixedChoice` (the file's bytes and what was kept)."""
+    from exporters import mixed
+
+    try:
+        return mixed.choose_mixed(float_content, images, labels, budget, kept_bits)
+    except Exception as error:  # the quantizer raises many unrelated types
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConversionError(f"mixed quantisation failed: {first}") from None
 
 
 @contextlib.contextmanager

@@ -172,3 +172,39 @@ def fine_tuned_network(config: Config, task) -> tuple:
     network = pruned_network(config, task, plan)
     prune_lib.load_task_state(network, paths.pruned_state(task.name))
     return network, plan, info
+
+
+# The latency tables this process has read or measured, by what they fit.
+_LATENCY_TABLES: dict = {}
+
+
+def latency_table(config: Config, threads: int | None = None):
+    """The latency table of the run's backbone, image size and max_skip:
+    --latency_table where given (measured on the target device), else this
+    machine's, measured once and cached (`threads`: default
+    --latency_threads; the benchmark stage's prediction asks for 1)."""
+    from absl import logging
+
+    from nettailor_tf import latency_table as latency_table_lib
+
+    threads = threads or config.latency_threads
+    key = (config.latency_table, config.backbone, config.image_size, config.max_skip,
+           threads if config.latency_table is None else None, config.latency_cache_dir)
+    if key in _LATENCY_TABLES:
+        return _LATENCY_TABLES[key]
+    if config.latency_table is not None:
+        table = latency_table_lib.LatencyTable.load(config.latency_table)
+        table.check_fits(config.backbone, config.image_size, config.max_skip)
+        logging.info("latency table: %s (%s, %d thread%s, %d entries)", table.source,
+                     table.device, table.threads, "" if table.threads == 1 else "s",
+                     len(table.entries))
+    else:
+        logging.info("latency table: %s at %d px, %d thread%s, on this machine", config.backbone,
+                     config.image_size, threads, "" if threads == 1 else "s")
+        table, cached = latency_table_lib.cached_table(
+            config.backbone, config.image_size, threads, config.max_skip,
+            config.latency_cache_dir)
+        logging.info("latency table: %s %s (fingerprint %s)", "read from" if cached else
+                     "measured and kept in", table.source, table.fingerprint()[:12])
+    _LATENCY_TABLES[key] = table
+    return table

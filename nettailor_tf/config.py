@@ -24,7 +24,11 @@ STAGES = ("teacher", "student", "prune", "finetune", "export", "benchmark", "sub
 # What a run does unless --stages says otherwise: `submission` only applies to
 # Visual Decathlon tasks and needs the challenge's annotation files.
 DEFAULT_STAGES = STAGES[:6]
-TFLITE_VARIANTS = ("float32", "float16", "dynamic", "int8", "int8_weights", "int4_weights")
+TFLITE_VARIANTS = ("float32", "float16", "dynamic", "int8", "int8_weights", "int4_weights",
+                   "mixed")
+# `mixed` is chosen per network on its own validation data: a bundle's
+# signatures would each want other layers kept.
+BUNDLE_VARIANTS = TFLITE_VARIANTS[:-1]
 # The backbones `backbones.build_backbone` knows, named here so that the
 # command line can list them without importing TensorFlow.
 BACKBONES = ("efficientnet_lite0", "mobilenet_v2", "resnet18", "resnet34", "resnet50",
@@ -124,6 +128,20 @@ class Config:
     complexity_p_in: str = option("exact", "p_in of the complexity loss: of the node each "
                                   "branch reads (exact) or block l-1's for every branch "
                                   "(published).", choices=("exact", "published"))
+    complexity_cost: str = option(
+        "flops", "What a branch costs in the complexity loss and the pruning report: its "
+        "multiply-adds (flops, the paper's) or its measured latency (latency: a table of "
+        "every branch timed as its own small .tflite with LiteRT, or --latency_table).",
+        choices=("flops", "latency"))
+    latency_table: str | None = option(
+        None, "A latency table (JSON) measured on the target device, e.g. a phone, with "
+        "benchmarks/latency_table.py (BUILD.md); unset: measured on this machine once per "
+        "backbone, image size and thread count, and cached in --latency_cache_dir.")
+    latency_threads: int = option(1, "Interpreter threads the latency table is measured with.",
+                                  check=Range(1, 64))
+    latency_cache_dir: str | None = option(
+        None, "Where measured latency tables are kept (default: $XDG_CACHE_HOME or "
+        "~/.cache, under nettailor_tf/latency_tables).")
     prune_universal: int | None = option(None, "Universal blocks to remove (smallest gates). "
                                          "Unset: the prune search chooses (see "
                                          "--prune_search).", check=Range(0))
@@ -173,8 +191,14 @@ class Config:
     teacher_variants: tuple[str, ...] = option(("float32",), "TFLite variants of each teacher.",
                                                check=OneOf(TFLITE_VARIANTS, "TFLite variant"))
     bundle_variants: tuple[str, ...] = option(("float32", "int8"), "TFLite variants of the "
-                                              "multi-task bundle.",
-                                              check=OneOf(TFLITE_VARIANTS, "TFLite variant"))
+                                              "multi-task bundle (mixed is per task only).",
+                                              check=OneOf(BUNDLE_VARIANTS, "TFLite variant"))
+    mixed_accuracy_budget: float = option(
+        0.005, "The mixed variant's budget: accuracy on the selection split it may lose "
+        "against its float32 file (layers leave int4 until it is met).", check=_PROBABILITY)
+    mixed_kept_as: str = option(
+        "int8", "What the mixed variant stores the layers that int4 would cost accuracy in: "
+        "int8 weights (smaller) or float32.", choices=("int8", "float32"))
     calibration_images: int = option(256, "Training images (per task) that calibrate the int8 "
                                      "variant.", check=Range(1))
     parity_min_agreement: float = option(0.995, "An export whose float32 top-1 agreement with "
@@ -233,6 +257,10 @@ class Config:
             if "float32" not in getattr(self, flag):
                 raise ConfigError(f"--{flag} must include float32: the parity check and the "
                                   f"size and latency comparisons read it", flag=flag)
+        if self.latency_table is not None and not os.path.isfile(self.latency_table):
+            raise ConfigError(f"--latency_table={self.latency_table!r}: no such file (a JSON "
+                              f"table from benchmarks/latency_table.py, or leave it unset to "
+                              f"measure one here)", flag="latency_table", path=self.latency_table)
         if self.prune_search and self.prune_universal is not None:
             raise ConfigError(f"--prune_search chooses the number of universal blocks to remove; "
                               f"drop --prune_universal={self.prune_universal} or --prune_search",

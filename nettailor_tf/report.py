@@ -90,6 +90,14 @@ def render_markdown(data: dict) -> str:
                          f"{_fmt_count(pruned['params_total'])} total, "
                          f"{_fmt_count(pruned['params_task_specific'])} task-specific | "
                          f"{_fmt_count(pruned['flops'])}{ratio} |")
+        cost = (pruned or {}).get("latency_cost")
+        if cost:
+            lines += ["", f"Priced in milliseconds (`--complexity_cost=latency`): the latency "
+                          f"table measured on {cost['device']} ({cost['threads']} thread"
+                          f"{'' if cost['threads'] == 1 else 's'}) predicts "
+                          f"{cost['predicted_ms']:.3f} ms for the pruned network, "
+                          f"{cost['fraction_of_teacher']:.0%} of the teacher's "
+                          f"{cost['teacher_predicted_ms']:.3f} ms."]
         lines += [""] + [f"**Finding:** {text}" for text in findings(task)]
         lines.append("")
         if pruned:
@@ -112,6 +120,7 @@ def render_markdown(data: dict) -> str:
     lines += _bundle_section(data.get("bundle"))
     if data.get("deployment_png"):
         lines += [f"![accuracy against multiply-adds and latency]({data['deployment_png']})", ""]
+    lines += _latency_prediction_section(data)
     submission = data.get("decathlon_submission")
     if submission:
         lines += ["## Visual Decathlon test set", "",
@@ -163,6 +172,13 @@ def findings(task: dict) -> list[str]:
         notes.append(f"the latencies at {' and '.join(busy_threads)} thread(s) were timed while "
                      f"other processes kept {load:.1f} cores busy: read them as upper bounds, "
                      f"and time again on a quiet machine (--restart_from=benchmark).")
+    mixed = ((task.get("tflite") or {}).get("mixed") or {}).get("mixed") or {}
+    if mixed and not mixed.get("met_budget", True):
+        notes.append(f"the mixed file misses its budget even with all {mixed['layers']} layers "
+                     f"kept in {mixed['kept_as']} ({_fmt_acc(mixed['selection_accuracy'])} "
+                     f"against float32's {_fmt_acc(mixed['selection_float32_accuracy'])} on "
+                     f"the selection split): these weights need more than "
+                     f"{mixed['kept_as']}; ship float16 or float32.")
     reference = (task.get("tflite") or {}).get("float32", {}).get("accuracy")
     for variant, entry in (task.get("tflite") or {}).items():
         said = _quantisation_damage(variant, entry, reference)
@@ -270,3 +286,26 @@ def _bundle_section(bundle: dict | None) -> list[str]:
                   f"| XNNPACK weight cache | {memory['separate_files_weight_cache']:.1f} | "
                   f"{memory['bundle_weight_cache']:.1f} |"]
     return lines + [""]
+
+
+def _latency_prediction_section(data: dict) -> list[str]:
+    """The latency table's float32 predictions against the measured files."""
+    from nettailor_tf.visualize import latency_prediction_points
+
+    points = [p for p in latency_prediction_points(data) if p["variant"] == "float32"]
+    if not points:
+        return []
+    table = data.get("latency_prediction_table") or {}
+    lines = ["## Predicted against measured latency", "",
+             f"Float32, 1 thread; predictions from the latency table "
+             f"{table.get('fingerprint', '?')[:12]} ({table.get('device', '?')}), each branch "
+             f"timed as its own small .tflite.", "",
+             "| task | network | predicted ms | measured ms | error |", "| --- | --- | --- | --- | --- |"]
+    for p in points:
+        error = p["predicted_ms"] / p["measured_ms"] - 1
+        lines.append(f"| {p['task']} | {p['network']} | {p['predicted_ms']:.3f} | "
+                     f"{p['measured_ms']:.3f} | {error:+.0%} |")
+    if data.get("latency_prediction_png"):
+        lines += ["", f"![predicted against measured latency]({data['latency_prediction_png']})"]
+    return lines + [""]
+

@@ -47,6 +47,11 @@ class Plan:
             blocks.append(BlockPlan(True, list(range(l, first - 1, -1))))
         return cls(blocks)
 
+    @classmethod
+    def backbone_only(cls, num_blocks: int) -> "Plan":
+        """Every universal block and no proxy: the teacher's network."""
+        return cls([BlockPlan(True, []) for _ in range(num_blocks)])
+
     def branch_sources(self, l: int) -> list[int]:
         """Node read by each branch of block l, universal first."""
         plan = self.blocks[l]

@@ -283,7 +283,8 @@ def _save_png(fig, path: str) -> None:
         fig.savefig(tmp, format="png", dpi=120)
 
 
-_VARIANT_MARKERS = {"float32": "o", "float16": "s", "dynamic": "D", "int8": "^"}
+_VARIANT_MARKERS = {"float32": "o", "float16": "s", "dynamic": "D", "int8": "^",
+                    "int8_weights": "v", "int4_weights": "<", "mixed": "P"}
 
 
 def plot_deployment(path: str, report: dict) -> None:
@@ -320,4 +321,61 @@ def plot_deployment(path: str, report: dict) -> None:
     fig.suptitle(f"Deployment: {report.get('backbone')} at {report.get('image_size')} px "
                  "(hollow: teacher, filled: NetTailor)", fontsize=10)
     fig.subplots_adjust(left=0.06, right=0.78, bottom=0.13, top=0.88, wspace=0.25)
+    _save_png(fig, path)
+
+
+def latency_prediction_points(report: dict) -> list[dict]:
+    """(task, network, variant, predicted, measured) of every timed file whose
+    network has a predicted float32 latency (report.json's
+    `predicted_latency_ms`)."""
+    points = []
+    for name, task in report.get("tasks", {}).items():
+        for network, cost, part in (("teacher", task.get("teacher") or {},
+                                     task.get("teacher_tflite") or {}),
+                                    ("NetTailor", task.get("pruned") or {},
+                                     task.get("tflite") or {})):
+            predicted = cost.get("predicted_latency_ms")
+            for variant, entry in part.items():
+                if predicted is not None and entry.get("latency_ms") is not None:
+                    points.append({"task": name, "network": network, "variant": variant,
+                                   "predicted_ms": predicted, "measured_ms": entry["latency_ms"]})
+    return points
+
+
+def plot_latency_prediction(path: str, report: dict, band: float = 0.2) -> None:
+    """Measured 1-thread latency of every file against the float32 latency the
+    latency table predicts for its network, with the identity and a +-`band`
+    band (the quantised variants show how far each moves from float32)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 5))
+    ax = fig.subplots()
+    points = latency_prediction_points(report)
+    colors = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"]
+    tasks = list(dict.fromkeys(p["task"] for p in points))
+    for p in points:
+        color = colors[tasks.index(p["task"]) % len(colors)]
+        filled = p["network"] == "NetTailor"
+        ax.scatter(p["predicted_ms"], p["measured_ms"], s=46,
+                   marker=_VARIANT_MARKERS.get(p["variant"], "o"), edgecolors=color,
+                   facecolors=color if filled else "none",
+                   label=f"{p['task']} {p['network']} {p['variant']}")
+    if points:
+        top = 1.15 * max(max(p["predicted_ms"], p["measured_ms"]) for p in points)
+        line = [0, top]
+        ax.plot(line, line, color="0.3", lw=1, label="measured = predicted")
+        ax.fill_between(line, [0, top * (1 - band)], [0, top * (1 + band)], color="0.85",
+                        alpha=0.6, label=f"within {band:.0%}")
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+    ax.set_xlabel("predicted float32 latency, 1 thread (ms, latency table)")
+    ax.set_ylabel("measured latency, 1 thread (ms, LiteRT)")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
+    fig.suptitle(f"Latency table against the exported files: {report.get('backbone')} at "
+                 f"{report.get('image_size')} px (hollow: teacher, filled: NetTailor)",
+                 fontsize=10)
+    fig.subplots_adjust(left=0.1, right=0.66, bottom=0.11, top=0.9)
     _save_png(fig, path)

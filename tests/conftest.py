@@ -1,6 +1,16 @@
 """Fixtures shared by the test files."""
+import os
+import tempfile
+
 import pytest
 import tensorflow_datasets as tfds
+
+# Latency tables measured by the tests stay out of the user's cache; the
+# workers of one run (and the CLI subprocesses they start) share theirs.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+os.environ["NETTAILOR_TF_CACHE"] = (
+    os.path.join(tempfile.gettempdir(), f"nettailor_tf_test_cache_{_RUN}") if _RUN
+    else tempfile.mkdtemp(prefix="nettailor_tf_test_cache_"))
 
 
 @pytest.fixture

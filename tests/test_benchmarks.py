@@ -127,3 +127,60 @@ def test_seed_study_refuses_a_missing_flagfile(tmp_path):
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "--flagfile=/no/such.cfg: no such file" in proc.stderr
+
+
+def _time_like_benchmark_model(model_path, runs=60):
+    """What LiteRT's benchmark_model prints for a file, measured here with the
+    Python interpreter on random inputs (the tool itself runs on devices)."""
+    import time
+
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=model_path, num_threads=1).get_signature_runner()
+    rng = np.random.default_rng(0)
+    feed = {name: (rng.integers(0, 256, d["shape"], dtype=np.uint8) if d["dtype"] == np.uint8
+                   else rng.standard_normal(d["shape"]).astype(np.float32))
+            for name, d in runner.get_input_details().items()}
+    runner(**feed)
+    start = time.perf_counter()
+    for _ in range(runs):
+        runner(**feed)
+    average_us = (time.perf_counter() - start) / runs * 1e6
+    return (f"Inference timings in us: Init: 1000, First inference: 900, Warmup (avg): "
+            f"{average_us:.1f}, Inference (avg): {average_us:.3f}\n")
+
+
+def test_latency_table_from_device_files_round_trips(tmp_path):
+    """The phone route of BUILD.md: one file per branch (and the two whole
+    networks), timed one by one as benchmark_model would, collected into a
+    table that a run accepts as --latency_table."""
+    script = os.path.join(BENCHMARKS, "latency_table.py")
+    common = ["--backbone=tiny", "--image_size=16", "--max_skip=2"]
+    models = tmp_path / "branches"
+    proc = subprocess.run([sys.executable, script, "models", *common, f"--out={models}"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(p.name for p in models.glob("*.tflite"))
+    assert {"stem.tflite", "head.tflite", "universal0.tflite", "proxy1_from0.tflite",
+            "network_teacher.tflite", "network_student.tflite"} <= set(files)
+    assert (models / "run_all.sh").read_text().count("benchmark_model") >= 1
+    for name in files:
+        (models / name.replace(".tflite", ".txt")).write_text(
+            _time_like_benchmark_model(str(models / name)))
+    table_path = tmp_path / "table.json"
+    proc = subprocess.run([sys.executable, script, "collect", *common, f"--results={models}",
+                           "--device=test machine", f"--out={table_path}"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from nettailor_tf import latency_table
+
+    table = latency_table.LatencyTable.load(str(table_path))
+    assert table.device == "test machine" and len(table.entries) == len(files)
+    assert table.calibration() != (1.0, 1.0)  # the whole networks were collected
+    # A branch's .txt missing: the table is refused in one line naming it.
+    (models / "universal0.txt").unlink()
+    proc = subprocess.run([sys.executable, script, "collect", *common, f"--results={models}",
+                           f"--out={tmp_path / 'other.json'}"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "universal0" in proc.stderr.strip().splitlines()[-1]

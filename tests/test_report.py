@@ -48,6 +48,38 @@ def test_a_quantised_file_that_changed_the_predictions_is_named():
     assert "| NetTailor | int8 |" in table and "| NetTailor | float32 |" in table
 
 
+def test_a_mixed_file_that_misses_its_budget_is_a_finding():
+    task = _task()
+    summary = {"layers": 37, "kept_layers": 37, "kept_as": "int8", "budget": 0.0069,
+               "selection_accuracy": 0.9586, "selection_float32_accuracy": 0.9724,
+               "met_budget": False}
+    task["tflite"] = {"float32": {"accuracy": 0.99, "top1_agreement": 1.0, "bytes": 1},
+                      "mixed": {"accuracy": 0.99, "top1_agreement": 1.0, "bytes": 1,
+                                "mixed": summary}}
+    assert findings(task) == [
+        "the mixed file misses its budget even with all 37 layers kept in int8 (95.86% against "
+        "float32's 97.24% on the selection split): these weights need more than int8; ship "
+        "float16 or float32."]
+    task["tflite"]["mixed"]["mixed"] = {**summary, "kept_layers": 9, "met_budget": True}
+    assert findings(task) == []
+
+
+def test_predicted_latency_is_tabled_beside_the_measured_one():
+    task = _task()
+    task["pruned"]["predicted_latency_ms"] = 0.65
+    task["teacher"]["predicted_latency_ms"] = 0.85
+    task["tflite"] = {"float32": {"accuracy": 0.975, "top1_agreement": 1.0, "bytes": 1,
+                                  "latency_ms": 0.70}}
+    task["teacher_tflite"] = {"float32": {"accuracy": 0.98, "top1_agreement": 1.0, "bytes": 1,
+                                          "latency_ms": 0.80}}
+    text = render_markdown({"backbone": "tiny", "image_size": 16, "tasks": {"t": task},
+                            "latency_prediction_table": {"fingerprint": "ab" * 32,
+                                                         "device": "a CPU"}})
+    assert "## Predicted against measured latency" in text
+    assert "| t | NetTailor | 0.650 | 0.700 | -7% |" in text
+    assert "| t | teacher | 0.850 | 0.800 | +6% |" in text
+
+
 def test_latency_shows_its_spread_and_a_busy_machine_is_a_finding(tmp_path):
     quiet = {"threads": 1, "runs": 100, "median_ms": 0.812, "p10_ms": 0.8, "p90_ms": 0.85,
              "other_load_cores": 0.02, "busy": False}

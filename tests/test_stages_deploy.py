@@ -112,6 +112,10 @@ def test_report_holds_every_artefact_with_its_parity_and_latency(exported):
         assert task["tflite"]["float32"]["accuracy"] == task["export"][
             "keras_accuracy_resized"]["nettailor"]
         assert task["tflite"]["int8"]["weight_types"].get("FLOAT32", 0) == 0
+        mixed = task["tflite"]["mixed"]["mixed"]
+        assert 0 <= mixed["kept_layers"] <= mixed["layers"] and mixed["kept_as"] == "int8"
+        assert mixed["budget"] >= 0.005 and mixed["met_budget"] == (
+            mixed["selection_accuracy"] >= mixed["selection_float32_accuracy"] - mixed["budget"])
         assert task["tflite"]["float32"]["bytes"] < task["teacher_tflite"]["float32"]["bytes"]
         assert task["latency_ratio_float32"] > 0
         # One of four universal blocks cut, proxies over 0.2 kept: cheaper
@@ -119,6 +123,11 @@ def test_report_holds_every_artefact_with_its_parity_and_latency(exported):
         assert task["flops_ratio"] == pytest.approx(task["pruned"]["flops"]
                                                     / task["teacher"]["flops"])
         assert task["flops_ratio"] < 1
+        # The latency table's float32 prediction for each network sits beside
+        # what was measured; the pruned network is predicted cheaper.
+        assert 0 < task["pruned"]["predicted_latency_ms"] < task["teacher"]["predicted_latency_ms"]
+    table = report["latency_prediction_table"]
+    assert table["threads"] == 1 and len(table["fingerprint"]) == 64
 
 
 def test_bundle_shares_the_universal_weights(exported):
@@ -151,6 +160,9 @@ def test_markdown_and_plot(exported):
     text = (exported / "report.md").read_text()
     assert "On device (LiteRT, batch 1)" in text and "Multi-task bundle" in text
     assert (exported / "deployment.png").stat().st_size > 10_000
+    assert "## Predicted against measured latency" in text
+    assert "| objects | NetTailor |" in text
+    assert (exported / "latency_prediction.png").stat().st_size > 10_000
 
 
 def test_a_second_run_skips_and_a_lost_report_entry_comes_from_the_manifest(exported, mocked,

@@ -10,3 +10,40 @@ def test_student_stage_without_a_teacher_is_a_clear_error(tmp_path, mocked_svhn)
     config = _config(tmp_path, stages=("student",))
     with pytest.raises(stages.StageError, match="run --stages=teacher first"):
         stages.run(config, tf.distribute.get_strategy())
+
+
+def test_a_student_priced_in_milliseconds_records_its_table_and_is_redone_without_it(
+        tmp_path, mocked_svhn):
+    """--complexity_cost=latency: the table's fingerprint is in the student's
+    ledger and the pruned network's report; going back to multiply-adds
+    makes the student (and what follows) stale."""
+    import json
+    import os
+
+    from nettailor_tf.workdir import Workdir
+
+    cache = str(tmp_path / "cache")
+    config = _config(tmp_path / "run", complexity_cost="latency", latency_cache_dir=cache)
+    stages.run(config, tf.distribute.get_strategy())
+    paths = Workdir(config.workdir)
+    task = "svhn_cropped"
+    ledger = json.loads(open(paths.ledger(task).path).read())
+    priced = ledger["student"]["complexity_cost"]
+    assert priced.startswith("latency:") and "complexity_cost" not in ledger["teacher"]
+    report = json.loads(open(paths.report_json).read())
+    cost = report["tasks"][task]["pruned"]["latency_cost"]
+    assert priced == f"latency:{cost['table_fingerprint']}"
+    assert 0 < cost["predicted_ms"] and cost["threads"] == 1
+    assert cost["fraction_of_teacher"] == pytest.approx(
+        cost["predicted_ms"] / cost["teacher_predicted_ms"], rel=1e-3)
+    assert len(os.listdir(cache)) == 1
+    student = paths.student_state(task)
+    before = os.stat(student).st_mtime_ns
+    teacher_before = os.stat(paths.teacher_weights(task)).st_mtime_ns
+    stages.run(_config(tmp_path / "run"), tf.distribute.get_strategy())
+    assert os.stat(student).st_mtime_ns != before  # trained again, on multiply-adds
+    assert os.stat(paths.teacher_weights(task)).st_mtime_ns == teacher_before
+    ledger = json.loads(open(paths.ledger(task).path).read())
+    assert "complexity_cost" not in ledger["student"]
+    report = json.loads(open(paths.report_json).read())
+    assert "latency_cost" not in report["tasks"][task]["pruned"]

@@ -21,8 +21,9 @@ from nettailor_tf import workdir as workdir_lib
 from nettailor_tf.artifacts import StageError
 from nettailor_tf.config import Config
 from nettailor_tf.report import Report, findings
-from nettailor_tf.stages import deploy, provenance, submission
+from nettailor_tf.stages import benchmark, deploy, provenance, submission
 from nettailor_tf.stages.finetune import run_finetune
+from nettailor_tf.stages.nettailor import cost_identity
 from nettailor_tf.stages.prune import run_prune
 from nettailor_tf.stages.student import run_student
 from nettailor_tf.stages.teacher import run_teacher
@@ -168,9 +169,10 @@ def _run_locked(config: Config, strategy, paths: Workdir) -> Report:
     if restart:
         _restart(paths, report, tasks, config.restart_from)
     functions = {**TRAINING_STAGES, "export": deploy.run_export,
-                 "benchmark": deploy.run_benchmark, "submission": submission.run_submission}
+                 "benchmark": benchmark.run_benchmark, "submission": submission.run_submission}
     # What a stage does once every task has been through it.
-    finishers = {**deploy.BUNDLE_FINISHERS, "submission": submission.write_results}
+    finishers = {"export": deploy.export_bundle, "benchmark": benchmark.benchmark_bundle,
+                 "submission": submission.write_results}
     started = time.monotonic()
     try:
         for number, stage in enumerate(config.stages, 1):
@@ -186,11 +188,14 @@ def _run_locked(config: Config, strategy, paths: Workdir) -> Report:
             keras.mixed_precision.set_global_policy("mixed_float16" if training else "float32")
             finished = []
             for task in tasks:
+                identity = identities[task.name]
+                if stage == "student":  # the one stage the cost model trains
+                    identity = {**identity, **cost_identity(config)}
                 if stage in TRAINING_STAGES:
-                    provenance.refresh(paths, report, task.name, stage, identities[task.name])
+                    provenance.refresh(paths, report, task.name, stage, identity)
                 finished.append(functions[stage](config, strategy, task, report))
                 if finished[-1] and stage in TRAINING_STAGES:
-                    provenance.record(paths, task.name, stage, identities[task.name])
+                    provenance.record(paths, task.name, stage, identity)
             if all(finished) and stage in finishers:
                 finishers[stage](config, tasks, report)
             if not all(finished):

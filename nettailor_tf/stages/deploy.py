@@ -1,6 +1,6 @@
-"""The deployment stages: `export` (SavedModel + TFLite files, checked for
-parity) and `benchmark` (LiteRT latency), per task and for the multi-task
-bundle.
+"""The export stage: SavedModel + TFLite files, checked for parity, per task
+and for the multi-task bundle (the `benchmark` stage times them:
+stages/benchmark.py).
 
 Every .tflite file takes one uint8 image [1, S, S, 3] at the trained size
 (a static input; the SavedModels take any size), and every export carries
@@ -24,13 +24,11 @@ import numpy as np
 from absl import logging
 
 from exporters import latency as latency_lib
-from exporters import memory as memory_lib
 from exporters import parity, savedmodel, tflite
 from nettailor_tf import artifacts, atomic, quiet
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import data as data_lib
 from nettailor_tf import prune as prune_lib
-from nettailor_tf import visualize
 from nettailor_tf.config import Config
 from nettailor_tf.data.tasks import label_names
 from nettailor_tf.report import Report
@@ -87,7 +85,10 @@ def _export_settings(config: Config) -> dict:
             "teacher_variants": list(config.teacher_variants),
             "calibration_images": config.calibration_images,
             "parity_max_images": config.parity_max_images,
-            "parity_min_agreement": config.parity_min_agreement, "seed": config.seed}
+            "parity_min_agreement": config.parity_min_agreement, "seed": config.seed,
+            **({"mixed_accuracy_budget": config.mixed_accuracy_budget,
+                "mixed_kept_as": config.mixed_kept_as}
+               if "mixed" in config.export_variants + config.teacher_variants else {})}
 
 
 def nettailor_endpoint(config: Config, task, universal: prune_lib.UniversalLayers | None = None
@@ -177,6 +178,7 @@ def _export_task(config, task, nettailor, teacher, staging, final) -> dict:
                 "teacher": (teacher, config.teacher_variants)}
     predictors = {}
     files = {}  # artefact name -> (network, format, file name)
+    choices = {}  # network -> what its mixed variant kept out of int4
     for network, (endpoint, variants) in networks.items():
         predictors.update(_keras_predictors(f"{network}_keras", endpoint))
         sm_name = f"{network}_savedmodel"
@@ -191,8 +193,13 @@ def _export_task(config, task, nettailor, teacher, staging, final) -> dict:
             for variant in sorted(variants, key=lambda v: v != "float32"):
                 if variant == "int8" and calibration is None:
                     calibration = calibration_images(config, task)
-                content = tflite.convert(static_path, [savedmodel.SERVING_KEY], variant,
-                                         (lambda c=calibration: c), converted.get("float32"))
+                if variant == "mixed":
+                    choice = _mixed(config, task, converted["float32"])
+                    content = choice.content
+                    choices[network] = choice.summary()
+                else:
+                    content = tflite.convert(static_path, [savedmodel.SERVING_KEY], variant,
+                                             (lambda c=calibration: c), converted.get("float32"))
                 converted[variant] = content
                 name = f"{network}_{variant}.tflite"
                 with open(os.path.join(staging, name), "wb") as f:
@@ -218,6 +225,8 @@ def _export_task(config, task, nettailor, teacher, staging, final) -> dict:
             with open(os.path.join(staging, name), "rb") as f:
                 contents = tflite.inspect(f.read())
             entries[artefact]["weight_types"] = contents.weight_types[savedmodel.SERVING_KEY]
+        if variant == "mixed":
+            entries[artefact]["mixed"] = choices[network]
         logging.debug("%s: %-26s %9.2f MB  accuracy %.4f  agreement %.4f", task.name, name,
                       size / 1e6, entries[artefact]["accuracy"], agreement)
     logging.info("%s: exported %s", task.name, ", ".join(
@@ -230,6 +239,32 @@ def _export_task(config, task, nettailor, teacher, staging, final) -> dict:
                                        for n in networks},
             "labels": savedmodel.LABELS_FILE, **_tflite_interface(config),
             "artefacts": entries}
+
+
+def _selection_images(config: Config, task) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images at the model's size and labels of the split choices are
+    made on (validation; test under the paper's protocol)."""
+    split = task.val if config.selection_split == "validation" and task.num_val else task.test
+    images, labels = [], []
+    for batch, batch_labels in parity.raw_test_batches(split):
+        images.append(savedmodel.fit_to_input(batch, config.image_size, config.image_size))
+        labels.append(batch_labels)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _mixed(config: Config, task, float_content: bytes):
+    """The mixed variant: int4 weights, with the layers that cost accuracy kept."""
+    images, labels = _selection_images(config, task)
+    kept_bits = None if config.mixed_kept_as == "float32" else 8
+    with quiet.native_stderr_filtered():
+        choice = tflite.convert_mixed(float_content, images, labels,
+                                      config.mixed_accuracy_budget, kept_bits)
+    logging.info("%s: mixed variant: %d of %d layers kept in %s, %s accuracy %.4f against "
+                 "float32 %.4f (budget %.4f; all int4 would read %.4f)", task.name,
+                 len(choice.kept_layers), choice.layers, config.mixed_kept_as,
+                 config.selection_split, choice.accuracy, choice.float_accuracy,
+                 choice.budget, choice.all_int4_accuracy)
+    return choice
 
 
 def _report_task_export(config: Config, task, report: Report, manifest: dict) -> None:
@@ -387,106 +422,3 @@ def _export_bundle(config, tasks, staging, final, task_params: dict) -> dict:
     logging.info("bundle: %d signatures, float32 %s bytes (bound %d), SavedModel %d variables",
                  len(endpoints), bundle["bytes"], bound, len(stored))
     return {"bundle": bundle}
-
-
-# --- benchmark stage ------------------------------------------------------------------
-
-def _benchmark_image(config: Config, task) -> np.ndarray:
-    """One real test image [1, S, S, 3], the static input of the .tflite files."""
-    for images, _ in data_lib.eval_pipeline(task, config.image_size, 1):
-        return np.clip(np.round(images.numpy()), 0, 255).astype(np.uint8)
-    raise artifacts.StageError(f"{task.name}: the test split is empty")
-
-
-def _threads() -> list[int]:
-    return sorted({1, latency_lib.all_cores()})
-
-
-def run_benchmark(config: Config, strategy, task, report: Report) -> bool:
-    """Latency of every TFLite file of the task (1 thread and all cores)."""
-    del strategy
-    parts = {"nettailor": report.get(task.name, "tflite"),
-             "teacher": report.get(task.name, "teacher_tflite")}
-    if not all(parts.values()):
-        raise artifacts.StageError(f"{task.name}: nothing exported yet; run --stages=export first")
-    entries = {(network, variant): entry for network, part in parts.items()
-               for variant, entry in part.items()}
-    if all("latency_ms" in e for e in entries.values()):
-        logging.info("%s: benchmark stage already done; skipping", task.name)
-        return True
-    logging.info("%s: benchmark stage: timing %d TFLite files, %d runs each", task.name,
-                 len(entries), config.benchmark_runs)
-    image = _benchmark_image(config, task)
-    files = {name: (os.path.join(config.workdir, e["path"]), savedmodel.SERVING_KEY)
-             for name, e in entries.items()}
-    with quiet.native_stderr_filtered():
-        results = {t: latency_lib.measure_many(files, image, t, config.benchmark_warmup,
-                                               config.benchmark_runs) for t in _threads()}
-    costs = {"nettailor": report.get(task.name, "pruned"),
-             "teacher": report.get(task.name, "teacher")}
-    cores = latency_lib.all_cores()
-    for (network, variant), entry in entries.items():
-        entry["latency"] = {str(t): results[t][(network, variant)].as_dict() for t in results}
-        entry["latency_ms"] = results[1][(network, variant)].median_ms
-        entry["latency_ms_all_cores"] = results[cores][(network, variant)].median_ms
-        entry["flops"] = costs[network]["flops"]
-        entry["params"] = costs[network].get("params_total", costs[network].get("params"))
-        logging.debug("%s: %s %s: %.3f ms (1 thread), %.3f ms (%d threads)", task.name,
-                      network, variant, entry["latency_ms"], entry["latency_ms_all_cores"], cores)
-    ratios = ""
-    if "float32" in parts["nettailor"] and "float32" in parts["teacher"]:
-        ratio = parts["nettailor"]["float32"]["latency_ms"] / parts["teacher"]["float32"][
-            "latency_ms"]
-        flops_ratio = costs["nettailor"]["flops"] / costs["teacher"]["flops"]
-        report.task(task.name)["latency_ratio_float32"] = ratio
-        report.task(task.name)["flops_ratio"] = flops_ratio
-        ratios = (f"; NetTailor/teacher float32: latency {ratio:.3f}, multiply-adds "
-                  f"{flops_ratio:.3f}")
-    logging.info("%s: latency at 1 thread, ms, median [p10, p90]: %s%s", task.name, ", ".join(
-        f"{network} {variant} {_spread(entry['latency']['1'])}"
-        for (network, variant), entry in entries.items()), ratios)
-    report.save()
-    return True
-
-
-def _spread(latency: dict) -> str:
-    return f"{latency['median_ms']:.3f} [{latency['p10_ms']:.3f}, {latency['p90_ms']:.3f}]"
-
-
-def benchmark_bundle(config: Config, tasks, report: Report) -> None:
-    """Latency of each signature of the bundle files, and the summary plot."""
-    bundle = report.data.get("bundle")
-    if bundle:
-        image = _benchmark_image(config, tasks[0])
-        files = {(variant, task.name): (os.path.join(config.workdir, info["path"]),
-                                        info["tasks"][task.name]["signature"])
-                 for variant, info in bundle["variants"].items() for task in tasks}
-        measured = latency_lib.measure_many(files, image, 1, config.benchmark_warmup,
-                                            config.benchmark_runs)
-        bundle["latency"] = {variant: {task.name: measured[(variant, task.name)].median_ms
-                                       for task in tasks} for variant in bundle["variants"]}
-        bundle["latency_other_load_cores"] = next(iter(measured.values())).other_load_cores
-        if "float32" in bundle["variants"]:
-            bundle["memory_mb"] = _bundle_memory(config, tasks, report, bundle)
-            logging.info("bundle: peak memory running every task once (MB over a %.1f MB "
-                         "runtime): separate files %.1f, bundle %.1f, bundle with XNNPACK's "
-                         "weight cache %.1f", *(bundle["memory_mb"][k] for k in (
-                             "baseline", "separate_files", "bundle", "bundle_weight_cache")))
-    png = os.path.join(config.workdir, "deployment.png")
-    visualize.plot_deployment(png, report.data)
-    report.data["deployment_png"] = _rel(config, png)
-    report.save()
-
-
-def _bundle_memory(config: Config, tasks, report: Report, bundle: dict) -> dict:
-    """Peak memory of running every task once: separate float32 files
-    against the float32 bundle, with and without XNNPACK's weight cache
-    (one process each: about a second apiece)."""
-    separate = [os.path.join(config.workdir, report.get(task.name, "tflite")["float32"]["path"])
-                for task in tasks]
-    return memory_lib.bundle_memory(
-        separate, os.path.join(config.workdir, bundle["variants"]["float32"]["path"]),
-        repeats=1)
-
-
-BUNDLE_FINISHERS = {"export": export_bundle, "benchmark": benchmark_bundle}

@@ -11,6 +11,7 @@ from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import prune as prune_lib
 from nettailor_tf.config import Config
 from nettailor_tf.report import Report
+from nettailor_tf.student import Plan
 from nettailor_tf.stages.nettailor import gate_values, or_none, prepared_pruned, train_nettailor
 from nettailor_tf.workdir import Workdir
 
@@ -59,12 +60,28 @@ def run_finetune(config: Config, strategy, task, report: Report) -> bool:
         "plan": paths.relative(paths.plan(task.name)),
         "weights": paths.relative(state_path),
         "epochs": result.epochs, "steps": result.steps,
+        **({"latency_cost": latency_cost(config, plan)}
+           if config.complexity_cost == "latency" else {}),
     })
     teacher_flops = (report.get(task.name, "teacher") or {}).get("flops")
-    logging.info("%s: NetTailor test accuracy %.4f, %d multiply-adds%s", task.name,
+    predicted = report.get(task.name, "pruned").get("latency_cost")
+    logging.info("%s: NetTailor test accuracy %.4f, %d multiply-adds%s%s", task.name,
                  result.test_accuracy, cost["flops"],
-                 f" ({cost['flops'] / teacher_flops:.2f} of the teacher's)" if teacher_flops else "")
+                 f" ({cost['flops'] / teacher_flops:.2f} of the teacher's)" if teacher_flops else "",
+                 f", {predicted['predicted_ms']:.3f} ms by the latency table "
+                 f"({predicted['fraction_of_teacher']:.2f} of the teacher's)" if predicted else "")
     return True
+
+
+def latency_cost(config, plan) -> dict:
+    """What the run's latency table (the cost model the student was trained
+    with) says the pruned network and the teacher take."""
+    table = artifacts.latency_table(config)
+    teacher_plan = Plan.backbone_only(len(plan.blocks))
+    predicted, teacher = table.predict_ms(plan), table.predict_ms(teacher_plan)
+    return {"predicted_ms": round(predicted, 5), "teacher_predicted_ms": round(teacher, 5),
+            "fraction_of_teacher": round(predicted / teacher, 4), "threads": table.threads,
+            "device": table.device, "table_fingerprint": table.fingerprint()}
 
 
 def _reuse_search_checkpoint(paths: Workdir, task, search) -> None:

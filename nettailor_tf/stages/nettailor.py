@@ -86,15 +86,36 @@ def teacher_targets(config, strategy, task, teacher):
     return targets
 
 
+def branch_costs(config: Config, backbone, plan) -> list[list[float]]:
+    """What each branch of `plan` costs, as a share of the universal network
+    (stem and every universal block): multiply-adds, or with
+    --complexity_cost=latency milliseconds from the latency table."""
+    if config.complexity_cost == "latency":
+        table = artifacts.latency_table(config)
+        norm = table.universal_network_ms(len(backbone.blocks))
+        rows = table.branch_costs(plan)
+    else:
+        norm = complexity.universal_network_flops(backbone, config.image_size)
+        rows = complexity.branch_flops(backbone, plan, config.image_size)
+    return [[c / norm for c in row] for row in rows]
+
+
+def cost_identity(config: Config) -> dict:
+    """What the student's complexity term was priced with, for the ledger:
+    nothing for the paper's multiply-adds, so that workdirs made before the
+    latency cost model stay current."""
+    if config.complexity_cost != "latency":
+        return {}
+    return {"complexity_cost": f"latency:{artifacts.latency_table(config).fingerprint()}"}
+
+
 def nettailor_trainer(config, strategy, task, student, teacher, schedule, complexity_coeff,
                       name, targets=None, pruned: bool = False) -> Trainer:
     """The trainer of a NetTailor network: the student, or (`pruned`) a pruned
     network, which also trains its gates' masses."""
     paths = Workdir(config.workdir)
     backbone = backbones_lib.build_backbone(config.backbone)  # geometry only
-    norm = complexity.universal_network_flops(backbone, config.image_size)
-    costs = [[c / norm for c in row] for row in
-             complexity.branch_flops(backbone, student.plan, config.image_size)]
+    costs = branch_costs(config, backbone, student.plan) if complexity_coeff else None
     mimic_normalized = (backbone.mimic_normalized if config.mimic_normalized is None
                         else config.mimic_normalized)
     loss_fn = nettailor_loss(student, teacher, costs, complexity_coeff, config.teacher_coeff,

@@ -1,0 +1,148 @@
+"""The benchmark stage: LiteRT latency of every exported .tflite file (1
+thread and every core, interleaved rounds, marked busy when other processes
+took CPU meanwhile), the latency table's prediction for each network beside
+it, and for the bundle its signatures' latency, its memory and the plots.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+from absl import logging
+
+from exporters import latency as latency_lib
+from exporters import memory as memory_lib
+from exporters import savedmodel
+from nettailor_tf import artifacts, quiet, visualize
+from nettailor_tf import data as data_lib
+from nettailor_tf import prune as prune_lib
+from nettailor_tf import student as student_lib
+from nettailor_tf.config import Config
+from nettailor_tf.report import Report
+from nettailor_tf.workdir import Workdir
+
+
+def _benchmark_image(config: Config, task) -> np.ndarray:
+    """One real test image [1, S, S, 3], the static input of the .tflite files."""
+    for images, _ in data_lib.eval_pipeline(task, config.image_size, 1):
+        return np.clip(np.round(images.numpy()), 0, 255).astype(np.uint8)
+    raise artifacts.StageError(f"{task.name}: the test split is empty")
+
+
+def _threads() -> list[int]:
+    return sorted({1, latency_lib.all_cores()})
+
+
+def run_benchmark(config: Config, strategy, task, report: Report) -> bool:
+    """Latency of every TFLite file of the task (1 thread and all cores)."""
+    del strategy
+    parts = {"nettailor": report.get(task.name, "tflite"),
+             "teacher": report.get(task.name, "teacher_tflite")}
+    if not all(parts.values()):
+        raise artifacts.StageError(f"{task.name}: nothing exported yet; run --stages=export first")
+    entries = {(network, variant): entry for network, part in parts.items()
+               for variant, entry in part.items()}
+    if all("latency_ms" in e for e in entries.values()):
+        logging.info("%s: benchmark stage already done; skipping", task.name)
+        return True
+    logging.info("%s: benchmark stage: timing %d TFLite files, %d runs each", task.name,
+                 len(entries), config.benchmark_runs)
+    image = _benchmark_image(config, task)
+    files = {name: (os.path.join(config.workdir, e["path"]), savedmodel.SERVING_KEY)
+             for name, e in entries.items()}
+    with quiet.native_stderr_filtered():
+        results = {t: latency_lib.measure_many(files, image, t, config.benchmark_warmup,
+                                               config.benchmark_runs) for t in _threads()}
+    costs = {"nettailor": report.get(task.name, "pruned"),
+             "teacher": report.get(task.name, "teacher")}
+    cores = latency_lib.all_cores()
+    for (network, variant), entry in entries.items():
+        entry["latency"] = {str(t): results[t][(network, variant)].as_dict() for t in results}
+        entry["latency_ms"] = results[1][(network, variant)].median_ms
+        entry["latency_ms_all_cores"] = results[cores][(network, variant)].median_ms
+        entry["flops"] = costs[network]["flops"]
+        entry["params"] = costs[network].get("params_total", costs[network].get("params"))
+        logging.debug("%s: %s %s: %.3f ms (1 thread), %.3f ms (%d threads)", task.name,
+                      network, variant, entry["latency_ms"], entry["latency_ms_all_cores"], cores)
+    ratios = ""
+    if "float32" in parts["nettailor"] and "float32" in parts["teacher"]:
+        ratio = parts["nettailor"]["float32"]["latency_ms"] / parts["teacher"]["float32"][
+            "latency_ms"]
+        flops_ratio = costs["nettailor"]["flops"] / costs["teacher"]["flops"]
+        report.task(task.name)["latency_ratio_float32"] = ratio
+        report.task(task.name)["flops_ratio"] = flops_ratio
+        ratios = (f"; NetTailor/teacher float32: latency {ratio:.3f}, multiply-adds "
+                  f"{flops_ratio:.3f}")
+    _predict_latency(config, task, report)
+    logging.info("%s: latency at 1 thread, ms, median [p10, p90]: %s%s", task.name, ", ".join(
+        f"{network} {variant} {_spread(entry['latency']['1'])}"
+        for (network, variant), entry in entries.items()), ratios)
+    report.save()
+    return True
+
+
+def _predict_latency(config: Config, task, report: Report) -> None:
+    """The float32 latency this machine's 1-thread latency table predicts for
+    the pruned network and the teacher, beside what was measured."""
+    here = dataclasses.replace(config, latency_table=None)
+    table = artifacts.latency_table(here, threads=1)
+    plan, _ = prune_lib.load_plan(Workdir(config.workdir).plan(task.name))
+    teacher_plan = student_lib.Plan.backbone_only(len(plan.blocks))
+    for part, network_plan in (("pruned", plan), ("teacher", teacher_plan)):
+        entry = report.get(task.name, part)
+        if entry is not None:
+            entry["predicted_latency_ms"] = round(table.predict_ms(network_plan), 5)
+    report.data["latency_prediction_table"] = {
+        "fingerprint": table.fingerprint(), "device": table.device, "threads": table.threads,
+        "path": table.source, "other_load_cores": table.other_load_cores}
+    measured = (report.get(task.name, "tflite") or {}).get("float32", {}).get("latency_ms")
+    predicted = report.get(task.name, "pruned")["predicted_latency_ms"]
+    if measured:
+        logging.info("%s: latency table predicts %.3f ms for the pruned float32 network, "
+                     "measured %.3f ms (%+.0f%%)", task.name, predicted, measured,
+                     100 * (predicted / measured - 1))
+
+
+def _spread(latency: dict) -> str:
+    return f"{latency['median_ms']:.3f} [{latency['p10_ms']:.3f}, {latency['p90_ms']:.3f}]"
+
+
+def benchmark_bundle(config: Config, tasks, report: Report) -> None:
+    """Latency of each signature of the bundle files, and the summary plot."""
+    bundle = report.data.get("bundle")
+    if bundle:
+        image = _benchmark_image(config, tasks[0])
+        files = {(variant, task.name): (os.path.join(config.workdir, info["path"]),
+                                        info["tasks"][task.name]["signature"])
+                 for variant, info in bundle["variants"].items() for task in tasks}
+        measured = latency_lib.measure_many(files, image, 1, config.benchmark_warmup,
+                                            config.benchmark_runs)
+        bundle["latency"] = {variant: {task.name: measured[(variant, task.name)].median_ms
+                                       for task in tasks} for variant in bundle["variants"]}
+        bundle["latency_other_load_cores"] = next(iter(measured.values())).other_load_cores
+        if "float32" in bundle["variants"]:
+            bundle["memory_mb"] = _bundle_memory(config, tasks, report, bundle)
+            logging.info("bundle: peak memory running every task once (MB over a %.1f MB "
+                         "runtime): separate files %.1f, bundle %.1f, bundle with XNNPACK's "
+                         "weight cache %.1f", *(bundle["memory_mb"][k] for k in (
+                             "baseline", "separate_files", "bundle", "bundle_weight_cache")))
+    png = os.path.join(config.workdir, "deployment.png")
+    visualize.plot_deployment(png, report.data)
+    report.data["deployment_png"] = Workdir(config.workdir).relative(png)
+    if visualize.latency_prediction_points(report.data):
+        png = os.path.join(config.workdir, "latency_prediction.png")
+        visualize.plot_latency_prediction(png, report.data)
+        report.data["latency_prediction_png"] = Workdir(config.workdir).relative(png)
+    report.save()
+
+
+def _bundle_memory(config: Config, tasks, report: Report, bundle: dict) -> dict:
+    """Peak memory of running every task once: separate float32 files
+    against the float32 bundle, with and without XNNPACK's weight cache
+    (one process each: about a second apiece)."""
+    separate = [os.path.join(config.workdir, report.get(task.name, "tflite")["float32"]["path"])
+                for task in tasks]
+    return memory_lib.bundle_memory(
+        separate, os.path.join(config.workdir, bundle["variants"]["float32"]["path"]),
+        repeats=1)

@@ -1,0 +1,184 @@
+"""The latency cost model: branches timed with LiteRT, cached, read back,
+fingerprinted, and used by the complexity loss and the predictions."""
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from nettailor_tf import backbones, complexity, config as config_lib
+from nettailor_tf import latency_table as lt
+from nettailor_tf import prune, student as student_lib
+from nettailor_tf.stages import nettailor as nettailor_stage
+
+
+@pytest.fixture(scope="module")
+def tiny_table(tmp_path_factory):
+    """The tiny backbone's table at 16 px, measured once for the module."""
+    cache = str(tmp_path_factory.mktemp("latency_cache"))
+    table, cached = lt.cached_table("tiny", 16, 1, 2, cache)
+    assert not cached
+    return table, cache
+
+
+def tiny_plan(max_skip=2):
+    return student_lib.Plan.full(len(backbones.build_backbone("tiny").blocks), max_skip)
+
+
+def test_every_branch_of_the_student_is_timed(tiny_table):
+    table, _ = tiny_table
+    plan = tiny_plan()
+    expected = {"empty", "stem", "head", lt.TEACHER_KEY, lt.STUDENT_KEY}
+    for l, block in enumerate(plan.blocks):
+        expected |= {lt.universal_key(l), lt.mix_key(l)}
+        expected |= {lt.proxy_key(l, s) for s in block.proxy_sources}
+    assert set(table.entries) == expected
+    assert all(0 < ms < 50 for ms in table.entries.values()), table.entries
+    # One Invoke's fixed cost is what an empty signature takes: less than any branch.
+    assert table.invoke_ms <= min(v for k, v in table.entries.items() if k != "empty")
+    assert table.entries[lt.STUDENT_KEY] > table.entries[lt.TEACHER_KEY]
+    assert (table.backbone, table.image_size, table.threads, table.max_skip) == ("tiny", 16, 1, 2)
+
+
+def test_the_calibration_makes_the_whole_networks_add_up(tiny_table):
+    """The whole teacher and full student were timed with the branches; the
+    calibrated parts add up to them exactly (a pruned network, between the
+    two, is predicted from the same parts)."""
+    table, _ = tiny_table
+    universal, proxies = table.calibration()
+    assert universal > 0 and proxies > 0
+    teacher = student_lib.Plan.backbone_only(len(tiny_plan().blocks))
+    assert table.predict_ms(teacher) == pytest.approx(table.entries[lt.TEACHER_KEY], rel=1e-6)
+    if proxies > 0.1 * universal:  # else the fit was noise and proxies keep their ratio
+        assert table.predict_ms(tiny_plan()) == pytest.approx(table.entries[lt.STUDENT_KEY],
+                                                              rel=1e-6)
+    uncalibrated = dataclasses.replace(table, entries={
+        k: v for k, v in table.entries.items() if k not in (lt.TEACHER_KEY, lt.STUDENT_KEY)})
+    assert uncalibrated.calibration() == (1.0, 1.0)
+    assert uncalibrated.cost_ms("stem") == uncalibrated.raw_cost_ms("stem")
+
+
+def test_the_table_is_cached_and_reloaded_with_the_same_fingerprint(tiny_table):
+    table, cache = tiny_table
+    again, cached = lt.cached_table("tiny", 16, 1, 2, cache)
+    assert cached
+    assert again.entries == table.entries
+    assert again.fingerprint() == table.fingerprint()
+    # Another image size is another table, measured, not the cached one.
+    files = os.listdir(cache)
+    assert len(files) == 1 and files[0].startswith("tiny_16_t1_skip2_")
+
+
+def test_the_fingerprint_follows_the_content_not_the_path(tiny_table, tmp_path):
+    table, _ = tiny_table
+    path = tmp_path / "copy.json"
+    table.save(str(path))
+    copy = lt.LatencyTable.load(str(path))
+    assert copy.fingerprint() == table.fingerprint()
+    changed = dataclasses.replace(copy, entries={**copy.entries, "stem": copy.entries["stem"] * 2})
+    assert changed.fingerprint() != table.fingerprint()
+
+
+def test_prediction_sums_the_live_branches_and_one_invoke(tiny_table):
+    table, _ = tiny_table
+    plan = tiny_plan()
+    cost = table.cost_ms
+    teacher = student_lib.Plan.backbone_only(len(plan.blocks))
+    expected = table.invoke_ms + cost("stem") + cost("head") + sum(
+        cost(lt.universal_key(l)) for l in range(len(plan.blocks)))
+    assert table.predict_ms(teacher) == pytest.approx(expected)
+    # The full student pays for every proxy and mix on top of the teacher's network.
+    assert table.predict_ms(plan) > table.predict_ms(teacher)
+    lean = prune.prune_plan(plan, [np.array([0.1] + [0.9 / len(b.proxy_sources)] * len(
+        b.proxy_sources)) for b in plan.blocks], 1, 0.05, 0.01)
+    assert table.predict_ms(lean) < table.predict_ms(plan)
+
+
+def test_the_complexity_loss_prices_branches_from_the_table(tiny_table, tmp_path):
+    """--complexity_cost=latency: each branch's share is its milliseconds over
+    the universal network's, where flops gives multiply-adds."""
+    table, _ = tiny_table
+    path = tmp_path / "table.json"
+    table.save(str(path))
+    config = config_lib.Config(workdir=str(tmp_path), tasks=("digits",), backbone="tiny",
+                               image_size=16, max_skip=2, complexity_cost="latency",
+                               latency_table=str(path))
+    backbone = backbones.build_backbone("tiny")
+    plan = tiny_plan()
+    costs = nettailor_stage.branch_costs(config, backbone, plan)
+    norm = table.universal_network_ms(len(plan.blocks))
+    assert costs[1][0] == pytest.approx(table.cost_ms("universal1") / norm)
+    assert costs[1][2] == pytest.approx(table.cost_ms(lt.proxy_key(1, plan.blocks[1]
+                                                                   .proxy_sources[1])) / norm)
+    flops = nettailor_stage.branch_costs(dataclasses.replace(config, complexity_cost="flops"),
+                                         backbone, plan)
+    assert flops != costs
+    # The loss term: same formula, other prices.
+    alphas = [tf.constant(np.full(len(plan.branch_sources(l)), 1 / len(plan.branch_sources(l)),
+                                  np.float32)) for l in range(len(plan.blocks))]
+    by_latency = float(complexity.expected_complexity(alphas, costs, plan))
+    by_flops = float(complexity.expected_complexity(alphas, flops, plan))
+    assert by_latency != pytest.approx(by_flops)
+    scaled = [[2 * c for c in row] for row in costs]
+    assert float(complexity.expected_complexity(alphas, scaled, plan)) == pytest.approx(
+        2 * by_latency, rel=1e-5)
+    # The ledger records which table priced the student.
+    assert nettailor_stage.cost_identity(config) == {
+        "complexity_cost": f"latency:{table.fingerprint()}"}
+    assert nettailor_stage.cost_identity(dataclasses.replace(config,
+                                                             complexity_cost="flops")) == {}
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json", "is not JSON"),
+    (json.dumps({"format": 99}), f"expected format {lt.TABLE_FORMAT}"),
+    (json.dumps({"format": lt.TABLE_FORMAT, "backbone": "tiny"}), "missing or malformed field"),
+    (json.dumps({"format": lt.TABLE_FORMAT, "backbone": "tiny", "image_size": 16, "threads": 1,
+                 "max_skip": 2, "entries": {"stem": -1}}), "are not milliseconds"),
+])
+def test_a_bad_table_file_is_one_line_naming_it(tmp_path, content, message):
+    path = tmp_path / "table.json"
+    path.write_text(content)
+    with pytest.raises(lt.LatencyTableError) as error:
+        lt.LatencyTable.load(str(path))
+    assert message in str(error.value) and str(path) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_table_for_other_settings_is_refused(tiny_table):
+    table, _ = tiny_table
+    with pytest.raises(lt.LatencyTableError, match="measured for tiny at 16 px"):
+        table.check_fits("tiny", 32, 2)
+    lean = dataclasses.replace(table, entries={k: v for k, v in table.entries.items()
+                                               if k != "universal1"})
+    with pytest.raises(lt.LatencyTableError, match="no entry 'universal1'"):
+        lean.predict_ms(tiny_plan())
+
+
+def test_prediction_matches_the_exported_network(tmp_path):
+    """The real case: EfficientNet-Lite0 at 64 px, a pruned plan exported as
+    the export stage does, timed whole.  The figure this is checked against
+    on a quiet machine is 20% (measured: within 4% at 64 px, 8% at 160 px);
+    with the test suite's two workers timing at once, a factor of 1.6 still
+    catches a branch missed or counted twice."""
+    from exporters import latency as latency_lib, savedmodel, tflite
+
+    table, _ = lt.cached_table("efficientnet_lite0", 64, 1, 3, str(tmp_path / "cache"))
+    backbone = backbones.build_backbone("efficientnet_lite0")
+    full = student_lib.Plan.full(len(backbone.blocks), 3)
+    rng = np.random.default_rng(0)
+    alphas = [rng.dirichlet(np.ones(len(full.branch_sources(l)))) for l in range(len(full.blocks))]
+    plan = prune.prune_plan(full, alphas, 6, 0.2, 0.01)
+    network = student_lib.build_student(backbone, 10, plan, "frozen", 64)
+    model = prune.static_model(network)
+    endpoint = savedmodel.Endpoint(model, 64, False)
+    with tflite.static_savedmodel({savedmodel.SERVING_KEY: endpoint}) as folder:
+        content = tflite.convert(folder, [savedmodel.SERVING_KEY], "float32")
+    path = tmp_path / "pruned.tflite"
+    path.write_bytes(content)
+    image = rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+    measured = latency_lib.measure(str(path), image, 1, runs=200).median_ms
+    predicted = table.predict_ms(plan)
+    assert measured / 1.6 < predicted < measured * 1.6, (predicted, measured)
