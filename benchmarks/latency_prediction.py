@@ -7,7 +7,8 @@ network are built at --image_size (float32 time does not depend on the
 weights' values, so the backbone's random initial weights stand in), exported
 to float32 .tflite as the export stage does, and timed with the LiteRT
 interpreter (1 thread, interleaved rounds); the table for that size is
-measured (or read from the cache) and its prediction printed beside each.
+measured (or read from the cache; `--cache_dir=EMPTY_FOLDER` measures it
+now) and its prediction printed beside each.
 Prints one JSON line per network and a last line with the largest error.
 """
 from __future__ import annotations
@@ -81,8 +82,13 @@ def main(argv=None) -> None:
     parser.add_argument("--image_size", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--cache_dir", default=None,
+                        help="where the table is cached (default: the user's cache); an empty "
+                             "folder measures it now, next to the networks: the fair check on "
+                             "a machine whose speed drifts")
     args = parser.parse_args(argv)
-    rows = predicted_and_measured(args.workdir, args.image_size, args.threads, args.runs)
+    rows = predicted_and_measured(args.workdir, args.image_size, args.threads, args.runs,
+                                  args.cache_dir)
     for row in rows:
         print(json.dumps(row))
     print(json.dumps({"largest_error": max(abs(r["error"]) for r in rows),
