@@ -411,6 +411,48 @@ def test_the_bundle_memory_benchmark_measures_every_way(exported):
         assert -5 < result[way] < 500, (way, result)
 
 
+def _benchmark_module(name):
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_the_latency_prediction_benchmark_times_each_network_beside_its_table(exported,
+                                                                              tmp_path):
+    """benchmarks/latency_prediction.py on this run's plans, at another size:
+    a table measured for that size, each pruned network and teacher timed."""
+    rows = _benchmark_module("latency_prediction").predicted_and_measured(
+        str(exported), 24, runs=50, cache_dir=str(tmp_path / "tables"))
+    assert {(r["task"], r["network"]) for r in rows} == {
+        (t, n) for t in NAMES for n in ("NetTailor", "teacher")}
+    for row in rows:
+        assert row["image_size"] == 24 and row["predicted_ms"] > 0 and row["measured_ms"] > 0
+        # (the printed figures are rounded to 0.1 us: a tiny network's are tens of us)
+        assert row["error"] == pytest.approx(row["predicted_ms"] / row["measured_ms"] - 1,
+                                             abs=0.02)
+    assert len(list((tmp_path / "tables").iterdir())) == 1
+
+
+def test_the_workdir_comparison_times_the_same_files_together(exported, tmp_path):
+    """benchmarks/compare_workdirs.py: this run against a copy of it."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    rows = _benchmark_module("compare_workdirs").compare([str(exported), str(copy)], runs=50,
+                                                         rounds=5)
+    assert [r["task"] for r in rows] == list(NAMES)
+    for row in rows:
+        first, second = (row["workdirs"][str(w)] for w in (exported, copy))
+        assert first["ratio_to_first"] == 1.0
+        assert second["ratio_to_first"] == pytest.approx(
+            second["median_ms"] / first["median_ms"], abs=0.02)
+        assert first["accuracy"] == second["accuracy"] == _report(exported)["tasks"][
+            row["task"]]["pruned"]["accuracy"]
+
+
 def test_restart_from_benchmark_times_the_files_again(exported, caplog):
     """A figure timed on a busy machine is timed again on request, without
     exporting anything again."""
