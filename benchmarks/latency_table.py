@@ -54,7 +54,7 @@ def _functions(backbone: str, image_size: int, max_skip):
     network = backbones_lib.build_backbone(backbone)
     plan = student_lib.Plan.full(len(network.blocks), max_skip)
     student = student_lib.build_student(network, 10, plan, "frozen", image_size)
-    return latency_table_lib.branch_functions(network, student, image_size)
+    return latency_table_lib.branch_functions(student, image_size)
 
 
 def write_models(backbone: str, image_size: int, max_skip, out: str, threads: int,

@@ -181,7 +181,7 @@ def choose_mixed(content: bytes, images: np.ndarray, labels: np.ndarray, budget:
     ranked = [ops[i] for i in np.argsort(scores)[::-1]]
     rounded_accuracy = {}
 
-    def rounded(k: int) -> float:  # the k most sensitive kept float
+    def rounded(k: int) -> float:  # the k most sensitive kept out of int4
         if k not in rounded_accuracy:
             rounded_accuracy[k] = accuracy(with_rounded_weights(content, ranked[k:], 4,
                                                                 ranked[:k], kept_bits))

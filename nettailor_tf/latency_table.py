@@ -16,15 +16,19 @@ measured time of every branch the student can have:
 
 Each branch is converted to float32 TFLite as one signature of one file and
 timed with the LiteRT interpreter (batch 1, XNNPACK), every pass running
-each branch once in the network's order, so that a branch finds the CPU's
-caches as a forward pass leaves them, not warm with its own weights.  One Invoke has a fixed cost that a whole network pays
-once, not once per branch: the `empty` signature measures it, and it is
-taken off every branch and added back once to a network's prediction.
+each branch once in the network's order with its inputs written just
+before, so that a branch finds the CPU's caches as a forward pass leaves
+them: its inputs there, its weights not (timed alone in a loop, a branch
+kept its weights cached and the 64 px networks were predicted 27% too
+fast).  One Invoke has a fixed cost that a whole network pays once, not
+once per branch: the `empty` signature measures it, and it is taken off
+every branch and added back once to a network's prediction.
 
 Parts timed alone do not add up to the whole: inside one network a block
 reads an input that the block before it has just written, and the runtime
 plans one memory arena for all of them (at 160 px on EfficientNet-Lite0 the
-sum of the parts was 12-23% above the whole networks).  So two whole
+sum of the parts was 12-23% above the whole networks; calibrated, the
+predictions of pruned networks are within 9% at 64 and 160 px).  So two whole
 networks are timed with the branches, the teacher's (every universal block,
 no proxy) and the full student's (every branch), and the table is calibrated
 on them: one factor for the universal path (stem, universal blocks, head),
@@ -51,8 +55,8 @@ from nettailor_tf import atomic
 from nettailor_tf.errors import NetTailorError
 
 TABLE_FORMAT = 2  # 2: whole networks timed for the calibration
-# Timed runs per branch: a branch takes 10-500 us at the sizes that train on
-# a CPU, so 200 runs in 5 interleaved rounds cost well under a second each.
+# Timed passes over every branch: a branch takes 10-500 us at the sizes that
+# train on a CPU, so 200 passes cost seconds.
 TABLE_RUNS = 200
 
 
@@ -157,7 +161,7 @@ class LatencyTable:
         """The latency of the static network of `plan`: one Invoke, the stem,
         every live branch and block, the head."""
         total = self.invoke_ms + self.cost_ms(stem_key()) + self.cost_ms(head_key())
-        for l, (block, row) in enumerate(zip(plan.blocks, self.branch_costs(plan))):
+        for l, row in enumerate(self.branch_costs(plan)):
             total += sum(row)
             if len(row) > 1:
                 total += self.cost_ms(mix_key(l))
@@ -233,7 +237,7 @@ def this_device() -> str:
 
 # --- the branches as small networks ------------------------------------------------
 
-def branch_functions(backbone, student, image_size: int) -> dict:
+def branch_functions(student, image_size: int) -> dict:
     """{entry key: (tf.function, its input specs)} for every branch of the
     full `student` (BN-folded, as exported), each on static batch-1 shapes."""
     import tensorflow as tf
@@ -329,7 +333,7 @@ def measure_table(backbone_name: str, image_size: int, threads: int, max_skip: i
     backbone = backbones_lib.build_backbone(backbone_name)
     plan = student_lib.Plan.full(len(backbone.blocks), max_skip)
     student = student_lib.build_student(backbone, 10, plan, "frozen", image_size)
-    functions = branch_functions(backbone, student, image_size)
+    functions = branch_functions(student, image_size)
     content = convert_functions(functions)
     with tempfile.TemporaryDirectory(prefix="nettailor_latency_") as folder:
         path = os.path.join(folder, "branches.tflite")

@@ -356,16 +356,16 @@ def plot_latency_prediction(path: str, report: dict, band: float = 0.2) -> None:
     for p in points:
         color = colors[tasks.index(p["task"]) % len(colors)]
         filled = p["network"] == "NetTailor"
-        ax.scatter(p["predicted_ms"], p["measured_ms"], s=46,
+        ax.scatter(p["predicted_ms"], p["measured_ms"], s=46, zorder=3,
                    marker=_VARIANT_MARKERS.get(p["variant"], "o"), edgecolors=color,
                    facecolors=color if filled else "none",
                    label=f"{p['task']} {p['network']} {p['variant']}")
     if points:
         top = 1.15 * max(max(p["predicted_ms"], p["measured_ms"]) for p in points)
         line = [0, top]
-        ax.plot(line, line, color="0.3", lw=1, label="measured = predicted")
+        ax.plot(line, line, color="0.3", lw=1, zorder=2, label="measured = predicted")
         ax.fill_between(line, [0, top * (1 - band)], [0, top * (1 + band)], color="0.85",
-                        alpha=0.6, label=f"within {band:.0%}")
+                        alpha=0.6, zorder=1, label=f"within {band:.0%}")
         ax.set_xlim(0, top)
         ax.set_ylim(0, top)
     ax.set_xlabel("predicted float32 latency, 1 thread (ms, latency table)")
