@@ -28,7 +28,7 @@ from nettailor_tf import config as config_lib  # noqa: E402  (after the path abo
 def predicted_and_measured(workdir: str, image_size: int, threads: int = 1, runs: int = 200,
                            cache_dir: str | None = None) -> list[dict]:
     from exporters import latency as latency_lib
-    from exporters import savedmodel, tflite
+    from exporters import savedmodel
     from nettailor_tf import backbones, prune
     from nettailor_tf import latency_table as latency_table_lib
     from nettailor_tf import quiet
@@ -52,11 +52,8 @@ def predicted_and_measured(workdir: str, image_size: int, threads: int = 1, runs
     files = {}
     with tempfile.TemporaryDirectory(prefix="nettailor_prediction_") as folder:
         for (task, network), plan in networks.items():
-            student = student_lib.build_student(backbone, report["tasks"][task]["num_classes"],
-                                                plan, "frozen", image_size)
-            endpoint = savedmodel.Endpoint(prune.static_model(student), image_size, False)
-            with tflite.static_savedmodel({savedmodel.SERVING_KEY: endpoint}) as static:
-                content = tflite.convert(static, [savedmodel.SERVING_KEY], "float32")
+            content = latency_table_lib.whole_network_content(
+                backbone, plan, image_size, report["tasks"][task]["num_classes"])
             path = os.path.join(folder, f"{task}_{network}.tflite")
             with open(path, "wb") as f:
                 f.write(content)

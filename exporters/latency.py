@@ -160,34 +160,27 @@ def measure_signatures(path: str, feeds: dict[str, dict[str, np.ndarray]], threa
     interpreter = Interpreter(model_path=path, num_threads=threads)
     parts = {key: _invoker(path, feed, threads, key, interpreter, refresh=True)
              for key, feed in feeds.items()}
-    for _ in range(warmup):
-        for invoke, _ in parts.values():
-            invoke()
-    times = {key: [] for key in parts}
-    load = OtherLoad()
-    load.start()
-    for _ in range(runs):
-        for key, (invoke, write) in parts.items():
-            write()
-            start = time.perf_counter()
-            invoke()
-            times[key].append((time.perf_counter() - start) * 1e3)
-    other_load = load.stop()
-    return {key: _summary(t, threads, other_load) for key, t in times.items()}
+    return _interleaved(parts, threads, warmup, runs, rounds=runs)  # one run per pass
 
 
 def _interleaved(invokers: dict, threads: int, warmup: int, runs: int,
                  rounds: int) -> dict[str, Latency]:
-    for invoke in invokers.values():
+    """Times each invoker `runs` times, in `rounds` passes over all of them.
+    An invoker is a function, or (function, one that writes its inputs
+    first, untimed)."""
+    parts = {name: (p if isinstance(p, tuple) else (p, None)) for name, p in invokers.items()}
+    for invoke, _ in parts.values():
         for _ in range(warmup):
             invoke()
-    times = {name: [] for name in invokers}
+    times = {name: [] for name in parts}
     load = OtherLoad()
     load.start()
     per_round = [runs // rounds + (1 if r < runs % rounds else 0) for r in range(rounds)]
     for count in per_round:
-        for name, invoke in invokers.items():
+        for name, (invoke, write) in parts.items():
             for _ in range(count):
+                if write is not None:
+                    write()
                 start = time.perf_counter()
                 invoke()
                 times[name].append((time.perf_counter() - start) * 1e3)

@@ -24,15 +24,13 @@ layers do not survive it (on the quickstart, the whole-network int4 file lost
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import re
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
-from exporters import savedmodel
+from exporters import savedmodel, tflite
 
 # Convolutions and dense layers: the ops whose weights the weight-only recipe
 # quantises (input 1), and the axis of their output channels.
@@ -123,7 +121,7 @@ def sensitivities(content: bytes, ops: list[WeightOp], images: np.ndarray,
 def quantize(content: bytes, kept: list[WeightOp], kept_bits: int | None = 8) -> bytes:
     """ai-edge-quantizer's weight-only int4 recipe, with the `kept` ops'
     weights in `kept_bits` (8) or float (None)."""
-    from ai_edge_quantizer import quantizer, recipe
+    from ai_edge_quantizer import recipe
 
     rules = recipe.weight_only_wi4_afp32()
     if kept_bits is None:
@@ -133,12 +131,7 @@ def quantize(content: bytes, kept: list[WeightOp], kept_bits: int | None = 8) ->
     # The quantiser's scope of an op is its output names, each followed by
     # ";"; a later rule overrides an earlier one.
     rules += [{**rule, "regex": f"^{re.escape(op.scope)};$"} for op in kept]
-    # Its progress bar ignores `enable_progress_bar` (0.10.0).
-    with contextlib.redirect_stderr(io.StringIO()):
-        model = quantizer.Quantizer(bytearray(content))
-        model.load_quantization_recipe(rules)
-        result = model.quantize(enable_progress_bar=False, enable_progress_report=False)
-    return bytes(result.quantized_model)
+    return tflite.apply_recipe(content, rules)
 
 
 @dataclasses.dataclass
@@ -203,3 +196,14 @@ def choose_mixed(content: bytes, images: np.ndarray, labels: np.ndarray, budget:
         k = min(len(ranked), k + max(1, len(ranked) // 16))
     return MixedChoice(mixed, len(ranked), [op.scope for op in ranked[:k]], kept_bits,
                        float_accuracy, reached, rounded(0), budget)
+
+
+def convert_mixed(float_content: bytes, images: np.ndarray, labels: np.ndarray, budget: float,
+                  kept_bits: int | None = 8) -> MixedChoice:
+    """`choose_mixed`, with the quantiser's failures as one ConversionError."""
+    try:
+        return choose_mixed(float_content, images, labels, budget, kept_bits)
+    except Exception as error:  # the quantizer raises many unrelated types
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise tflite.ConversionError(f"mixed quantisation failed: {first}") from None
+

@@ -7,7 +7,7 @@ ai-edge-quantizer on the float32 file, `int8_weights` and `int4_weights`
 (weight-only: weights stored in 8 or 4 bits per channel, dequantised to
 float before each op, so the arithmetic stays float32); `mixed` is int4
 weight-only with the layers that int4 would cost accuracy kept in int8 or
-float, chosen on validation data (exporters/mixed.py, through `convert_mixed`).
+float, chosen on validation data (`exporters.mixed.convert_mixed`).
 The uint8
 image input and float32 outputs stay as they are in every variant, so one
 calling convention fits all files.  The files are converted from the static
@@ -51,25 +51,33 @@ class ConversionError(NetTailorError, RuntimeError):
     """The TFLite converter refused a model."""
 
 
+def apply_recipe(float_content: bytes, rules: list[dict]) -> bytes:
+    """A .tflite file quantised by ai-edge-quantizer's `rules` (a recipe:
+    a list of {regex, operation, algorithm_key, op_config})."""
+    from ai_edge_quantizer import quantizer
+
+    # Its progress bar ignores `enable_progress_bar` (0.10.0): keep it off
+    # the run's log.
+    with contextlib.redirect_stderr(io.StringIO()):
+        model = quantizer.Quantizer(bytearray(float_content))
+        model.load_quantization_recipe(rules)
+        result = model.quantize(enable_progress_bar=False, enable_progress_report=False)
+    return bytes(result.quantized_model)
+
+
 def quantize_weights(float_content: bytes, bits: int) -> bytes:
     """A float32 .tflite with its weights stored in `bits` (8 or 4) bits,
     per channel, by ai-edge-quantizer's weight-only recipe.  Every signature
     quantises a shared buffer the same way, so a bundle's universal weights
     stay stored once."""
-    from ai_edge_quantizer import quantizer, recipe
+    from ai_edge_quantizer import recipe
 
     chosen = {8: recipe.weight_only_wi8_afp32, 4: recipe.weight_only_wi4_afp32}[bits]()
     try:
-        # Its progress bar ignores `enable_progress_bar` (0.10.0): keep it
-        # off the run's log.
-        with contextlib.redirect_stderr(io.StringIO()):
-            model = quantizer.Quantizer(bytearray(float_content))
-            model.load_quantization_recipe(chosen)
-            result = model.quantize(enable_progress_bar=False, enable_progress_report=False)
+        return apply_recipe(float_content, chosen)
     except Exception as error:  # the quantizer raises many unrelated types
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConversionError(f"{bits}-bit weight-only quantisation failed: {first}") from None
-    return bytes(result.quantized_model)
 
 
 def convert(savedmodel_dir: str, signature_keys: list[str], variant: str,
@@ -90,7 +98,8 @@ def convert(savedmodel_dir: str, signature_keys: list[str], variant: str,
     if variant not in VARIANTS:
         raise ValueError(f"unknown TFLite variant {variant!r}; accepted: {', '.join(VARIANTS)}")
     if variant == "mixed":
-        raise ValueError("the mixed variant is chosen on labelled images: use convert_mixed")
+        raise ValueError("the mixed variant is chosen on labelled images: use "
+                         "exporters.mixed.convert_mixed")
     if variant in WEIGHT_ONLY_BITS:
         if float_content is None:
             float_content = convert(savedmodel_dir, signature_keys, "float32")
@@ -120,19 +129,6 @@ def convert(savedmodel_dir: str, signature_keys: list[str], variant: str,
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConversionError(f"TFLite {variant} conversion of {savedmodel_dir} failed: "
                               f"{first}") from error
-
-
-def convert_mixed(float_content: bytes, images: np.ndarray, labels: np.ndarray, budget: float,
-                  kept_bits: int | None = 8):
-    """The `mixed` variant of a float32 file (see exporters/mixed.py):
-    returns a `mixed.MixedChoice` (the file's bytes and what was kept)."""
-    from exporters import mixed
-
-    try:
-        return mixed.choose_mixed(float_content, images, labels, budget, kept_bits)
-    except Exception as error:  # the quantizer raises many unrelated types
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConversionError(f"mixed quantisation failed: {first}") from None
 
 
 @contextlib.contextmanager

@@ -353,14 +353,14 @@ def measure_table(backbone_name: str, image_size: int, threads: int, max_skip: i
                         device=this_device(), other_load_cores=max(loads) if loads else None)
 
 
-def whole_network_content(backbone, plan, image_size: int) -> bytes:
+def whole_network_content(backbone, plan, image_size: int, num_classes: int = 10) -> bytes:
     """The float32 .tflite of `plan`'s static network, as the export stage
     writes it (random weights)."""
     from exporters import savedmodel, tflite
     from nettailor_tf import prune as prune_lib
     from nettailor_tf import student as student_lib
 
-    student = student_lib.build_student(backbone, 10, plan, "frozen", image_size)
+    student = student_lib.build_student(backbone, num_classes, plan, "frozen", image_size)
     endpoint = savedmodel.Endpoint(prune_lib.static_model(student), image_size, False)
     with tflite.static_savedmodel({savedmodel.SERVING_KEY: endpoint}) as static:
         return tflite.convert(static, [savedmodel.SERVING_KEY], "float32")

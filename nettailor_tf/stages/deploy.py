@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from exporters import latency as latency_lib
-from exporters import parity, savedmodel, tflite
+from exporters import mixed, parity, savedmodel, tflite
 from nettailor_tf import artifacts, atomic, quiet
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import data as data_lib
@@ -257,7 +257,7 @@ def _mixed(config: Config, task, float_content: bytes):
     images, labels = _selection_images(config, task)
     kept_bits = None if config.mixed_kept_as == "float32" else 8
     with quiet.native_stderr_filtered():
-        choice = tflite.convert_mixed(float_content, images, labels,
+        choice = mixed.convert_mixed(float_content, images, labels,
                                       config.mixed_accuracy_budget, kept_bits)
     logging.info("%s: mixed variant: %d of %d layers kept in %s, %s accuracy %.4f against "
                  "float32 %.4f (budget %.4f; all int4 would read %.4f)", task.name,
