@@ -199,10 +199,10 @@ def choose_mixed(content: bytes, images: np.ndarray, labels: np.ndarray, budget:
 
 
 def convert_mixed(float_content: bytes, images: np.ndarray, labels: np.ndarray, budget: float,
-                  kept_bits: int | None = 8) -> MixedChoice:
+                  kept_bits: int | None = 8, threads: int = 1) -> MixedChoice:
     """`choose_mixed`, with the quantiser's failures as one ConversionError."""
     try:
-        return choose_mixed(float_content, images, labels, budget, kept_bits)
+        return choose_mixed(float_content, images, labels, budget, kept_bits, threads)
     except Exception as error:  # the quantizer raises many unrelated types
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise tflite.ConversionError(f"mixed quantisation failed: {first}") from None

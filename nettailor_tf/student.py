@@ -264,25 +264,43 @@ def recalibrate_batchnorm(student: Student, batches) -> int:
     block no longer feeds the nodes after it), so the statistics collected on
     the unpruned stream no longer describe it.  Returns the batches used.
     """
-    layers = [layer for layer in student._flatten_layers()
-              if isinstance(layer, keras.layers.BatchNormalization)]
-    saved = [layer.momentum for layer in layers]
-    for layer in layers:
-        layer.momentum = 0.0  # each batch overwrites the statistics; averaged below
-    try:
-        forward = tf.function(lambda images: student(images, training=True, mimic=False)[0])
-        sums, count = None, 0
-        for images, _ in batches:
-            forward(images)
-            stats = [(l.moving_mean.numpy(), l.moving_variance.numpy()) for l in layers]
-            sums = stats if sums is None else [(m0 + m, v0 + v)
-                                               for (m0, v0), (m, v) in zip(sums, stats)]
-            count += 1
-        if count:
-            for layer, (mean, variance) in zip(layers, sums):
-                layer.moving_mean.assign(mean / count)
-                layer.moving_variance.assign(variance / count)
-    finally:
-        for layer, momentum in zip(layers, saved):
-            layer.momentum = momentum
-    return count
+    return BatchNormRecalibrator(student)(batches)
+
+
+class BatchNormRecalibrator:
+    """`recalibrate_batchnorm` for one student, called many times (the prune
+    search re-estimates one masked student per candidate): one traced
+    forward pass serves every call, and `save` / `restore` put back the
+    statistics it started from."""
+
+    def __init__(self, student: Student):
+        self.layers = [layer for layer in student._flatten_layers()
+                       if isinstance(layer, keras.layers.BatchNormalization)]
+        self.forward = tf.function(lambda images: student(images, training=True, mimic=False)[0])
+
+    def save(self) -> list:
+        return [(l.moving_mean.numpy(), l.moving_variance.numpy()) for l in self.layers]
+
+    def restore(self, saved: list) -> None:
+        for layer, (mean, variance) in zip(self.layers, saved):
+            layer.moving_mean.assign(mean)
+            layer.moving_variance.assign(variance)
+
+    def __call__(self, batches) -> int:
+        saved = [layer.momentum for layer in self.layers]
+        for layer in self.layers:
+            layer.momentum = 0.0  # each batch overwrites the statistics; averaged below
+        try:
+            sums, count = None, 0
+            for images, _ in batches:
+                self.forward(images)
+                stats = self.save()
+                sums = stats if sums is None else [(m0 + m, v0 + v)
+                                                   for (m0, v0), (m, v) in zip(sums, stats)]
+                count += 1
+            if count:
+                self.restore([(mean / count, variance / count) for mean, variance in sums])
+        finally:
+            for layer, momentum in zip(self.layers, saved):
+                layer.momentum = momentum
+        return count

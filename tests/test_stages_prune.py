@@ -26,7 +26,23 @@ def _fake_search(tmp_path, monkeypatch, accuracies, teacher_val, tolerance, stud
         return {"accuracy": accuracy, "zero_shot_accuracy": accuracies[n], **extra,
                 **plan.counts()}
 
+    class Scorer:  # zero-shot scores by the number of universal blocks cut
+        def __init__(self, *args):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def __call__(self, plan, split):
+            n = 4 - plan.counts()["universal_blocks_kept"]
+            scored.append(n)
+            return accuracies[n]
+
     monkeypatch.setattr(prune_stage, "score_candidate", score)
+    monkeypatch.setattr(prune_stage, "ZeroShotScorer", Scorer)
     monkeypatch.setattr(artifacts, "frozen_teacher", lambda config, task: None)
     monkeypatch.setattr(prune_stage, "teacher_targets", lambda *args: None)
     config = _config(tmp_path, prune_universal=None, prune_tolerance=tolerance,
@@ -37,9 +53,9 @@ def _fake_search(tmp_path, monkeypatch, accuracies, teacher_val, tolerance, stud
     task = type("Task", (), {"name": "t", "num_val": 1000, "num_test": 1000})()
     student = student_lib.build_student(artifacts.universal_backbone(config), 3,
                                         student_lib.Plan.full(4, 3), "frozen", 16)
-    # Two universal gates under one half: the search tries N=2 first.
-    alphas = [np.array([0.9, 0.1]), np.array([0.8, 0.1, 0.1]), np.array([0.4, 0.4, 0.1, 0.1]),
-              np.array([0.3, 0.5, 0.1, 0.1])]
+    # Two universal gates under 0.05 (the gates' own answer): the search tries N=2 first.
+    alphas = [np.array([0.9, 0.1]), np.array([0.8, 0.1, 0.1]), np.array([0.04, 0.46, 0.4, 0.1]),
+              np.array([0.03, 0.77, 0.1, 0.1])]
     result = prune_stage.search_prune_universal(config, None, task, report, student, alphas)
     return result, scored
 
@@ -52,8 +68,32 @@ def test_prune_search_picks_the_leanest_candidate_within_tolerance(tmp_path, mon
     assert result["target"] == pytest.approx(0.79)
     # N=0 first, then the gates' answer 2 (accepted), then 3 (rejected); 4 never needed.
     assert scored == [0, 2, 3]
+    # From a start below the boundary the walk upwards grows its steps, and a
+    # miss is followed by bisection: 1, 2, then 4 (missed), then 3.
+    assert [n for n in _walk(1, 4, boundary=2)] == [1, 2, 4, 3]
     saved = json.loads((tmp_path / "tasks" / "t" / "prune_search.json").read_text())
     assert sorted(saved) == ["0", "2", "3"] and saved["3"]["accuracy"] == 0.6
+
+
+def _walk(start, limit, boundary):
+    tried = []
+
+    def passes(n):
+        tried.append(n)
+        return n <= boundary
+
+    assert prune_stage.search_boundary(passes, start, limit)[0] == boundary
+    return tried
+
+
+@pytest.mark.parametrize("limit", [1, 2, 5, 16])
+def test_search_boundary_finds_every_boundary_from_every_start(limit):
+    for boundary in range(limit + 1):
+        for start in range(1, limit + 1):
+            tried = _walk(start, limit, boundary)
+            assert len(set(tried)) == len(tried) and all(1 <= n <= limit for n in tried)
+            # A walk plus a bisection, each about log2(limit): never a sweep.
+            assert len(tried) <= 2 * limit.bit_length() + 1
 
 
 def test_prune_search_brief_fine_tunes_go_past_the_zero_shot_boundary(tmp_path, monkeypatch):
@@ -101,18 +141,15 @@ def test_prune_search_with_brief_fine_tunes_hands_its_checkpoint_to_the_fine_tun
         tmp_path, mocked_svhn, caplog, monkeypatch):
     config = _config(tmp_path, prune_universal=None, prune_tolerance=0.99,
                      prune_search_steps=2, finetune=Schedule(2, 16, 0.05))
-    prepared = prune_stage.prepared_pruned
+    score = prune_stage.ZeroShotScorer.__call__
 
-    def only_the_unpruned_passes_as_pruned(config, strategy, task, student, plan, splits,
-                                           raw_test=False):
+    def only_the_unpruned_passes_as_pruned(self, plan, split):
         # Zero-shot, cutting every universal block misses the (lenient)
         # target, so only a brief fine-tune can take the search there.
-        network, accuracies = prepared(config, strategy, task, student, plan, splits, raw_test)
-        if plan.counts()["universal_blocks_kept"] == 0:
-            accuracies = {split: -1.0 for split in accuracies}
-        return network, accuracies
+        accuracy = score(self, plan, split)
+        return -1.0 if plan.counts()["universal_blocks_kept"] == 0 else accuracy
 
-    monkeypatch.setattr(prune_stage, "prepared_pruned", only_the_unpruned_passes_as_pruned)
+    monkeypatch.setattr(prune_stage.ZeroShotScorer, "__call__", only_the_unpruned_passes_as_pruned)
     with caplog.at_level("INFO", logger="absl"):
         stages.run(config, tf.distribute.get_strategy())
     _, info = prune.load_plan(str(tmp_path / "tasks" / "svhn_cropped" / "plan.json"))
@@ -132,3 +169,41 @@ def test_prune_search_with_brief_fine_tunes_hands_its_checkpoint_to_the_fine_tun
     assert report["tasks"]["svhn_cropped"]["pruned"]["steps"] == 4
 
 
+
+
+def test_zero_shot_scorer_scores_what_the_pruned_network_scores(tmp_path, mocked_svhn):
+    """The masked student, its statistics re-estimated on the masked stream,
+    reads the accuracy of the pruned network built for the fine-tune, candidate
+    after candidate, and the student leaves with its own gates and statistics."""
+    from helpers import randomize_weights, task_layers
+
+    from nettailor_tf import data as data_lib
+    from nettailor_tf.stages import nettailor
+
+    config = _config(tmp_path)
+    strategy = tf.distribute.get_strategy()
+    task = data_lib.with_validation_split(data_lib.load_task("tfds:svhn_cropped"), 0.1, 0)
+    student = artifacts.full_student(config, task.num_classes)
+    randomize_weights(task_layers(student), 2)
+    alphas = [a.numpy() for a in student.alphas()]
+    before = [v.numpy() for v in student.non_trainable_variables]
+    images = tf.random.uniform((4, 16, 16, 3), 0, 255, seed=1)
+    logits = student(images, training=False)[0].numpy()
+    order = (2, 0, 4, 1, 3)  # out of order: each starts from the student's own gates
+    plans = {n: prune.prune_plan(student.plan, alphas, n, 0.0) for n in order}
+    expected = {}
+    for n, plan in plans.items():
+        pruned, accuracy = nettailor.prepared_pruned(config, strategy, task, student, plan,
+                                                     ["val"])
+        expected[n] = (pruned(images, training=False)[0].numpy(), accuracy["val"])
+    outputs = {}
+    with prune_stage.ZeroShotScorer(config, strategy, task, student) as scorer:
+        for n in order:
+            score = scorer(plans[n], "val")
+            outputs[n] = student(images, training=False)[0].numpy()
+            np.testing.assert_allclose(outputs[n], expected[n][0], rtol=1e-4, atol=1e-4)
+            assert score == pytest.approx(expected[n][1], abs=1.5 / task.num_val)
+    assert not np.allclose(outputs[0], outputs[4], atol=1e-3)  # the candidates differ
+    for a, b in zip(before, [v.numpy() for v in student.non_trainable_variables]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(logits, student(images, training=False)[0].numpy())

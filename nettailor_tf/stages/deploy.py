@@ -257,8 +257,11 @@ def _mixed(config: Config, task, float_content: bytes):
     images, labels = _selection_images(config, task)
     kept_bits = None if config.mixed_kept_as == "float32" else 8
     with quiet.native_stderr_filtered():
+        # Every core: the choice runs the file some 60 times; its outputs do
+        # not depend on the thread count.
         choice = mixed.convert_mixed(float_content, images, labels,
-                                      config.mixed_accuracy_budget, kept_bits)
+                                      config.mixed_accuracy_budget, kept_bits,
+                                      latency_lib.all_cores())
     logging.info("%s: mixed variant: %d of %d layers kept in %s, %s accuracy %.4f against "
                  "float32 %.4f (budget %.4f; all int4 would read %.4f)", task.name,
                  len(choice.kept_layers), choice.layers, config.mixed_kept_as,
