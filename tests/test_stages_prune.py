@@ -129,6 +129,19 @@ def test_prune_search_aims_at_a_weaker_student_and_at_least_one_image(tmp_path, 
     assert result["target"] == pytest.approx(0.859) and result["chosen"] == 0
 
 
+def test_brief_fine_tunes_are_held_to_the_teacher_not_to_a_weaker_student(tmp_path,
+                                                                          monkeypatch):
+    # As pruned, candidates are held to the weaker student (0.86 - 0.03); fine-tuned
+    # ones to the teacher (0.9 - 0.03): N=3 at 0.88 passes, N=4 at 0.85 would have
+    # passed the student's target but misses the teacher's.
+    result, scored = _fake_search(tmp_path, monkeypatch, {0: .9, 1: .85, 2: .84, 3: .6, 4: .5},
+                                  teacher_val=0.9, student_val=0.86, tolerance=0.03,
+                                  fine_tuned={3: .88, 4: .85}, steps=10)
+    assert result["target"] == pytest.approx(0.83)
+    assert result["fine_tuned_target"] == pytest.approx(0.87)
+    assert result["chosen"] == 3 and scored == [0, 2, 3, (3, 10), (4, 10)]
+
+
 def test_prune_search_that_finds_nothing_says_so(tmp_path, monkeypatch):
     result, scored = _fake_search(tmp_path, monkeypatch, {0: .7, 1: .6, 2: .5, 3: .4, 4: .3},
                                   teacher_val=0.9, tolerance=0.005, fine_tuned={}, steps=10)
