@@ -82,7 +82,7 @@ def _walk(start, limit, boundary):
         tried.append(n)
         return n <= boundary
 
-    assert prune_stage.search_boundary(passes, start, limit)[0] == boundary
+    assert prune_stage.search_boundary(passes, start, limit) == boundary
     return tried
 
 

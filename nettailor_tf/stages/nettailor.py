@@ -160,6 +160,12 @@ def gate_values(student) -> list[list[float]]:
 RECALIBRATION_BATCHES = 32
 
 
+def recalibration_batches(config: Config, task):
+    """The training batches a pruned network's BN statistics are re-estimated on."""
+    return data_lib.train_pipeline(task, config.image_size, config.finetune.batch_size,
+                                   epoch=0, seed=config.seed).take(RECALIBRATION_BATCHES)
+
+
 def prepared_pruned(config, strategy, task, student, plan, splits, raw_test=False):
     """The pruned network of `plan` as fine-tuning starts from it: the
     student's task weights (each gate keeping its surviving share), BN
@@ -179,9 +185,7 @@ def prepared_pruned(config, strategy, task, student, plan, splits, raw_test=Fals
     accuracies = {}
     if raw_test:
         accuracies["raw_test"] = evaluate(task, config.image_size, config.eval_batch_size, "test")
-    batches = data_lib.train_pipeline(task, config.image_size, config.finetune.batch_size,
-                                      epoch=0, seed=config.seed)
-    student_lib.recalibrate_batchnorm(pruned, batches.take(RECALIBRATION_BATCHES))
+    student_lib.recalibrate_batchnorm(pruned, recalibration_batches(config, task))
     for split in splits:
         accuracies[split] = evaluate(task, config.image_size, config.eval_batch_size, split)
     return pruned, accuracies

@@ -8,14 +8,13 @@ import keras
 from absl import logging
 
 from nettailor_tf import artifacts, atomic, complexity, train, visualize
-from nettailor_tf import data as data_lib
 from nettailor_tf import student as student_lib
 from nettailor_tf import prune as prune_lib
 from nettailor_tf.config import Config
 from nettailor_tf.report import Report
-from nettailor_tf.stages.nettailor import (RECALIBRATION_BATCHES, gate_values,
-                                           nettailor_trainer, prepared_pruned,
-                                           selection_accuracy, teacher_targets)
+from nettailor_tf.stages.nettailor import (gate_values, nettailor_trainer, prepared_pruned,
+                                           recalibration_batches, selection_accuracy,
+                                           teacher_targets)
 from nettailor_tf.workdir import Workdir
 
 
@@ -38,9 +37,7 @@ class ZeroShotScorer:
         self.evaluate = train.make_evaluator(
             strategy, lambda images: student(images, training=False, mimic=False)[0])
         # The same batches `prepared_pruned` re-estimates on, decoded once.
-        self.batches = list(data_lib.train_pipeline(
-            task, config.image_size, config.finetune.batch_size, epoch=0,
-            seed=config.seed).take(RECALIBRATION_BATCHES))
+        self.batches = list(recalibration_batches(config, task))
 
     def __enter__(self):
         self.statistics = self.recalibrate.save()
@@ -160,8 +157,7 @@ def search_prune_universal(config, strategy, task, report, student, alphas) -> d
         if met:
             guess = sum(float(a[0]) < _WEAK_UNIVERSAL
                         for a, b in zip(alphas, student.plan.blocks) if b.universal)
-            low, _ = search_boundary(passes, min(max(1, guess), num_universal),
-                                     num_universal)
+            low = search_boundary(passes, min(max(1, guess), num_universal), num_universal)
     if met and config.prune_search_steps:
         # Past the zero-shot boundary: each further block cut is kept only if
         # a brief fine-tune brings it within the tolerance of the teacher.
@@ -190,12 +186,11 @@ def search_prune_universal(config, strategy, task, report, student, alphas) -> d
 _WEAK_UNIVERSAL = 0.05
 
 
-def search_boundary(passes, start: int, limit: int) -> tuple[int, int]:
+def search_boundary(passes, start: int, limit: int) -> int:
     """The largest n in [0, limit] with `passes(n)`, given that passes(0)
     holds and that passing is monotone (true up to a boundary, false after):
     tries `start`, then walks up in steps of 1, 2, 4, ... while candidates
-    pass, then bisects between the last pass and the first miss.  Returns
-    (largest pass, smallest miss or limit + 1)."""
+    pass, then bisects between the last pass and the first miss."""
     low, high = 0, limit + 1  # passes(low); not passes(high), or high beyond limit
     n, step, walking = start, 1, True
     while low + 1 < high:
@@ -207,7 +202,7 @@ def search_boundary(passes, start: int, limit: int) -> tuple[int, int]:
             n, step = min(low + step, high - 1), step * 2
         else:
             n = (low + high) // 2
-    return low, high
+    return low
 
 
 # A brief fine-tune still this far below the target halfway through is
