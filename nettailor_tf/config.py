@@ -55,6 +55,25 @@ def _max_skip_check(value) -> str | None:
     return None if value is None or value >= 1 else "must be >= 1 or 'dense'"
 
 
+# --prune_search_steps: each candidate runs the whole fine-tuning stage.
+WHOLE_FINETUNE = "finetune"
+
+
+def parse_search_steps(text: str) -> int | str:
+    """'finetune' (the fine-tuning stage's own length, per task) or a number of steps."""
+    if text == WHOLE_FINETUNE:
+        return WHOLE_FINETUNE
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"must be an integer >= 0 or '{WHOLE_FINETUNE}'") from None
+
+
+def _search_steps_check(value) -> str | None:
+    return (None if value == WHOLE_FINETUNE or value >= 0
+            else f"must be >= 0 or '{WHOLE_FINETUNE}'")
+
+
 _PROBABILITY = Range(0, 1, open_high=True)
 
 
@@ -158,10 +177,12 @@ class Config:
         "--noprune_search cuts no universal block.")
     prune_tolerance: float = option(0.005, "Accuracy the prune search may give up against the "
                                     "teacher.", check=_PROBABILITY)
-    prune_search_steps: int = option(
+    prune_search_steps: int | str = option(
         0, "Steps of the fine-tuning stage that each prune-search candidate past the zero-shot "
-        "boundary runs before it is scored (0: every candidate is scored as pruning leaves "
-        "it, with its BN statistics re-estimated; seconds per candidate).", check=Range(0))
+        "boundary runs before it is scored against the teacher: a number, or 'finetune' for "
+        "the whole stage (the chosen candidate's fine-tune is then done). 0: every candidate "
+        "is scored as pruning leaves it, with its BN statistics re-estimated (seconds per "
+        "candidate).", parse=parse_search_steps, check=_search_steps_check)
     seed: int = option(0, "Seed of initialisation, data order and augmentation.",
                        check=Range(0, 2**31 - 1))
     strategy: str = option("default", "tf.distribute strategy (multi_worker reads TF_CONFIG).",

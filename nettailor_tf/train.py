@@ -226,6 +226,7 @@ class Trainer:
         self.eval_split = eval_split
         self.indexed = indexed
         self._evaluator = None
+        self._stage = None  # the schedule `fit` built its steps for
         self.schedule = schedule
         self.checkpoint_dir = checkpoint_dir
         self.summary_dir = summary_dir
@@ -308,17 +309,25 @@ class Trainer:
     # --- the loop ------------------------------------------------------------
 
     def fit(self, task: data_lib.TaskData, image_size: int, seed: int,
-            eval_batch_size: int | None = None, max_steps: int | None = None) -> TrainResult:
+            eval_batch_size: int | None = None, max_steps: int | None = None,
+            evaluate_test: bool = True) -> TrainResult:
         """Trains to the end of the schedule, resuming from the last checkpoint.
 
         After each epoch the model is evaluated on the task's validation split
         (the test split when the task has none); the test split is evaluated
-        once, at the end.  `max_steps` stops early (after a checkpoint), as an
-        interruption would.
+        once, at the end (unless `evaluate_test` is false: the result's
+        test accuracy is then NaN).  `max_steps` stops early (after a
+        checkpoint), as an interruption would.
         """
         schedule = self.schedule
         steps_per_epoch = data_lib.steps_per_epoch(task, schedule.batch_size)
-        stage = self.build_steps(steps_per_epoch)
+        if self._stage is None or self._stage.steps_per_epoch != steps_per_epoch:
+            self._stage = self.build_steps(steps_per_epoch)
+        # A later call (training resumed in the same process, as the prune
+        # search does halfway) keeps the optimizer and the traced step, which
+        # the checkpoint then restores to the same values: building and
+        # tracing them again cost 5 s a call on the quickstart.
+        stage = self._stage
         total_steps = stage.total_steps
         logging.info("%s: %s", task.name, stage.describe(schedule))
         checkpoints = TrainingCheckpoints(self.checkpoint_dir, self.model, self.optimizer,
@@ -395,7 +404,8 @@ class Trainer:
                 eval_accuracy = self.evaluate(task, image_size, eval_batch_size, eval_split)
             if eval_split == "val":
                 val_accuracy = eval_accuracy
-                test_accuracy = self.evaluate(task, image_size, eval_batch_size, "test")
+                if evaluate_test:
+                    test_accuracy = self.evaluate(task, image_size, eval_batch_size, "test")
             else:
                 test_accuracy = eval_accuracy
         return TrainResult(step, test_accuracy, images_seen / max(train_time, 1e-9), resumed_from,

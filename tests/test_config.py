@@ -28,8 +28,8 @@ def test_every_flag_default_is_the_configs_default(flag_values):
             assert flag_values[f"{field.name}_lr"].default == value.learning_rate
             assert flag_values[f"{field.name}_min_steps"].default == value.min_steps
             assert flag_values["weight_decay"].default == value.weight_decay
-        elif field.name == "max_skip":
-            assert flag_values["max_skip"].default == str(value)
+        elif field.metadata["parse"] is not None:  # a string flag parsed into the value
+            assert flag_values[field.name].default == str(value), field.name
         elif isinstance(value, tuple):
             assert tuple(flag_values[field.name].default) == value, field.name
         else:
@@ -39,8 +39,10 @@ def test_every_flag_default_is_the_configs_default(flag_values):
 def test_flags_set_the_config(flag_values):
     flag_values(["prog", "--workdir=w", "--tasks=digits,mnist5k", "--student_lr=0.5",
                  "--weight_decay=0.001", "--max_skip=dense", "--nogate_lr_decay",
-                 "--export_variants=float32,int8", "--prune_universal=3"])
+                 "--export_variants=float32,int8", "--prune_universal=3",
+                 "--prune_search_steps=finetune"])
     config = config_lib.from_flags(flag_values)
+    assert config.prune_search_steps == "finetune"
     assert config.tasks == ("digits", "mnist5k")
     assert config.student.learning_rate == 0.5 and config.teacher.learning_rate == 0.01
     assert {config.teacher.weight_decay, config.student.weight_decay,
@@ -58,6 +60,8 @@ def test_flags_set_the_config(flag_values):
     (["--universal_bn=global"], "value should be one of <frozen|task>"),
     (["--export_variants=float32,int4"], "unknown TFLite variant 'int4'"),
     (["--max_skip=0"], "must be >= 1 or 'dense'"),
+    (["--prune_search_steps=whole"], "must be an integer >= 0 or 'finetune'"),
+    (["--prune_search_steps=-3"], "must be >= 0 or 'finetune'"),
 ])
 def test_absl_validators_reject_out_of_range_values(flag_values, args, message):
     with pytest.raises(flags.IllegalFlagValueError) as error:

@@ -150,10 +150,13 @@ def test_prune_search_that_finds_nothing_says_so(tmp_path, monkeypatch):
     assert all(isinstance(n, int) for n in scored)
 
 
+@pytest.mark.parametrize("search_steps,steps", [(2, 2), ("finetune", 4)])
 def test_prune_search_with_brief_fine_tunes_hands_its_checkpoint_to_the_fine_tune(
-        tmp_path, mocked_svhn, caplog, monkeypatch):
+        tmp_path, mocked_svhn, caplog, monkeypatch, search_steps, steps):
+    """A candidate's fine-tune (`steps` of the stage's 4) is where the
+    fine-tuning stage resumes: with 'finetune' it has nothing left to train."""
     config = _config(tmp_path, prune_universal=None, prune_tolerance=0.99,
-                     prune_search_steps=2, finetune=Schedule(2, 16, 0.05))
+                     prune_search_steps=search_steps, finetune=Schedule(2, 16, 0.05))
     score = prune_stage.ZeroShotScorer.__call__
 
     def only_the_unpruned_passes_as_pruned(self, plan, split):
@@ -167,16 +170,16 @@ def test_prune_search_with_brief_fine_tunes_hands_its_checkpoint_to_the_fine_tun
         stages.run(config, tf.distribute.get_strategy())
     _, info = prune.load_plan(str(tmp_path / "tasks" / "svhn_cropped" / "plan.json"))
     search = info["prune_search"]
-    assert search["met_tolerance"] and search["steps_per_candidate"] == 2
+    assert search["met_tolerance"] and search["steps_per_candidate"] == steps
     # The tiny backbone's 4 blocks: 0 and the gates' answer pass as pruned,
     # the bisection stops at 3, and only N=4 gets a brief fine-tune.
     assert search["chosen"] == 4
     chosen = search["candidates"]["4"]
-    assert chosen["steps"] == 2 and chosen["zero_shot_accuracy"] == -1.0
+    assert chosen["steps"] == steps and chosen["zero_shot_accuracy"] == -1.0
     assert all("steps" not in c for n, c in search["candidates"].items() if n != "4")
     messages = [r.getMessage() for r in caplog.records]
     assert any("resumes from the prune search's brief fine-tune" in m for m in messages)
-    assert any("resuming from" in m and "finetune_ckpt" in m and "(step 2 of 4)" in m
+    assert any("resuming from" in m and "finetune_ckpt" in m and f"(step {steps} of 4)" in m
                for m in messages)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["tasks"]["svhn_cropped"]["pruned"]["steps"] == 4

@@ -56,6 +56,17 @@ def test_interrupted_run_resumes_to_the_same_weights(digits, tmp_path):
     # Training learned something: 10 balanced classes, chance is 0.1.
     assert result.test_accuracy > 0.3
 
+    # Resumed in the same process (the prune search's halfway check): the
+    # trainer keeps its traced step and optimizer and ends at the same weights.
+    same, same_model = _trainer(tmp_path / "same_process")
+    halfway = same.fit(digits, 16, seed=3, max_steps=stop, evaluate_test=False)
+    assert halfway.steps == stop and np.isnan(halfway.test_accuracy)
+    traced = same.train_step
+    result3 = same.fit(digits, 16, seed=3)
+    assert same.train_step is traced and result3.resumed_from_step == stop
+    for a, b in zip(straight_model.weights, same_model.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+
 
 def test_finished_run_is_not_trained_again(digits, tmp_path):
     trainer, _ = _trainer(tmp_path, train.Schedule(1, 32, 0.05, 1))

@@ -10,7 +10,8 @@ from absl import logging
 from nettailor_tf import artifacts, atomic, complexity, train, visualize
 from nettailor_tf import student as student_lib
 from nettailor_tf import prune as prune_lib
-from nettailor_tf.config import Config
+from nettailor_tf import data as data_lib
+from nettailor_tf.config import WHOLE_FINETUNE, Config
 from nettailor_tf.report import Report
 from nettailor_tf.stages.nettailor import (gate_values, nettailor_trainer, prepared_pruned,
                                            recalibration_batches, selection_accuracy,
@@ -81,8 +82,9 @@ def search_prune_universal(config, strategy, task, report, student, alphas) -> d
     the teacher's accuracy less the tolerance (not the student's: a
     fine-tuned network can match its teacher).
     A brief fine-tune is the start of the final one, which resumes from the
-    chosen candidate's checkpoint instead of redoing it, and a candidate still
-    far below the target halfway is abandoned.  Each result is saved as soon
+    chosen candidate's checkpoint instead of redoing it (with
+    --prune_search_steps=finetune it is the whole final one), and a
+    candidate still far below the target halfway is abandoned.  Each result is saved as soon
     as it is known, so an interrupted search resumes without redoing any.
     Returns what the search found, for plan.json.
     """
@@ -158,11 +160,12 @@ def search_prune_universal(config, strategy, task, report, student, alphas) -> d
             guess = sum(float(a[0]) < _WEAK_UNIVERSAL
                         for a, b in zip(alphas, student.plan.blocks) if b.universal)
             low = search_boundary(passes, min(max(1, guess), num_universal), num_universal)
-    if met and config.prune_search_steps:
+    steps = candidate_steps(config, task)
+    if met and steps:
         # Past the zero-shot boundary: each further block cut is kept only if
         # a brief fine-tune brings it within the tolerance of the teacher.
         while low < num_universal:
-            accuracy = accuracy_of(low + 1, config.prune_search_steps)
+            accuracy = accuracy_of(low + 1, steps)
             if accuracy is None or accuracy < tuned_target:
                 break
             low += 1
@@ -176,8 +179,18 @@ def search_prune_universal(config, strategy, task, report, student, alphas) -> d
             "split": config.selection_split,
             "teacher_accuracy": teacher_accuracy, "student_accuracy": student_accuracy,
             "tolerance": tolerance,
-            "met_tolerance": met, "steps_per_candidate": config.prune_search_steps,
+            "met_tolerance": met, "steps_per_candidate": steps,
             "candidates": {str(n): results[n] for n in sorted(results)}}
+
+
+def candidate_steps(config: Config, task) -> int:
+    """Fine-tuning steps each candidate past the zero-shot boundary runs
+    (--prune_search_steps): 'finetune' is the fine-tuning stage's own length
+    for this task, so that the chosen candidate's fine-tune is the final one."""
+    if config.prune_search_steps != WHOLE_FINETUNE:
+        return config.prune_search_steps
+    schedule = config.finetune
+    return schedule.plan(data_lib.steps_per_epoch(task, schedule.batch_size)).total_steps
 
 
 # The gates' own answer, where the search starts: universal blocks that give
@@ -222,18 +235,23 @@ def score_candidate(config, strategy, task, student, plan, teacher, n, split, ta
     entry = {"zero_shot_accuracy": before[split], **plan.counts()}
     trainer = nettailor_trainer(config, strategy, task, candidate, teacher[0], config.finetune,
                                0.0, f"prune_search/n{n}", teacher[1], pruned=True)
+    # The search reads the selection split only; the test split is not evaluated.
+    halfway_steps = max(1, steps // 2)
     half = trainer.fit(task, config.image_size, config.seed, config.eval_batch_size,
-                       max_steps=max(1, steps // 2))
-    halfway = trainer.evaluate(task, config.image_size, config.eval_batch_size, split)
+                       max_steps=min(halfway_steps, config.max_steps or halfway_steps),
+                       evaluate_test=False)
     if config.max_steps is not None and half.steps >= config.max_steps:
         raise _Interrupted()
+    halfway = trainer.evaluate(task, config.image_size, config.eval_batch_size, split)
     if halfway < target - _ABANDON_MARGIN:
         return {"accuracy": halfway, "abandoned": True, "steps": half.steps, **entry}
     result = trainer.fit(task, config.image_size, config.seed, config.eval_batch_size,
-                         max_steps=min(steps, config.max_steps or steps))
+                         max_steps=min(steps, config.max_steps or steps), evaluate_test=False)
     if result.steps < steps and not result.complete:
         raise _Interrupted()
-    accuracy = trainer.evaluate(task, config.image_size, config.eval_batch_size, split)
+    # A whole fine-tune ends with an evaluation of the validation split.
+    accuracy = (result.val_accuracy if result.complete and split == "val" and task.num_val
+                else trainer.evaluate(task, config.image_size, config.eval_batch_size, split))
     return {"accuracy": accuracy, "steps": result.steps, **entry}
 
 
