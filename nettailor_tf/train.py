@@ -106,7 +106,9 @@ class TrainResult:
     test_accuracy: float        # nan until the stage is complete
     train_images_per_second: float
     resumed_from_step: int
-    val_accuracy: float = float("nan")  # nan for a task without a validation split
+    # nan for a task without a validation split, and for a stage stopped
+    # early anywhere but at an epoch's end (evaluated there).
+    val_accuracy: float = float("nan")
     total_steps: int = 0
     epochs: int = 0
 
@@ -344,7 +346,7 @@ class Trainer:
         eval_split = "val" if task.num_val and self.eval_split == "val" else "test"
         step, images_seen, train_time = resumed_from, 0, 0.0
         stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
-        eval_accuracy = float("nan")
+        eval_accuracy, evaluated_at = float("nan"), None
         # A small data set's many short epochs are evaluated about ten times
         # per stage, not after each one (digits' 13 student epochs, a
         # 150-image folder's 38): each evaluation costs a pipeline and a pass.
@@ -390,6 +392,7 @@ class Trainer:
             if step % steps_per_epoch == 0 and (epochs_done % evaluate_every == 0
                                                 or epochs_done == stage.epochs):
                 eval_accuracy = self.evaluate(task, image_size, eval_batch_size, eval_split)
+                evaluated_at = step
                 logging.debug("%s: epoch %d/%d %s accuracy %.4f", task.name,
                              step // steps_per_epoch, stage.epochs,
                              "validation" if eval_split == "val" else "test", eval_accuracy)
@@ -408,6 +411,10 @@ class Trainer:
                     test_accuracy = self.evaluate(task, image_size, eval_batch_size, "test")
             else:
                 test_accuracy = eval_accuracy
+        elif evaluated_at == step and eval_split == "val":
+            # Stopped early at an epoch's end (the prune search's halfway
+            # check): that epoch's evaluation is the caller's answer too.
+            val_accuracy = eval_accuracy
         return TrainResult(step, test_accuracy, images_seen / max(train_time, 1e-9), resumed_from,
                            val_accuracy=val_accuracy, total_steps=total_steps,
                            epochs=stage.epochs)

@@ -166,6 +166,16 @@ def test_fit_selects_on_validation_and_reports_test_once(digits, tmp_path):
     assert result.val_accuracy == pytest.approx(trainer.evaluate(split, 16, 32, "val"))
     assert result.test_accuracy == pytest.approx(trainer.evaluate(split, 16, 32, "test"))
 
+    # Stopped early at an epoch's end, that epoch's evaluation is returned (the
+    # prune search's halfway check uses it); mid-epoch there is none.
+    at_epoch, _ = _trainer(tmp_path / "epoch_end", train.Schedule(1, 32, 0.05, min_steps=60))
+    first_epoch = at_epoch.fit(split, 16, seed=0, max_steps=steps_per_epoch,
+                               evaluate_test=False)
+    assert first_epoch.steps == steps_per_epoch and np.isnan(first_epoch.test_accuracy)
+    assert first_epoch.val_accuracy == pytest.approx(at_epoch.evaluate(split, 16, 32, "val"))
+    mid, _ = _trainer(tmp_path / "mid_epoch", train.Schedule(1, 32, 0.05, min_steps=60))
+    assert np.isnan(mid.fit(split, 16, seed=0, max_steps=5, evaluate_test=False).val_accuracy)
+
 
 def test_mixed_precision_trains_in_float16_with_float32_weights_and_loss_scaling(digits,
                                                                                tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import keras
@@ -242,7 +243,9 @@ def score_candidate(config, strategy, task, student, plan, teacher, n, split, ta
                        evaluate_test=False)
     if config.max_steps is not None and half.steps >= config.max_steps:
         raise _Interrupted()
-    halfway = trainer.evaluate(task, config.image_size, config.eval_batch_size, split)
+    # Halfway on an epoch's end (mnist5k's 112 of 224), fit has just read it.
+    halfway = (half.val_accuracy if split == "val" and math.isfinite(half.val_accuracy)
+               else trainer.evaluate(task, config.image_size, config.eval_batch_size, split))
     if halfway < target - _ABANDON_MARGIN:
         return {"accuracy": halfway, "abandoned": True, "steps": half.steps, **entry}
     result = trainer.fit(task, config.image_size, config.seed, config.eval_batch_size,
@@ -283,10 +286,13 @@ def run_prune(config: Config, strategy, task, report: Report) -> bool:
                          task.name)
             return False
         num_universal = search["chosen"]
-        logging.info("%s: prune search chose N=%d of the candidates (N: %s accuracy) %s, "
-                     "target %.4f", task.name, num_universal, config.selection_split,
+        tuned = any(c.get("steps") for c in search["candidates"].values())
+        logging.info("%s: prune search chose N=%d of the candidates (N: %s accuracy%s) %s; "
+                     "target %.4f as pruned%s", task.name, num_universal,
+                     config.selection_split, ", *: after fine-tuning" if tuned else "",
                      ", ".join(f"{n}: {c['accuracy']:.4f}{'*' if c.get('steps') else ''}"
-                               for n, c in search["candidates"].items()), search["target"])
+                               for n, c in search["candidates"].items()), search["target"],
+                     f", {search['fine_tuned_target']:.4f} after fine-tuning" if tuned else "")
     else:
         num_universal = config.prune_universal or 0
     pruned = prune_lib.prune_plan(student.plan, alphas, num_universal,
