@@ -183,6 +183,10 @@ class Config:
         "the whole stage (the chosen candidate's fine-tune is then done). 0: every candidate "
         "is scored as pruning leaves it, with its BN statistics re-estimated (seconds per "
         "candidate).", parse=parse_search_steps, check=_search_steps_check)
+    prune_search_max_tuned: int = option(
+        0, "At most this many candidates past the zero-shot boundary are fine-tuned and "
+        "scored (--prune_search_steps > 0); 0: no limit, until one misses. Each costs "
+        "--prune_search_steps steps, and one that misses is not used.", check=Range(0))
     seed: int = option(0, "Seed of initialisation, data order and augmentation.",
                        check=Range(0, 2**31 - 1))
     strategy: str = option("default", "tf.distribute strategy (multi_worker reads TF_CONFIG).",

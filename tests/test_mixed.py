@@ -124,3 +124,23 @@ def test_the_mixed_file_meets_its_budget_with_the_fewest_layers(network, budget)
     image = runner.get_input_details()[savedmodel.INPUT_NAME]
     assert image["dtype"] == np.uint8 and list(image["shape"]) == [1, SIZE, SIZE, 3]
     assert list(runner.get_output_details()) == ["logits", "probabilities"]
+
+
+def test_a_budget_even_int8_misses_keeps_every_layer_without_ranking_them(network, monkeypatch):
+    model, content, labels = network
+    # Every layer in int8 as well as in int4 made useless: no layer can go to
+    # int4, so the per-layer sensitivities are not worth measuring.
+    real_fake_quantize = mixed.fake_quantize
+    monkeypatch.setattr(mixed, "fake_quantize",
+                        lambda weights, axis, bits=4: np.zeros_like(weights))
+
+    def not_needed(*args, **kwargs):
+        raise AssertionError("sensitivities measured though int8 already misses the budget")
+
+    monkeypatch.setattr(mixed, "sensitivities", not_needed)
+    choice = mixed.choose_mixed(content, IMAGES, labels, 0.0)
+    assert choice.kept_layers == [op.scope for op in mixed.weight_ops(content)]
+    assert choice.all_int4_accuracy < 1.0 - choice.budget
+    # The file itself comes from the real quantiser (int8 for every layer).
+    monkeypatch.setattr(mixed, "fake_quantize", real_fake_quantize)
+    assert "INT4" not in set(_weight_types(choice.content).values())

@@ -14,7 +14,7 @@ from nettailor_tf.stages import prune as prune_stage
 
 
 def _fake_search(tmp_path, monkeypatch, accuracies, teacher_val, tolerance, student_val=1.0,
-                 fine_tuned=None, steps=0):
+                 fine_tuned=None, steps=0, max_tuned=0):
     """Runs the prune search over 4 blocks with candidate scores given by N
     (`fine_tuned`: after a brief fine-tune)."""
     scored = []
@@ -46,7 +46,7 @@ def _fake_search(tmp_path, monkeypatch, accuracies, teacher_val, tolerance, stud
     monkeypatch.setattr(artifacts, "frozen_teacher", lambda config, task: None)
     monkeypatch.setattr(prune_stage, "teacher_targets", lambda *args: None)
     config = _config(tmp_path, prune_universal=None, prune_tolerance=tolerance,
-                     prune_search_steps=steps)
+                     prune_search_steps=steps, prune_search_max_tuned=max_tuned)
     report = Report(str(tmp_path), "tiny", 16)
     report.set("t", "teacher", {"accuracy": 0.5, "val_accuracy": teacher_val})
     report.set("t", "student", {"accuracy": 0.5, "val_accuracy": student_val})
@@ -111,6 +111,22 @@ def test_prune_search_brief_fine_tunes_go_past_the_zero_shot_boundary(tmp_path, 
     result, scored = _fake_search(tmp_path, monkeypatch, zero_shot, teacher_val=0.82,
                                   tolerance=0.03, fine_tuned={3: .81, 4: .7}, steps=10)
     assert result["chosen"] == 3 and scored == []
+
+
+def test_prune_search_fine_tunes_at_most_max_tuned_candidates(tmp_path, monkeypatch):
+    # N=3 and N=4 would both pass after fine-tuning; with one allowed the walk
+    # stops at N=3 without paying N=4's fine-tune.
+    zero_shot = {0: .9, 1: .85, 2: .8, 3: .6, 4: .5}
+    result, scored = _fake_search(tmp_path, monkeypatch, zero_shot, teacher_val=0.82,
+                                  tolerance=0.03, fine_tuned={3: .81, 4: .8}, steps=10,
+                                  max_tuned=1)
+    assert result["chosen"] == 3 and result["max_tuned"] == 1
+    assert scored == [0, 2, 3, (3, 10)]
+    # Without the limit the same search goes on to N=4.
+    result, scored = _fake_search(tmp_path / "unlimited", monkeypatch, zero_shot,
+                                  teacher_val=0.82, tolerance=0.03,
+                                  fine_tuned={3: .81, 4: .8}, steps=10)
+    assert result["chosen"] == 4 and scored[-2:] == [(3, 10), (4, 10)]
 
 
 def test_prune_search_brief_fine_tunes_stop_at_the_first_miss(tmp_path, monkeypatch):

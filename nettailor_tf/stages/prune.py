@@ -165,7 +165,11 @@ def search_prune_universal(config, strategy, task, report, student, alphas) -> d
     if met and steps:
         # Past the zero-shot boundary: each further block cut is kept only if
         # a brief fine-tune brings it within the tolerance of the teacher.
-        while low < num_universal:
+        # The walk stops at the first miss, or after --prune_search_max_tuned
+        # candidates: a miss costs a fine-tune that nothing uses.
+        limit = num_universal if not config.prune_search_max_tuned else min(
+            num_universal, low + config.prune_search_max_tuned)
+        while low < limit:
             accuracy = accuracy_of(low + 1, steps)
             if accuracy is None or accuracy < tuned_target:
                 break
@@ -181,6 +185,7 @@ def search_prune_universal(config, strategy, task, report, student, alphas) -> d
             "teacher_accuracy": teacher_accuracy, "student_accuracy": student_accuracy,
             "tolerance": tolerance,
             "met_tolerance": met, "steps_per_candidate": steps,
+            "max_tuned": config.prune_search_max_tuned,
             "candidates": {str(n): results[n] for n in sorted(results)}}
 
 
