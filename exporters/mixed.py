@@ -170,18 +170,18 @@ def choose_mixed(content: bytes, images: np.ndarray, labels: np.ndarray, budget:
     budget = max(budget, 1.0 / max(len(labels), 1))
     float_accuracy = accuracy(content)
     target = float_accuracy - budget
-    rounded_accuracy = {}
     # Every layer kept out of int4 is the most the search can offer: when
     # even that misses the budget (the quickstart's pruned networks in int8),
     # no layer can go to int4 and ranking them would change nothing.
     everything_kept = (float_accuracy if kept_bits is None else
                        accuracy(with_rounded_weights(content, [], 4, ops, kept_bits)))
-    if everything_kept < target:
+    hopeless = everything_kept < target
+    if hopeless:
         ranked = ops
     else:
         scores = sensitivities(content, ops, images[:SENSITIVITY_IMAGES], threads)
         ranked = [ops[i] for i in np.argsort(scores)[::-1]]
-    rounded_accuracy[len(ranked)] = everything_kept
+    rounded_accuracy = {len(ranked): everything_kept}
 
     def rounded(k: int) -> float:  # the k most sensitive kept out of int4
         if k not in rounded_accuracy:
@@ -189,7 +189,7 @@ def choose_mixed(content: bytes, images: np.ndarray, labels: np.ndarray, budget:
                                                                 ranked[:k], kept_bits))
         return rounded_accuracy[k]
 
-    low, high = (len(ranked), len(ranked)) if everything_kept < target else (0, len(ranked))
+    low, high = (len(ranked) if hopeless else 0), len(ranked)
     while low < high:
         middle = (low + high) // 2
         if rounded(middle) >= target:
