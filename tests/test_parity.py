@@ -58,6 +58,35 @@ def test_exported_artefacts_agree_with_keras_on_images_of_any_size(artefacts):
     assert outcome.accuracy("tflite") == outcome.accuracy("keras")
 
 
+def test_predictors_run_side_by_side_give_the_same_answers_in_order(artefacts):
+    """workers=2 runs a batch's LiteRT predictors in two threads beside the
+    TensorFlow ones: every answer must still land at its own predictor and
+    image, as one at a time."""
+    endpoint, sm_path, tflite_path = artefacts
+    data = _dataset([(SIZE, SIZE, 3)] * 40, seed=5)
+
+    def shifted(x):  # answers that differ per image: a mix-up shows
+        return np.roll(np.eye(5)[x[:, 0, 0, 0] % 5], 1, axis=-1)
+
+    shifted.runs_alongside = True
+    outcomes = []
+    for workers in (1, 2):
+        predictors = {"keras": parity.keras_predictor(endpoint),
+                      "savedmodel": parity.savedmodel_predictor(sm_path),
+                      **{f"tflite{i}": parity.tflite_predictor(tflite_path, num_threads=1)
+                         for i in range(3)},
+                      "shifted": shifted}
+        outcomes.append(parity.run_all(
+            predictors, lambda: parity.raw_test_batches(data, batch_size=8), workers=workers))
+    one, two = outcomes
+    np.testing.assert_array_equal(one.labels, two.labels)
+    assert one.top1.keys() == two.top1.keys()
+    for name in one.top1:
+        np.testing.assert_array_equal(one.top1[name], two.top1[name])
+    pixels = np.concatenate([b for b, _ in parity.raw_test_batches(data)])[:, 0, 0, 0]
+    np.testing.assert_array_equal(two.top1["shifted"], (pixels % 5 + 1) % 5)
+
+
 def test_agreement_and_accuracy_arithmetic():
     outcome = parity.Outcome(labels=np.array([0, 1, 2, 3]),
                              top1={"a": np.array([0, 1, 2, 0]), "b": np.array([0, 1, 0, 0])})

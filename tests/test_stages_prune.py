@@ -19,8 +19,12 @@ def _fake_search(tmp_path, monkeypatch, accuracies, teacher_val, tolerance, stud
     (`fine_tuned`: after a brief fine-tune)."""
     scored = []
 
-    def score(config, strategy, task, student, plan, teacher, n, split, target, steps):
+    def score(config, strategy, task, student, plan, teacher, n, split, target, steps,
+              zero_shot=None):
         scored.append((n, steps) if steps else n)
+        # A candidate the walk scored as pruned hands its score over instead
+        # of having it computed again.
+        assert zero_shot == (accuracies[n] if n in scored else None)
         accuracy = fine_tuned[n] if steps else accuracies[n]
         extra = {"steps": steps} if steps else {}
         return {"accuracy": accuracy, "zero_shot_accuracy": accuracies[n], **extra,

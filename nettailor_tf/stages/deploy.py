@@ -205,11 +205,12 @@ def _export_task(config, task, nettailor, teacher, staging, final) -> dict:
                 with open(os.path.join(staging, name), "wb") as f:
                     f.write(content)
                 predictors[f"{network}_{variant}"] = parity.tflite_predictor(
-                    os.path.join(staging, name), num_threads=latency_lib.all_cores())
+                    os.path.join(staging, name), num_threads=1)
                 files[f"{network}_{variant}"] = (network, variant, name)
     savedmodel.write_labels(os.path.join(staging, savedmodel.LABELS_FILE), label_names(task))
     with quiet.native_stderr_filtered():  # LiteRT's "Created ... delegate" on first use
-        outcome = parity.run_all(predictors, _test_batches(config, task))
+        outcome = parity.run_all(predictors, _test_batches(config, task),
+                                 workers=latency_lib.all_cores())
     entries = {}
     for artefact, (network, variant, name) in files.items():
         reference = f"{network}_keras" + ("" if variant == "savedmodel" else "_resized")
@@ -389,9 +390,10 @@ def _export_bundle(config, tasks, staging, final, task_params: dict) -> dict:
                       "savedmodel": parity.savedmodel_predictor(sm_path, key)}
         for variant in variants:
             predictors[variant] = parity.tflite_predictor(
-                os.path.join(staging, f"bundle_{variant}.tflite"), key, latency_lib.all_cores())
+                os.path.join(staging, f"bundle_{variant}.tflite"), key, num_threads=1)
         with quiet.native_stderr_filtered():
-            outcome = parity.run_all(predictors, _test_batches(config, task))
+            outcome = parity.run_all(predictors, _test_batches(config, task),
+                                     workers=latency_lib.all_cores())
         for name in ["savedmodel", *variants]:
             agreement = outcome.agreement(name, "keras" if name == "savedmodel"
                                           else "keras_resized")

@@ -130,12 +130,11 @@ def search_prune_universal(config, strategy, task, report, student, alphas) -> d
                 if teacher is None:
                     frozen = artifacts.frozen_teacher(config, task)
                     teacher = (frozen, teacher_targets(config, strategy, task, frozen))
-                entry = score_candidate(config, strategy, task, student, plan, teacher, n,
-                                        split, tuned_target, steps)
-                # The score the walk decided on stays the candidate's zero-shot one.
-                if n in results:
-                    entry["zero_shot_accuracy"] = results[n]["zero_shot_accuracy"]
-                results[n] = entry
+                # The score the walk decided on stays the candidate's zero-shot
+                # one, and is not computed again.
+                results[n] = score_candidate(
+                    config, strategy, task, student, plan, teacher, n, split, tuned_target,
+                    steps, zero_shot=results[n]["zero_shot_accuracy"] if n in results else None)
             else:
                 accuracy = scorer(plan, split)
                 results[n] = {"accuracy": accuracy, "zero_shot_accuracy": accuracy,
@@ -233,12 +232,14 @@ _ABANDON_MARGIN = 0.10
 
 
 def score_candidate(config, strategy, task, student, plan, teacher, n, split, target,
-                     steps: int) -> dict:
+                     steps: int, zero_shot: float | None = None) -> dict:
     """A candidate's accuracy on `split` after `steps` of fine-tuning (and as
-    pruned); `teacher` is (frozen teacher, its targets)."""
+    pruned, unless the walk scored it so already: `zero_shot`); `teacher` is
+    (frozen teacher, its targets)."""
     keras.utils.set_random_seed(config.seed)
-    candidate, before = prepared_pruned(config, strategy, task, student, plan, [split])
-    entry = {"zero_shot_accuracy": before[split], **plan.counts()}
+    candidate, before = prepared_pruned(config, strategy, task, student, plan,
+                                        [split] if zero_shot is None else [])
+    entry = {"zero_shot_accuracy": before.get(split, zero_shot), **plan.counts()}
     trainer = nettailor_trainer(config, strategy, task, candidate, teacher[0], config.finetune,
                                0.0, f"prune_search/n{n}", teacher[1], pruned=True)
     # The search reads the selection split only; the test split is not evaluated.
