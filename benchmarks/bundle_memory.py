@@ -15,6 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import nettailor_tf  # noqa: E402,F401  (before TensorFlow: it chooses the CPU kernels)
 from exporters.memory import bundle_memory  # noqa: E402  (after the path above)
 
 

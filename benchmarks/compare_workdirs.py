@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import nettailor_tf  # noqa: E402,F401  (before TensorFlow: it chooses the CPU kernels)
 
 
 def compare(workdirs: list[str], variant: str = "float32", threads: int = 1, runs: int = 300,

@@ -15,6 +15,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import nettailor_tf  # noqa: E402,F401  (before TensorFlow: it chooses the CPU kernels)
 
 from absl import app, flags
 

@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 
 from nettailor_tf import config as config_lib
-from nettailor_tf import quiet
+from nettailor_tf import cpu_kernels, quiet
 
 FLAGS = flags.FLAGS
 config_lib.define_flags(FLAGS)
@@ -28,11 +28,13 @@ def main(argv):
     # Imported here so that --help and flag errors answer without loading TF.
     with quiet.native_stderr_filtered():
         import tensorflow as tf
+        from tensorflow.python.util import _pywrap_util_port
 
         from nettailor_tf import artifacts, stages, train
     from nettailor_tf.errors import NetTailorError
 
     quiet.quiet_python_loggers()
+    logging.info(cpu_kernels.describe(_pywrap_util_port.IsMklEnabled()))
     config = config_lib.from_flags(FLAGS)
     try:
         config.validate()

@@ -3,7 +3,11 @@ import os
 import tempfile
 
 import pytest
-import tensorflow_datasets as tfds
+
+# Before TensorFlow (tfds imports it): the package chooses the CPU kernels
+# for the tests as it does for a user (nettailor_tf/cpu_kernels.py).
+import nettailor_tf  # noqa: F401
+import tensorflow_datasets as tfds  # noqa: E402
 
 # Latency tables measured by the tests stay out of the user's cache; the
 # workers of one run (and the CLI subprocesses they start) share theirs.

@@ -33,6 +33,8 @@ def test_stages_stop_resume_and_are_skipped_when_done(tmp_path):
     # A quiet log: the stages said with their number, steps with the time
     # left, and none of TensorFlow's start-up notices or internals.
     assert "stage 1 of 2: teacher for 1 task" in stopped.stderr
+    # Its first lines say which CPU kernels run and who chose them.
+    assert "CPU kernels: oneDNN " in stopped.stderr
     for noise in ("cuInit", "oneDNN custom operations", "Sharding callback"):
         assert noise not in stopped.stderr
     assert not (tmp_path / "w" / "tasks" / "digits" / "teacher.weights.h5").exists()
