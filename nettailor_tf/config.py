@@ -175,8 +175,26 @@ class Config:
         "the selection split (--selection_split) is within --prune_tolerance of the teacher's "
         "(the paper's sweep). On by default unless --prune_universal is given; "
         "--noprune_search cuts no universal block.")
-    prune_tolerance: float = option(0.005, "Accuracy the prune search may give up against the "
-                                    "teacher.", check=_PROBABILITY)
+    prune_tolerance: float = option(0.005, "Accuracy a fine-tuned prune-search candidate "
+                                    "(--prune_search_steps) may give up against the teacher "
+                                    "on the selection split; also where the report calls a "
+                                    "pruned network out.", check=_PROBABILITY)
+    prune_allowance: float = option(
+        0.02, "Without a budget, the prune search keeps the leanest network whose accuracy, "
+        "as pruning leaves it (before fine-tuning), is at most this much below the unpruned "
+        "student's on the same images: the training split (evaluation transform) and the "
+        "selection split, compared image by image. The fine-tune wins most of it back.",
+        check=_PROBABILITY)
+    flops_budget: float | None = option(
+        None, "Prune to at most this share of the teacher's multiply-adds (e.g. 0.5): the "
+        "fewest cuts that fit, i.e. the most accurate network within the budget, instead of "
+        "the leanest within --prune_allowance. Out of reach: the leanest network is kept and "
+        "the report says what it costs.", check=Range(0, 1, open_low=True))
+    latency_budget_ms: float | None = option(
+        None, "Prune to at most this many milliseconds per image for the float32 network, as "
+        "the latency table predicts it (this machine's, measured once and cached, or a "
+        "device's through --latency_table). Combines with --flops_budget.",
+        check=Range(0, open_low=True))
     prune_search_steps: int | str = option(
         0, "Steps of the fine-tuning stage that each prune-search candidate past the zero-shot "
         "boundary runs before it is scored against the teacher: a number, or 'finetune' for "
@@ -286,6 +304,13 @@ class Config:
             raise ConfigError(f"--latency_table={self.latency_table!r}: no such file (a JSON "
                               f"table from benchmarks/latency_table.py, or leave it unset to "
                               f"measure one here)", flag="latency_table", path=self.latency_table)
+        budget = next((f for f in ("flops_budget", "latency_budget_ms")
+                       if getattr(self, f) is not None), None)
+        if budget and (self.prune_universal is not None or self.prune_search is False):
+            given = ("--noprune_search" if self.prune_search is False
+                     else f"--prune_universal={self.prune_universal}")
+            raise ConfigError(f"--{budget} lets the prune search choose what to cut; drop "
+                              f"{given} or --{budget}", flag=budget)
         if self.prune_search and self.prune_universal is not None:
             raise ConfigError(f"--prune_search chooses the number of universal blocks to remove; "
                               f"drop --prune_universal={self.prune_universal} or --prune_search",

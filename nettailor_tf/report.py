@@ -163,10 +163,7 @@ def findings(task: dict) -> list[str]:
         if teacher.get("flops") and pruned.get("flops", 0) >= teacher["flops"]:
             notes.append("pruning saved no multiply-adds: the pruned network costs as much as "
                          "its teacher.")
-    search = pruned.get("prune_search") or {}
-    if search and not search.get("met_tolerance", True):
-        notes.append(f"no pruned candidate reached the target of {_fmt_acc(search['target'])}; "
-                     f"the search kept the most accurate one it tried.")
+    notes += _search_findings(pruned)
     busy_threads, load = _busy_latencies(task)
     if busy_threads:
         notes.append(f"the latencies at {' and '.join(busy_threads)} thread(s) were timed while "
@@ -185,6 +182,27 @@ def findings(task: dict) -> list[str]:
         if said:
             notes.append(f"the {variant} file {' and '.join(said)}: quantisation changed its "
                          f"predictions.")
+    return notes
+
+
+def _search_findings(pruned: dict) -> list[str]:
+    """What the prune search could not do, and a pruned network that the
+    test images show, with confidence, to be below its teacher."""
+    notes = []
+    search = pruned.get("prune_search") or {}
+    if search and not search.get("met", search.get("met_tolerance", True)):
+        if search.get("rule") == "budget":
+            notes.append(f"the budget is out of reach: the leanest network the gates allow "
+                         f"costs {search.get('flops_fraction', float('nan')):.2f} of the "
+                         f"teacher's multiply-adds, and that is what was kept.")
+        else:
+            notes.append("even cutting no universal block (only the weak proxies) loses more "
+                         "than the allowance against the unpruned student: nothing was cut.")
+    test = (pruned.get("vs_teacher") or {}).get("test")
+    if test and test["upper"] < -PRUNED_GAP_NOTED:
+        notes.append(f"on the test images the pruned network is below its teacher with "
+                     f"confidence: {100 * test['difference']:+.2f} points, at best "
+                     f"{100 * test['upper']:+.2f} (paired, {test['images']} images).")
     return notes
 
 

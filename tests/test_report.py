@@ -26,8 +26,25 @@ def test_each_broken_promise_is_named():
     assert "closer to chance" in text and "diffuse" in text
     assert "7.00 points below its teacher" in text and "no multiply-adds" in text
     search = _task()
-    search["pruned"]["prune_search"] = {"met_tolerance": False, "target": 0.955}
-    assert "no pruned candidate reached" in findings(search)[0]
+    search["pruned"]["prune_search"] = {"rule": "allowance", "met": False}
+    assert "loses more than the allowance" in findings(search)[0]
+    search["pruned"]["prune_search"] = {"rule": "budget", "met": False, "flops_fraction": 0.62}
+    assert findings(search) == ["the budget is out of reach: the leanest network the gates "
+                                "allow costs 0.62 of the teacher's multiply-adds, and that is "
+                                "what was kept."]
+    search["pruned"]["prune_search"]["met"] = True
+    assert findings(search) == []
+
+
+def test_a_pruned_network_confidently_below_its_teacher_on_test_is_a_finding():
+    task = _task(pruned=0.97)  # the same accuracy as the teacher's: no gap finding
+    paired = {"images": 1000, "difference": -0.012, "standard_error": 0.004, "lower": -0.0171,
+              "upper": -0.0069, "a_only": 3, "b_only": 15}
+    task["pruned"]["vs_teacher"] = {"test": paired}
+    assert findings(task) == ["on the test images the pruned network is below its teacher with "
+                              "confidence: -1.20 points, at best -0.69 (paired, 1000 images)."]
+    task["pruned"]["vs_teacher"]["test"] = {**paired, "upper": 0.001}  # could be none
+    assert findings(task) == []
 
 
 def test_a_quantised_file_that_changed_the_predictions_is_named():

@@ -21,7 +21,7 @@ from nettailor_tf import workdir as workdir_lib
 from nettailor_tf.artifacts import StageError
 from nettailor_tf.config import Config
 from nettailor_tf.report import Report, findings
-from nettailor_tf.stages import benchmark, deploy, provenance, submission
+from nettailor_tf.stages import benchmark, deploy, provenance, prune_search, submission
 from nettailor_tf.stages.finetune import run_finetune
 from nettailor_tf.stages.nettailor import cost_identity
 from nettailor_tf.stages.prune import run_prune
@@ -191,6 +191,8 @@ def _run_locked(config: Config, strategy, paths: Workdir) -> Report:
                 identity = identities[task.name]
                 if stage == "student":  # the one stage the cost model trains
                     identity = {**identity, **cost_identity(config)}
+                if stage == "prune":
+                    identity = {**identity, **prune_search.decision_identity(config)}
                 if stage in TRAINING_STAGES:
                     provenance.refresh(paths, report, task.name, stage, identity)
                 finished.append(functions[stage](config, strategy, task, report))

@@ -6,13 +6,14 @@ import os
 import keras
 from absl import logging
 
-from nettailor_tf import artifacts, atomic
+from nettailor_tf import artifacts, atomic, selection
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import prune as prune_lib
 from nettailor_tf.config import Config
 from nettailor_tf.report import Report
 from nettailor_tf.student import Plan
 from nettailor_tf.stages.nettailor import gate_values, or_none, prepared_pruned, train_nettailor
+from nettailor_tf.stages.prune_search import CONFIDENCE
 from nettailor_tf.workdir import Workdir
 
 
@@ -55,8 +56,8 @@ def run_finetune(config: Config, strategy, task, report: Report) -> bool:
         "val_accuracy_before_finetune": before.get("val"),
         "accuracy_before_finetune_student_bn": before["raw_test"],
         **cost, "gates": gate_values(pruned),
-        "prune_search": None if search is None else {
-            k: search[k] for k in ("chosen", "target", "split", "met_tolerance")},
+        "prune_search": None if search is None else search_summary(search),
+        "vs_teacher": vs_teacher(config, task, teacher, pruned),
         "plan": paths.relative(paths.plan(task.name)),
         "weights": paths.relative(state_path),
         "epochs": result.epochs, "steps": result.steps,
@@ -71,6 +72,31 @@ def run_finetune(config: Config, strategy, task, report: Report) -> bool:
                  f", {predicted['predicted_ms']:.3f} ms by the latency table "
                  f"({predicted['fraction_of_teacher']:.2f} of the teacher's)" if predicted else "")
     return True
+
+
+def search_summary(search: dict) -> dict:
+    """The prune search's decision for the report: its rule, what it was
+    held to and the chosen candidate's evidence (plan.json has every one)."""
+    chosen = search["candidates"].get(str(search["chosen"]), {})
+    keys = ("chosen", "rule", "split", "met", "allowance", "flops_budget", "latency_budget_ms")
+    return {**{k: search.get(k) for k in keys},
+            **{k: chosen[k] for k in ("damage", "flops_fraction", "predicted_ms") if k in chosen}}
+
+
+def vs_teacher(config: Config, task, teacher, pruned) -> dict:
+    """The pruned network against its teacher on the same images, per split:
+    paired, so that the difference comes with how much the images vouch for
+    (`selection.Paired`)."""
+    answers = {}
+    for name, network in (("teacher", lambda x: teacher(x, training=False)[0]),
+                          ("pruned", lambda x: pruned(x, training=False, mimic=False)[0])):
+        step = selection.answer_function(network)
+        for split in ("val", "test") if task.num_val else ("test",):
+            predicted, labels = selection.answers(step, task, config.image_size,
+                                                  config.eval_batch_size, [split])
+            answers[name, split] = predicted == labels
+    return {split: selection.paired(answers["pruned", split], answers["teacher", split])
+            .as_dict(CONFIDENCE) for split in {s for _, s in answers}}
 
 
 def latency_cost(config, plan) -> dict:
