@@ -179,8 +179,13 @@ class Config:
                                     "(--prune_search_steps) may give up against the teacher "
                                     "on the selection split; also where the report calls a "
                                     "pruned network out.", check=_PROBABILITY)
+    # 0.25: on the development tasks' students (mnist5k and digits, seeds 0
+    # and 1, benchmarks/prune_signals.py, docs/method.md) the damage of
+    # successive cuts jumps from at most 16 points to at least 37 (mnist5k)
+    # and from at most 13 to at least 76 (digits); a threshold inside both
+    # gaps is not moved by a few images or another CPU's rounding.
     prune_allowance: float = option(
-        0.02, "Without a budget, the prune search keeps the leanest network whose accuracy, "
+        0.25, "Without a budget, the prune search keeps the leanest network whose accuracy, "
         "as pruning leaves it (before fine-tuning), is at most this much below the unpruned "
         "student's on the same images: the training split (evaluation transform) and the "
         "selection split, compared image by image. The fine-tune wins most of it back.",
