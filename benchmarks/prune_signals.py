@@ -38,7 +38,42 @@ config_lib.define_flags(flags.FLAGS)
 flags.DEFINE_list("candidates", ["0", "6", "7", "8", "9", "10", "11", "12"],
                   "Numbers of universal blocks to cut.")
 flags.DEFINE_string("out", None, "Where the JSON list goes.")
+flags.DEFINE_string("render", None, "Render this results file (a JSON object whose 'rows' are "
+                    "what --out wrote, with a 'seed' each) as markdown to --markdown instead of "
+                    "measuring.")
+flags.DEFINE_string("markdown", "docs/prune_signals.md", "Where --render writes.")
 FLAGS = flags.FLAGS
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def render_markdown(results: dict) -> str:
+    """The study as a table, one row per task, seed and candidate."""
+    lines = ["# Which signal predicts a pruned network's fine-tuned accuracy", "",
+             "Rendered by `python benchmarks/prune_signals.py --render=docs/results/"
+             "prune_signals.json` from the committed results; do not edit by hand.", "",
+             f"Measured with `{results['command']}` on {results['machine']}, "
+             f"{results['date']}, code {results['code']}. Accuracies in percent; damage and "
+             f"differences in points; +- is one standard error of the paired difference.", "",
+             "| task | seed | N | multiply-adds of the teacher's | zero-shot validation "
+             "accuracy | zero-shot damage (train + validation) | fine-tuned validation, "
+             "minus teacher | fine-tuned test | fine-tuned test, minus teacher |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in sorted(results["rows"], key=lambda r: (r["task"], r["seed"], r["n"])):
+        zero, tuned = row["zero_shot"], row["fine_tuned"]
+        damage = zero["pool_damage"]
+        lines.append(
+            f"| {row['task']} | {row['seed']} | {row['n']} | {row['flops_fraction']:.3f} | "
+            f"{_points(zero['val_accuracy'])} | {_points(damage['difference'])} +- "
+            f"{_points(damage['standard_error'])} ({damage['images']} images) | "
+            f"{_points(tuned['val_vs_teacher']['difference'])} +- "
+            f"{_points(tuned['val_vs_teacher']['standard_error'])} | "
+            f"{_points(tuned['test_accuracy'])} | "
+            f"{_points(tuned['test_vs_teacher']['difference'])} +- "
+            f"{_points(tuned['test_vs_teacher']['standard_error'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def _measure_task(config, strategy, task, candidates):
@@ -105,6 +140,12 @@ def _measure_task(config, strategy, task, candidates):
 
 def main(argv):
     del argv
+    if FLAGS.render:
+        with open(FLAGS.render, encoding="utf-8") as f:
+            text = render_markdown(json.load(f))
+        with open(FLAGS.markdown, "w", encoding="utf-8") as f:
+            f.write(text)
+        return
     from nettailor_tf import data as data_lib
     from nettailor_tf import quiet, train
 

@@ -188,3 +188,17 @@ def test_latency_table_from_device_files_round_trips(tmp_path):
         script_module.main(["collect", *common, f"--results={models}",
                             f"--out={tmp_path / 'other.json'}"])
     assert "universal0" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_the_prune_signal_table_is_its_committed_results(tmp_path):
+    """docs/prune_signals.md is rendered from docs/results/prune_signals.json:
+    a figure changed in one and not the other fails here."""
+    out = tmp_path / "signals.md"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "prune_signals.py"),
+                           "--render=" + os.path.join(ROOT, "docs", "results",
+                                                      "prune_signals.json"),
+                           f"--markdown={out}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(os.path.join(ROOT, "docs", "prune_signals.md"), encoding="utf-8") as f:
+        assert out.read_text() == f.read()
+    assert "| mnist5k | 0 | 9 | 0.596 |" in out.read_text()
