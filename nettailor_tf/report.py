@@ -104,6 +104,7 @@ def render_markdown(data: dict) -> str:
             lines.append(f"Kept {pruned['universal_blocks_kept']} universal blocks and "
                          f"{pruned['proxies_kept']} proxies; {pruned.get('blocks_live', '?')} "
                          f"blocks still compute something.")
+            lines += _decision_lines(pruned)
         if student and student.get("gate_entropy") is not None:
             lines.append(f"Student gate entropy {student['gate_entropy']:.3f} (mean over blocks, "
                          f"0: each block picks one branch, 1: uniform).")
@@ -183,6 +184,32 @@ def findings(task: dict) -> list[str]:
             notes.append(f"the {variant} file {' and '.join(said)}: quantisation changed its "
                          f"predictions.")
     return notes
+
+
+def _decision_lines(pruned: dict) -> list[str]:
+    """How the prune search chose, and the pruned network against its
+    teacher, each with its evidence (paired differences, points)."""
+    def paired(entry: dict) -> str:
+        return (f"{100 * entry['difference']:+.2f} +- {100 * entry['standard_error']:.2f} "
+                f"points on {entry['images']} images")
+
+    lines = []
+    search = pruned.get("prune_search") or {}
+    if search.get("rule") and "damage" in search:
+        held = (f"the allowance {100 * search['allowance']:.2f} points"
+                if search["rule"] == "allowance" else
+                " and ".join(f"{name} {search[key]}" for name, key in (
+                    ("--flops_budget", "flops_budget"),
+                    ("--latency_budget_ms", "latency_budget_ms")) if search.get(key)))
+        lines.append(f"Prune search ({search['rule']}): N={search['chosen']} universal blocks "
+                     f"cut; as pruned, the student's accuracy minus this network's was "
+                     f"{paired(search['damage'])}, held to {held}.")
+    test = (pruned.get("vs_teacher") or {}).get("test")
+    if test:
+        lines.append(f"Against its teacher on the test images, image by image: "
+                     f"{paired(test)} (90% bounds {100 * test['lower']:+.2f} to "
+                     f"{100 * test['upper']:+.2f}).")
+    return lines
 
 
 def _search_findings(pruned: dict) -> list[str]:

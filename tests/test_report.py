@@ -153,3 +153,22 @@ def test_the_bundle_memory_table():
                                             "bundle": 47.5, "bundle_weight_cache": 26.4}}
     text = render_markdown({"backbone": "tiny", "image_size": 16, "tasks": {}, "bundle": bundle})
     assert "| XNNPACK weight cache | 37.3 | 26.4 |" in text and "runtime's 43.8 MB" in text
+
+
+def test_report_md_gives_the_prune_decision_and_the_teacher_comparison_with_evidence():
+    task = _task()
+    task["pruned"]["prune_search"] = {
+        "rule": "allowance", "chosen": 9, "allowance": 0.25, "met": True,
+        "damage": {"images": 4000, "difference": 0.1027, "standard_error": 0.0049}}
+    task["pruned"]["vs_teacher"] = {"test": {"images": 1000, "difference": -0.008,
+                                             "standard_error": 0.0053, "lower": -0.0148,
+                                             "upper": -0.0012}}
+    text = render_markdown({"backbone": "tiny", "image_size": 16, "tasks": {"t": task}})
+    assert ("Prune search (allowance): N=9 universal blocks cut; as pruned, the student's "
+            "accuracy minus this network's was +10.27 +- 0.49 points on 4000 images, held to "
+            "the allowance 25.00 points.") in text
+    assert ("Against its teacher on the test images, image by image: -0.80 +- 0.53 points on "
+            "1000 images (90% bounds -1.48 to -0.12).") in text
+    task["pruned"]["prune_search"].update(rule="budget", flops_budget=0.5)
+    text = render_markdown({"backbone": "tiny", "image_size": 16, "tasks": {"t": task}})
+    assert "Prune search (budget): N=9" in text and "held to --flops_budget 0.5." in text
