@@ -150,8 +150,11 @@ def test_each_task_names_its_recommended_and_smallest_file(exported):
         floor = found["float32"]["selection_accuracy"] - choice["tolerance"] - 1e-9
         ok = [v for v, c in found.items() if c["selection_accuracy"] >= floor]
         assert choice["acceptable"] == ok and "float32" in ok
+        scales = [v for v in ok if found[v]["latency_ms_all_cores"]
+                  <= found["float32"]["latency_ms_all_cores"]]
+        assert choice["no_slower_with_every_core"] == scales and "float32" in scales
         assert found[choice["recommended"]]["latency_ms"] == min(
-            found[v]["latency_ms"] for v in ok)
+            found[v]["latency_ms"] for v in scales)
         assert found[choice["smallest"]]["bytes"] == min(found[v]["bytes"] for v in ok)
         for which in ("recommended", "smallest"):
             path = exported / choice[f"{which}_path"]
@@ -161,7 +164,8 @@ def test_each_task_names_its_recommended_and_smallest_file(exported):
     assert chosen["variant"] in report["bundle"]["variants"]
     assert chosen["path"] == report["bundle"]["variants"][chosen["variant"]]["path"]
     for name in NAMES:
-        assert chosen["variant"] in report["tasks"][name]["recommended"]["acceptable"]
+        assert chosen["variant"] in report["tasks"][name]["recommended"][
+            "no_slower_with_every_core"]
 
 
 def test_bundle_shares_the_universal_weights(exported):

@@ -13,10 +13,12 @@ TASK = types.SimpleNamespace(name="mnist5k", num_val=500)
 
 
 def _found(images=500, **variants):
-    """{variant: (selection accuracy, ms, MB)} -> `candidates`' answer."""
+    """{variant: (selection accuracy, ms, MB[, ms with every core])} ->
+    `candidates`' answer."""
     return {v: {"selection_accuracy": a, "latency_ms": ms, "bytes": int(mb * 1e6),
+                "latency_ms_all_cores": all_cores[0] if all_cores else ms / 2,
                 "busy": False, "selection_images": images}
-            for v, (a, ms, mb) in variants.items()}
+            for v, (a, ms, mb, *all_cores) in variants.items()}
 
 
 def test_the_fastest_file_within_the_tolerance_is_recommended():
@@ -64,3 +66,14 @@ def test_the_default_variants_leave_out_the_int4_ones():
     assert "int4_weights" not in CONFIG.export_variants and "mixed" not in CONFIG.export_variants
     assert CONFIG.bundle_variants == ("float32", "recommended")
     CONFIG.validate()
+
+
+def test_a_file_slower_than_float32_with_every_core_is_not_recommended():
+    # The quickstart's dynamic-range file: faster on 1 thread, 5x slower on 2.
+    found = _found(float32=(0.97, 0.77, 11.4, 1.41), dynamic=(0.97, 0.70, 3.2, 6.90),
+                   float16=(0.97, 0.80, 5.8, 1.31))
+    choice = recommend.recommend(CONFIG, TASK, found)
+    assert choice["acceptable"] == ["float32", "dynamic", "float16"]
+    assert choice["no_slower_with_every_core"] == ["float32", "float16"]
+    assert choice["recommended"] == "float32" and choice["smallest"] == "dynamic"
+    assert recommend.bundle_variant({"a": choice, "b": choice}) == "float32"
