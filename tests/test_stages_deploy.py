@@ -22,7 +22,7 @@ from exporters import parity, savedmodel, tflite
 from nettailor_tf import data as data_lib
 from nettailor_tf import predict, stages
 from nettailor_tf.config import Config
-from nettailor_tf.stages import deploy
+from nettailor_tf.stages import deploy, recommend
 from nettailor_tf.train import Schedule
 
 ONE_EPOCH = Schedule(epochs=1, batch_size=16, learning_rate=0.05, decay_epochs=1)
@@ -151,7 +151,7 @@ def test_each_task_names_its_recommended_and_smallest_file(exported):
         ok = [v for v, c in found.items() if c["selection_accuracy"] >= floor]
         assert choice["acceptable"] == ok and "float32" in ok
         scales = [v for v in ok if found[v]["latency_ms_all_cores"]
-                  <= found["float32"]["latency_ms_all_cores"]]
+                  <= recommend.ALL_CORES_MARGIN * found["float32"]["latency_ms_all_cores"]]
         assert choice["no_slower_with_every_core"] == scales and "float32" in scales
         assert found[choice["recommended"]]["latency_ms"] == min(
             found[v]["latency_ms"] for v in scales)

@@ -70,8 +70,9 @@ def test_the_default_variants_leave_out_the_int4_ones():
 
 def test_a_file_slower_than_float32_with_every_core_is_not_recommended():
     # The quickstart's dynamic-range file: faster on 1 thread, 5x slower on 2.
+    # float16 a little slower with every core: timing noise, kept.
     found = _found(float32=(0.97, 0.77, 11.4, 1.41), dynamic=(0.97, 0.70, 3.2, 6.90),
-                   float16=(0.97, 0.80, 5.8, 1.31))
+                   float16=(0.97, 0.80, 5.8, 1.60))
     choice = recommend.recommend(CONFIG, TASK, found)
     assert choice["acceptable"] == ["float32", "dynamic", "float16"]
     assert choice["no_slower_with_every_core"] == ["float32", "float16"]
