@@ -267,9 +267,10 @@ def _recommended_lines(choice: dict | None) -> list[str]:
                 f"{_fmt_acc(c['selection_accuracy'])} on {choice['selection_split']})")
 
     return ["", f"**Recommended:** {choice['recommended_path']}, {described(choice['recommended'])}: "
-                f"the fastest file within {100 * choice['tolerance']:.2f} points of float32's "
-                f"{_fmt_acc(found['float32']['selection_accuracy'])} on the "
-                f"{choice['selection_split']} split. Smallest within it: "
+                f"the fastest file at 1 thread within {100 * choice['tolerance']:.2f} points of "
+                f"float32's {_fmt_acc(found['float32']['selection_accuracy'])} on the "
+                f"{choice['selection_split']} split and not slower than float32 with every "
+                f"core. Smallest within the tolerance: "
                 f"{choice['smallest_path']}, {described(choice['smallest'])}."]
 
 
