@@ -285,7 +285,8 @@ def sharing(content: bytes, universal: str = UNIVERSAL_LAYER) -> Sharing:
     weights = collections.defaultdict(dict)  # layer path -> signature -> buffers
     for index, subgraph in enumerate(model.subgraphs or []):
         key = keys.get(index, f"subgraph{index}")
-        producers = {out: op for op in subgraph.operators or [] for out in (op.outputs if op.outputs is not None else [])}
+        producers = {out: op for op in subgraph.operators or []
+                     for out in (op.outputs if op.outputs is not None else [])}
         for op in subgraph.operators or []:
             code = model.operatorCodes[op.opcodeIndex]
             kind = op_names.get(max(code.builtinCode, code.deprecatedBuiltinCode))

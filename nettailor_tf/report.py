@@ -266,7 +266,8 @@ def _recommended_lines(choice: dict | None) -> list[str]:
         return (f"{variant} ({c['bytes'] / 1e6:.2f} MB, {c['latency_ms']:.3f} ms, "
                 f"{_fmt_acc(c['selection_accuracy'])} on {choice['selection_split']})")
 
-    return ["", f"**Recommended:** {choice['recommended_path']}, {described(choice['recommended'])}: "
+    return ["", f"**Recommended:** {choice['recommended_path']}, "
+                f"{described(choice['recommended'])}: "
                 f"the fastest file at 1 thread within {100 * choice['tolerance']:.2f} points of "
                 f"float32's {_fmt_acc(found['float32']['selection_accuracy'])} on the "
                 f"{choice['selection_split']} split and not slower than float32 with every "
