@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import re
 import tempfile
 from typing import Callable, Iterable, Iterator
 
@@ -207,3 +208,106 @@ def float_weights(contents: Contents, key: str) -> int:
     """Constant float32 tensors left in one signature (weights a full-int8
     conversion should have quantised; biases are int32 there)."""
     return contents.weight_types.get(key, {}).get("FLOAT32", 0)
+
+
+# --- what a bundle stores once, and what per task ------------------------------------
+
+# Layers whose weights belong to every task (the static model's names): the
+# stem, the universal blocks and the backbone's head.  Proxies are
+# `block<l>_proxy_from<s>`, gates `gate<l>_universal`: task-specific.
+UNIVERSAL_LAYER = r"(stem|head|block\d+)"
+_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+
+@dataclasses.dataclass
+class Sharing:
+    """How a multi-signature file stores its constants."""
+    shared_bytes: int                 # buffers read by two or more signatures
+    task_bytes: dict[str, int]        # signature -> bytes of buffers only it reads
+    # Universal layers (`block13/expand`, ...) used by two or more signatures
+    # whose weights are not one buffer: copies per task.
+    copies: list[str]
+    universal_ops: int                # universal weight ops used by two or more signatures
+
+    def summary(self) -> dict:
+        return {"shared_weight_bytes": self.shared_bytes,
+                "task_weight_bytes": dict(self.task_bytes),
+                "universal_copies": list(self.copies),
+                "universal_ops_shared": self.universal_ops - len(self.copies)}
+
+
+def _layer_of(tensor_name: str, universal: str) -> str | None:
+    """The universal layer an op's weight belongs to, from its tensor's name
+    (`nettailor_digits_1/block13_1/expand_1/conv_1/convolution` ->
+    `block13/expand`; fused ops join several names with ";"): the model's
+    name (one per signature) and Keras's call-count suffixes dropped.  None
+    for task-specific layers."""
+    for name in tensor_name.split(";"):
+        parts = [re.sub(r"_\d+$", "", part) for part in name.split("/")[1:]]
+        if parts and re.fullmatch(universal, parts[0]):
+            return "/".join(parts[:2])
+    return None
+
+
+def _constant_inputs(model, subgraph, op, producers) -> list[int]:
+    """Buffers of an op's constant inputs, through the DEQUANTIZE that a
+    float16 (or weight-only) file puts between a stored weight and its op;
+    int32 ones are left out: an int8 file's biases, whose scale is the
+    input's scale times the weight's and so follows each task's activations."""
+    found = []
+    for index in op.inputs if op.inputs is not None else []:
+        if index < 0:
+            continue
+        tensor = subgraph.tensors[index]
+        buffer = model.buffers[tensor.buffer] if tensor.buffer else None
+        if buffer is None or buffer.data is None or len(buffer.data) == 0:
+            source = producers.get(index)
+            if source is None or source.inputs is None or len(source.inputs) == 0:
+                continue
+            tensor = subgraph.tensors[source.inputs[0]]
+            buffer = model.buffers[tensor.buffer] if tensor.buffer else None
+            if buffer is None or buffer.data is None or len(buffer.data) == 0:
+                continue
+        if tensor.type != schema.TensorType.INT32:
+            found.append(tensor.buffer)
+    return found
+
+
+def sharing(content: bytes, universal: str = UNIVERSAL_LAYER) -> Sharing:
+    """Reads which constant buffers each signature of a file uses, and
+    whether every universal layer (its op name's layer matches `universal`)
+    that several signatures run reads the same buffers in all of them."""
+    model = schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
+    keys = {s.subgraphIndex: (s.signatureKey.decode() if isinstance(s.signatureKey, bytes)
+                              else s.signatureKey) for s in model.signatureDefs or []}
+    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    users = collections.defaultdict(set)
+    weights = collections.defaultdict(dict)  # layer path -> signature -> buffers
+    for index, subgraph in enumerate(model.subgraphs or []):
+        key = keys.get(index, f"subgraph{index}")
+        producers = {out: op for op in subgraph.operators or []
+                     for out in (op.outputs if op.outputs is not None else [])}
+        for op in subgraph.operators or []:
+            code = model.operatorCodes[op.opcodeIndex]
+            kind = op_names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
+            buffers = _constant_inputs(model, subgraph, op, producers)
+            for buffer in buffers:
+                users[buffer].add(key)
+            if kind in _WEIGHT_OPS and op.inputs is not None and len(op.inputs) > 1 \
+                    and op.inputs[1] >= 0:
+                layer = _layer_of(subgraph.tensors[op.inputs[1]].name.decode(), universal)
+                if layer is not None:
+                    weights[layer][key] = tuple(buffers)
+        for tensor in subgraph.tensors or []:  # int32 biases and anything else constant
+            buffer = model.buffers[tensor.buffer] if tensor.buffer else None
+            if buffer is not None and buffer.data is not None and len(buffer.data):
+                users[tensor.buffer].add(key)
+    size = {b: len(model.buffers[b].data) for b in users}
+    task_bytes = {key: 0 for key in keys.values()}
+    for buffer, readers in users.items():
+        if len(readers) == 1:
+            task_bytes[next(iter(readers))] = task_bytes.get(next(iter(readers)), 0) + size[buffer]
+    used_by_several = {p: b for p, b in weights.items() if len(b) > 1}
+    copies = sorted(p for p, b in used_by_several.items() if len(set(b.values())) > 1)
+    return Sharing(sum(size[b] for b, r in users.items() if len(r) > 1), task_bytes, copies,
+                   len(used_by_several))

@@ -29,6 +29,16 @@ TFLITE_VARIANTS = ("float32", "float16", "dynamic", "int8", "int8_weights", "int
 # `mixed` is chosen per network on its own validation data: a bundle's
 # signatures would each want other layers kept.
 BUNDLE_VARIANTS = TFLITE_VARIANTS[:-1]
+# Exported unless --export_variants says otherwise: the variants that can be
+# worth shipping.  `int4_weights` and `mixed` are left out: on the quickstart
+# (EfficientNet-Lite0, 64 px, 2-core x86) both were slower than float32, by
+# up to 3x, since XNNPACK has no int4 convolution and LiteRT's fallback
+# unpacks the int4 weights at every call, and int4_weights lost up to 19
+# points of accuracy (docs/platform_notes.md, "Variants").
+DEFAULT_EXPORT_VARIANTS = ("float32", "float16", "dynamic", "int8", "int8_weights")
+# The bundle's own word for the variant `stages.recommend.bundle_variant`
+# picks from the tasks' recommended files.
+RECOMMENDED = "recommended"
 # The backbones `backbones.build_backbone` knows, named here so that the
 # command line can list them without importing TensorFlow.
 BACKBONES = ("efficientnet_lite0", "mobilenet_v2", "resnet18", "resnet34", "resnet50",
@@ -234,13 +244,16 @@ class Config:
         "Every run given it starts them over: drop it to resume.",
         choices=("teacher", "student", "prune", "finetune", "export", "benchmark"))
     export_variants: tuple[str, ...] = option(
-        TFLITE_VARIANTS, "TFLite variants of each NetTailor network and of the bundle.",
-        check=OneOf(TFLITE_VARIANTS, "TFLite variant"))
+        DEFAULT_EXPORT_VARIANTS, "TFLite variants of each NetTailor network (also "
+        "int4_weights, and mixed: int4 with the layers that cost accuracy in int8; both "
+        "slower than float32 on x86 CPUs).", check=OneOf(TFLITE_VARIANTS, "TFLite variant"))
     teacher_variants: tuple[str, ...] = option(("float32",), "TFLite variants of each teacher.",
                                                check=OneOf(TFLITE_VARIANTS, "TFLite variant"))
-    bundle_variants: tuple[str, ...] = option(("float32", "int8"), "TFLite variants of the "
-                                              "multi-task bundle (mixed is per task only).",
-                                              check=OneOf(BUNDLE_VARIANTS, "TFLite variant"))
+    bundle_variants: tuple[str, ...] = option(
+        ("float32", RECOMMENDED), "TFLite variants of the multi-task bundle (mixed is per task "
+        "only); recommended: the fastest variant within half a point of float32's accuracy "
+        "on every task's selection split.",
+        check=OneOf(BUNDLE_VARIANTS + (RECOMMENDED,), "TFLite variant"))
     mixed_accuracy_budget: float = option(
         0.005, "The mixed variant's budget: accuracy on the selection split it may lose "
         "against its float32 file (layers leave int4 until it is met).", check=_PROBABILITY)

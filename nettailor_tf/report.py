@@ -297,7 +297,27 @@ def _deployment_table(task: dict) -> list[str]:
     if task.get("latency_ratio_float32") is not None:
         lines += ["", f"float32 NetTailor / teacher: latency {task['latency_ratio_float32']:.2f}, "
                       f"multiply-adds {task['flops_ratio']:.2f}."]
-    return lines + [""]
+    return lines + _recommended_lines(task.get("recommended")) + [""]
+
+
+def _recommended_lines(choice: dict | None) -> list[str]:
+    """The file to ship, and the figures it was chosen on (export stage)."""
+    if not choice:
+        return []
+    found = choice["candidates"]
+
+    def described(variant: str) -> str:
+        c = found[variant]
+        return (f"{variant} ({c['bytes'] / 1e6:.2f} MB, {c['latency_ms']:.3f} ms, "
+                f"{_fmt_acc(c['selection_accuracy'])} on {choice['selection_split']})")
+
+    return ["", f"**Recommended:** {choice['recommended_path']}, "
+                f"{described(choice['recommended'])}: "
+                f"the fastest file at 1 thread within {100 * choice['tolerance']:.2f} points of "
+                f"float32's {_fmt_acc(found['float32']['selection_accuracy'])} on the "
+                f"{choice['selection_split']} split and not slower than float32 with every "
+                f"core. Smallest within the tolerance: "
+                f"{choice['smallest_path']}, {described(choice['smallest'])}."]
 
 
 def _bundle_section(bundle: dict | None) -> list[str]:
@@ -310,13 +330,23 @@ def _bundle_section(bundle: dict | None) -> list[str]:
              f"task: {_fmt_count(bundle['universal_params'])}; task-specific: "
              + ", ".join(f"{k} {_fmt_count(v)}" for k, v in bundle["task_specific_params"].items())
              + ".", "",
-             "| variant | size | shared weight buffers | per task: accuracy / agreement |",
-             "| --- | --- | --- | --- |"]
+             "| variant | size | weights shared | weights per task | universal layers stored "
+             "per task | per task: accuracy / agreement |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for variant, info in bundle["variants"].items():
         per_task = "; ".join(f"{k} {_fmt_acc(t['accuracy'])} / {_fmt_acc(t['top1_agreement'])}"
                              for k, t in info["tasks"].items())
-        lines.append(f"| {variant} | {info['bytes'] / 1e6:.2f} MB | {info['shared_buffers']} of "
-                     f"{info['weight_buffers']} | {per_task} |")
+        own = "; ".join(f"{k} {b / 1e6:.2f} MB"
+                        for k, b in info.get("task_weight_bytes", {}).items()) or "?"
+        shared = info.get("shared_weight_bytes")
+        copies = info.get("universal_copies")
+        lines.append(f"| {variant} | {info['bytes'] / 1e6:.2f} MB | "
+                     f"{'?' if shared is None else f'{shared / 1e6:.2f} MB'} | {own} | "
+                     f"{'?' if copies is None else (', '.join(copies) or 'none')} | {per_task} |")
+    if bundle.get("recommended"):
+        lines += ["", f"Recommended bundle: {bundle['recommended']['path']} "
+                      f"({bundle['recommended']['variant']}: the fastest variant every task's "
+                      f"recommendation accepts)."]
     if bundle.get("bytes") is not None:
         lines += ["", f"float32 bundle {bundle['bytes'] / 1e6:.2f} MB; bound 1.1 x 4 B x "
                       f"(universal + task-specific parameters) = "

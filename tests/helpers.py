@@ -33,14 +33,43 @@ def task_layers(student):
             + [student.classifier])
 
 
-def tiny_static_models(plans, num_classes=(5, 7), image_size=16, seed=0):
+def tiny_inverted_residual_backbone():
+    """A small EfficientNet-Lite-like backbone (linear-bottleneck blocks, no
+    activation after a block, a shared 1x1 conv head): the block layout
+    where a gate scale sits between two universal convolutions, which the
+    tiny ResNet-like backbone (a ReLU after each block) does not have."""
+    import keras
+
+    from nettailor_tf import backbones, layers
+
+    stem = keras.Sequential([
+        layers.Normalize((127.0,), (128.0,), name="normalize"),
+        layers.ConvBN(8, 3, 2, "same", activation="relu6", name="conv")], name="stem")
+    blocks, channels = [], 8
+    for index, (out, stride, expand) in enumerate(((8, 1, 1), (16, 2, 4), (16, 1, 4),
+                                                  (24, 1, 4))):
+        blocks.append(layers.InvertedResidual(channels, out, stride, expand, 3, "same",
+                                              name=f"block{index}"))
+        channels = out
+    head = keras.Sequential([layers.ConvBN(32, 1, activation="relu6", name="conv"),
+                             keras.layers.GlobalAveragePooling2D(name="pool")], name="head")
+    backbone = backbones.Backbone("tiny_ir", stem, blocks, head, None, 8, 2, 32, padding="same")
+    shape = (None, None, None, 3)
+    for layer in backbone.layers:
+        layer.build(shape)
+        shape = layer.compute_output_shape(shape)
+    return backbone
+
+
+def tiny_static_models(plans, num_classes=(5, 7), image_size=16, seed=0, backbone=None):
     """Static (pruned) networks of several tasks over ONE tiny random
-    backbone, built through one `UniversalLayers` as a bundle builds them:
-    [(keras.Model, student)], plus the UniversalLayers."""
+    backbone (`backbone`, or the "tiny" one), built through one
+    `UniversalLayers` as a bundle builds them: [(keras.Model, student)],
+    plus the UniversalLayers."""
     from nettailor_tf import backbones, prune
     from nettailor_tf.student import build_student
 
-    backbone = backbones.build_backbone("tiny")
+    backbone = backbone or backbones.build_backbone("tiny")
     randomize_weights(backbone.layers, seed)
     universal = prune.UniversalLayers()
     models = []

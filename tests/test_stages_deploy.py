@@ -22,7 +22,7 @@ from exporters import parity, savedmodel, tflite
 from nettailor_tf import data as data_lib
 from nettailor_tf import predict, stages
 from nettailor_tf.config import Config
-from nettailor_tf.stages import deploy
+from nettailor_tf.stages import deploy, recommend
 from nettailor_tf.train import Schedule
 
 ONE_EPOCH = Schedule(epochs=1, batch_size=16, learning_rate=0.05, decay_epochs=1)
@@ -56,7 +56,11 @@ def _config(workdir, **overrides):
                   image_size=SIZE, teacher=ONE_EPOCH, student=ONE_EPOCH, finetune=ONE_EPOCH,
                   prune_universal=1, prune_proxy_threshold=0.2, log_every=100,
                   checkpoint_every=100, calibration_images=32, benchmark_runs=50,
-                  benchmark_warmup=2)
+                  benchmark_warmup=2,
+                  # Every variant (int4_weights and mixed are off by default),
+                  # and the bundle's int8 beside the recommended one.
+                  export_variants=tflite.VARIANTS,
+                  bundle_variants=("float32", "int8", "recommended"))
     values.update(overrides)
     config = Config(**values)
     config.validate()
@@ -130,6 +134,40 @@ def test_report_holds_every_artefact_with_its_parity_and_latency(exported):
     assert table["threads"] == 1 and len(table["fingerprint"]) == 64
 
 
+def test_each_task_names_its_recommended_and_smallest_file(exported):
+    """The export stage ran every file on the validation split and timed it:
+    the recommended file is the fastest within the tolerance of float32's
+    accuracy, the smallest the smallest such; export.json says the same, and
+    the bundle is built in the fastest variant every task accepts."""
+    report = _report(exported)
+    for name in NAMES:
+        choice = report["tasks"][name]["recommended"]
+        manifest = json.loads((exported / report["tasks"][name]["export"]["dir"]
+                               / "export.json").read_text())
+        assert manifest["recommended"] == choice
+        found = choice["candidates"]
+        assert set(found) == set(tflite.VARIANTS) and choice["selection_split"] == "validation"
+        floor = found["float32"]["selection_accuracy"] - choice["tolerance"] - 1e-9
+        ok = [v for v, c in found.items() if c["selection_accuracy"] >= floor]
+        assert choice["acceptable"] == ok and "float32" in ok
+        scales = [v for v in ok if found[v]["latency_ms_all_cores"]
+                  <= recommend.ALL_CORES_MARGIN * found["float32"]["latency_ms_all_cores"]]
+        assert choice["no_slower_with_every_core"] == scales and "float32" in scales
+        assert found[choice["recommended"]]["latency_ms"] == min(
+            found[v]["latency_ms"] for v in scales)
+        assert found[choice["smallest"]]["bytes"] == min(found[v]["bytes"] for v in ok)
+        for which in ("recommended", "smallest"):
+            path = exported / choice[f"{which}_path"]
+            assert path.name == f"nettailor_{choice[which]}.tflite" and path.is_file()
+            assert found[choice[which]]["bytes"] == path.stat().st_size
+    chosen = report["bundle"]["recommended"]
+    assert chosen["variant"] in report["bundle"]["variants"]
+    assert chosen["path"] == report["bundle"]["variants"][chosen["variant"]]["path"]
+    for name in NAMES:
+        assert chosen["variant"] in report["tasks"][name]["recommended"][
+            "no_slower_with_every_core"]
+
+
 def test_bundle_shares_the_universal_weights(exported):
     bundle = _report(exported)["bundle"]
     assert set(bundle) >= {"savedmodel_path", "tflite_path", "bytes", "universal_params",
@@ -147,6 +185,13 @@ def test_bundle_shares_the_universal_weights(exported):
     assert bundle["variants"]["int8"]["every_signature_quantized"]
     for variant in bundle["variants"].values():
         assert set(variant["tasks"]) == set(NAMES)
+        # Read from the file: every universal layer both tasks run is one
+        # buffer, and the weights each task reads alone are counted.
+        assert variant["universal_copies"] == [] and variant["universal_ops_shared"] > 0
+        assert variant["shared_weight_bytes"] > 0
+        assert set(variant["task_weight_bytes"]) == set(NAMES)
+        assert all(b > 0 for b in variant["task_weight_bytes"].values())
+    assert bundle["unshared_universal_layers"] == []
     for info in bundle["variants"]["float32"]["tasks"].values():
         assert info["top1_agreement"] >= 0.995
     assert set(bundle["latency"]["float32"]) == set(NAMES)
@@ -162,6 +207,8 @@ def test_markdown_and_plot(exported):
     assert (exported / "deployment.png").stat().st_size > 10_000
     assert "## Predicted against measured latency" in text
     assert "| objects | NetTailor |" in text
+    assert text.count("**Recommended:**") == 2 and "Recommended bundle: bundle/" in text
+    assert "| weights shared | weights per task |" in text
     assert (exported / "latency_prediction.png").stat().st_size > 10_000
 
 

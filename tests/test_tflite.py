@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
-from helpers import tiny_static_models
+from helpers import tiny_inverted_residual_backbone, tiny_static_models
 
 from exporters import savedmodel, tflite
 from nettailor_tf.student import BlockPlan, Plan
@@ -194,3 +194,69 @@ def test_weight_only_bundle_keeps_the_universal_weights_shared(exported, variant
         expected = endpoint.model(savedmodel.preprocess(tf.constant(images), SIZE, False)).numpy()
         error = np.abs(_run(content, key, images)["logits"] - expected).max()
         assert error <= (0.05 if variant == "int8_weights" else 0.5) * np.abs(expected).max()
+
+
+# --- gate scales between universal convolutions --------------------------------------
+
+# Over the inverted-residual backbone (no activation after a block): task a
+# scales block 1's and block 3's outputs (read by block 2 and by the shared
+# head), task b block 0's; both run the stem, block 0, block 3 and the head.
+IR_PLAN_A = Plan([BlockPlan(True, []), BlockPlan(True, [1]), BlockPlan(True, []),
+                  BlockPlan(True, [2])])
+IR_PLAN_B = Plan([BlockPlan(True, [0]), BlockPlan(True, []), BlockPlan(False, [1]),
+                  BlockPlan(True, [])])
+# stem/conv, block0/{depthwise,project}, block3/{expand,depthwise,project}, head/conv
+IR_SHARED_OPS = 7
+
+
+def _ir_bundle(root):
+    models, _ = tiny_static_models([IR_PLAN_A, IR_PLAN_B], image_size=SIZE,
+                                   backbone=tiny_inverted_residual_backbone())
+    endpoints = {f"task_{n}": savedmodel.Endpoint(model, SIZE, False)
+                 for n, (model, _) in zip("ab", models)}
+    scales = [layer.value for model, _ in models for layer in model.layers
+              if layer.name.startswith("gate")]
+    assert len(scales) == 3 and all(0 < s < 0.99 for s in scales), scales
+    savedmodel.write_savedmodel(str(root), endpoints, static=True)
+    return endpoints, str(root)
+
+
+@pytest.fixture(scope="module")
+def ir_bundle(tmp_path_factory):
+    return _ir_bundle(tmp_path_factory.mktemp("ir_bundle"))
+
+
+@pytest.mark.parametrize("variant", ["float32", "float16", "dynamic", "int8"])
+def test_each_shared_universal_layer_is_one_buffer_in_every_variant(ir_bundle, variant):
+    """The universal layers both signatures run read the same buffers in both
+    (an int8 file's int32 biases aside: their scale follows each task's
+    activations), although a gate scale sits right before block 3's expand
+    convolution and the head's: the converter would fold a multiply there
+    into the shared weights.  The file still computes each task's network."""
+    endpoints, path = ir_bundle
+    content = tflite.convert(path, list(endpoints), variant, lambda: CALIBRATION)
+    found = tflite.sharing(content)
+    assert found.copies == [] and found.universal_ops == IR_SHARED_OPS, found
+    assert found.shared_bytes > 0 and set(found.task_bytes) == set(endpoints)
+    if variant == "float32":
+        images = RNG.integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+        for key, endpoint in endpoints.items():
+            expected = endpoint.model(savedmodel.preprocess(tf.constant(images), SIZE, False))
+            got = np.concatenate([_run(content, key, image[None])["logits"] for image in images])
+            np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_gate_as_a_plain_multiply_is_folded_into_the_shared_head(tmp_path, monkeypatch):
+    """Why `prune.Scale` is a depthwise convolution: as a constant multiply,
+    task a's gate before the head is folded into the head's convolution,
+    and `sharing` names the copy."""
+    from nettailor_tf import prune
+
+    class MultiplyScale(prune.Scale):
+        def call(self, x):
+            return x * self.value
+
+    monkeypatch.setattr(prune, "Scale", MultiplyScale)
+    endpoints, path = _ir_bundle(tmp_path)
+    found = tflite.sharing(tflite.convert(path, list(endpoints), "float32"))
+    assert "head/conv" in found.copies, found

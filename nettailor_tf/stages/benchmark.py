@@ -8,26 +8,18 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import numpy as np
 from absl import logging
 
 from exporters import latency as latency_lib
 from exporters import memory as memory_lib
 from exporters import savedmodel
 from nettailor_tf import artifacts, quiet, visualize
-from nettailor_tf import data as data_lib
 from nettailor_tf import prune as prune_lib
 from nettailor_tf import student as student_lib
 from nettailor_tf.config import Config
 from nettailor_tf.report import Report
+from nettailor_tf.stages import recommend
 from nettailor_tf.workdir import Workdir
-
-
-def _benchmark_image(config: Config, task) -> np.ndarray:
-    """One real test image [1, S, S, 3], the static input of the .tflite files."""
-    for images, _ in data_lib.eval_pipeline(task, config.image_size, 1):
-        return np.clip(np.round(images.numpy()), 0, 255).astype(np.uint8)
-    raise artifacts.StageError(f"{task.name}: the test split is empty")
 
 
 def _threads() -> list[int]:
@@ -48,7 +40,7 @@ def run_benchmark(config: Config, strategy, task, report: Report) -> bool:
         return True
     logging.info("%s: benchmark stage: timing %d TFLite files, %d runs each", task.name,
                  len(entries), config.benchmark_runs)
-    image = _benchmark_image(config, task)
+    image = recommend.benchmark_image(config, task)
     files = {name: (os.path.join(config.workdir, e["path"]), savedmodel.SERVING_KEY)
              for name, e in entries.items()}
     with quiet.native_stderr_filtered():
@@ -112,7 +104,7 @@ def benchmark_bundle(config: Config, tasks, report: Report) -> None:
     """Latency of each signature of the bundle files, and the summary plot."""
     bundle = report.data.get("bundle")
     if bundle:
-        image = _benchmark_image(config, tasks[0])
+        image = recommend.benchmark_image(config, tasks[0])
         files = {(variant, task.name): (os.path.join(config.workdir, info["path"]),
                                         info["tasks"][task.name]["signature"])
                  for variant, info in bundle["variants"].items() for task in tasks}

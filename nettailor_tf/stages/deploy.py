@@ -32,12 +32,15 @@ from nettailor_tf import prune as prune_lib
 from nettailor_tf.config import Config
 from nettailor_tf.data.tasks import label_names
 from nettailor_tf.report import Report
+from nettailor_tf.stages import recommend
 from nettailor_tf.workdir import Workdir
 
 MANIFEST = "export.json"
 # Bumped when the exported files change form (2: static .tflite input and
-# labels files), so that an export of an older form is made again.
-EXPORT_FORMAT = 2
+# labels files; 3: gate scales the converter cannot fold into universal
+# weights, and a recommended file), so that an export of an older form is
+# made again.
+EXPORT_FORMAT = 3
 
 
 def export_dir(config: Config, task) -> str:
@@ -144,6 +147,7 @@ def run_export(config: Config, strategy, task, report: Report) -> bool:
     nettailor, teacher = nettailor_endpoint(config, task), teacher_endpoint(config, task)
     with atomic.staged_directory(final) as staging:
         manifest = _export_task(config, task, nettailor, teacher, staging, final)
+        manifest["recommended"] = _recommendation(config, task, staging, manifest)
         manifest["fingerprint"] = fingerprint
         atomic.write_text(os.path.join(staging, MANIFEST), json.dumps(manifest, indent=1) + "\n")
     _report_task_export(config, task, report, manifest)
@@ -242,20 +246,9 @@ def _export_task(config, task, nettailor, teacher, staging, final) -> dict:
             "artefacts": entries}
 
 
-def _selection_images(config: Config, task) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images at the model's size and labels of the split choices are
-    made on (validation; test under the paper's protocol)."""
-    split = task.val if config.selection_split == "validation" and task.num_val else task.test
-    images, labels = [], []
-    for batch, batch_labels in parity.raw_test_batches(split):
-        images.append(savedmodel.fit_to_input(batch, config.image_size, config.image_size))
-        labels.append(batch_labels)
-    return np.concatenate(images), np.concatenate(labels)
-
-
 def _mixed(config: Config, task, float_content: bytes):
     """The mixed variant: int4 weights, with the layers that cost accuracy kept."""
-    images, labels = _selection_images(config, task)
+    images, labels = recommend.selection_images(config, task)
     kept_bits = None if config.mixed_kept_as == "float32" else 8
     with quiet.native_stderr_filtered():
         # Every core: the choice runs the file some 60 times; its outputs do
@@ -271,6 +264,18 @@ def _mixed(config: Config, task, float_content: bytes):
     return choice
 
 
+def _recommendation(config: Config, task, staging: str, manifest: dict) -> dict:
+    """`recommend.recommend` over the task's NetTailor files, with their paths."""
+    artefacts = manifest["artefacts"]
+    files = {v: {"path": os.path.join(staging, f"nettailor_{v}.tflite"),
+                 "bytes": artefacts[f"nettailor_{v}"]["bytes"]} for v in config.export_variants}
+    found = recommend.candidates(config, task, files, recommend.benchmark_image(config, task))
+    choice = recommend.recommend(config, task, found)
+    for which in ("recommended", "smallest"):
+        choice[f"{which}_path"] = artefacts[f"nettailor_{choice[which]}"]["path"]
+    return choice
+
+
 def _report_task_export(config: Config, task, report: Report, manifest: dict) -> None:
     artefacts = manifest["artefacts"]
     report.task(task.name)["tflite"] = {
@@ -279,6 +284,7 @@ def _report_task_export(config: Config, task, report: Report, manifest: dict) ->
         v: artefacts[f"teacher_{v}"] for v in config.teacher_variants}
     report.task(task.name)["savedmodel"] = artefacts["nettailor_savedmodel"]
     report.task(task.name)["teacher_savedmodel"] = artefacts["teacher_savedmodel"]
+    report.task(task.name)["recommended"] = manifest.get("recommended")
     folder = export_dir(config, task)
     report.task(task.name)["export"] = {
         "test_images": manifest["test_images"], "keras_accuracy": manifest["keras_accuracy"],
@@ -308,8 +314,11 @@ def export_bundle(config: Config, tasks, report: Report) -> None:
     """Writes <workdir>/bundle/: one SavedModel and one .tflite per variant
     with a signature per task, the universal weights stored once."""
     inputs = [p for task in tasks for p in trained_files(config, task)]
+    chosen = recommend.bundle_variant({t.name: report.get(t.name, "recommended") for t in tasks})
+    variants = [chosen if v == "recommended" else v for v in config.bundle_variants]
+    variants = list(dict.fromkeys(variants))  # float32 recommended: once
     settings = {**_export_settings(config), "tasks": [t.name for t in tasks],
-                "bundle_variants": list(config.bundle_variants)}
+                "bundle_variants": variants}
     fingerprint = file_fingerprint(inputs, settings)
     final = bundle_dir(config)
     atomic.recover(final)
@@ -320,8 +329,10 @@ def export_bundle(config: Config, tasks, report: Report) -> None:
         with atomic.staged_directory(final) as staging:
             task_params = {t.name: int(report.get(t.name, "pruned")["params_task_specific"])
                            for t in tasks}
-            manifest = _export_bundle(config, tasks, staging, final, task_params)
+            manifest = _export_bundle(config, tasks, staging, final, task_params, variants)
             bundle = manifest["bundle"]
+            bundle["recommended"] = {"variant": chosen, "path": bundle["variants"].get(
+                chosen, {}).get("path")}
             # What the same tasks cost as separate files, and as one
             # fine-tuned network per task (the teachers).
             for variant, info in bundle["variants"].items():
@@ -342,7 +353,44 @@ def export_bundle(config: Config, tasks, report: Report) -> None:
     report.save()
 
 
-def _export_bundle(config, tasks, staging, final, task_params: dict) -> dict:
+def _bundle_files(config, tasks, endpoints: dict, staging: str, final: str,
+                  bundle_variants) -> dict:
+    """Converts and writes bundle_<variant>.tflite; {variant: what the file
+    holds and shares}, each task's `tasks` entry still empty."""
+    # Common calibration for every signature: the same images give the
+    # shared universal layers the same quantisation parameters in every task.
+    calibration = ([b for t in tasks for b in calibration_images(config, t)]
+                   if "int8" in bundle_variants else None)
+    variants = {}
+    converted = {}
+    with tflite.static_savedmodel(endpoints) as static_path:
+        # float32 first: the weight-only variants quantise its bytes.
+        for v in sorted(bundle_variants, key=lambda v: v != "float32"):
+            converted[v] = tflite.convert(static_path, list(endpoints), v, lambda: calibration,
+                                          converted.get("float32"))
+    for variant, content in converted.items():
+        name = f"bundle_{variant}.tflite"
+        with open(os.path.join(staging, name), "wb") as f:
+            f.write(content)
+        contents = tflite.inspect(content)
+        shares = tflite.sharing(content).summary()
+        shares["task_weight_bytes"] = {t.name: shares["task_weight_bytes"].get(key, 0)
+                                       for t, key in zip(tasks, endpoints)}
+        variants[variant] = {"path": _rel(config, os.path.join(final, name)),
+                             "bytes": len(content), "weight_bytes": contents.weight_bytes,
+                             "weight_buffers": contents.weight_buffers,
+                             "shared_buffers": contents.shared_buffers, **shares,
+                             "weight_types": contents.weight_types, "tasks": {}}
+        if variant == "int8":
+            # TensorFlow issue 52145: a signature the calibration missed stays
+            # float without an error.  Count the float weights per signature.
+            left = {key: tflite.float_weights(contents, key) for key in endpoints}
+            variants[variant]["float_weights_per_signature"] = left
+            variants[variant]["every_signature_quantized"] = not any(left.values())
+    return variants
+
+
+def _export_bundle(config, tasks, staging, final, task_params: dict, bundle_variants) -> dict:
     universal = prune_lib.UniversalLayers()
     endpoints = {savedmodel.signature_key(t.name): nettailor_endpoint(config, t, universal)
                  for t in tasks}
@@ -358,33 +406,7 @@ def _export_bundle(config, tasks, staging, final, task_params: dict) -> dict:
         savedmodel.write_labels(os.path.join(staging, name), label_names(task))
         labels[task.name] = _rel(config, os.path.join(final, name))
     used = {id(w): w for e in endpoints.values() for w in e.model.weights}
-    # Common calibration for every signature: the same images give the
-    # shared universal layers the same quantisation parameters in every task.
-    calibration = ([b for t in tasks for b in calibration_images(config, t)]
-                   if "int8" in config.bundle_variants else None)
-    variants = {}
-    converted = {}
-    with tflite.static_savedmodel(endpoints) as static_path:
-        # float32 first: the weight-only variants quantise its bytes.
-        for v in sorted(config.bundle_variants, key=lambda v: v != "float32"):
-            converted[v] = tflite.convert(static_path, list(endpoints), v, lambda: calibration,
-                                          converted.get("float32"))
-    for variant, content in converted.items():
-        name = f"bundle_{variant}.tflite"
-        with open(os.path.join(staging, name), "wb") as f:
-            f.write(content)
-        contents = tflite.inspect(content)
-        variants[variant] = {"path": _rel(config, os.path.join(final, name)),
-                             "bytes": len(content), "weight_bytes": contents.weight_bytes,
-                             "weight_buffers": contents.weight_buffers,
-                             "shared_buffers": contents.shared_buffers,
-                             "weight_types": contents.weight_types, "tasks": {}}
-        if variant == "int8":
-            # TensorFlow issue 52145: a signature the calibration missed stays
-            # float without an error.  Count the float weights per signature.
-            left = {key: tflite.float_weights(contents, key) for key in endpoints}
-            variants[variant]["float_weights_per_signature"] = left
-            variants[variant]["every_signature_quantized"] = not any(left.values())
+    variants = _bundle_files(config, tasks, endpoints, staging, final, bundle_variants)
     for task, key in zip(tasks, endpoints):
         predictors = {**_keras_predictors("keras", endpoints[key]),
                       "savedmodel": parity.savedmodel_predictor(sm_path, key)}
@@ -418,7 +440,11 @@ def _export_bundle(config, tasks, staging, final, task_params: dict) -> dict:
         "universal_params": shared_params, "task_specific_params": task_params,
         "size_bound_bytes": int(bound),
         "within_size_bound": bool(float32 and float32["bytes"] <= bound),
-        "unshared_universal_layers": universal.unshared,
+        # Read from the files: a universal layer stored per task in any
+        # variant, and the layers built per task in Keras (per-task BN).
+        "unshared_universal_layers": sorted(
+            set(universal.unshared) | {c for info in variants.values()
+                                       for c in info["universal_copies"]}),
         "signatures": {t.name: k for t, k in zip(tasks, endpoints)},
         # Keras's ExportArchive adds it for TF Serving: an alias of the first task.
         "savedmodel_default_signature": next(iter(endpoints)),
