@@ -258,6 +258,12 @@ class Config:
             problem = check_value(field, value)
             if problem:
                 raise ConfigError(f"--{name}={_shown(value)}: {problem}", flag=name)
+        for stage in ("teacher", "student", "finetune"):
+            schedule = getattr(self, stage)
+            problem = schedule.plateau_problem()
+            if problem:
+                raise ConfigError(f"--{stage}_stop_patience={schedule.stop_patience}: "
+                                  f"{problem}", flag=f"{stage}_stop_patience")
         if not self.workdir:
             raise ConfigError("--workdir is required: the folder every output of the run goes "
                               "to", flag="workdir")

@@ -191,6 +191,7 @@ def _run_locked(config: Config, strategy, paths: Workdir) -> Report:
                 identity = identities[task.name]
                 if stage == "student":  # the one stage the cost model trains
                     identity = {**identity, **cost_identity(config)}
+                identity = {**identity, **provenance.schedule_identity(config, stage)}
                 if stage in TRAINING_STAGES:
                     provenance.refresh(paths, report, task.name, stage, identity)
                 finished.append(functions[stage](config, strategy, task, report))

@@ -21,6 +21,19 @@ def or_none(value: float):
     return None if value != value else value
 
 
+def training_outcome(result: "train.TrainResult") -> dict:
+    """How a training stage ended, for its report entry: 'stopped' is
+    'schedule' (a fixed length), 'plateau' (the rule judged it converged) or
+    'cap' (it reached its cap still improving: 'converged' false, a finding)."""
+    outcome = {"stopped": result.stopped, "converged": result.converged}
+    if result.stopped != "schedule":
+        outcome.update({"cap_steps": result.total_steps, "best_step": result.best_step,
+                        "val_loss": or_none(result.val_loss),
+                        "lr_reductions": result.reductions,
+                        "final_learning_rate": result.learning_rate})
+    return outcome
+
+
 def selection_accuracy(config: Config, entry: dict) -> float:
     """The accuracy choices are made on: validation, or test (the paper's protocol)."""
     return entry["accuracy"] if config.selection_split == "test" else entry["val_accuracy"]
