@@ -3,7 +3,9 @@
 Keras' `ReduceLROnPlateau` and `EarlyStopping` on one monitored value (the
 validation loss), with their parameters and their arithmetic:
 
-* an evaluation improves on the best when it is below best - min_delta;
+* an evaluation improves when its loss is below the lowest so far minus
+  `min_delta` or, with the monitor 'loss_or_accuracy', when its accuracy is
+  above the highest so far;
 * after `patience` evaluations in a row without an improvement the rate is
   multiplied by `factor` (not below `min_lr`); the count then starts again,
   after `cooldown` evaluations in which it is held at 0;
@@ -31,18 +33,19 @@ KEEP, IMPROVED, REDUCE, STOP = "keep", "improved", "reduce", "stop"
 @dataclasses.dataclass
 class PlateauState:
     """Where the rule stands after the evaluations so far."""
-    best: float = math.inf     # the lowest monitored value
-    best_step: int = 0         # the step it was measured at
+    best: float = math.inf     # the lowest monitored loss
+    best_step: int = 0         # the step of the last improvement
     wait: int = 0              # evaluations without improvement towards lowering the rate
     stop_wait: int = 0         # ... towards stopping (not reset by a lowering)
     cooldown: int = 0          # evaluations left in which `wait` stays 0
     reductions: int = 0        # times the rate was lowered
     evaluations: int = 0
     stopped: bool = False      # the rule stopped the stage
-    last: float = math.nan     # the last monitored value
+    last: float = math.nan     # the last monitored loss
+    best_accuracy: float = -1.0  # the highest accuracy
 
     _FIELDS = ("best", "best_step", "wait", "stop_wait", "cooldown", "reductions",
-               "evaluations", "stopped", "last")
+               "evaluations", "stopped", "last", "best_accuracy")
 
     def to_vector(self) -> list[float]:
         return [float(getattr(self, name)) for name in self._FIELDS]
@@ -59,11 +62,12 @@ class PlateauState:
 
 
 def decide(schedule: Schedule, state: PlateauState, value: float, step: int,
-           learning_rate: float) -> tuple[str, float]:
-    """Takes one evaluation (`value` at `step`, training at `learning_rate`),
-    updates `state` in place; returns (decision, the rate to train on).
+           learning_rate: float, accuracy: float = math.nan) -> tuple[str, float]:
+    """Takes one evaluation (loss `value` and `accuracy` at `step`, training
+    at `learning_rate`), updates `state` in place; returns (decision, the
+    rate to train on).
 
-    A non-finite value never improves (a diverging loss is the checkpoints'
+    A non-finite loss never improves (a diverging loss is the checkpoints'
     business, `checkpoints.LossHealth`)."""
     state.evaluations += 1
     state.last = value
@@ -72,8 +76,15 @@ def decide(schedule: Schedule, state: PlateauState, value: float, step: int,
         # wait at 0, improved or not; the last one already counts again.
         state.cooldown -= 1
         state.wait = 0
-    if math.isfinite(value) and value < state.best - schedule.plateau_min_delta:
-        state.best, state.best_step = value, step
+    lower = math.isfinite(value) and value < state.best - schedule.plateau_min_delta
+    higher = (schedule.plateau_monitor == "loss_or_accuracy"
+              and accuracy > state.best_accuracy)
+    if lower:  # as Keras: the best moves only by an improvement of min_delta
+        state.best = value
+    if higher:
+        state.best_accuracy = accuracy
+    if lower or higher:
+        state.best_step = step
         state.wait = state.stop_wait = 0
         return IMPROVED, learning_rate
     state.stop_wait += 1

@@ -131,16 +131,15 @@ def render_markdown(data: dict) -> str:
 
 
 def _how_it_stopped(part: dict) -> str:
-    """', converged (...)' or ', capped ...' for a stage the plateau rule ran."""
+    """', converged (...)' or ', not converged ...' for a stage the plateau rule ran."""
     if part.get("stopped") not in ("plateau", "cap"):
         return ""
     if part["stopped"] == "plateau":
-        return (f", converged: stopped by the plateau rule (lowest validation loss "
-                f"{part['val_loss']:.4f} at step {part['best_step']}, the rate lowered "
-                f"{part['lr_reductions']} time(s))")
+        return (f", converged: stopped by the plateau rule (last improvement at step "
+                f"{part['best_step']}, the rate lowered {part['lr_reductions']} time(s), "
+                f"validation loss {part['val_loss']:.4f})")
     return (f", **not converged**: reached its cap of {part['cap_steps']} steps still "
-            f"improving (lowest validation loss {part['val_loss']:.4f} at step "
-            f"{part['best_step']})")
+            f"improving (last improvement at step {part['best_step']})")
 
 
 # Each training stage's report entry, and its flags' prefix.
@@ -184,10 +183,9 @@ def findings(task: dict) -> list[str]:
     for part, flag in _STAGE_FLAGS.items():
         entry = task.get(part) or {}
         if entry.get("converged") is False:
-            notes.append(f"the {flag} stage reached its cap of {entry['cap_steps']} steps with "
-                         f"its validation loss still improving (lowest at step "
-                         f"{entry['best_step']}): it has not converged; raise --{flag}_epochs "
-                         f"or --{flag}_min_steps.")
+            notes.append(f"the {flag} stage reached its cap of {entry['cap_steps']} steps "
+                         f"still improving (last at step {entry['best_step']}): it has not "
+                         f"converged; raise --{flag}_epochs or --{flag}_min_steps.")
     search = pruned.get("prune_search") or {}
     if search and not search.get("met_tolerance", True):
         notes.append(f"no pruned candidate reached the target of {_fmt_acc(search['target'])}; "

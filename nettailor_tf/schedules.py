@@ -49,8 +49,14 @@ class Schedule:
         "cap (reaching it still improving is reported as a finding), and "
         "--{stage}_decay_every is not used.")
     eval_steps: int = option(40, "With --{stage}_plateau: steps between the validation "
-                             "evaluations of {what} (and at least one per epoch).",
+                             "evaluations of {what}, whatever the epoch's length.",
                              check=Range(1))
+    plateau_monitor: str = option(
+        "loss_or_accuracy", "With --{stage}_plateau: what counts as an improvement of {what}: "
+        "'loss', a validation loss --{stage}_plateau_min_delta below its best (Keras' "
+        "val_loss), or 'loss_or_accuracy', that or a validation accuracy above its best (a "
+        "network can gain accuracy while its loss rises, growing confident where it is "
+        "wrong).", choices=("loss", "loss_or_accuracy"))
     plateau_patience: int = option(2, "With --{stage}_plateau: evaluations without an "
                                    "improvement of the validation loss before the rate of "
                                    "{what} is lowered (ReduceLROnPlateau's patience).",
@@ -69,9 +75,9 @@ class Schedule:
                                 "improvement after which {what} stops (EarlyStopping's "
                                 "patience; more than --{stage}_plateau_patience, so that a "
                                 "lower rate is tried first).", check=Range(1))
-    restore_best: bool = option(True, "With --{stage}_plateau: end {what} with the weights of "
-                                "its lowest validation loss (EarlyStopping's "
-                                "restore_best_weights) rather than its last.")
+    restore_best: bool = option(False, "With --{stage}_plateau: end {what} with the weights "
+                                "of its last improvement (EarlyStopping's "
+                                "restore_best_weights) rather than its last ones.")
 
     def plateau_problem(self) -> str | None:
         """What is inconsistent between the plateau settings, or None."""
@@ -106,8 +112,11 @@ class StagePlan:
     decay_steps: list          # steps at which the rate drops tenfold
 
     def eval_interval(self, schedule: Schedule) -> int:
-        """Steps between the plateau rule's evaluations: at least one per epoch."""
-        return max(1, min(schedule.eval_steps, self.steps_per_epoch))
+        """Steps between the plateau rule's evaluations: counted in steps, not
+        epochs, so that its patience is the same amount of training on a
+        small task as on a large one (a 450-image folder's epoch is 14 steps,
+        mnist5k's 112)."""
+        return schedule.eval_steps
 
     def describe(self, schedule: Schedule) -> str:
         """One log line: what was derived and why."""

@@ -1,16 +1,17 @@
 """The plateau rule inside the training loop (the rule itself: `plateau`).
 
 `PlateauTracker` keeps the rule's state in a variable and, with
-`restore_best`, a copy of the weights of the lowest validation loss; both go
+`restore_best`, a copy of the weights of its last improvement; both go
 into the stage's checkpoints (`checkpoint_objects`), so a stage resumed in
 the middle of a wait decides exactly as the uninterrupted one would.  The
 learning rate the rule lowers is the optimizer's own variable, checkpointed
 with the optimizer.
 
-Restoring the best weights is the default: the rule stops `stop_patience`
-evaluations after the best, so the last weights have been measured no
-better on held-out data, and the best ones are the stage's result that a
-selection split chose (the test split is never read for it).
+Restoring the best weights is off by default (as in Keras): the last
+weights were trained at the lowered rate, and on a small task the lowest
+validation loss can come long before the best network (the development
+folder task's was at step 40, at chance, while its accuracy rose through a
+rising loss: docs/method.md, "Training to convergence").
 """
 from __future__ import annotations
 
@@ -52,12 +53,13 @@ class PlateauTracker:
     def state(self) -> PlateauState:
         return PlateauState.from_vector(self.vector.numpy())
 
-    def observe(self, value: float, step: int, optimizer) -> tuple[str, PlateauState]:
-        """Takes the monitored value at `step`; lowers the optimizer's rate
+    def observe(self, value: float, step: int, optimizer,
+                accuracy: float = float("nan")) -> tuple[str, PlateauState]:
+        """Takes the loss and accuracy at `step`; lowers the optimizer's rate
         or keeps the best weights as the rule decides."""
         state = self.state()
         decision, rate = decide(self.schedule, state, value, step,
-                                float(optimizer.learning_rate))
+                                float(optimizer.learning_rate), accuracy)
         if decision == REDUCE:
             optimizer.learning_rate = rate
         if decision == IMPROVED:

@@ -125,8 +125,8 @@ class TrainResult:
     # plateau rule), 'cap' (the rule's cap, still improving); '' while it is
     # not done.
     stopped: str = ""
-    val_loss: float = float("nan")     # the monitored value at the end (plateau rule)
-    best_step: int = 0                 # where it was lowest (the weights kept, by default)
+    val_loss: float = float("nan")     # the monitored loss of the weights kept (plateau rule)
+    best_step: int = 0                 # the step of the rule's last improvement
     reductions: int = 0                # times the rule lowered the rate
     learning_rate: float = float("nan")  # the rate at the end
 
@@ -418,7 +418,7 @@ class Trainer:
                                        run.eval_split, with_loss=True)
         run.eval_accuracy, run.evaluated_at = accuracy, step
         rate = float(self.optimizer.learning_rate)
-        decision, state = self.plateau.observe(loss, step, self.optimizer)
+        decision, state = self.plateau.observe(loss, step, self.optimizer, accuracy)
         with run.writer.as_default(step=step):
             tf.summary.scalar(f"{run.eval_split}/accuracy", accuracy)
             tf.summary.scalar(f"{run.eval_split}/loss", loss)
@@ -428,7 +428,7 @@ class Trainer:
                                            rate, float(self.optimizer.learning_rate),
                                            at_cap=step >= run.stage.total_steps)
         if run.stopped and self.plateau.restore_best(self.model, step):
-            logging.info("%s: keeping the weights of step %d (the lowest %s loss)",
+            logging.info("%s: keeping the weights of step %d (the last improvement on %s)",
                          run.task.name, state.best_step, run.eval_split)
             run.eval_accuracy = float("nan")  # the kept weights are evaluated at the end
         run.paused += time.perf_counter() - tic
@@ -440,13 +440,14 @@ class Trainer:
             run.stopped = ("schedule" if not self.plateau.enabled
                            else "plateau" if state.stopped else "cap")
         test_accuracy = val_accuracy = float("nan")
-        eval_accuracy = run.eval_accuracy
+        eval_accuracy, eval_loss = run.eval_accuracy, state.last
         if run.stopped:
             if not math.isfinite(eval_accuracy):
                 # Resumed after the end, or the best weights were restored:
                 # evaluate what the stage ends with.
-                eval_accuracy = self.evaluate(run.task, run.image_size, run.eval_batch_size,
-                                              run.eval_split)
+                eval_accuracy, eval_loss = self.evaluate(
+                    run.task, run.image_size, run.eval_batch_size, run.eval_split,
+                    with_loss=True)
             if run.eval_split == "val":
                 val_accuracy = eval_accuracy
                 if evaluate_test:
@@ -458,13 +459,12 @@ class Trainer:
             # Stopped early at an evaluation (the prune search's halfway
             # check at an epoch's end): that evaluation is the caller's answer.
             val_accuracy = eval_accuracy
-        kept_best = self.plateau.enabled and self.schedule.restore_best
         return TrainResult(
             run.step, test_accuracy, run.images_seen / max(run.train_time, 1e-9),
             run.resumed_from, val_accuracy=val_accuracy, total_steps=stage.total_steps,
             epochs=-(-run.step // stage.steps_per_epoch) if self.plateau.enabled
             else stage.epochs, stopped=run.stopped,
-            val_loss=state.best if kept_best else state.last,
+            val_loss=eval_loss if self.plateau.enabled else float("nan"),
             best_step=state.best_step, reductions=state.reductions,
             learning_rate=float(self.optimizer.learning_rate))
 

@@ -12,16 +12,18 @@ from nettailor_tf.schedules import Schedule
 def _rule(**kw):
     settings = dict(epochs=1, batch_size=1, learning_rate=0.1, plateau=True,
                     plateau_patience=2, plateau_factor=0.1, plateau_min_delta=0.01,
-                    plateau_cooldown=0, plateau_min_lr=0.0, stop_patience=4)
+                    plateau_cooldown=0, plateau_min_lr=0.0, stop_patience=4,
+                    plateau_monitor="loss")
     settings.update(kw)
     return Schedule(**settings)
 
 
-def _play(schedule, losses, rate=0.1):
+def _play(schedule, losses, rate=0.1, accuracies=None):
     """Every decision and the rate after it, evaluation by evaluation."""
     state, seen = PlateauState(), []
-    for step, loss in enumerate(losses, 1):
-        decision, rate = decide(schedule, state, loss, step * 10, rate)
+    accuracies = accuracies or [math.nan] * len(losses)
+    for step, (loss, accuracy) in enumerate(zip(losses, accuracies), 1):
+        decision, rate = decide(schedule, state, loss, step * 10, rate, accuracy)
         seen.append((decision, round(rate, 10)))
         if decision == STOP:
             break
@@ -69,6 +71,19 @@ def test_min_lr_floors_the_rate_and_then_nothing_is_lowered():
     seen, state = _play(_rule(plateau_min_lr=0.05, stop_patience=6), [1.0] * 7)
     assert [r for _, r in seen] == [0.1, 0.1, 0.05, 0.05, 0.05, 0.05, 0.05]
     assert state.reductions == 1 and seen[-1][0] == STOP
+
+
+def test_a_higher_accuracy_through_a_rising_loss_is_an_improvement_if_monitored():
+    # Growing confident where it is wrong: the loss rises while the accuracy does.
+    losses, accuracies = [2.9, 3.0, 3.6, 3.4, 3.5, 3.5], [0.1, 0.2, 0.3, 0.3, 0.3, 0.3]
+    by_loss, _ = _play(_rule(), losses, accuracies=accuracies)
+    assert [d for d, _ in by_loss] == [IMPROVED, KEEP, REDUCE, KEEP, STOP]
+    both, state = _play(_rule(plateau_monitor="loss_or_accuracy"), losses,
+                        accuracies=accuracies)
+    assert [d for d, _ in both] == [IMPROVED, IMPROVED, IMPROVED, KEEP, REDUCE, KEEP]
+    assert (state.best, state.best_accuracy, state.best_step) == (2.9, 0.3, 30)
+    # An equal accuracy is no improvement: it takes one image more.
+    assert state.wait == 1 and state.stop_wait == 3
 
 
 def test_a_non_finite_loss_never_improves():

@@ -159,7 +159,7 @@ def test_held_variables_keep_their_rate_and_a_multiplier_scales_weight_decay_too
 
 PLATEAU = train.Schedule(epochs=2, batch_size=32, learning_rate=0.05, plateau=True,
                          eval_steps=5, plateau_patience=1, stop_patience=3,
-                         plateau_min_delta=0.02)
+                         plateau_min_delta=0.02, plateau_monitor="loss", restore_best=True)
 
 
 def _recording(trainer):
@@ -170,8 +170,8 @@ def _recording(trainer):
         stage = build(steps_per_epoch)
         observe = trainer.plateau.observe
 
-        def recorded(value, step, optimizer):
-            decision, state = observe(value, step, optimizer)
+        def recorded(value, step, optimizer, accuracy):
+            decision, state = observe(value, step, optimizer, accuracy)
             seen.append((step, decision, round(float(optimizer.learning_rate), 8)))
             return decision, state
         trainer.plateau.observe = recorded
