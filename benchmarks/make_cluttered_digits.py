@@ -54,7 +54,7 @@ def _strokes(rng: np.random.Generator, count: int) -> np.ndarray:
     draw = ImageDraw.Draw(canvas)
     for _ in range(count):
         x0, y0 = rng.integers(0, SIZE, size=2)
-        x1, y1 = np.clip([x0, y0] + rng.integers(-24, 25, size=2), 0, SIZE - 1)
+        x1, y1 = np.clip([x0, y0] + rng.integers(-16, 17, size=2), 0, SIZE - 1)
         width = int(rng.integers(2, 5))
         if rng.random() < 0.5:
             draw.line([(int(x0), int(y0)), (int(x1), int(y1))], fill=255, width=width)
@@ -73,19 +73,19 @@ def _resize(array: np.ndarray, size: int) -> np.ndarray:
 def cluttered_digit(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One 64x64x3 uint8 image: `digit` (28x28, 0..255) faint among strokes."""
     image = _background(rng)
-    size = int(rng.integers(30, 50))
+    size = int(rng.integers(34, 52))
     mask = np.zeros((SIZE, SIZE), np.float32)
     y, x = rng.integers(0, SIZE - size + 1, size=2)
     mask[y:y + size, x:x + size] = _resize(digit.astype(np.uint8), size)
     # The strokes and the digit move the pixels by the same low contrast
-    # (0.2-0.4 of the range), in one random colour, brighter or darker.
-    mask = np.maximum(mask, _strokes(rng, int(rng.integers(3, 7))))
-    contrast = rng.uniform(0.2, 0.4) * rng.choice([-1.0, 1.0])
+    # (0.3-0.6 of the range), in one random colour, brighter or darker.
+    mask = np.maximum(mask, _strokes(rng, int(rng.integers(0, 3))))
+    contrast = rng.uniform(0.3, 0.6) * rng.choice([-1.0, 1.0])
     image += contrast * mask[..., None] * rng.uniform(0.5, 1.0, size=3)
     # A grey bar hides part of the digit.
-    bar_y, bar_h = int(y + rng.integers(0, size)), int(rng.integers(2, 5))
+    bar_y, bar_h = int(y + rng.integers(0, size)), int(rng.integers(1, 4))
     image[bar_y:bar_y + bar_h, x:x + size] = rng.uniform(0.2, 0.8)
-    image += rng.normal(0.0, 0.08, image.shape)
+    image += rng.normal(0.0, 0.05, image.shape)
     return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 

@@ -160,7 +160,8 @@ QUANTIZED_AGREEMENT = 0.98
 def findings(task: dict) -> list[str]:
     """Results that are not what the method promises, in words: a student
     near chance, diffuse gates, a pruned network below its teacher, pruning
-    that saved nothing, a stage that reached its cap still improving.  Empty when all is as it should be."""
+    that saved nothing, a stage that reached its cap still improving.
+    Empty when all is as it should be."""
     notes = []
     teacher, student, pruned = (task.get(k) or {} for k in ("teacher", "student", "pruned"))
     classes = task.get("num_classes")

@@ -82,19 +82,21 @@ class PlateauTracker:
                 rate: float, new_rate: float, at_cap: bool) -> str:
         """How the stage ends after this evaluation ('plateau', 'cap' or '':
         it goes on), said in the log."""
+        since = (f"no improvement since step {state.best_step} (lowest {split} loss "
+                 f"{state.best:.4f}, highest accuracy {state.best_accuracy:.4f}) for "
+                 f"{state.stop_wait} evaluations")
         if decision == REDUCE:
-            logging.info("%s: step %d: no %s loss below %.4f (step %d) for %d evaluations; "
-                         "learning rate %.3g -> %.3g", name, step, split, state.best,
-                         state.best_step, state.stop_wait, rate, new_rate)
+            logging.info("%s: step %d: %s; learning rate %.3g -> %.3g", name, step, since,
+                         rate, new_rate)
         if decision == STOP:
-            logging.info("%s: step %d: converged: no %s loss below %.4f (step %d) for %d "
-                         "evaluations, after %d lowering(s) of the rate; stopping", name, step,
-                         split, state.best, state.best_step, state.stop_wait, state.reductions)
+            logging.info("%s: step %d: converged: %s, after %d lowering(s) of the rate; "
+                         "stopping", name, step, since, state.reductions)
             return "plateau"
         if at_cap:
-            logging.warning("%s: reached the cap of %d steps with the %s loss still improving "
-                            "(best %.4f at step %d, %d lowering(s) of the rate): the stage has "
-                            "not converged; give it more steps", name, step, split, state.best,
-                            state.best_step, state.reductions)
+            logging.warning("%s: reached the cap of %d steps still improving (last at step "
+                            "%d; lowest %s loss %.4f, highest accuracy %.4f; %d lowering(s) of "
+                            "the rate): the stage has not converged; give it more steps", name,
+                            step, state.best_step, split, state.best, state.best_accuracy,
+                            state.reductions)
             return "cap"
         return ""

@@ -96,7 +96,7 @@ def test_seed_study_runs_each_seed_and_summarises_mean_and_spread(tmp_path):
         "--tasks=digits", "--backbone=tiny", "--backbone_weights=random", "--image_size=16",
         "--teacher_epochs=1", "--student_epochs=1", "--finetune_epochs=1", "--teacher_lr=0.05",
         "--prune_universal=1", "--log_every=50", "--teacher_min_steps=0",
-        "--student_min_steps=0", "--finetune_min_steps=0"]))
+        "--student_min_steps=0", "--finetune_min_steps=0", "--noteacher_plateau"]))
     markdown = tmp_path / "seeds.md"
     proc = subprocess.run(
         [sys.executable, os.path.join(BENCHMARKS, "seeds.py"), f"--flagfile={flagfile}",

@@ -39,7 +39,8 @@ def outputs(paths: Workdir, task: str, stage: str) -> list[str]:
 
 
 # The plateau rule's settings: a stage trained under other ones is redone.
-PLATEAU_SETTINGS = ("eval_steps", "plateau_monitor", "plateau_patience", "plateau_factor", "plateau_min_delta",
+PLATEAU_SETTINGS = ("eval_steps", "plateau_monitor", "plateau_patience", "plateau_factor",
+                    "plateau_min_delta",
                     "plateau_cooldown", "plateau_min_lr", "stop_patience", "restore_best")
 
 
