@@ -188,3 +188,19 @@ def test_latency_table_from_device_files_round_trips(tmp_path):
         script_module.main(["collect", *common, f"--results={models}",
                             f"--out={tmp_path / 'other.json'}"])
     assert "universal0" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_the_cluttered_digits_folder_is_ten_classes_and_the_same_for_a_seed(tmp_path):
+    def make(out, seed):
+        proc = subprocess.run(
+            [sys.executable, os.path.join(BENCHMARKS, "make_cluttered_digits.py"),
+             f"--out={out}", "--train_per_class=2", "--test_per_class=1", f"--seed={seed}"],
+            env=_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return {os.path.relpath(os.path.join(d, f), out): open(os.path.join(d, f), "rb").read()
+                for d, _, files in os.walk(out) for f in files}
+
+    first, again = make(tmp_path / "a", 0), make(tmp_path / "b", 0)
+    assert sorted(first) == sorted(again) and first == again
+    assert sorted({name.split(os.sep)[1] for name in first}) == [str(d) for d in range(10)]
+    assert sum(name.startswith("train") for name in first) == 20 and len(first) == 30
