@@ -166,8 +166,9 @@ class Trainer:
             PyTorch parameter group would (None: all 1).
         held: variables whose learning rate stays at (stage rate x
             multiplier) for the whole stage instead of following its decay.
-        eval_split: the split `fit` evaluates after each epoch ('val' or
-            'test'); the test accuracy is measured once at the end.
+        eval_split: the split `fit` evaluates during the stage ('val' or
+            'test'; the plateau rule watches it); the test accuracy is
+            measured once at the end.
         indexed: hand `loss_fn` each image's position in the training split
             (to look up targets computed once, e.g. a frozen teacher's).
     """
