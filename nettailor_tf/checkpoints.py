@@ -118,14 +118,16 @@ class TrainingCheckpoints:
         optimizer: the built Keras optimizer.
         step: the loop's step counter (a tf.Variable).
         label: names the run in messages (the task).
+        extra: more trackables to keep, by name (the plateau rule's state).
     """
 
-    def __init__(self, directory: str, model, optimizer, step, label: str):
+    def __init__(self, directory: str, model, optimizer, step, label: str,
+                 extra: dict | None = None):
         self.directory = directory
         self.label = label
         self.checkpoint = tf.train.Checkpoint(weights=weights_by_path(model),
                                               optimizer=optimizer_state_by_name(optimizer),
-                                              step=step)
+                                              step=step, **(extra or {}))
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=KEEP)
         self.losses = {}  # checkpoint path -> the mean loss when it was saved
         self.health = LossHealth()

@@ -113,7 +113,8 @@ def render_markdown(data: dict) -> str:
             if "train_images_per_second" in part:
                 lines.append(f"{stage.capitalize()} training: {part.get('epochs')} epochs, "
                              f"{part.get('steps')} steps, "
-                             f"{part['train_images_per_second']:.0f} images/s.")
+                             f"{part['train_images_per_second']:.0f} images/s"
+                             f"{_how_it_stopped(part)}.")
         if task.get("architecture_png"):
             lines += ["", f"![{name} architecture]({task['architecture_png']})"]
         lines.append("")
@@ -130,6 +131,22 @@ def render_markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _how_it_stopped(part: dict) -> str:
+    """', converged (...)' or ', not converged ...' for a stage the plateau rule ran."""
+    if part.get("stopped") not in ("plateau", "cap"):
+        return ""
+    if part["stopped"] == "plateau":
+        return (f", converged: stopped by the plateau rule (last improvement at step "
+                f"{part['best_step']}, the rate lowered {part['lr_reductions']} time(s), "
+                f"validation loss {part['val_loss']:.4f})")
+    return (f", **not converged**: reached its cap of {part['cap_steps']} steps still "
+            f"improving (last improvement at step {part['best_step']})")
+
+
+# Each training stage's report entry, and its flags' prefix.
+_STAGE_FLAGS = {"teacher": "teacher", "student": "student", "pruned": "finetune"}
+
+
 # A student whose gates stayed this close to uniform has not chosen what to
 # keep (the quickstart's short students read 0.55 on digits and 0.60 on
 # mnist5k, the second just flagged: its pruned network still matched the
@@ -144,7 +161,8 @@ QUANTIZED_AGREEMENT = 0.98
 def findings(task: dict) -> list[str]:
     """Results that are not what the method promises, in words: a student
     near chance, diffuse gates, a pruned network below its teacher, pruning
-    that saved nothing.  Empty when all is as it should be."""
+    that saved nothing, a stage that reached its cap still improving.
+    Empty when all is as it should be."""
     notes = []
     teacher, student, pruned = (task.get(k) or {} for k in ("teacher", "student", "pruned"))
     classes = task.get("num_classes")
@@ -164,6 +182,12 @@ def findings(task: dict) -> list[str]:
         if teacher.get("flops") and pruned.get("flops", 0) >= teacher["flops"]:
             notes.append("pruning saved no multiply-adds: the pruned network costs as much as "
                          "its teacher.")
+    for part, flag in _STAGE_FLAGS.items():
+        entry = task.get(part) or {}
+        if entry.get("converged") is False:
+            notes.append(f"the {flag} stage reached its cap of {entry['cap_steps']} steps "
+                         f"still improving (last at step {entry['best_step']}): it has not "
+                         f"converged; raise --{flag}_epochs or --{flag}_min_steps.")
     notes += _search_findings(pruned)
     busy_threads, load = _busy_latencies(task)
     if busy_threads:

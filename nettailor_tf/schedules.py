@@ -37,7 +37,54 @@ class Schedule:
                                 "(the paper: 0.4; 1: no decay).",
                                 check=Range(0, 1, open_low=True))
     min_steps: int = option(0, "Fewest optimiser steps of {what}: a small data set gets more "
-                            "epochs (whole epochs, derived and logged).", check=Range(0))
+                            "epochs (whole epochs, derived and logged). With "
+                            "--{stage}_plateau, of its cap.", check=Range(0))
+    # The plateau rule (`nettailor_tf.plateau`): Keras' ReduceLROnPlateau and
+    # EarlyStopping on the validation loss, with their parameter names.
+    plateau: bool = option(
+        False, "Train {what} until its validation loss stops improving instead of for a "
+        "fixed length: the rate is multiplied by --{stage}_plateau_factor after "
+        "--{stage}_plateau_patience evaluations without an improvement, and the stage stops "
+        "after --{stage}_stop_patience; --{stage}_epochs and --{stage}_min_steps are then its "
+        "cap (reaching it still improving is reported as a finding), and "
+        "--{stage}_decay_every is not used.")
+    eval_steps: int = option(40, "With --{stage}_plateau: steps between the validation "
+                             "evaluations of {what}, whatever the epoch's length.",
+                             check=Range(1))
+    plateau_monitor: str = option(
+        "loss_or_accuracy", "With --{stage}_plateau: what counts as an improvement of {what}: "
+        "'loss', a validation loss --{stage}_plateau_min_delta below its best (Keras' "
+        "val_loss), or 'loss_or_accuracy', that or a validation accuracy above its best (a "
+        "network can gain accuracy while its loss rises, growing confident where it is "
+        "wrong).", choices=("loss", "loss_or_accuracy"))
+    plateau_patience: int = option(2, "With --{stage}_plateau: evaluations without an "
+                                   "improvement of the validation loss before the rate of "
+                                   "{what} is lowered (ReduceLROnPlateau's patience).",
+                                   check=Range(1))
+    plateau_factor: float = option(0.1, "With --{stage}_plateau: what the rate of {what} is "
+                                   "multiplied by on a plateau.",
+                                   check=Range(0, 1, open_low=True, open_high=True))
+    plateau_min_delta: float = option(
+        0.005, "With --{stage}_plateau: the least drop of the validation loss (mean "
+        "cross-entropy, nats) that counts as an improvement.", check=Range(0))
+    plateau_cooldown: int = option(0, "With --{stage}_plateau: evaluations after a lowered "
+                                   "rate before the patience counts again.", check=Range(0))
+    plateau_min_lr: float = option(0.0, "With --{stage}_plateau: the rate of {what} is never "
+                                   "lowered below this.", check=Range(0))
+    stop_patience: int = option(4, "With --{stage}_plateau: evaluations without an "
+                                "improvement after which {what} stops (EarlyStopping's "
+                                "patience; more than --{stage}_plateau_patience, so that a "
+                                "lower rate is tried first).", check=Range(1))
+    restore_best: bool = option(False, "With --{stage}_plateau: end {what} with the weights "
+                                "of its last improvement (EarlyStopping's "
+                                "restore_best_weights) rather than its last ones.")
+
+    def plateau_problem(self) -> str | None:
+        """What is inconsistent between the plateau settings, or None."""
+        if self.plateau and self.stop_patience <= self.plateau_patience:
+            return (f"must be more than the plateau patience ({self.plateau_patience}): the "
+                    f"stage would stop before trying a lower rate")
+        return None
 
     def plan(self, steps_per_epoch: int) -> "StagePlan":
         """The stage's length and learning-rate boundaries for `steps_per_epoch`."""
@@ -45,6 +92,8 @@ class Schedule:
         if epochs * steps_per_epoch < self.min_steps:
             epochs = -(-self.min_steps // steps_per_epoch)
         total = epochs * steps_per_epoch
+        if self.plateau:  # the plateau rule lowers the rate, not the step count
+            return StagePlan(epochs, steps_per_epoch, total, [])
         if self.decay_epochs:
             every = self.decay_epochs * steps_per_epoch
         else:
@@ -55,11 +104,19 @@ class Schedule:
 
 @dataclasses.dataclass(frozen=True)
 class StagePlan:
-    """A schedule resolved against one task's data."""
+    """A schedule resolved against one task's data (with the plateau rule:
+    `total_steps` is the cap)."""
     epochs: int
     steps_per_epoch: int
     total_steps: int
     decay_steps: list          # steps at which the rate drops tenfold
+
+    def eval_interval(self, schedule: Schedule) -> int:
+        """Steps between the plateau rule's evaluations: counted in steps, not
+        epochs, so that its patience is the same amount of training on a
+        small task as on a large one (a 450-image folder's epoch is 14 steps,
+        mnist5k's 112)."""
+        return schedule.eval_steps
 
     def describe(self, schedule: Schedule) -> str:
         """One log line: what was derived and why."""
@@ -69,7 +126,12 @@ class StagePlan:
                      f"{schedule.epochs * self.steps_per_epoch} steps, under the minimum of "
                      f"{schedule.min_steps})")
         text += f", lr {schedule.learning_rate:g}"
-        if self.decay_steps:
+        if schedule.plateau:
+            text += (f" x{schedule.plateau_factor:g} after {schedule.plateau_patience} "
+                     f"evaluations (every {self.eval_interval(schedule)} steps) without a "
+                     f"validation loss {schedule.plateau_min_delta:g} below its best; stops "
+                     f"after {schedule.stop_patience}, or at the cap of {self.total_steps} steps")
+        elif self.decay_steps:
             text += " x0.1 at step " + ", ".join(str(s) for s in self.decay_steps)
         else:
             text += " without decay"

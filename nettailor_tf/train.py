@@ -4,20 +4,22 @@ One loop serves every stage (teacher, student, finetune): a stage hands it a
 loss function, the variables to train and those to decay (and, per variable,
 a learning-rate factor).  The loop owns the optimizer (SGD with PyTorch-style
 coupled weight decay and Keras' piecewise-constant decay of the stage's
-schedule), checkpoints, resumption, TensorBoard and progress.  After each
-epoch it evaluates on the task's validation split; the test split only once,
-at the end.
+schedule, or the learning rate the plateau rule lowers), checkpoints,
+resumption, TensorBoard and progress.  It evaluates on the task's validation
+split after some epochs (a fixed schedule) or every few steps (the plateau
+rule, which also ends the stage: `stopping`); the test split only once, at
+the end.
 
 Resumption is exact: the data order and augmentation of an epoch are a pure
 function of (seed, epoch) (see `data.train_pipeline`), so a run restored at
 step s skips the first `s % steps_per_epoch` batches of its epoch and goes on
-as if it had never stopped: no step done twice, none skipped.
+as if it had never stopped: no step done twice, none skipped.  The plateau
+rule's state and best weights are in the same checkpoints.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from typing import Callable
 
@@ -26,8 +28,12 @@ import tensorflow as tf
 from absl import logging
 
 from nettailor_tf import data as data_lib
+from nettailor_tf import stopping
 from nettailor_tf.config import STRATEGIES
 from nettailor_tf.checkpoints import TrainingCheckpoints
+# train.make_evaluator, train.format_duration: where the stages find them.
+from nettailor_tf.evaluation import make_evaluator  # noqa: F401
+from nettailor_tf.progress import format_duration, progress_reporter  # noqa: F401
 from nettailor_tf.errors import TrainingError  # noqa: F401 (train.TrainingError)
 from nettailor_tf.schedules import Schedule, StagePlan
 
@@ -82,7 +88,11 @@ def worker_role(strategy: tf.distribute.Strategy) -> tuple[bool, str]:
 
 
 def learning_rate_schedule(stage: StagePlan, schedule: Schedule):
-    """Keras' piecewise-constant schedule of a resolved stage."""
+    """Keras' piecewise-constant schedule of a resolved stage; with the
+    plateau rule the initial rate, which the optimizer keeps in a variable
+    that the loop lowers (and the checkpoint restores)."""
+    if schedule.plateau:
+        return schedule.learning_rate
     values = [schedule.learning_rate * 0.1 ** k for k in range(len(stage.decay_steps) + 1)]
     if stage.decay_steps:
         # Keras switches to the next value after a boundary; the stage's
@@ -109,73 +119,26 @@ class TrainResult:
     # nan for a task without a validation split, and for a stage stopped
     # early anywhere but at an epoch's end (evaluated there).
     val_accuracy: float = float("nan")
-    total_steps: int = 0
+    total_steps: int = 0       # the schedule's length; with the plateau rule its cap
     epochs: int = 0
+    # Why the stage ended: 'schedule' (its fixed length), 'plateau' (the
+    # plateau rule), 'cap' (the rule's cap, still improving); '' while it is
+    # not done.
+    stopped: str = ""
+    val_loss: float = float("nan")     # the monitored loss of the weights kept (plateau rule)
+    best_step: int = 0                 # the step of the rule's last improvement
+    reductions: int = 0                # times the rule lowered the rate
+    learning_rate: float = float("nan")  # the rate at the end
 
     @property
     def complete(self) -> bool:
-        return self.steps >= self.total_steps
+        return bool(self.stopped) or self.steps >= self.total_steps
 
-
-def make_evaluator(strategy, predict_fn):
-    """(task, image_size, batch_size, split) -> top-1 accuracy of `predict_fn`
-    (images -> logits), with one compiled step reused across calls."""
-    def replica_eval(images, labels):
-        logits = predict_fn(images)
-        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
-                          tf.float32)
-        return tf.reduce_sum(correct), tf.cast(tf.size(labels), tf.float32)
-
-    # The last batch is smaller: let one trace serve both shapes.
-    @tf.function(reduce_retracing=True)
-    def eval_step(batch):
-        correct, count = strategy.run(replica_eval, args=batch)
-        return (strategy.reduce("SUM", correct, axis=None),
-                strategy.reduce("SUM", count, axis=None))
-
-    def evaluate(task: data_lib.TaskData, image_size: int, batch_size: int,
-                 split: str = "test") -> float:
-        correct = total = 0.0
-        dataset = strategy.experimental_distribute_dataset(
-            data_lib.eval_pipeline(task, image_size, batch_size, split))
-        for batch in dataset:
-            c, n = eval_step(batch)
-            correct, total = correct + float(c), total + float(n)
-        return correct / max(total, 1.0)
-
-    return evaluate
-
-
-# Log lines a stage writes about its steps when stderr is not a terminal
-# (TensorBoard gets every --log_every steps regardless).
-STEP_LINES_PER_STAGE = 2
-
-
-def _progress_reporter(total_steps, log_every, first_step=0):
-    """A Keras progress bar on a terminal; otherwise a few log lines per
-    stage with the time it still needs at the rate measured so far."""
-    if sys.stderr.isatty():
-        bar = keras.utils.Progbar(total_steps, stateful_metrics=["loss", "acc", "img/s", "lr"])
-        return lambda step, values: bar.update(step, list(values.items()))
-    started = time.monotonic()
-    every = max(log_every, -(-(total_steps - first_step) // STEP_LINES_PER_STAGE))
-
-    def log(step, values):
-        if (step - first_step) % every == 0 or step == total_steps:
-            text = " ".join(f"{k}={v:.4g}" for k, v in values.items())
-            done = step - first_step
-            left = (time.monotonic() - started) / max(done, 1) * (total_steps - step)
-            logging.info("step %d/%d %s eta %s", step, total_steps, text, format_duration(left))
-    return log
-
-
-def format_duration(seconds: float) -> str:
-    """'42 s', '3.4 min' or '1.2 h'."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+    @property
+    def converged(self) -> bool | None:
+        """Whether the plateau rule judged the stage converged (None: a fixed
+        schedule, which cannot tell)."""
+        return None if self.stopped in ("", "schedule") else self.stopped == "plateau"
 
 
 class Trainer:
@@ -203,8 +166,9 @@ class Trainer:
             PyTorch parameter group would (None: all 1).
         held: variables whose learning rate stays at (stage rate x
             multiplier) for the whole stage instead of following its decay.
-        eval_split: the split `fit` evaluates after each epoch ('val' or
-            'test'); the test accuracy is measured once at the end.
+        eval_split: the split `fit` evaluates during the stage ('val' or
+            'test'; the plateau rule watches it); the test accuracy is
+            measured once at the end.
         indexed: hand `loss_fn` each image's position in the training split
             (to look up targets computed once, e.g. a frozen teacher's).
     """
@@ -259,6 +223,7 @@ class Trainer:
             # before the first distributed step (measured on 2 CPU cores).
             self.optimizer.build(self.trainable)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        self.plateau = stopping.PlateauTracker(self.model, schedule)
         decay = schedule.weight_decay
 
         def replica_step(images, labels, *indices):
@@ -278,7 +243,11 @@ class Trainer:
             grads = [g + tf.cast(factor, v.dtype) * v if m and g is not None else g
                      for g, v, m in zip(grads, self.trainable, self.decay_mask)]
             # Per-variable rates ride on the update: SGD's step is lr x update.
-            undo_decay = schedule.learning_rate / learning_rate(self.step)
+            # A held variable's update is scaled by lr0 / lr, whatever lowered
+            # lr: the schedule, or the plateau rule through the variable.
+            current = (learning_rate(self.step) if callable(learning_rate)
+                       else self.optimizer.learning_rate)
+            undo_decay = schedule.learning_rate / current
             grads = [g if g is None else
                      g * tf.cast(k * undo_decay, g.dtype) if h else
                      g * tf.cast(k, g.dtype) if k != 1.0 else g
@@ -303,24 +272,36 @@ class Trainer:
     # --- evaluation ----------------------------------------------------------
 
     def evaluate(self, task: data_lib.TaskData, image_size: int, batch_size: int,
-                 split: str = "test") -> float:
+                 split: str = "test", with_loss: bool = False):
+        """Top-1 accuracy on `split`; (accuracy, mean cross-entropy) `with_loss`."""
         if self._evaluator is None:
             self._evaluator = make_evaluator(self.strategy, self.predict_fn)
-        return self._evaluator(task, image_size, batch_size, split)
+        return self._evaluator(task, image_size, batch_size, split, with_loss)
 
     # --- the loop ------------------------------------------------------------
 
     def fit(self, task: data_lib.TaskData, image_size: int, seed: int,
             eval_batch_size: int | None = None, max_steps: int | None = None,
             evaluate_test: bool = True) -> TrainResult:
-        """Trains to the end of the schedule, resuming from the last checkpoint.
+        """Trains to the end of the stage, resuming from the last checkpoint.
 
-        After each epoch the model is evaluated on the task's validation split
-        (the test split when the task has none); the test split is evaluated
-        once, at the end (unless `evaluate_test` is false: the result's
-        test accuracy is then NaN).  `max_steps` stops early (after a
-        checkpoint), as an interruption would.
+        A fixed schedule evaluates the task's validation split (the test split
+        when the task has none) after some epochs; with the plateau rule
+        (`Schedule.plateau`) it is evaluated every `eval_steps` steps, and the
+        rule lowers the rate and ends the stage when its loss stops improving
+        (within the schedule's length, the cap).  The test split is evaluated
+        once, at the end (unless `evaluate_test` is false: the result's test
+        accuracy is then NaN).  `max_steps` stops early (after a checkpoint),
+        as an interruption would.
         """
+        run = self._start(task, image_size, eval_batch_size, max_steps)
+        while run.step < run.stop_at and not run.stopped:
+            self._train_epoch(run, seed)
+        run.writer.flush()
+        return self._finish(run, evaluate_test)
+
+    def _start(self, task, image_size, eval_batch_size, max_steps) -> "_Run":
+        """Builds (once) and restores the stage; where its loop starts."""
         schedule = self.schedule
         steps_per_epoch = data_lib.steps_per_epoch(task, schedule.batch_size)
         if self._stage is None or self._stage.steps_per_epoch != steps_per_epoch:
@@ -330,91 +311,182 @@ class Trainer:
         # the checkpoint then restores to the same values: building and
         # tracing them again cost 5 s a call on the quickstart.
         stage = self._stage
-        total_steps = stage.total_steps
         logging.info("%s: %s", task.name, stage.describe(schedule))
         checkpoints = TrainingCheckpoints(self.checkpoint_dir, self.model, self.optimizer,
-                                          self.step, task.name)
+                                          self.step, task.name,
+                                          extra=self.plateau.checkpoint_objects())
         restored = checkpoints.restore()
         if restored:
             logging.info("%s: resuming from %s (step %d of %d)", task.name, restored,
-                         int(self.step.numpy()), total_steps)
-        resumed_from = int(self.step.numpy())
+                         int(self.step.numpy()), stage.total_steps)
+        step = int(self.step.numpy())
+        eval_split = "val" if task.num_val and self.eval_split == "val" else "test"
+        if self.plateau.enabled and eval_split == "test" and self.eval_split == "val":
+            logging.warning("%s: no validation split: the plateau rule watches the test loss "
+                            "(as every choice does under --selection_split=test)", task.name)
         writer = (tf.summary.create_file_writer(self.summary_dir) if self.summary_dir
                   else tf.summary.create_noop_writer())
-        report = _progress_reporter(total_steps, self.log_every, resumed_from)
-        eval_batch_size = eval_batch_size or schedule.batch_size
-        eval_split = "val" if task.num_val and self.eval_split == "val" else "test"
-        step, images_seen, train_time = resumed_from, 0, 0.0
-        stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
-        eval_accuracy, evaluated_at = float("nan"), None
-        # A small data set's many short epochs are evaluated about ten times
-        # per stage, not after each one (digits' 13 student epochs, a
-        # 150-image folder's 38): each evaluation costs a pipeline and a pass.
-        evaluate_every = -(-stage.epochs // _EVALUATIONS_PER_STAGE)
+        return _Run(task=task, image_size=image_size, stage=stage, checkpoints=checkpoints,
+                    writer=writer, report=progress_reporter(stage.total_steps, self.log_every,
+                                                             step),
+                    eval_batch_size=eval_batch_size or schedule.batch_size,
+                    eval_split=eval_split, resumed_from=step, step=step,
+                    stop_at=stage.total_steps if max_steps is None
+                    else min(stage.total_steps, max_steps),
+                    stopped="plateau" if self.plateau.state().stopped else "")
 
-        while step < stop_at:
-            epoch, skip = divmod(step, steps_per_epoch)
-            dataset = self.strategy.experimental_distribute_dataset(data_lib.train_pipeline(
-                task, image_size, schedule.batch_size, epoch, seed, skip_batches=skip,
-                with_index=self.indexed))
-            sums, count, tic = {}, 0, time.perf_counter()
-            for batch in dataset:
-                stats = {k: float(v) for k, v in self.train_step(batch).items()}
-                step += 1
-                # Per replica: the reduced loss is the sum over replicas.
-                checkpoints.observe(stats["loss"] / self.strategy.num_replicas_in_sync, step)
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
-                elapsed = time.perf_counter() - tic
-                values = {"loss": sums["loss"] / (count * self.strategy.num_replicas_in_sync),
-                          "acc": sums["correct"] / (count * schedule.batch_size),
-                          "img/s": count * schedule.batch_size / max(elapsed, 1e-9),
-                          "lr": float(self.optimizer.learning_rate)}
-                if "loss_scale" in stats:
-                    values["loss_scale"] = stats["loss_scale"]
-                report(step, values)
-                if step % self.log_every == 0:
-                    with writer.as_default(step=step):
-                        for k, v in values.items():
-                            tf.summary.scalar(f"train/{k.replace('/', '_per_')}", v)
-                        for k, v in sums.items():
-                            if k not in ("loss", "correct", "loss_scale"):
-                                tf.summary.scalar(f"train/{k}", v / count / self.strategy.num_replicas_in_sync)
-                end_of_epoch = step % steps_per_epoch == 0
-                if step % self.checkpoint_every == 0 or end_of_epoch or step == stop_at:
-                    checkpoints.save(step, final=step == total_steps)
-                if end_of_epoch or step == stop_at:
-                    break
-            train_time += time.perf_counter() - tic
-            images_seen += count * schedule.batch_size
-            epochs_done = step // steps_per_epoch
-            if step % steps_per_epoch == 0 and (epochs_done % evaluate_every == 0
-                                                or epochs_done == stage.epochs):
-                eval_accuracy = self.evaluate(task, image_size, eval_batch_size, eval_split)
-                evaluated_at = step
-                logging.debug("%s: epoch %d/%d %s accuracy %.4f", task.name,
-                             step // steps_per_epoch, stage.epochs,
-                             "validation" if eval_split == "val" else "test", eval_accuracy)
-                with writer.as_default(step=step):
-                    tf.summary.scalar(f"{eval_split}/accuracy", eval_accuracy)
-        writer.flush()
-        complete = step >= total_steps
+    def _train_epoch(self, run: "_Run", seed: int) -> None:
+        """Trains to the end of the current epoch, `run.stop_at` or the
+        plateau rule's stop, checkpointing and evaluating on the way."""
+        schedule, steps_per_epoch = self.schedule, run.stage.steps_per_epoch
+        replicas = self.strategy.num_replicas_in_sync
+        epoch, skip = divmod(run.step, steps_per_epoch)
+        dataset = self.strategy.experimental_distribute_dataset(data_lib.train_pipeline(
+            run.task, run.image_size, schedule.batch_size, epoch, seed, skip_batches=skip,
+            with_index=self.indexed))
+        sums, count, tic = {}, 0, time.perf_counter()
+        run.paused = 0.0
+        for batch in dataset:
+            stats = {k: float(v) for k, v in self.train_step(batch).items()}
+            run.step += 1
+            step = run.step
+            # Per replica: the reduced loss is the sum over replicas.
+            run.checkpoints.observe(stats["loss"] / replicas, step)
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            self._log_step(run, sums, count, time.perf_counter() - tic - run.paused,
+                           stats.get("loss_scale"))
+            if self.plateau.enabled and (step % run.stage.eval_interval(schedule) == 0
+                                         or step == run.stage.total_steps):
+                self._plateau_evaluation(run)
+            end_of_epoch = step % steps_per_epoch == 0
+            if (run.stopped or step % self.checkpoint_every == 0 or end_of_epoch
+                    or step == run.stop_at):
+                run.checkpoints.save(step, final=step == run.stage.total_steps
+                                     or bool(run.stopped))
+            if run.stopped or end_of_epoch or step == run.stop_at:
+                break
+        run.train_time += time.perf_counter() - tic - run.paused
+        run.images_seen += count * schedule.batch_size
+        if not self.plateau.enabled:
+            self._epoch_evaluation(run)
+
+    def _log_step(self, run: "_Run", sums: dict, count: int, elapsed: float,
+                  loss_scale: float | None) -> None:
+        """The progress line or bar, and TensorBoard every `log_every` steps."""
+        replicas = self.strategy.num_replicas_in_sync
+        values = {"loss": sums["loss"] / (count * replicas),
+                  "acc": sums["correct"] / (count * self.schedule.batch_size),
+                  "img/s": count * self.schedule.batch_size / max(elapsed, 1e-9),
+                  "lr": float(self.optimizer.learning_rate)}
+        if loss_scale is not None:
+            values["loss_scale"] = loss_scale
+        run.report(run.step, values)
+        if run.step % self.log_every == 0:
+            with run.writer.as_default(step=run.step):
+                for k, v in values.items():
+                    tf.summary.scalar(f"train/{k.replace('/', '_per_')}", v)
+                for k, v in sums.items():
+                    if k not in ("loss", "correct", "loss_scale"):
+                        tf.summary.scalar(f"train/{k}", v / count / replicas)
+
+    def _epoch_evaluation(self, run: "_Run") -> None:
+        """A fixed schedule's evaluation at the end of some epochs.
+
+        A small data set's many short epochs are evaluated about ten times
+        per stage, not after each one (digits' 13 student epochs, a
+        150-image folder's 38): each evaluation costs a pipeline and a pass."""
+        stage = run.stage
+        evaluate_every = -(-stage.epochs // _EVALUATIONS_PER_STAGE)
+        epochs_done = run.step // stage.steps_per_epoch
+        if run.step % stage.steps_per_epoch or not (epochs_done % evaluate_every == 0
+                                                     or epochs_done == stage.epochs):
+            return
+        run.eval_accuracy = self.evaluate(run.task, run.image_size, run.eval_batch_size,
+                                          run.eval_split)
+        run.evaluated_at = run.step
+        logging.debug("%s: epoch %d/%d %s accuracy %.4f", run.task.name, epochs_done,
+                      stage.epochs, "validation" if run.eval_split == "val" else "test",
+                      run.eval_accuracy)
+        with run.writer.as_default(step=run.step):
+            tf.summary.scalar(f"{run.eval_split}/accuracy", run.eval_accuracy)
+
+    def _plateau_evaluation(self, run: "_Run") -> None:
+        """Evaluates, lets the plateau rule decide, and acts on it."""
+        tic, step = time.perf_counter(), run.step
+        accuracy, loss = self.evaluate(run.task, run.image_size, run.eval_batch_size,
+                                       run.eval_split, with_loss=True)
+        run.eval_accuracy, run.evaluated_at = accuracy, step
+        rate = float(self.optimizer.learning_rate)
+        decision, state = self.plateau.observe(loss, step, self.optimizer, accuracy)
+        with run.writer.as_default(step=step):
+            tf.summary.scalar(f"{run.eval_split}/accuracy", accuracy)
+            tf.summary.scalar(f"{run.eval_split}/loss", loss)
+        logging.debug("%s: step %d %s loss %.4f accuracy %.4f (%s)", run.task.name, step,
+                      run.eval_split, loss, accuracy, decision)
+        run.stopped = self.plateau.verdict(run.task.name, step, run.eval_split, decision, state,
+                                           rate, float(self.optimizer.learning_rate),
+                                           at_cap=step >= run.stage.total_steps)
+        if run.stopped and self.plateau.restore_best(self.model, step):
+            logging.info("%s: keeping the weights of step %d (the last improvement on %s)",
+                         run.task.name, state.best_step, run.eval_split)
+            run.eval_accuracy = float("nan")  # the kept weights are evaluated at the end
+        run.paused += time.perf_counter() - tic
+
+    def _finish(self, run: "_Run", evaluate_test: bool) -> TrainResult:
+        stage, state = run.stage, self.plateau.state()
+        if not run.stopped and run.step >= stage.total_steps:
+            # Resumed at the end: how it ended is in the restored state.
+            run.stopped = ("schedule" if not self.plateau.enabled
+                           else "plateau" if state.stopped else "cap")
         test_accuracy = val_accuracy = float("nan")
-        if complete:
+        eval_accuracy, eval_loss = run.eval_accuracy, state.last
+        if run.stopped:
             if not math.isfinite(eval_accuracy):
-                # Resumed after the last epoch ended: evaluate what was restored.
-                eval_accuracy = self.evaluate(task, image_size, eval_batch_size, eval_split)
-            if eval_split == "val":
+                # Resumed after the end, or the best weights were restored:
+                # evaluate what the stage ends with.
+                eval_accuracy, eval_loss = self.evaluate(
+                    run.task, run.image_size, run.eval_batch_size, run.eval_split,
+                    with_loss=True)
+            if run.eval_split == "val":
                 val_accuracy = eval_accuracy
                 if evaluate_test:
-                    test_accuracy = self.evaluate(task, image_size, eval_batch_size, "test")
+                    test_accuracy = self.evaluate(run.task, run.image_size,
+                                                  run.eval_batch_size, "test")
             else:
                 test_accuracy = eval_accuracy
-        elif evaluated_at == step and eval_split == "val":
-            # Stopped early at an epoch's end (the prune search's halfway
-            # check): that epoch's evaluation is the caller's answer too.
+        elif run.evaluated_at == run.step and run.eval_split == "val":
+            # Stopped early at an evaluation (the prune search's halfway
+            # check at an epoch's end): that evaluation is the caller's answer.
             val_accuracy = eval_accuracy
-        return TrainResult(step, test_accuracy, images_seen / max(train_time, 1e-9), resumed_from,
-                           val_accuracy=val_accuracy, total_steps=total_steps,
-                           epochs=stage.epochs)
+        return TrainResult(
+            run.step, test_accuracy, run.images_seen / max(run.train_time, 1e-9),
+            run.resumed_from, val_accuracy=val_accuracy, total_steps=stage.total_steps,
+            epochs=-(-run.step // stage.steps_per_epoch) if self.plateau.enabled
+            else stage.epochs, stopped=run.stopped,
+            val_loss=eval_loss if self.plateau.enabled else float("nan"),
+            best_step=state.best_step, reductions=state.reductions,
+            learning_rate=float(self.optimizer.learning_rate))
+
+
+@dataclasses.dataclass
+class _Run:
+    """One call of `Trainer.fit`: where its loop stands."""
+    task: data_lib.TaskData
+    image_size: int
+    stage: StagePlan
+    checkpoints: TrainingCheckpoints
+    writer: object
+    report: Callable
+    eval_batch_size: int
+    eval_split: str
+    resumed_from: int
+    step: int
+    stop_at: int
+    stopped: str = ""               # see TrainResult.stopped
+    images_seen: int = 0
+    train_time: float = 0.0
+    paused: float = 0.0             # seconds of this epoch spent evaluating
+    eval_accuracy: float = float("nan")
+    evaluated_at: int | None = None

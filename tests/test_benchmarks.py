@@ -96,7 +96,7 @@ def test_seed_study_runs_each_seed_and_summarises_mean_and_spread(tmp_path):
         "--tasks=digits", "--backbone=tiny", "--backbone_weights=random", "--image_size=16",
         "--teacher_epochs=1", "--student_epochs=1", "--finetune_epochs=1", "--teacher_lr=0.05",
         "--prune_universal=1", "--log_every=50", "--teacher_min_steps=0",
-        "--student_min_steps=0", "--finetune_min_steps=0"]))
+        "--student_min_steps=0", "--finetune_min_steps=0", "--noteacher_plateau"]))
     markdown = tmp_path / "seeds.md"
     proc = subprocess.run(
         [sys.executable, os.path.join(BENCHMARKS, "seeds.py"), f"--flagfile={flagfile}",
@@ -202,3 +202,19 @@ def test_the_prune_signal_table_is_its_committed_results(tmp_path):
     with open(os.path.join(ROOT, "docs", "prune_signals.md"), encoding="utf-8") as f:
         assert out.read_text() == f.read()
     assert "| mnist5k | 0 | 9 | 0.596 |" in out.read_text()
+
+
+def test_the_cluttered_digits_folder_is_ten_classes_and_the_same_for_a_seed(tmp_path):
+    def make(out, seed):
+        proc = subprocess.run(
+            [sys.executable, os.path.join(BENCHMARKS, "make_cluttered_digits.py"),
+             f"--out={out}", "--train_per_class=2", "--test_per_class=1", f"--seed={seed}"],
+            env=_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return {os.path.relpath(os.path.join(d, f), out): open(os.path.join(d, f), "rb").read()
+                for d, _, files in os.walk(out) for f in files}
+
+    first, again = make(tmp_path / "a", 0), make(tmp_path / "b", 0)
+    assert sorted(first) == sorted(again) and first == again
+    assert sorted({name.split(os.sep)[1] for name in first}) == [str(d) for d in range(10)]
+    assert sum(name.startswith("train") for name in first) == 20 and len(first) == 30

@@ -115,6 +115,7 @@ def test_paper_flagfiles_follow_the_published_schedules(cli, name, monkeypatch):
         s = getattr(config, stage)
         assert (s.epochs, s.batch_size, s.learning_rate, s.decay_epochs) == expected[stage], stage
         assert s.weight_decay == 5e-4
+        assert not s.plateau, f"{stage}: the published schedules have a fixed length"
     assert (config.prune_universal, config.prune_proxy_threshold) == expected["prune"]
     assert not config.prune_search
     assert config.backbone_weights.endswith(".pth")

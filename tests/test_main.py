@@ -13,7 +13,7 @@ TINY = ["--backbone=tiny", "--backbone_weights=random", "--image_size=16", "--ta
         "--teacher_epochs=1", "--teacher_lr=0.05", "--student_epochs=2", "--finetune_epochs=1",
         "--prune_universal=1", "--log_every=5", "--checkpoint_every=10",
         "--teacher_min_steps=0", "--student_min_steps=0", "--finetune_min_steps=0",
-        "--stages=teacher,student,prune,finetune"]
+        "--stages=teacher,student,prune,finetune", "--noteacher_plateau"]
 
 
 def run_cli(*args, timeout=300):

@@ -148,6 +148,42 @@ def test_a_changed_upstream_output_makes_the_downstream_stages_stale(tmp_path, m
     prune.load_task_state(rebuilt, str(task_dir / "nettailor.npz"))  # fits the new plan
 
 
+def test_a_capped_stage_still_improving_is_a_finding_and_a_changed_plateau_flag_redoes_it(
+        tmp_path, mocked_svhn, caplog):
+    strategy = tf.distribute.get_strategy()
+    # 38 training images, batch 16: 2 steps an epoch, an evaluation each
+    # step; a stop patience beyond the 6 evaluations cannot stop before the cap.
+    capped = dataclasses.replace(_config(tmp_path).teacher, epochs=3, plateau=True,
+                                 eval_steps=1, plateau_patience=7, stop_patience=8)
+    config = _config(tmp_path, stages=("teacher",), teacher=capped)
+    with caplog.at_level("WARNING", logger="absl"):
+        stages.run(config, strategy)
+    assert any("reached the cap of 6 steps" in r.getMessage() for r in caplog.records)
+    assert any("the teacher stage reached its cap of 6 steps" in r.getMessage()
+               for r in caplog.records)  # the findings of the run, at its end
+    entry = json.loads((tmp_path / "report.json").read_text())["tasks"]["svhn_cropped"]["teacher"]
+    assert entry["stopped"] == "cap" and entry["converged"] is False
+    assert entry["steps"] == entry["cap_steps"] == 6 and entry["lr_reductions"] == 0
+    assert 1 <= entry["best_step"] <= 6 and entry["val_loss"] > 0
+    markdown = (tmp_path / "report.md").read_text()
+    assert "**Finding:** the teacher stage reached its cap of 6 steps" in markdown
+    assert "**not converged**" in markdown
+
+    weights = tmp_path / "tasks" / "svhn_cropped" / "teacher.weights.h5"
+    made = weights.stat().st_mtime_ns
+    stages.run(config, strategy)  # the same settings: done, skipped
+    assert weights.stat().st_mtime_ns == made
+    caplog.clear()
+    changed = dataclasses.replace(capped, plateau_min_delta=0.5)
+    with caplog.at_level("WARNING", logger="absl"):
+        stages.run(_config(tmp_path, stages=("teacher",), teacher=changed), strategy)
+    assert any("teacher stage's plateau changed since it ran; redoing it" in r.getMessage()
+               for r in caplog.records)
+    assert weights.stat().st_mtime_ns != made
+    ledger = json.loads((tmp_path / "tasks" / "svhn_cropped" / "ledger.json").read_text())
+    assert ledger["teacher"]["plateau"]["plateau_min_delta"] == 0.5
+
+
 def test_other_data_under_the_same_name_is_refused_until_restarted(tmp_path):
     import tensorflow_datasets as tfds
 

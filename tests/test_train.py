@@ -1,5 +1,7 @@
-"""The training loop: resumption, the optimizer's arithmetic, mixed precision, two
-replicas and two worker processes (checkpoint health: test_checkpoints.py)."""
+"""The training loop: resumption, the optimizer's arithmetic, the plateau rule, mixed
+precision, two replicas and two worker processes (checkpoint health:
+test_checkpoints.py; the plateau rule's decisions alone: test_plateau.py)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -155,6 +157,101 @@ def test_held_variables_keep_their_rate_and_a_multiplier_scales_weight_decay_too
     assert float(c[0]) == pytest.approx(expected_c, abs=1e-6)
 
 
+PLATEAU = train.Schedule(epochs=2, batch_size=32, learning_rate=0.05, plateau=True,
+                         eval_steps=5, plateau_patience=1, stop_patience=3,
+                         plateau_min_delta=0.02, plateau_monitor="loss", restore_best=True)
+
+
+def _recording(trainer):
+    """Records (step, decision, learning rate) of every plateau evaluation."""
+    seen, build = [], trainer.build_steps
+
+    def build_steps(steps_per_epoch):
+        stage = build(steps_per_epoch)
+        observe = trainer.plateau.observe
+
+        def recorded(value, step, optimizer, accuracy):
+            decision, state = observe(value, step, optimizer, accuracy)
+            seen.append((step, decision, round(float(optimizer.learning_rate), 8)))
+            return decision, state
+        trainer.plateau.observe = recorded
+        return stage
+    trainer.build_steps = build_steps
+    return seen
+
+
+def test_the_plateau_rule_lowers_the_rate_stops_and_resumes_mid_wait_exactly(digits, tmp_path):
+    split = data.with_validation_split(digits, 0.1, seed=0)
+    straight, straight_model = _trainer(tmp_path / "straight", PLATEAU)
+    seen = _recording(straight)
+    result = straight.fit(split, 16, seed=3)
+    # Measured on this seed: the validation loss improves until step 25, then
+    # the rate is lowered twice (one evaluation each) and the stage stops at
+    # the third evaluation without improvement, half-way to its cap of 80.
+    decisions = [d for _, d, _ in seen]
+    assert decisions[-3:] == ["reduce", "reduce", "stop"], seen
+    assert result.stopped == "plateau" and result.converged is True and result.complete
+    assert result.steps == seen[-1][0] < result.total_steps == 2 * 40
+    assert result.reductions == 2 and result.learning_rate == pytest.approx(0.0005)
+    # The weights of the lowest validation loss are kept: their accuracy is reported.
+    assert result.best_step == seen[-4][0]
+    assert result.val_accuracy == pytest.approx(straight.evaluate(split, 16, 32, "val"))
+
+    # Killed after the first lowering (one evaluation into the wait), resumed
+    # by a new process with another initialisation: the same decisions, rate
+    # and final weights.
+    stop = seen[-3][0] + 3
+    first, _ = _trainer(tmp_path / "resumed", PLATEAU)
+    interrupted = first.fit(split, 16, seed=3, max_steps=stop)
+    assert interrupted.steps == stop and not interrupted.complete
+    assert first.plateau.state().stop_wait == 1
+    second, resumed_model = _trainer(tmp_path / "resumed", PLATEAU, seed=99)
+    resumed_seen = _recording(second)
+    again = second.fit(split, 16, seed=3)
+    assert resumed_seen == seen[-2:]
+    assert (again.steps, again.stopped, again.best_step) == (result.steps, "plateau",
+                                                             result.best_step)
+    for a, b in zip(straight_model.weights, resumed_model.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    assert again.test_accuracy == pytest.approx(result.test_accuracy, abs=1e-6)
+    # A third run finds the stage stopped and trains nothing.
+    third, _ = _trainer(tmp_path / "resumed", PLATEAU, seed=7)
+    done = third.fit(split, 16, seed=3)
+    assert done.resumed_from_step == done.steps == result.steps and done.stopped == "plateau"
+
+
+def test_a_stage_at_its_cap_still_improving_has_not_converged(digits, tmp_path):
+    split = data.with_validation_split(digits, 0.1, seed=0)
+    capped = dataclasses.replace(PLATEAU, epochs=1, eval_steps=10, stop_patience=5,
+                                 plateau_patience=4, plateau_min_delta=0.0)
+    result = _trainer(tmp_path, capped)[0].fit(split, 16, seed=3)
+    assert result.steps == result.total_steps == 40
+    assert result.stopped == "cap" and result.converged is False and result.complete
+    assert result.reductions == 0 and result.learning_rate == pytest.approx(0.05)
+
+
+def test_held_variables_keep_their_rate_when_the_plateau_rule_lowers_it():
+    # loss = a + b; b is held at 10x the initial rate.  The rule's lowering
+    # is an assignment to the optimizer's rate: a follows it, b does not.
+    strategy = tf.distribute.get_strategy()
+    a, b = (keras.Variable(np.array([1.0], np.float32)) for _ in range(2))
+    schedule = dataclasses.replace(PLATEAU, batch_size=1, learning_rate=0.1,
+                                   weight_decay=0.0, momentum=0.0)
+
+    def loss_fn(images, labels, training):
+        return tf.reduce_sum(a + b), tf.zeros((1, 2)), {}
+
+    trainer = train.Trainer(strategy, None, loss_fn, [a, b], [], schedule,
+                            checkpoint_dir="unused", lr_multipliers=[1.0, 10.0], held=[b])
+    assert trainer.build_steps(steps_per_epoch=2).decay_steps == []
+    batch = (tf.zeros((1, 4, 4, 3)), tf.zeros((1,), tf.int32))
+    trainer.train_step(batch)
+    trainer.optimizer.learning_rate = 0.01
+    trainer.train_step(batch)
+    assert float(a[0]) == pytest.approx(1 - 0.1 - 0.01, abs=1e-6)
+    assert float(b[0]) == pytest.approx(1 - 2 * 10 * 0.1, abs=1e-5)
+
+
 def test_fit_selects_on_validation_and_reports_test_once(digits, tmp_path):
     split = data.with_validation_split(digits, 0.1, seed=0)
     trainer, _ = _trainer(tmp_path, train.Schedule(1, 32, 0.05, min_steps=60))
@@ -238,7 +335,7 @@ def test_two_worker_processes_match_one_worker_with_two_replicas(tmp_path):
 
     common = ["--tasks=digits", "--stages=teacher", "--backbone=tiny",
               "--backbone_weights=random", "--image_size=16", "--teacher_epochs=1",
-              "--teacher_batch_size=32", "--seed=0", "--log_every=1000"]
+              "--teacher_batch_size=32", "--seed=0", "--log_every=1000", "--noteacher_plateau"]
     # The one-process run starts beside the two workers: most of each run is
     # TensorFlow starting, which overlaps.
     one = subprocess.Popen(

@@ -193,6 +193,7 @@ def _run_locked(config: Config, strategy, paths: Workdir) -> Report:
                     identity = {**identity, **cost_identity(config)}
                 if stage == "prune":
                     identity = {**identity, **prune_search.decision_identity(config)}
+                identity = {**identity, **provenance.schedule_identity(config, stage)}
                 if stage in TRAINING_STAGES:
                     provenance.refresh(paths, report, task.name, stage, identity)
                 finished.append(functions[stage](config, strategy, task, report))

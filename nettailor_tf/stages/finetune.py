@@ -12,7 +12,8 @@ from nettailor_tf import prune as prune_lib
 from nettailor_tf.config import Config
 from nettailor_tf.report import Report
 from nettailor_tf.student import Plan
-from nettailor_tf.stages.nettailor import gate_values, or_none, prepared_pruned, train_nettailor
+from nettailor_tf.stages.nettailor import (gate_values, or_none, prepared_pruned,
+                                           train_nettailor, training_outcome)
 from nettailor_tf.stages.prune_search import CONFIDENCE
 from nettailor_tf.workdir import Workdir
 
@@ -61,6 +62,7 @@ def run_finetune(config: Config, strategy, task, report: Report) -> bool:
         "plan": paths.relative(paths.plan(task.name)),
         "weights": paths.relative(state_path),
         "epochs": result.epochs, "steps": result.steps,
+        **training_outcome(result),
         **({"latency_cost": latency_cost(config, plan)}
            if config.complexity_cost == "latency" else {}),
     })

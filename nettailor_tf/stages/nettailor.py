@@ -21,6 +21,20 @@ def or_none(value: float):
     return None if value != value else value
 
 
+def training_outcome(result: "train.TrainResult") -> dict:
+    """How a training stage ended, for its report entry: 'stopped' is
+    'schedule' (a fixed length), 'plateau' (the rule judged it converged) or
+    'cap' (it reached its cap still improving: 'converged' false, a finding);
+    the rest is null for a fixed schedule."""
+    rule = result.stopped != "schedule"
+    return {"stopped": result.stopped, "converged": result.converged,
+            "cap_steps": result.total_steps if rule else None,
+            "best_step": result.best_step if rule else None,
+            "val_loss": or_none(result.val_loss) if rule else None,
+            "lr_reductions": result.reductions if rule else None,
+            "final_learning_rate": result.learning_rate if rule else None}
+
+
 def selection_accuracy(config: Config, entry: dict) -> float:
     """The accuracy choices are made on: validation, or test (the paper's protocol)."""
     return entry["accuracy"] if config.selection_split == "test" else entry["val_accuracy"]

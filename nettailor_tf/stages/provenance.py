@@ -38,6 +38,26 @@ def outputs(paths: Workdir, task: str, stage: str) -> list[str]:
             "finetune": [paths.pruned_state(task), paths.checkpoints(task, "finetune")]}[stage]
 
 
+# The plateau rule's settings: a stage trained under other ones is redone.
+PLATEAU_SETTINGS = ("eval_steps", "plateau_monitor", "plateau_patience", "plateau_factor",
+                    "plateau_min_delta",
+                    "plateau_cooldown", "plateau_min_lr", "stop_patience", "restore_best")
+
+
+def schedule_identity(config, stage: str) -> dict:
+    """How `stage` decides its own length, for the ledger: the plateau
+    rule's settings where it trains by the rule (the prune search's brief
+    fine-tunes train by the finetune stage's), nothing for a fixed schedule,
+    so that workdirs made before the rule stay current."""
+    schedule = {"teacher": config.teacher, "student": config.student,
+                "finetune": config.finetune,
+                "prune": config.finetune if config.searches_prune
+                and config.prune_search_steps != 0 else None}.get(stage)
+    if schedule is None or not schedule.plateau:
+        return {}
+    return {"plateau": {name: getattr(schedule, name) for name in PLATEAU_SETTINGS}}
+
+
 def input_fingerprints(paths: Workdir, task: str, stage: str, identity: dict) -> dict:
     """What `stage` of `task` is made from: the run's and the data's identity
     and the content of the files it reads."""

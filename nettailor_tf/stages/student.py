@@ -11,7 +11,8 @@ from nettailor_tf import gates as gates_lib
 from nettailor_tf import prune as prune_lib
 from nettailor_tf.config import Config
 from nettailor_tf.report import Report
-from nettailor_tf.stages.nettailor import gate_values, or_none, train_nettailor
+from nettailor_tf.stages.nettailor import (gate_values, or_none, train_nettailor,
+                                           training_outcome)
 from nettailor_tf.workdir import Workdir
 
 
@@ -45,6 +46,7 @@ def run_student(config: Config, strategy, task, report: Report) -> bool:
         "complexity_loss": "exact" if config.complexity_exact else "published",
         "complexity_coeff": complexity_coeff,
         "epochs": result.epochs, "steps": result.steps,
+        **training_outcome(result),
         "train_images_per_second": result.train_images_per_second,
     })
     logging.info("%s: student test accuracy %.4f, gate entropy %.3f (0: decisive, 1: uniform)",

@@ -12,7 +12,7 @@ from nettailor_tf import data as data_lib
 from nettailor_tf.config import Config
 from nettailor_tf.losses import cross_entropy
 from nettailor_tf.report import Report
-from nettailor_tf.stages.nettailor import or_none
+from nettailor_tf.stages.nettailor import or_none, training_outcome
 from nettailor_tf.train import Trainer
 from nettailor_tf.workdir import Workdir
 
@@ -62,6 +62,7 @@ def run_teacher(config: Config, strategy, task: data_lib.TaskData, report: Repor
         "flops": complexity.classifier_flops(backbone, config.image_size, task.num_classes),
         "epochs": result.epochs,
         "steps": result.steps,
+        **training_outcome(result),
         "train_images_per_second": result.train_images_per_second,
         "weights": paths.relative(weights_path),
     })
