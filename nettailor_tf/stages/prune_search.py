@@ -38,6 +38,7 @@ from nettailor_tf import data as data_lib
 from nettailor_tf import prune as prune_lib
 from nettailor_tf import student as student_lib
 from nettailor_tf.config import WHOLE_FINETUNE, Config
+from nettailor_tf.errors import NetTailorError
 from nettailor_tf.stages.nettailor import (nettailor_trainer, prepared_pruned,
                                            recalibration_batches, selection_accuracy,
                                            teacher_targets)
@@ -413,5 +414,6 @@ def score_candidate(config, strategy, task, student, plan, teacher, n, split, ta
     return {"accuracy": accuracy, "steps": result.steps, **entry}
 
 
-class Interrupted(Exception):
-    """A brief fine-tune stopped at --max_steps: the search resumes next run."""
+class Interrupted(NetTailorError):
+    """A brief fine-tune stopped at --max_steps: the search resumes next run
+    (the prune stage catches it; it never reaches the user)."""
