@@ -105,14 +105,13 @@ def _measure_task(config, strategy, task, candidates):
             plan = prune_lib.prune_plan(student.plan, alphas, n, config.prune_proxy_threshold,
                                         config.prune_universal_threshold)
             correct = scorer(plan)
-            predicted_right = correct  # answers are compared with the labels by the scorer
             damage = selection.paired(reference, correct)
             cost = prune_lib.pruned_cost(backbone, plan, size, task.num_classes, student)
             agreement = float(np.mean(correct == (teacher_pool == labels_pool)))
             rows.append({"task": task.name, "n": n, "flops_fraction": cost["flops"] / teacher_flops,
                          "zero_shot": {
-                             "val_accuracy": float(np.mean(predicted_right[-num_val:])),
-                             "pool_accuracy": float(np.mean(predicted_right)),
+                             "val_accuracy": float(np.mean(correct[-num_val:])),
+                             "pool_accuracy": float(np.mean(correct)),
                              "pool_damage": damage.as_dict(0.9),
                              "pool_teacher_correctness_agreement": agreement},
                          "plan": plan})
