@@ -30,7 +30,7 @@ def predicted_and_measured(workdir: str, image_size: int, threads: int = 1, runs
     from exporters import latency as latency_lib
     from exporters import savedmodel
     from nettailor_tf import backbones, prune
-    from nettailor_tf import latency_table as latency_table_lib
+    from nettailor_tf import latency_measure
     from nettailor_tf import quiet
     from nettailor_tf import student as student_lib
     from nettailor_tf.workdir import Workdir
@@ -41,7 +41,7 @@ def predicted_and_measured(workdir: str, image_size: int, threads: int = 1, runs
         report = json.load(f)
     name = settings["backbone"]
     max_skip = config_lib.parse_max_skip(str(settings["max_skip"]))
-    table, _ = latency_table_lib.cached_table(name, image_size, threads, max_skip, cache_dir)
+    table, _ = latency_measure.cached_table(name, image_size, threads, max_skip, cache_dir)
     paths = Workdir(workdir)
     backbone = backbones.build_backbone(name)
     networks = {}
@@ -52,7 +52,7 @@ def predicted_and_measured(workdir: str, image_size: int, threads: int = 1, runs
     files = {}
     with tempfile.TemporaryDirectory(prefix="nettailor_prediction_") as folder:
         for (task, network), plan in networks.items():
-            content = latency_table_lib.whole_network_content(
+            content = latency_measure.whole_network_content(
                 backbone, plan, image_size, report["tasks"][task]["num_classes"])
             path = os.path.join(folder, f"{task}_{network}.tflite")
             with open(path, "wb") as f:

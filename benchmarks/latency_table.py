@@ -27,6 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from nettailor_tf import config as config_lib  # noqa: E402  (after the path above)
+from nettailor_tf import latency_measure  # noqa: E402
 from nettailor_tf import latency_table as latency_table_lib  # noqa: E402
 
 # What `benchmark_model` prints at the end of a run, e.g.
@@ -54,7 +55,7 @@ def _functions(backbone: str, image_size: int, max_skip):
     network = backbones_lib.build_backbone(backbone)
     plan = student_lib.Plan.full(len(network.blocks), max_skip)
     student = student_lib.build_student(network, 10, plan, "frozen", image_size)
-    return latency_table_lib.branch_functions(student, image_size)
+    return latency_measure.branch_functions(student, image_size)
 
 
 def write_models(backbone: str, image_size: int, max_skip, out: str, threads: int,
@@ -67,10 +68,10 @@ def write_models(backbone: str, image_size: int, max_skip, out: str, threads: in
     for key, function in _functions(backbone, image_size, max_skip).items():
         path = os.path.join(out, f"{key}.tflite")
         with open(path, "wb") as f:
-            f.write(latency_table_lib.convert_functions({key: function}))
+            f.write(latency_measure.convert_functions({key: function}))
         written.append(path)
     # The two whole networks the table is calibrated on.
-    networks = latency_table_lib.whole_networks(backbones_lib.build_backbone(backbone), max_skip,
+    networks = latency_measure.whole_networks(backbones_lib.build_backbone(backbone), max_skip,
                                                 image_size, out)
     written += [path for path, _ in networks.values()]
     script = os.path.join(out, "run_all.sh")
@@ -125,7 +126,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     max_skip = config_lib.parse_max_skip(args.max_skip)
     if args.command == "measure":
-        table = latency_table_lib.measure_table(args.backbone, args.image_size, args.threads,
+        table = latency_measure.measure_table(args.backbone, args.image_size, args.threads,
                                                 max_skip)
         table.save(args.out)
     elif args.command == "models":

@@ -31,6 +31,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from exporters import savedmodel, tflite
+from nettailor_tf.errors import first_line
 
 # Convolutions and dense layers: the ops whose weights the weight-only recipe
 # quantises (input 1), and the axis of their output channels.
@@ -217,6 +218,6 @@ def convert_mixed(float_content: bytes, images: np.ndarray, labels: np.ndarray, 
     try:
         return choose_mixed(float_content, images, labels, budget, kept_bits, threads)
     except Exception as error:  # the quantizer raises many unrelated types
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise tflite.ConversionError(f"mixed quantisation failed: {first}") from None
 

@@ -40,7 +40,7 @@ from ai_edge_litert import schema_py_generated as schema
 
 from exporters import savedmodel
 from nettailor_tf import quiet
-from nettailor_tf.errors import NetTailorError
+from nettailor_tf.errors import NetTailorError, first_line
 
 VARIANTS = ("float32", "float16", "dynamic", "int8", "int8_weights", "int4_weights", "mixed")
 # The weight-only variants and their bits: ai-edge-quantizer recipes applied
@@ -77,7 +77,7 @@ def quantize_weights(float_content: bytes, bits: int) -> bytes:
     try:
         return apply_recipe(float_content, chosen)
     except Exception as error:  # the quantizer raises many unrelated types
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise ConversionError(f"{bits}-bit weight-only quantisation failed: {first}") from None
 
 
@@ -127,7 +127,7 @@ def convert(savedmodel_dir: str, signature_keys: list[str], variant: str,
         with quiet.native_stderr_filtered():
             return converter.convert()
     except Exception as error:  # the converter raises many unrelated types
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise ConversionError(f"TFLite {variant} conversion of {savedmodel_dir} failed: "
                               f"{first}") from error
 

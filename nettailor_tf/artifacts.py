@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 
 import keras
+from absl import logging
 
-from nettailor_tf import atomic
+from nettailor_tf import atomic, latency_measure
+from nettailor_tf import latency_table as latency_table_lib
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import prune as prune_lib
 from nettailor_tf import student as student_lib
@@ -183,10 +185,6 @@ def latency_table(config: Config, threads: int | None = None):
     --latency_table where given (measured on the target device), else this
     machine's, measured once and cached (`threads`: default
     --latency_threads; the benchmark stage's prediction asks for 1)."""
-    from absl import logging
-
-    from nettailor_tf import latency_table as latency_table_lib
-
     threads = threads or config.latency_threads
     key = (config.latency_table, config.backbone, config.image_size, config.max_skip,
            threads if config.latency_table is None else None, config.latency_cache_dir)
@@ -201,7 +199,7 @@ def latency_table(config: Config, threads: int | None = None):
     else:
         logging.info("latency table: %s at %d px, %d thread%s, on this machine", config.backbone,
                      config.image_size, threads, "" if threads == 1 else "s")
-        table, cached = latency_table_lib.cached_table(
+        table, cached = latency_measure.cached_table(
             config.backbone, config.image_size, threads, config.max_skip,
             config.latency_cache_dir)
         logging.info("latency table: %s %s (fingerprint %s)", "read from" if cached else

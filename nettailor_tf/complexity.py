@@ -8,9 +8,11 @@ any image size without running anything.
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 from nettailor_tf.backbones import Backbone
 from nettailor_tf.layers import BasicBlock, Bottleneck, ConvBN, InvertedResidual, Normalize
+from nettailor_tf.student import proxy_hidden_channels
 
 Shape = tuple  # (batch, height, width, channels)
 
@@ -101,8 +103,6 @@ def classifier_flops(backbone: Backbone, image_size: int, num_classes: int) -> i
 
 def branch_flops(backbone: Backbone, plan, image_size: int) -> list[list[int]]:
     """Multiply-adds of every branch of `plan`, universal first, per block."""
-    from nettailor_tf.student import proxy_hidden_channels
-
     shape = layer_flops(backbone.stem, (1, image_size, image_size, 3))[1]
     node_shapes = [shape]
     universal = []
@@ -142,8 +142,6 @@ def expected_complexity(alphas, costs, plan, exact: bool = True):
             block l-1's `in` for every branch of block l, as the published
             code does.
     """
-    import tensorflow as tf
-
     num_blocks = len(plan.blocks)
     live = [l for l, b in enumerate(plan.blocks) if b.live]
     alpha_of = dict(zip(live, alphas))

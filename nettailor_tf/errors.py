@@ -22,3 +22,18 @@ class NetTailorError(Exception):
 class TrainingError(NetTailorError, RuntimeError):
     """A training run that cannot go on (a diverged loss, no readable
     checkpoint); the message says what the next run will do."""
+
+
+# The predict command's name, as its error and warning lines start.
+PREDICT_COMMAND = "nettailor_tf.predict"
+
+
+class PredictError(NetTailorError):
+    """A model, image or task that the predict command cannot use."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type where it has none):
+    what a one-line error quotes of a library's own message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -9,12 +9,12 @@ import json
 import os
 
 from nettailor_tf import atomic
+from nettailor_tf.visualize import latency_prediction_points
 from nettailor_tf.workdir import WorkdirError
 
 
 class Report:
     """The run's results, keyed as README, "Outputs" fixes; saved after each change."""
-
     def __init__(self, workdir: str, backbone: str, image_size: int):
         self.json_path = os.path.join(workdir, "report.json")
         self.md_path = os.path.join(workdir, "report.md")
@@ -389,8 +389,6 @@ def _bundle_section(bundle: dict | None) -> list[str]:
 
 def _latency_prediction_section(data: dict) -> list[str]:
     """The latency table's float32 predictions against the measured files."""
-    from nettailor_tf.visualize import latency_prediction_points
-
     points = [p for p in latency_prediction_points(data) if p["variant"] == "float32"]
     if not points:
         return []

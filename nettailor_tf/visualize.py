@@ -17,6 +17,13 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
 from nettailor_tf import atomic
 
 __all__ = ["plot_architecture", "plot_deployment"]
@@ -103,7 +110,6 @@ class _ArcHandler:
     """Legend handler drawing an _ArcHandle as a half-sine arc."""
 
     def legend_artist(self, legend, handle, fontsize, handlebox):
-        from matplotlib.lines import Line2D
         w, h = handlebox.width, handlebox.height
         xs, ys = _arc(0.0, w, 1.1 * h, n=20)
         line = Line2D(xs, [y - 0.1 * h for y in ys], color=handle.color, lw=handle.lw,
@@ -139,13 +145,6 @@ def plot_architecture(path: str, title: str, full_plan: list[dict],
     and the counts), when kept_plan has branches full_plan lacks, or when
     block_flops has the wrong length.
     """
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
     full = _as_blocks(full_plan, "full_plan")
     alphas = _check_gates(full, gates)
     kept = None if kept_plan is None else _as_blocks(kept_plan, "kept_plan")
@@ -159,123 +158,131 @@ def plot_architecture(path: str, title: str, full_plan: list[dict],
         if len(block_flops) != num_blocks:
             raise ValueError(f"block_flops has {len(block_flops)} entries but full_plan "
                              f"has {num_blocks} blocks")
-
-    cmap = colormaps[_CMAP]
-    norm = Normalize(0.0, 1.0)
-    max_skip = max([l + 1 - s for l, (_, ss) in enumerate(full) for s in ss], default=1)
-
-    def arc_height(skip: int) -> float:
-        # Skip 1 (a proxy beside the universal branch) stays low; the longest
-        # skip reaches 1.0, whatever max_skip is (dense plans included).
-        if max_skip <= 1:
-            return 0.35
-        return 0.3 + 0.7 * (skip - 1) / (max_skip - 1)
-
-    def width(alpha: float) -> float:
-        return 0.6 + 4.4 * min(max(alpha, 0.0), 1.0)
-
     fig_width = max(8.0, 0.7 * num_blocks)
     fig = Figure(figsize=(fig_width, 4.0), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    edges = _Edges(full, alphas, kept)
+    edges.draw(ax)
+    _draw_nodes(ax, num_blocks, block_flops, edges.dead_blocks)
+    fig.suptitle(title, fontsize=11)
+    ax.set_title(edges.subtitle(num_blocks), fontsize=8.5, color="#404040", pad=2)
+    _architecture_legend(fig, ax, kept is not None, block_flops is not None, fig_width)
+    _save_png(fig, path)
 
-    # Edges as (alpha, xs, ys).  Pruned ones are drawn first, then the kept
-    # ones by increasing alpha so the strongest branches lie on top.
-    pruned_edges, kept_edges = [], []
-    counts = {"universal": 0, "universal_kept": 0, "proxies": 0, "proxies_kept": 0}
-    dead_blocks = set()
-    for l, ((universal, sources), block_alphas) in enumerate(zip(full, alphas)):
-        k_universal, k_sources = (universal, sources) if kept is None else kept[l]
-        if kept is not None and not k_universal and not k_sources:
-            dead_blocks.add(l)
-        branches = ([("universal", l)] if universal else []) + [("proxy", s) for s in sources]
-        for (kind, source), alpha in zip(branches, block_alphas):
-            is_kept = k_universal if kind == "universal" else source in k_sources
-            counts["universal" if kind == "universal" else "proxies"] += 1
-            if is_kept:
-                counts["universal_kept" if kind == "universal" else "proxies_kept"] += 1
-            if kind == "universal":
-                xs, ys = [source, l + 1], [0.0, 0.0]
-            else:
-                xs, ys = _arc(source, l + 1, arc_height(l + 1 - source))
-            (kept_edges if is_kept else pruned_edges).append((alpha, xs, ys))
 
-    for _, xs, ys in pruned_edges:
-        ax.plot(xs, ys, color=_PRUNED_COLOR, lw=0.9, ls=(0, (3, 2)), alpha=0.8,
-                solid_capstyle="round", zorder=1)
-    for alpha, xs, ys in sorted(kept_edges, key=lambda e: e[0]):
-        ax.plot(xs, ys, color=cmap(norm(alpha)), lw=width(alpha), solid_capstyle="round",
-                zorder=2 + min(max(alpha, 0.0), 1.0))
+class _Edges:
+    """Every branch of the student as a line: (alpha, xs, ys), the pruned
+    ones apart, with the counts the subtitle gives."""
 
-    # Stem (in -> node 0) and head (node L -> head): no gate.
+    def __init__(self, full, alphas, kept):
+        self.kept_plan = kept
+        self.pruned, self.kept = [], []
+        self.counts = {"universal": 0, "universal_kept": 0, "proxies": 0, "proxies_kept": 0}
+        self.dead_blocks = set()
+        self.max_skip = max([l + 1 - s for l, (_, ss) in enumerate(full) for s in ss],
+                            default=1)
+        for l, ((universal, sources), block_alphas) in enumerate(zip(full, alphas)):
+            k_universal, k_sources = (universal, sources) if kept is None else kept[l]
+            if kept is not None and not k_universal and not k_sources:
+                self.dead_blocks.add(l)
+            branches = ([("universal", l)] if universal else []) + [("proxy", s)
+                                                                    for s in sources]
+            for (kind, source), alpha in zip(branches, block_alphas):
+                is_kept = k_universal if kind == "universal" else source in k_sources
+                self.counts["universal" if kind == "universal" else "proxies"] += 1
+                if is_kept:
+                    self.counts["universal_kept" if kind == "universal"
+                                else "proxies_kept"] += 1
+                if kind == "universal":
+                    xs, ys = [source, l + 1], [0.0, 0.0]
+                else:
+                    xs, ys = _arc(source, l + 1, self.arc_height(l + 1 - source))
+                (self.kept if is_kept else self.pruned).append((alpha, xs, ys))
+
+    def arc_height(self, skip: int) -> float:
+        # Skip 1 (a proxy beside the universal branch) stays low; the longest
+        # skip reaches 1.0, whatever max_skip is (dense plans included).
+        if self.max_skip <= 1:
+            return 0.35
+        return 0.3 + 0.7 * (skip - 1) / (self.max_skip - 1)
+
+    def draw(self, ax) -> None:
+        """Pruned edges first, then the kept ones by increasing alpha so that
+        the strongest branches lie on top; then the stem and head (no gate)."""
+        cmap, norm = colormaps[_CMAP], Normalize(0.0, 1.0)
+        for _, xs, ys in self.pruned:
+            ax.plot(xs, ys, color=_PRUNED_COLOR, lw=0.9, ls=(0, (3, 2)), alpha=0.8,
+                    solid_capstyle="round", zorder=1)
+        for alpha, xs, ys in sorted(self.kept, key=lambda e: e[0]):
+            clipped = min(max(alpha, 0.0), 1.0)
+            ax.plot(xs, ys, color=cmap(norm(alpha)), lw=0.6 + 4.4 * clipped,
+                    solid_capstyle="round", zorder=2 + clipped)
+
+    def subtitle(self, num_blocks: int) -> str:
+        counts = self.counts
+        if self.kept_plan is None:
+            return (f"{num_blocks} blocks: {counts['universal']} universal, "
+                    f"{counts['proxies']} proxies (before pruning)")
+        return (f"universal blocks kept {counts['universal_kept']}/{counts['universal']}, "
+                f"proxies kept {counts['proxies_kept']}/{counts['proxies']}, "
+                f"blocks removed {len(self.dead_blocks)}/{num_blocks}")
+
+
+def _draw_nodes(ax, num_blocks: int, block_flops, dead_blocks: set) -> None:
+    """The stem and head edges, nodes 'in', 0..L and 'head' (node l+1 is
+    block l's output), their numbers and, when given, the blocks' FLOPs."""
     for xs in ([-1, 0], [num_blocks, num_blocks + 1]):
         ax.plot(xs, [0, 0], color=_FIXED_COLOR, lw=1.5, zorder=2)
-
-    # Nodes: 'in', 0..L, 'head'.  Node l+1 is block l's output.
     base = 70.0
     sizes = [base] * (num_blocks + 1)
     if block_flops is not None and max(block_flops) > 0:
         top = max(block_flops)
         sizes[1:] = [base * (0.45 + 1.8 * f / top) for f in block_flops]
+    label_size = 7 if num_blocks > 10 else 8
     for n in range(num_blocks + 1):
         dead = n >= 1 and (n - 1) in dead_blocks
         ax.scatter([n], [0], s=sizes[n], marker="o", zorder=5,
                    facecolor="white" if dead else "#2b2b2b",
                    edgecolor=_PRUNED_COLOR if dead else "black", linewidths=1.2)
+        ax.text(n, -0.12, str(n), ha="center", va="top", fontsize=label_size,
+                color=_PRUNED_COLOR if dead else "black")
     for x, label in ((-1, "in"), (num_blocks + 1, "head")):
         ax.scatter([x], [0], s=150, marker="s", facecolor="#dddddd", edgecolor="black",
                    linewidths=1.0, zorder=5)
         ax.text(x, -0.12, label, ha="center", va="top", fontsize=8)
-
-    # Node numbers, and FLOPs below them when given.
-    label_size = 7 if num_blocks > 10 else 8
-    for n in range(num_blocks + 1):
-        dead = n >= 1 and (n - 1) in dead_blocks
-        ax.text(n, -0.12, str(n), ha="center", va="top", fontsize=label_size,
-                color=_PRUNED_COLOR if dead else "black")
     if block_flops is not None:
         for l, f in enumerate(block_flops):
             ax.text(l + 1, -0.24, _flops_label(f), ha="center", va="top",
                     fontsize=label_size - 1.5, color="#606060")
-
     ax.set_xlim(-1.6, num_blocks + 1.6)
     ax.set_ylim(-0.36 if block_flops is not None else -0.26, 1.08)
     ax.set_axis_off()
 
-    # Title, subtitle with counts, legend, colorbar.
-    if kept is None:
-        subtitle = (f"{num_blocks} blocks: {counts['universal']} universal, "
-                    f"{counts['proxies']} proxies (before pruning)")
-    else:
-        subtitle = (f"universal blocks kept {counts['universal_kept']}/{counts['universal']}, "
-                    f"proxies kept {counts['proxies_kept']}/{counts['proxies']}, "
-                    f"blocks removed {len(dead_blocks)}/{num_blocks}")
-    fig.suptitle(title, fontsize=11)
-    ax.set_title(subtitle, fontsize=8.5, color="#404040", pad=2)
 
+def _architecture_legend(fig, ax, pruned: bool, with_flops: bool, fig_width: float) -> None:
+    """The legend of line kinds below the plot and the gate colour bar."""
+    cmap, norm = colormaps[_CMAP], Normalize(0.0, 1.0)
     mid = cmap(norm(0.6))
     handles = [Line2D([], [], color=mid, lw=3, label="universal branch"),
                _ArcHandle(color=mid, lw=1.8, label="proxy (higher arc = longer skip)")]
-    if kept is not None:
+    if pruned:
         handles.append(Line2D([], [], color=_PRUNED_COLOR, lw=1, ls=(0, (3, 2)),
                               label="pruned branch"))
         handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="white",
                               markeredgecolor=_PRUNED_COLOR, label="removed block"))
-    if block_flops is not None:
+    if with_flops:
         handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="#2b2b2b",
                               markeredgecolor="black",
                               label="block output (size ~ universal FLOPs)"))
     fig.legend(handles=handles, handler_map={_ArcHandle: _ArcHandler()},
                loc="outside lower center",
-               ncol=len(handles) if fig_width >= 10 else min(len(handles), 3), fontsize=7, frameon=False,
-               handlelength=2.4, columnspacing=1.5)
-
-    mappable = ScalarMappable(norm=norm, cmap=cmap)
-    bar = fig.colorbar(mappable, ax=ax, fraction=0.02, pad=0.01, aspect=16, shrink=0.85)
+               ncol=len(handles) if fig_width >= 10 else min(len(handles), 3), fontsize=7,
+               frameon=False, handlelength=2.4, columnspacing=1.5)
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.02, pad=0.01,
+                       aspect=16, shrink=0.85)
     bar.set_label("gate alpha", fontsize=8)
     bar.ax.tick_params(labelsize=7)
-
-    _save_png(fig, path)
 
 
 def _save_png(fig, path: str) -> None:
@@ -290,8 +297,6 @@ _VARIANT_MARKERS = {"float32": "o", "float16": "s", "dynamic": "D", "int8": "^",
 def plot_deployment(path: str, report: dict) -> None:
     """Accuracy against multiply-adds and against 1-thread LiteRT latency, per
     task: the teacher and each NetTailor TFLite variant (from report.json)."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(11, 4.2))
     by_flops, by_latency = fig.subplots(1, 2)
     colors = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"]
@@ -346,8 +351,6 @@ def plot_latency_prediction(path: str, report: dict, band: float = 0.2) -> None:
     """Measured 1-thread latency of every file against the float32 latency the
     latency table predicts for its network, with the identity and a +-`band`
     band (the quantised variants show how far each moves from float32)."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(7.5, 5))
     ax = fig.subplots()
     points = latency_prediction_points(report)

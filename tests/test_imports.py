@@ -113,3 +113,45 @@ def test_modules_stay_readable(module):
     with open(MODULES[module], encoding="utf-8") as f:
         lines = sum(1 for _ in f)
     assert lines <= 500, f"{module} has {lines} lines; split it by idea"
+
+
+# Where a function may import a project module or TensorFlow: the two
+# commands' start, which answers --help and flag errors before TensorFlow
+# loads (seconds) and filters its start-up notices.
+LAZY_START = {"nettailor_tf.main": {"main", "_strategy"}, "nettailor_tf.predict": {"main"}}
+HEAVY = ("tensorflow", "keras")
+
+
+def _function_imports(module: str):
+    """(function, imported module) of every import inside a function."""
+    tree = ast.parse(open(MODULES[module], encoding="utf-8").read())
+    for function in ast.walk(tree):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(function):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    yield function.name, alias.name
+            elif isinstance(node, ast.ImportFrom):
+                yield function.name, _resolve(module, node)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_function_imports_a_project_module_or_tensorflow(module):
+    """A lazy import hides a cycle or a start-up cost; fix the cause instead."""
+    allowed = LAZY_START.get(module, set())
+    found = [f"{function}: {target}" for function, target in _function_imports(module)
+             if function not in allowed
+             and (target.split(".")[0] in PACKAGES + HEAVY)]
+    assert not found, f"{module} imports inside functions: {found}"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_functions_fit_in_a_readers_head(module):
+    tree = ast.parse(open(MODULES[module], encoding="utf-8").read())
+    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > 80]
+    assert not long, f"{module} has functions over 80 lines: {long}; split them by step"
+

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from nettailor_tf import backbones, complexity, config as config_lib
-from nettailor_tf import latency_table as lt
+from nettailor_tf import latency_measure, latency_table as lt
 from nettailor_tf import prune, student as student_lib
 from nettailor_tf.stages import nettailor as nettailor_stage
 
@@ -18,7 +18,7 @@ from nettailor_tf.stages import nettailor as nettailor_stage
 def tiny_table(tmp_path_factory):
     """The tiny backbone's table at 16 px, measured once for the module."""
     cache = str(tmp_path_factory.mktemp("latency_cache"))
-    table, cached = lt.cached_table("tiny", 16, 1, 2, cache)
+    table, cached = latency_measure.cached_table("tiny", 16, 1, 2, cache)
     assert not cached
     return table, cache
 
@@ -62,7 +62,7 @@ def test_the_calibration_makes_the_whole_networks_add_up(tiny_table):
 
 def test_the_table_is_cached_and_reloaded_with_the_same_fingerprint(tiny_table):
     table, cache = tiny_table
-    again, cached = lt.cached_table("tiny", 16, 1, 2, cache)
+    again, cached = latency_measure.cached_table("tiny", 16, 1, 2, cache)
     assert cached
     assert again.entries == table.entries
     assert again.fingerprint() == table.fingerprint()
@@ -166,7 +166,7 @@ def test_prediction_matches_the_exported_network(tmp_path):
     twice."""
     from exporters import latency as latency_lib
 
-    table, _ = lt.cached_table("tiny", 48, 1, 2, str(tmp_path / "cache"))
+    table, _ = latency_measure.cached_table("tiny", 48, 1, 2, str(tmp_path / "cache"))
     backbone = backbones.build_backbone("tiny")
     full = tiny_plan()
     rng = np.random.default_rng(0)
@@ -174,7 +174,7 @@ def test_prediction_matches_the_exported_network(tmp_path):
     plan = prune.prune_plan(full, alphas, 1, 0.2, 0.01)
     assert plan.counts()["proxies_kept"] < sum(len(b.proxy_sources) for b in full.blocks)
     path = tmp_path / "pruned.tflite"
-    path.write_bytes(lt.whole_network_content(backbone, plan, 48))
+    path.write_bytes(latency_measure.whole_network_content(backbone, plan, 48))
     image = rng.integers(0, 256, (1, 48, 48, 3), dtype=np.uint8)
     measured = latency_lib.measure(str(path), image, 1, runs=300).median_ms
     predicted = table.predict_ms(plan)

@@ -16,7 +16,7 @@ from helpers import tiny_static_models
 from PIL import Image
 
 from exporters import parity, savedmodel, tflite
-from nettailor_tf import predict
+from nettailor_tf import inference, predict
 from nettailor_tf.student import BlockPlan, Plan
 
 SIZE = 16
@@ -97,18 +97,18 @@ def test_the_static_file_gets_the_picture_resized_once(export, pictures):
     """The .tflite file is fed the picture resized to S x S on the host (as
     the parity check feeds it), the SavedModel the picture as it is."""
     _, root = export
-    model = predict.load_model(str(root / "nettailor_float32.tflite"))
-    signature, = predict.select(model, None)
+    model = inference.load_model(str(root / "nettailor_float32.tflite"))
+    signature, = inference.select(model, None)
     assert signature.input_size == (SIZE, SIZE) and signature.labels == LABELS
-    image = predict.load_image(pictures[1])
+    image = inference.load_image(pictures[1])
     assert image.shape == (45, 31, 3) and image.dtype == np.uint8
-    fed = predict.model_input(image, signature)
+    fed = inference.model_input(image, signature)
     assert fed.shape == (1, SIZE, SIZE, 3)
     expected = parity.tflite_predictor(str(root / "nettailor_float32.tflite"))(image[None])
     assert np.argmax(signature.run(fed)) == np.argmax(expected)
-    served, = predict.select(predict.load_model(str(root / "nettailor_savedmodel")), "animals")
+    served, = inference.select(inference.load_model(str(root / "nettailor_savedmodel")), "animals")
     assert served.input_size is None
-    assert predict.model_input(image, served).shape == (1, 45, 31, 3)
+    assert inference.model_input(image, served).shape == (1, 45, 31, 3)
 
 
 def test_top_k_beyond_the_classes_lists_them_all_and_a_task_is_picked_by_key(export, pictures,

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from nettailor_tf.data.tasks import (DataError, TaskData, UndecodedSplit, build_source,
                                      make_task, task_error)
+from nettailor_tf.errors import first_line
 
 # Digits, characters and signs change meaning when mirrored: no flip for them.
 _TFDS_NO_FLIP = frozenset({"svhn_cropped", "mnist", "emnist", "kmnist", "omniglot", "cmaterdb"})
@@ -77,67 +78,27 @@ def load_tfds(spec: str, ref: str, data_dir: str | None, download: bool) -> Task
         raise task_error(spec, f"community TFDS namespaces ({match['ns']}:) need the network and "
                                "are not supported; use a catalogue dataset, e.g. tfds:svhn_cropped")
     name, config = match["name"], match["config"]
-
-    try:
-        builder = tfds.builder(ref, data_dir=data_dir)
-    except tfds.core.DatasetNotFoundError:
-        close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False),
-                                          n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise task_error(spec, f"unknown TFDS dataset {name!r}; {hint}see the TFDS catalogue "
-                               "(tensorflow.org/datasets/catalog)") from None
-    except (ValueError, AssertionError) as err:  # unknown config / version
-        configs = _tfds_config_names(tfds, name)
-        if config is not None and configs and config not in configs:
-            shown = ", ".join(configs[:12]) + (", ..." if len(configs) > 12 else "")
-            raise task_error(spec, f"TFDS dataset {name!r} has no config {config!r}; "
-                                   f"configs: {shown}") from None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise task_error(spec, f"cannot open TFDS dataset {ref!r}: {first}") from None
-
+    builder = _builder(tfds, spec, ref, name, config, data_dir)
     features = builder.info.features
     if name == _VOC:
         return _load_voc_objects(spec, ref, builder, config)
-    keys = set(features.keys()) if hasattr(features, "keys") else set()
-    if not (isinstance(features["image"] if "image" in keys else None, tfds.features.Image)
-            and isinstance(features["label"] if "label" in keys else None,
-                           tfds.features.ClassLabel)):
-        raise task_error(spec, f"TFDS dataset {ref!r} is not an image-classification set "
-                               f"(needs an 'image' Image feature and a 'label' ClassLabel "
-                               f"feature; it has {', '.join(sorted(keys)) or 'no named features'})")
+    _check_classification_features(tfds, spec, ref, features)
     num_classes = int(features["label"].num_classes)
     image_feature = features["image"]
-
     if download and not builder.is_prepared():
         try:
             builder.download_and_prepare()
         except Exception as err:  # network, disk, manual-download datasets...
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise task_error(spec, f"downloading/preparing TFDS dataset {ref!r} failed: {first}") \
-                from err
-
-    def open_split(split: str) -> tf.data.Dataset:
-        return _open_tfds_split(spec, builder, split)
+            raise task_error(spec, f"downloading/preparing TFDS dataset {ref!r} failed: "
+                                   f"{first_line(err)}") from err
 
     known_splits = dict(builder.info.splits)  # empty under mock_data / before preparation
     if known_splits and "train" not in known_splits:
         raise task_error(spec, f"TFDS dataset {ref!r} has no 'train' split "
                                f"(splits: {', '.join(sorted(known_splits))})")
-    train_stream = open_split("train")
-
-    if name == _VDD:
-        # Its test split is unlabelled (label -1); validation is the labelled hold-out.
-        test_split = "validation"
-    elif not known_splits:
-        test_split = "test"
-    elif "test" in known_splits and _first_label(open_split("test")) >= 0:
-        test_split = "test"
-    elif "validation" in known_splits:
-        test_split = "validation"
-    else:
-        raise task_error(spec, f"TFDS dataset {ref!r} has no labelled 'test' or 'validation' "
-                               f"split (splits: {', '.join(sorted(known_splits))})")
-    test_stream = open_split(test_split)
+    train_stream = _open_tfds_split(spec, builder, "train")
+    test_split = _labelled_test_split(spec, ref, name, builder, known_splits)
+    test_stream = _open_tfds_split(spec, builder, test_split)
 
     def count(split: str, ds: tf.data.Dataset) -> int:
         if split in known_splits:
@@ -159,6 +120,50 @@ def load_tfds(spec: str, ref: str, data_dir: str | None, download: bool) -> Task
     return make_task(ref, spec, num_classes, source, count("train", train_stream),
                      count(test_split, test_stream), _tfds_augment(name, config),
                      class_names=_class_names(features["label"], num_classes))
+
+
+def _builder(tfds, spec: str, ref: str, name: str, config: str | None, data_dir: str | None):
+    """tfds's builder of `ref`, or a one-line error naming what would be accepted."""
+    try:
+        return tfds.builder(ref, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError:
+        close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False),
+                                          n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise task_error(spec, f"unknown TFDS dataset {name!r}; {hint}see the TFDS catalogue "
+                               "(tensorflow.org/datasets/catalog)") from None
+    except (ValueError, AssertionError) as err:  # unknown config / version
+        configs = _tfds_config_names(tfds, name)
+        if config is not None and configs and config not in configs:
+            shown = ", ".join(configs[:12]) + (", ..." if len(configs) > 12 else "")
+            raise task_error(spec, f"TFDS dataset {name!r} has no config {config!r}; "
+                                   f"configs: {shown}") from None
+        raise task_error(spec, f"cannot open TFDS dataset {ref!r}: {first_line(err)}") from None
+
+
+def _check_classification_features(tfds, spec: str, ref: str, features) -> None:
+    keys = set(features.keys()) if hasattr(features, "keys") else set()
+    if not (isinstance(features["image"] if "image" in keys else None, tfds.features.Image)
+            and isinstance(features["label"] if "label" in keys else None,
+                           tfds.features.ClassLabel)):
+        raise task_error(spec, f"TFDS dataset {ref!r} is not an image-classification set "
+                               f"(needs an 'image' Image feature and a 'label' ClassLabel "
+                               f"feature; it has {', '.join(sorted(keys)) or 'no named features'})")
+
+
+def _labelled_test_split(spec: str, ref: str, name: str, builder, known_splits: dict) -> str:
+    """The split the task is tested on: 'test' where it is labelled, else
+    'validation' (the Decathlon's test split is unlabelled, label -1)."""
+    if name == _VDD:
+        return "validation"
+    if not known_splits:
+        return "test"
+    if "test" in known_splits and _first_label(_open_tfds_split(spec, builder, "test")) >= 0:
+        return "test"
+    if "validation" in known_splits:
+        return "validation"
+    raise task_error(spec, f"TFDS dataset {ref!r} has no labelled 'test' or 'validation' "
+                           f"split (splits: {', '.join(sorted(known_splits))})")
 
 
 def _open_tfds_split(spec: str, builder, split: str) -> tf.data.Dataset:

@@ -1,0 +1,178 @@
+"""Measuring a latency table on this machine: every branch of the student as
+a signature of one float32 .tflite, timed with LiteRT, and the two whole
+networks the table is calibrated on (`nettailor_tf.latency_table` holds the
+table itself and how it predicts; this module needs TensorFlow, the table
+does not).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+from ai_edge_litert import __version__ as litert_version  # the runtime timed
+
+from exporters import latency as latency_lib
+from exporters import savedmodel, tflite
+from nettailor_tf import backbones as backbones_lib
+from nettailor_tf import prune as prune_lib
+from nettailor_tf import quiet
+from nettailor_tf import student as student_lib
+from nettailor_tf.latency_table import (EMPTY_KEY, STUDENT_KEY, TABLE_RUNS, TEACHER_KEY,
+                                        LatencyTable, LatencyTableError, default_cache_dir,
+                                        head_key, mix_key, proxy_key, stem_key, this_device,
+                                        universal_key)
+from nettailor_tf.layers import apply_activation, fold_batchnorm
+
+
+def branch_functions(student, image_size: int) -> dict:
+    """{entry key: (tf.function, its input specs)} for every branch of the
+    full `student` (BN-folded, as exported), each on static batch-1 shapes."""
+    nodes = [student.stem(tf.zeros((1, image_size, image_size, 3)))]
+    for l in range(len(student.plan.blocks)):
+        nodes.append(student.block(l).universal(nodes[l]))
+    shapes = [tuple(n.shape) for n in nodes]
+    spec = lambda shape, dtype=tf.float32, name="x": tf.TensorSpec(shape, dtype, name=name)
+    functions = {}
+
+    def add(key, fn, specs):
+        functions[key] = (tf.function(fn, input_signature=specs, autograph=False), specs)
+
+    add(EMPTY_KEY, lambda x: {"y": x * 2.0}, [spec((1, 1, 1, 8))])
+    stem = student.stem
+    add(stem_key(), lambda images: {"y": stem(savedmodel.preprocess(images, image_size, False))},
+        [spec((1, image_size, image_size, 3), tf.uint8, savedmodel.INPUT_NAME)])
+    # Factories, not default arguments: a tf.function signature must list
+    # only the tensors it takes.
+    def universal_fn(layer):
+        return lambda x: {"y": layer(x)}
+
+    def proxy_fn(layer):
+        return lambda x, y: {"z": layer(x) + y}
+
+    def mix_fn(scale, activation):
+        return lambda x: {"y": apply_activation(scale(x), activation)}
+
+    for l in range(len(student.plan.blocks)):
+        block = student.block(l)
+        add(universal_key(l), universal_fn(block.universal), [spec(shapes[l])])
+        for proxy, source in zip(block.proxies, student.plan.blocks[l].proxy_sources):
+            folded = fold_batchnorm(proxy, (None, None, None, shapes[source][-1]))
+            add(proxy_key(l, source), proxy_fn(folded),
+                [spec(shapes[source]), spec(shapes[l + 1], name="y")])
+        add(mix_key(l), mix_fn(prune_lib.Scale(0.5), block.activation), [spec(shapes[l + 1])])
+    head, classifier = student.head, student.classifier
+
+    def head_fn(x):
+        logits = classifier(head(x))
+        return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
+
+    add(head_key(), head_fn, [spec(shapes[-1])])
+    return functions
+
+
+def convert_functions(functions: dict) -> bytes:
+    """One float32 .tflite with a signature per entry of `functions`."""
+    # Keras' archive tracks the variables each endpoint captures (a bare
+    # tf.Module would refuse the untracked Keras variables).
+    archive = keras.export.ExportArchive()
+    for key, (fn, specs) in functions.items():
+        archive.add_endpoint(name=key, fn=fn, input_signature=specs)
+    with tempfile.TemporaryDirectory(prefix="nettailor_latency_") as folder:
+        with quiet.native_stderr_filtered():
+            archive.write_out(folder, verbose=False)
+            converter = tf.lite.TFLiteConverter.from_saved_model(
+                folder, signature_keys=list(functions))
+            return converter.convert()
+
+
+def _feeds(functions: dict, seed: int = 0) -> dict:
+    """Random inputs per signature: uint8 images, activations N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for key, (_, specs) in functions.items():
+        feeds[key] = {s.name: (rng.integers(0, 256, s.shape, dtype=np.uint8)
+                               if s.dtype.name == "uint8"
+                               else rng.standard_normal(s.shape).astype(np.float32))
+                      for s in specs}
+    return feeds
+
+
+def measure_table(backbone_name: str, image_size: int, threads: int, max_skip: int | None,
+                  runs: int = TABLE_RUNS, warmup: int = 10) -> LatencyTable:
+    """Times every branch of `backbone_name`'s student here (random weights:
+    float32 time does not depend on the values)."""
+    backbone = backbones_lib.build_backbone(backbone_name)
+    plan = student_lib.Plan.full(len(backbone.blocks), max_skip)
+    student = student_lib.build_student(backbone, 10, plan, "frozen", image_size)
+    functions = branch_functions(student, image_size)
+    content = convert_functions(functions)
+    with tempfile.TemporaryDirectory(prefix="nettailor_latency_") as folder:
+        path = os.path.join(folder, "branches.tflite")
+        with open(path, "wb") as f:
+            f.write(content)
+        networks = whole_networks(backbone, max_skip, image_size, folder)
+        image = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3),
+                                                  dtype=np.uint8)
+        with quiet.native_stderr_filtered():
+            measured = latency_lib.measure_signatures(path, _feeds(functions), threads, warmup,
+                                                      runs)
+            measured.update(latency_lib.measure_many(networks, image, threads, warmup, runs))
+    loads = [v.other_load_cores for v in measured.values() if v.other_load_cores is not None]
+    return LatencyTable(backbone=backbone_name, image_size=image_size, threads=threads,
+                        max_skip=max_skip,
+                        entries={k: round(v.median_ms, 5) for k, v in measured.items()},
+                        device=this_device(), other_load_cores=max(loads) if loads else None)
+
+
+def whole_network_content(backbone, plan, image_size: int, num_classes: int = 10) -> bytes:
+    """The float32 .tflite of `plan`'s static network, as the export stage
+    writes it (random weights)."""
+    student = student_lib.build_student(backbone, num_classes, plan, "frozen", image_size)
+    endpoint = savedmodel.Endpoint(prune_lib.static_model(student), image_size, False)
+    with tflite.static_savedmodel({savedmodel.SERVING_KEY: endpoint}) as static:
+        return tflite.convert(static, [savedmodel.SERVING_KEY], "float32")
+
+
+def whole_networks(backbone, max_skip, image_size: int, folder: str) -> dict:
+    """{TEACHER_KEY, STUDENT_KEY: (path, signature key)} of the two networks
+    the table is calibrated on, written into `folder`."""
+    num_blocks = len(backbone.blocks)
+    files = {}
+    for key, plan in ((TEACHER_KEY, student_lib.Plan.backbone_only(num_blocks)),
+                      (STUDENT_KEY, student_lib.Plan.full(num_blocks, max_skip))):
+        path = os.path.join(folder, f"{key}.tflite")
+        with open(path, "wb") as f:
+            f.write(whole_network_content(backbone, plan, image_size))
+        files[key] = (path, savedmodel.SERVING_KEY)
+    return files
+
+
+def cached_table(backbone_name: str, image_size: int, threads: int, max_skip: int | None,
+                 cache_dir: str | None = None) -> tuple[LatencyTable, bool]:
+    """The table of this machine for these settings, measured once and kept
+    in `cache_dir`; returns it and whether it was read from the cache."""
+    cache_dir = cache_dir or default_cache_dir()
+    device = this_device()
+    name = "_".join([backbone_name, str(image_size), f"t{threads}",
+                     f"skip{'dense' if max_skip is None else max_skip}",
+                     hashlib.sha256(f"{device}|{litert_version}".encode()).hexdigest()[:10]])
+    path = os.path.join(cache_dir, f"{name}.json")
+    if os.path.exists(path):
+        try:
+            table = LatencyTable.load(path)
+            table.check_fits(backbone_name, image_size, max_skip)
+            # Kept even if it was measured on a busy machine (its load is
+            # recorded): a table that changed under a finished student would
+            # make it stale.  Delete the file to measure again.
+            if table.threads == threads:
+                return table, True
+        except LatencyTableError:
+            pass  # a damaged cache entry is measured again
+    table = measure_table(backbone_name, image_size, threads, max_skip)
+    table.save(path)
+    table.source = path
+    return table, False
