@@ -33,12 +33,34 @@ from nettailor_tf.config import STRATEGIES
 from nettailor_tf.checkpoints import TrainingCheckpoints
 # train.make_evaluator, train.format_duration: where the stages find them.
 from nettailor_tf.evaluation import make_evaluator  # noqa: F401
-from nettailor_tf.progress import format_duration, progress_reporter  # noqa: F401
+from nettailor_tf.progress import format_duration, ProgressReporter  # noqa: F401
 from nettailor_tf.errors import TrainingError  # noqa: F401 (train.TrainingError)
 from nettailor_tf.schedules import Schedule, StagePlan
 
 
 _EVALUATIONS_PER_STAGE = 10
+# Steps between the divergence check's reads of the loss (each reads the
+# losses of every step since the last one, so no step goes unjudged; a save
+# always checks first, so no checkpoint holds a diverged network).
+HEALTH_EVERY = 10
+
+
+class _Window:
+    """The statistics of an epoch's steps so far, summed on the device, and
+    the losses the divergence check has not read yet."""
+
+    def __init__(self):
+        self.sums, self.last, self.count, self._losses = {}, {}, 0, []
+
+    def add(self, stats: dict) -> None:
+        self.sums = {k: v + self.sums[k] if k in self.sums else v for k, v in stats.items()}
+        self.last = stats
+        self._losses.append(stats["loss"])
+        self.count += 1
+
+    def take_losses(self) -> list:
+        losses, self._losses = self._losses, []
+        return losses
 
 
 def make_strategy(name: str, num_cpu_devices: int = 1) -> tf.distribute.Strategy:
@@ -199,6 +221,7 @@ class Trainer:
         self.jit_compile = jit_compile
         self.checkpoint_every = checkpoint_every
         self.log_every = log_every
+        self.host_reads = 0  # training statistics read to the host (`_to_host`)
         replicas = strategy.num_replicas_in_sync
         if schedule.batch_size % replicas:
             raise ValueError(f"batch size {schedule.batch_size} is not divisible by the "
@@ -327,7 +350,7 @@ class Trainer:
         writer = (tf.summary.create_file_writer(self.summary_dir) if self.summary_dir
                   else tf.summary.create_noop_writer())
         return _Run(task=task, image_size=image_size, stage=stage, checkpoints=checkpoints,
-                    writer=writer, report=progress_reporter(stage.total_steps, self.log_every,
+                    writer=writer, report=ProgressReporter(stage.total_steps, self.log_every,
                                                              step),
                     eval_batch_size=eval_batch_size or schedule.batch_size,
                     eval_split=eval_split, resumed_from=step, step=step,
@@ -337,30 +360,37 @@ class Trainer:
 
     def _train_epoch(self, run: "_Run", seed: int) -> None:
         """Trains to the end of the current epoch, `run.stop_at` or the
-        plateau rule's stop, checkpointing and evaluating on the way."""
+        plateau rule's stop, checkpointing and evaluating on the way.
+
+        The step's statistics stay where they were computed (summed there,
+        one small op a step) and reach the host only when something reads
+        them: a log line or summary, the divergence check every
+        `HEALTH_EVERY` steps, and the check before a checkpoint is saved.
+        Reading every step would make the host wait for each step before
+        queueing the next, which serialises a GPU or TPU."""
         schedule, steps_per_epoch = self.schedule, run.stage.steps_per_epoch
-        replicas = self.strategy.num_replicas_in_sync
         epoch, skip = divmod(run.step, steps_per_epoch)
         dataset = self.strategy.experimental_distribute_dataset(data_lib.train_pipeline(
             run.task, run.image_size, schedule.batch_size, epoch, seed, skip_batches=skip,
             with_index=self.indexed))
-        sums, count, tic = {}, 0, time.perf_counter()
+        window = _Window()
+        tic = time.perf_counter()
         run.paused = 0.0
         for batch in dataset:
-            stats = {k: float(v) for k, v in self.train_step(batch).items()}
+            window.add(self.train_step(batch))
             run.step += 1
             step = run.step
-            # Per replica: the reduced loss is the sum over replicas.
-            run.checkpoints.observe(stats["loss"] / replicas, step)
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-            self._log_step(run, sums, count, time.perf_counter() - tic - run.paused,
-                           stats.get("loss_scale"))
-            if self.plateau.enabled and (step % run.stage.eval_interval(schedule) == 0
-                                         or step == run.stage.total_steps):
-                self._plateau_evaluation(run)
             end_of_epoch = step % steps_per_epoch == 0
+            evaluates = self.plateau.enabled and (step % run.stage.eval_interval(schedule) == 0
+                                                  or step == run.stage.total_steps)
+            # The plateau rule's evaluation may end the stage, which saves.
+            may_save = (evaluates or step % self.checkpoint_every == 0 or end_of_epoch
+                         or step == run.stop_at)
+            if may_save or step % HEALTH_EVERY == 0:
+                self._check_health(run, window)
+            self._report_step(run, window, time.perf_counter() - tic - run.paused)
+            if evaluates:
+                self._plateau_evaluation(run)
             if (run.stopped or step % self.checkpoint_every == 0 or end_of_epoch
                     or step == run.stop_at):
                 run.checkpoints.save(step, final=step == run.stage.total_steps
@@ -368,28 +398,56 @@ class Trainer:
             if run.stopped or end_of_epoch or step == run.stop_at:
                 break
         run.train_time += time.perf_counter() - tic - run.paused
-        run.images_seen += count * schedule.batch_size
+        run.images_seen += window.count * schedule.batch_size
         if not self.plateau.enabled:
             self._epoch_evaluation(run)
 
-    def _log_step(self, run: "_Run", sums: dict, count: int, elapsed: float,
-                  loss_scale: float | None) -> None:
-        """The progress line or bar, and TensorBoard every `log_every` steps."""
+    def _to_host(self, values: dict) -> dict:
+        """Device scalars -> Python floats in one transfer (counted: the
+        loop's contract is how rarely this happens)."""
+        self.host_reads += 1
+        if not values:
+            return {}
+        stacked = tf.stack([tf.cast(v, tf.float32) for v in values.values()]).numpy()
+        return dict(zip(values, (float(x) for x in stacked)))
+
+    def _check_health(self, run: "_Run", window: "_Window") -> None:
+        """Hands the losses of the steps since the last check, in order, to
+        the checkpoints' divergence check (which may roll back and raise)."""
+        losses = window.take_losses()
+        if not losses:
+            return
         replicas = self.strategy.num_replicas_in_sync
+        values = self._to_host({i: loss for i, loss in enumerate(losses)})
+        first = run.step - len(losses) + 1
+        for i in range(len(losses)):
+            # Per replica: the reduced loss is the sum over replicas.
+            run.checkpoints.observe(values[i] / replicas, first + i)
+
+    def _report_step(self, run: "_Run", window: "_Window", elapsed: float) -> None:
+        """The progress bar every step; its figures, the log line and
+        TensorBoard only where they are shown (one read of the sums)."""
+        if not (run.step % self.log_every == 0 or run.report.shows(run.step)):
+            run.report(run.step, None)
+            return
+        replicas, count = self.strategy.num_replicas_in_sync, window.count
+        sums = self._to_host({**window.sums, "lr": self.optimizer.learning_rate,
+                              **({"loss_scale": window.last["loss_scale"]}
+                                 if "loss_scale" in window.last else {})})
         values = {"loss": sums["loss"] / (count * replicas),
                   "acc": sums["correct"] / (count * self.schedule.batch_size),
                   "img/s": count * self.schedule.batch_size / max(elapsed, 1e-9),
-                  "lr": float(self.optimizer.learning_rate)}
-        if loss_scale is not None:
-            values["loss_scale"] = loss_scale
+                  "lr": sums["lr"]}
+        if "loss_scale" in sums:
+            values["loss_scale"] = sums["loss_scale"]
         run.report(run.step, values)
         if run.step % self.log_every == 0:
             with run.writer.as_default(step=run.step):
                 for k, v in values.items():
                     tf.summary.scalar(f"train/{k.replace('/', '_per_')}", v)
-                for k, v in sums.items():
+                for k, v in window.sums.items():
                     if k not in ("loss", "correct", "loss_scale"):
-                        tf.summary.scalar(f"train/{k}", v / count / replicas)
+                        tf.summary.scalar(f"train/{k}", sums[k] / count / replicas)
 
     def _epoch_evaluation(self, run: "_Run") -> None:
         """A fixed schedule's evaluation at the end of some epochs.
@@ -478,7 +536,7 @@ class _Run:
     stage: StagePlan
     checkpoints: TrainingCheckpoints
     writer: object
-    report: Callable
+    report: ProgressReporter
     eval_batch_size: int
     eval_split: str
     resumed_from: int

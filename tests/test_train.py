@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nettailor_tf import backbones, data, train
+from nettailor_tf import backbones, data, progress, train
 from nettailor_tf.losses import cross_entropy
 
 SCHEDULE = train.Schedule(epochs=2, batch_size=32, learning_rate=0.05, decay_epochs=1)
@@ -68,6 +68,51 @@ def test_interrupted_run_resumes_to_the_same_weights(digits, tmp_path):
     assert same.train_step is traced and result3.resumed_from_step == stop
     for a, b in zip(straight_model.weights, same_model.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+
+
+def test_statistics_reach_the_host_only_to_be_shown_checked_or_saved(digits, tmp_path):
+    """The loop reads its statistics at log steps, every HEALTH_EVERY steps
+    for the divergence check and before each checkpoint, never once a step;
+    and what it reads or when does not change the training."""
+    schedule = train.Schedule(epochs=1, batch_size=32, learning_rate=0.05, decay_epochs=1)
+    steps = data.steps_per_epoch(digits, schedule.batch_size)
+    often, often_model = _trainer(tmp_path / "often", schedule)
+    often.log_every = often.checkpoint_every = 1
+    often.fit(digits, 16, seed=3, evaluate_test=False)
+    assert often.host_reads >= steps  # a read per step, as asked
+    rare, rare_model = _trainer(tmp_path / "rare", schedule)
+    rare.log_every = rare.checkpoint_every = 1000
+    rare.fit(digits, 16, seed=3, evaluate_test=False)
+    # Health checks every HEALTH_EVERY steps, the epoch's end (a check and a
+    # save), and the report's log lines (two a stage off a terminal).
+    bound = -(-steps // train.HEALTH_EVERY) + 1 + progress.STEP_LINES_PER_STAGE + 1
+    assert rare.host_reads <= bound < steps / 2
+    for a, b in zip(often_model.weights, rare_model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_a_divergence_is_caught_before_a_checkpoint_is_written(tmp_path):
+    """The loss read in batches still judges every step: a loss that goes
+    non-finite between two health checks stops the run at the next check,
+    before the checkpoint that would have held it."""
+    strategy = tf.distribute.get_strategy()
+    w = tf.Variable(1.0)
+    model = keras.Sequential([keras.layers.Input((1,)), keras.layers.Dense(1)])
+    calls = tf.Variable(0)
+
+    def loss_fn(images, labels, training):
+        calls.assign_add(1)
+        # Finite for 12 steps, then infinite: between the checks at 10 and 20.
+        blow_up = tf.cast(calls > 12, tf.float32) * 1e38
+        loss = tf.square(w) + blow_up * blow_up
+        return loss, tf.zeros((tf.shape(labels)[0], 10)), {}
+
+    digits_small = data.load_task("digits")
+    trainer = train.Trainer(strategy, model, loss_fn, [w], [], train.Schedule(1, 32, 0.0, 1),
+                            checkpoint_dir=str(tmp_path), checkpoint_every=15, log_every=1000)
+    with pytest.raises(train.TrainingError, match="the loss became inf at step 13"):
+        trainer.fit(digits_small, 8, seed=0)
+    assert not tf.train.latest_checkpoint(str(tmp_path))  # step 15's was never written
 
 
 def test_finished_run_is_not_trained_again(digits, tmp_path):
