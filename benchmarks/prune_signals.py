@@ -28,10 +28,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import nettailor_tf  # noqa: E402,F401  (before TensorFlow: it chooses the CPU kernels)
 
 from absl import app, flags  # noqa: E402
 
+import renderers  # noqa: E402
 from nettailor_tf import config as config_lib  # noqa: E402
 
 config_lib.define_flags(flags.FLAGS)
@@ -45,35 +47,10 @@ flags.DEFINE_string("markdown", "docs/prune_signals.md", "Where --render writes.
 FLAGS = flags.FLAGS
 
 
-def _points(value: float) -> str:
-    return f"{100 * value:.2f}"
-
-
 def render_markdown(results: dict) -> str:
-    """The study as a table, one row per task, seed and candidate."""
-    lines = ["# Which signal predicts a pruned network's fine-tuned accuracy", "",
-             "Rendered by `python benchmarks/prune_signals.py --render=docs/results/"
-             "prune_signals.json` from the committed results; do not edit by hand.", "",
-             f"Measured with `{results['command']}` on {results['machine']}, "
-             f"{results['date']}, code {results['code']}. Accuracies in percent; damage and "
-             f"differences in points; +- is one standard error of the paired difference.", "",
-             "| task | seed | N | multiply-adds of the teacher's | zero-shot validation "
-             "accuracy | zero-shot damage (train + validation) | fine-tuned validation, "
-             "minus teacher | fine-tuned test | fine-tuned test, minus teacher |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for row in sorted(results["rows"], key=lambda r: (r["task"], r["seed"], r["n"])):
-        zero, tuned = row["zero_shot"], row["fine_tuned"]
-        damage = zero["pool_damage"]
-        lines.append(
-            f"| {row['task']} | {row['seed']} | {row['n']} | {row['flops_fraction']:.3f} | "
-            f"{_points(zero['val_accuracy'])} | {_points(damage['difference'])} +- "
-            f"{_points(damage['standard_error'])} ({damage['images']} images) | "
-            f"{_points(tuned['val_vs_teacher']['difference'])} +- "
-            f"{_points(tuned['val_vs_teacher']['standard_error'])} | "
-            f"{_points(tuned['test_accuracy'])} | "
-            f"{_points(tuned['test_vs_teacher']['difference'])} +- "
-            f"{_points(tuned['test_vs_teacher']['standard_error'])} |")
-    return "\n".join(lines) + "\n"
+    """The study as a table, one row per task, seed and candidate (the renderer
+    `benchmarks/render_docs.py` uses for docs/prune_signals.md)."""
+    return renderers.prune_signals_page(results)
 
 
 def _measure_task(config, strategy, task, candidates):

@@ -16,7 +16,10 @@ deviation over seeds of the teacher's, the student's and the pruned network's
 test accuracy (and the pruned one's before fine-tuning), of the pruned
 network's multiply-adds as a fraction of the teacher's, of the student's
 gate entropy, and each seed's pruned-minus-teacher gap; and writes the same as
-a markdown table.
+a markdown table.  With --results it also writes the study as a results file
+(the command, this machine, the date, the seeds and the per-task summary),
+the form docs/results/seed_study.json has: `python benchmarks/render_docs.py`
+renders the documentation's tables from it.
 """
 import json
 import os
@@ -29,12 +32,16 @@ from absl import app, flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(_HERE)
+sys.path.insert(0, _HERE)
+import renderers  # noqa: E402
 
 flags.DEFINE_string("flagfile_for_runs", None, "The run's flagfile (set through --flagfile).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds to run.")
 flags.DEFINE_list("tasks", None, "Tasks (default: the flagfile's).")
 flags.DEFINE_string("workdir", "runs/seeds", "One sub-folder per seed goes here.")
 flags.DEFINE_string("markdown", None, "Where the table goes (default: <workdir>/seeds.md).")
+flags.DEFINE_string("results", None, "Also write the study as a results file (JSON) here, "
+                    "e.g. docs/results/seed_study.json.")
 flags.DEFINE_list("extra", [], "More flags for every run, e.g. --extra=--student_lr=0.02.")
 FLAGS = flags.FLAGS
 
@@ -98,37 +105,23 @@ def summarize(reports: dict) -> dict:
     return summary
 
 
-def _cell(stat: dict, kind: str) -> str:
-    if stat["mean"] is None:
-        return "-"
-    if kind == "percent":
-        return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
-
-
 def markdown(summary: dict, seeds, minutes: dict) -> str:
-    head = ["task"] + [m[0].replace("_", " ") for m in MEASURES] + ["worst pruned - teacher"]
-    lines = [f"Seeds {', '.join(str(s) for s in seeds)}: mean ± sample standard deviation "
-             f"(test accuracy in %; multiply-adds as a fraction of the teacher's; gate "
-             f"entropy 0 = decisive, 1 = uniform).", "",
-             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for task, row in summary.items():
-        gaps = [g for g in row["pruned_minus_teacher"] if g is not None]
-        worst = f"{100 * min(gaps):+.2f}" if gaps else "-"
-        lines.append("| " + " | ".join([task] + [_cell(row[m[0]], m[2]) for m in MEASURES]
-                                       + [worst]) + " |")
-    lines += ["", "Per seed (teacher / student / pruned, %):", ""]
-    for task, row in summary.items():
-        per_seed = []
-        for i, seed in enumerate(row["seeds"]):
-            values = [row[m]["values"][i] for m in ("teacher", "student", "pruned")]
-            per_seed.append(f"seed {seed}: " + " / ".join(
-                "-" if v is None else f"{100 * v:.2f}" for v in values))
-        lines.append(f"- {task}: " + "; ".join(per_seed))
+    """The table of benchmarks/renderers.py, and each seed's run time."""
+    lines = [renderers.seed_study_table({"seeds": list(seeds), "tasks": summary}).rstrip("\n")]
     if minutes:
         lines += ["", "Run time per seed (minutes, this machine): " + ", ".join(
             f"seed {s}: {m:.1f}" for s, m in sorted(minutes.items()))]
     return "\n".join(lines) + "\n"
+
+
+def results_file(summary: dict, seeds, argv) -> dict:
+    """What docs/results/seed_study.json holds."""
+    command = " ".join(["python benchmarks/seeds.py"] + [
+        a if not a.startswith("--flagfile_for_runs=")
+        else "--flagfile=" + os.path.relpath(a.split("=", 1)[1], ROOT) for a in argv[1:]])
+    return {"command": command, "machine": renderers.machine(),
+            "date": time.strftime("%Y-%m-%d"), "seeds": list(seeds),
+            "tasks": {task: dict(row) for task, row in summary.items()}}
 
 
 def main(argv):
@@ -159,6 +152,11 @@ def main(argv):
     with open(path, "w", encoding="utf-8") as f:
         f.write(markdown(summary, seeds, minutes))
     print(f"seeds.py: table written to {path}", file=sys.stderr)
+    if FLAGS.results:
+        with open(FLAGS.results, "w", encoding="utf-8") as f:
+            json.dump(results_file(summary, seeds, sys.argv), f, indent=1)
+            f.write("\n")
+        print(f"seeds.py: results written to {FLAGS.results}", file=sys.stderr)
 
 
 def run():

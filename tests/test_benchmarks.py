@@ -100,7 +100,8 @@ def test_seed_study_runs_each_seed_and_summarises_mean_and_spread(tmp_path):
     markdown = tmp_path / "seeds.md"
     proc = subprocess.run(
         [sys.executable, os.path.join(BENCHMARKS, "seeds.py"), f"--flagfile={flagfile}",
-         "--seeds=0,1", f"--workdir={tmp_path / 'runs'}", f"--markdown={markdown}"],
+         "--seeds=0,1", f"--workdir={tmp_path / 'runs'}", f"--markdown={markdown}",
+         f"--results={tmp_path / 'seeds.json'}"],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = _json_line(proc.stdout)
@@ -118,6 +119,18 @@ def test_seed_study_runs_each_seed_and_summarises_mean_and_spread(tmp_path):
     assert gates[0] != gates[1]
     text = markdown.read_text()
     assert "| digits |" in text and "seed 0:" in text and "seed 1:" in text
+    # --results: what docs/results/seed_study.json holds, and the docs render from it.
+    results = json.loads((tmp_path / "seeds.json").read_text())
+    assert results["seeds"] == [0, 1] and results["tasks"]["digits"]["pruned"] == row["pruned"]
+    assert results["command"].startswith("python benchmarks/seeds.py --flagfile=")
+    assert results["machine"] and results["date"]
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import renderers
+    finally:
+        sys.path.pop(0)
+    assert "| digits |" in renderers.seed_study_page(results)
+    assert "| digits |" in renderers.seed_study_summary(results)
 
 
 

@@ -1,0 +1,250 @@
+"""Markdown from the committed results in docs/results/: one function per table.
+
+Each renderer takes the parsed JSON of one results file and returns markdown:
+a whole page, or the text between two marker comments of a page
+(`benchmarks/render_docs.py` holds the registry of which file renders where).
+Pure Python and the standard library only, so that the check that every
+rendered table equals its JSON (tests/test_render_docs.py) runs in a moment.
+
+Also `machine()`, the description of this machine that a benchmark writes
+into its results file.
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+RENDER_COMMAND = "python benchmarks/render_docs.py"
+
+
+def machine() -> str:
+    """'CPU model, N cores, AVX-512' (or 'AVX2', or nothing) of this machine."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    return ", ".join(part for part in (model, f"{os.cpu_count()} cores", vector) if part)
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def _mean_sd(stat: dict | None, kind: str = "percent") -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    if kind == "percent":
+        return f"{100 * stat['mean']:.2f} ± {100 * (stat.get('std') or 0.0):.2f}"
+    return f"{stat['mean']:.3f} ± {(stat.get('std') or 0.0):.3f}"
+
+
+def _provenance(results: dict) -> str:
+    """'Measured with `command` on MACHINE, DATE, code C.'"""
+    parts = [f"Measured with `{results['command']}`" if results.get("command") else "Measured",
+             f"on {results['machine']}", results["date"]]
+    if results.get("code"):
+        parts.append(f"code {results['code']}")
+    return " ".join(parts[:2]) + ", " + ", ".join(parts[2:]) + "."
+
+
+def _generated(results_file: str) -> str:
+    return (f"<!-- Rendered from {results_file} by `{RENDER_COMMAND}`; edit the JSON, "
+            f"not this table. -->")
+
+
+# --- the seed study and the evaluation suite (benchmarks/seeds.py) ------------------
+
+# (key of benchmarks/seeds.py's summary, column heading, percent or fraction)
+SEED_COLUMNS = (
+    ("teacher", "teacher", "percent"),
+    ("student", "student", "percent"),
+    ("pruned_before_finetune", "pruned, before fine-tuning", "percent"),
+    ("pruned", "pruned", "percent"),
+    ("pruned_flops_fraction", "pruned multiply-adds (of the teacher's)", "fraction"),
+    ("student_gate_entropy", "student gate entropy", "fraction"),
+)
+
+
+def task_rows(results: dict) -> list[tuple[str, dict]]:
+    """(task, row) pairs, sorted by task, from 'tasks' ({task: row}) or 'rows'
+    ([{"task": ..., ...}], what benchmarks/seeds.py prints one line each)."""
+    if isinstance(results.get("tasks"), dict):
+        return sorted(results["tasks"].items())
+    return sorted(((row["task"], row) for row in results["rows"]), key=lambda item: item[0])
+
+
+def _seed_table(results: dict) -> list[str]:
+    rows = task_rows(results)
+    columns = [c for c in SEED_COLUMNS if any(c[0] in row for _, row in rows)]
+    head = ["task"] + [c[1] for c in columns] + ["worst seed, pruned - teacher"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for task, row in rows:
+        gaps = [g for g in row.get("pruned_minus_teacher") or [] if g is not None]
+        worst = f"{100 * min(gaps):+.2f}" if gaps else "-"
+        lines.append("| " + " | ".join([task] + [_mean_sd(row.get(key), kind)
+                                                 for key, _, kind in columns] + [worst]) + " |")
+    return lines
+
+
+def seed_study_table(results: dict) -> str:
+    """The table of a seed study alone: mean ± sd over seeds, per task, and each
+    seed's teacher / student / pruned accuracy."""
+    lines = [f"Seeds {', '.join(str(s) for s in results['seeds'])}: mean ± sample standard "
+             "deviation over seeds (test accuracy in %; multiply-adds as a fraction of the "
+             "teacher's; gate entropy 0 = decisive, 1 = uniform).", ""]
+    lines += _seed_table(results)
+    lines += ["", "Per seed (teacher / student / pruned, %):", ""]
+    for task, row in task_rows(results):
+        seeds = row.get("seeds") or results["seeds"]
+        per_seed = []
+        for i, seed in enumerate(seeds):
+            values = [(row.get(m) or {}).get("values", [None] * len(seeds))[i]
+                      for m in ("teacher", "student", "pruned")]
+            per_seed.append(f"seed {seed}: " + " / ".join(
+                "-" if v is None else f"{100 * v:.2f}" for v in values))
+        lines.append(f"- {task}: " + "; ".join(per_seed))
+    return "\n".join(lines) + "\n"
+
+
+def seed_study_page(results: dict) -> str:
+    """docs/seed_study.md."""
+    seeds = ", ".join(str(s) for s in results["seeds"])
+    lines = ["# Seed study of the quickstart settings", "",
+             _generated("docs/results/seed_study.json"), "",
+             "The teacher, student, prune and finetune stages of the quickstart, once per "
+             "seed; each seed draws its own validation split, initialisation and data order, "
+             "so each trains its own teacher.", "",
+             _provenance(results) + (f" CPU kernels: {results['cpu_kernels']}."
+                                     if results.get("cpu_kernels") else ""), "",
+             f"Which seeds did what: the defaults were chosen on the development tasks "
+             f"mnist5k and digits with seeds 0 and 1, on their validation splits; seeds "
+             f"{seeds} chose nothing and are only reported here.", "", ""]
+    return "\n".join(lines) + seed_study_table(results)
+
+
+def seed_study_summary(results: dict) -> str:
+    """The README's results table: teacher and pruned accuracy and the pruned
+    network's multiply-adds, mean ± sd per task, with machine and date."""
+    seeds = results["seeds"]
+    span = (f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1))
+            and len(seeds) > 2 else ", ".join(str(s) for s in seeds))
+    lines = [_generated("docs/results/seed_study.json"),
+             "", "| task | teacher, test % | pruned, test % | pruned multiply-adds, of the "
+             "teacher's |", "| --- | --- | --- | --- |"]
+    for task, row in task_rows(results):
+        lines.append(f"| {task} | {_mean_sd(row.get('teacher'))} | {_mean_sd(row.get('pruned'))}"
+                     f" | {_mean_sd(row.get('pruned_flops_fraction'), 'fraction')} |")
+    lines += ["", f"Mean ± standard deviation over seeds {span}; {results['machine']}, "
+              f"{results['date']}; `{results['command']}`."]
+    return "\n".join(lines) + "\n"
+
+
+def eval_suite_page(results: dict) -> str:
+    """docs/eval_suite.md's table, for a results file of the seed study's form."""
+    return "\n".join([_generated("docs/results/eval_suite.json"), "",
+                      _provenance(results), "", ""]) + seed_study_table(results)
+
+
+# --- the prune-signal study (benchmarks/prune_signals.py) ---------------------------
+
+def prune_signals_page(results: dict) -> str:
+    """docs/prune_signals.md: one row per task, seed and candidate."""
+    lines = ["# Which signal predicts a pruned network's fine-tuned accuracy", "",
+             _generated("docs/results/prune_signals.json"), "",
+             f"Measured with `{results['command']}` on {results['machine']}, "
+             f"{results['date']}, code {results['code']}. Accuracies in percent; damage and "
+             f"differences in points; +- is one standard error of the paired difference.", "",
+             "| task | seed | N | multiply-adds of the teacher's | zero-shot validation "
+             "accuracy | zero-shot damage (train + validation) | fine-tuned validation, "
+             "minus teacher | fine-tuned test | fine-tuned test, minus teacher |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in sorted(results["rows"], key=lambda r: (r["task"], r["seed"], r["n"])):
+        zero, tuned = row["zero_shot"], row["fine_tuned"]
+        damage = zero["pool_damage"]
+        lines.append(
+            f"| {row['task']} | {row['seed']} | {row['n']} | {row['flops_fraction']:.3f} | "
+            f"{_points(zero['val_accuracy'])} | {_points(damage['difference'])} +- "
+            f"{_points(damage['standard_error'])} ({damage['images']} images) | "
+            f"{_points(tuned['val_vs_teacher']['difference'])} +- "
+            f"{_points(tuned['val_vs_teacher']['standard_error'])} | "
+            f"{_points(tuned['test_accuracy'])} | "
+            f"{_points(tuned['test_vs_teacher']['difference'])} +- "
+            f"{_points(tuned['test_vs_teacher']['standard_error'])} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- the teacher's plateau rule (docs/method.md) ------------------------------------
+
+def teacher_plateau_table(results: dict) -> str:
+    """Teacher stage under a fixed schedule and under the plateau rule."""
+    lines = [_generated("docs/results/teacher_plateau.json"), "",
+             _provenance(results) + " " + results["note"], "",
+             "| task | schedule | flags added | steps | validation | test | stage time |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in results["rows"]:
+        flags = " ".join(f"`{f}`" for f in row["flags"]) or "none"
+        steps = f"{row['steps']:,}" + (f" ({row['stopped']})" if row.get("stopped") else "")
+        minutes = row.get("stage_minutes")
+        time = (f"{minutes:.1f} min" + (f" {row['time_note']}" if row.get("time_note") else "")
+                if minutes is not None else row.get("time_note", "-"))
+        lines.append(f"| {row['task']} | {row['schedule']} | {flags} | {steps} | "
+                     f"{_points(row['validation_accuracy'])}% | {_points(row['test_accuracy'])}% "
+                     f"| {time} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- the multi-task bundle (the `bundle` object of report.json) ---------------------
+
+def _mb(value: float) -> str:
+    return f"{value / 1e6:.2f} MB"
+
+
+def bundle_table(results: dict) -> str:
+    """Shared and per-task weight bytes of each bundle variant, and peak memory."""
+    bundle = results["bundle"]
+    tasks = sorted(bundle["task_specific_params"])
+    lines = [_generated("docs/results/bundle.json"), "",
+             _provenance(results) + " " + results["note"], "",
+             "| bundle | size | weights shared | " + " | ".join(f"{t} only" for t in tasks)
+             + " | universal layers stored per task | " + " | ".join(
+                 f"{t} test accuracy" for t in tasks) + " |",
+             "|" + " --- |" * (4 + 2 * len(tasks))]
+    for name, variant in bundle["variants"].items():
+        copies = ", ".join(f"`{c}`" for c in variant["universal_copies"]) or "none"
+        lines.append("| " + " | ".join(
+            [name, _mb(variant["bytes"]), _mb(variant["shared_weight_bytes"])]
+            + [_mb(variant["task_weight_bytes"][t]) for t in tasks] + [copies]
+            + [f"{_points(variant['tasks'][t]['accuracy'])}%" for t in tasks]) + " |")
+    bound = bundle["size_bound_bytes"]
+    lines += ["", f"The float32 bundle's bound (1.1 x 4 bytes x its parameters): {_mb(bound)}."]
+    memory = bundle.get("memory_mb")
+    if memory:
+        lines += ["", f"Peak resident memory running every task once (MB above a process "
+                  f"that only loaded the runtime, {memory['baseline']:.1f} MB; "
+                  f"{memory['repeats']} process each):", "",
+                  "| float32 files | separate per-task files | bundle |",
+                  "| --- | --- | --- |",
+                  f"| plain | {memory['separate_files']:.1f} | {memory['bundle']:.1f} |",
+                  f"| XNNPACK weight cache | {memory['separate_files_weight_cache']:.1f} | "
+                  f"{memory['bundle_weight_cache']:.1f} |"]
+    return "\n".join(lines) + "\n"
+
+
+# --- training speed (benchmarks/train_step.py, benchmarks/input_pipeline.py) --------
+
+def training_speed_table(results: dict) -> str:
+    """One row per command: what it printed, as ranges over repeated runs."""
+    lines = [_generated("docs/results/training_speed.json"), "",
+             f"On {results['machine']}. {results['note']}", "",
+             "| command | code, date | figures |", "| --- | --- | --- |"]
+    for row in results["rows"]:
+        lines.append(f"| `{row['command']}` | {row['code']}, {row['date']} | {row['figures']} |")
+    return "\n".join(lines) + "\n"
