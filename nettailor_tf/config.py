@@ -17,7 +17,7 @@ from absl import flags
 
 from nettailor_tf import decathlon
 from nettailor_tf.errors import NetTailorError
-from nettailor_tf.options import OneOf, Range, check_value, option
+from nettailor_tf.options import OneOf, Range, check_value, declared_stages, option
 from nettailor_tf.schedules import Schedule
 
 STAGES = ("teacher", "student", "prune", "finetune", "export", "benchmark", "submission")
@@ -86,27 +86,49 @@ def _search_steps_check(value) -> str | None:
 
 _PROBABILITY = Range(0, 1, open_high=True)
 
+# Which stages a setting changes (`option(stages=...)`).  The training
+# stages in order: a stage redone is followed by every stage that reads its
+# output (the stage ledger fingerprints those files).
+TRAINING = ("teacher", "student", "prune", "finetune")
+NETTAILOR = ("student", "prune", "finetune")  # the stages of the NetTailor network
+PRUNE = ("prune",)
+
+
+def _finetune_readers(config: "Config") -> tuple[str, ...]:
+    """The fine-tune's schedule also shapes the prune search's choice where
+    each candidate runs the first steps of the fine-tune."""
+    searches_with_steps = config.searches_prune and config.prune_search_steps != 0
+    return ("prune", "finetune") if searches_with_steps else ("finetune",)
+
+
+def _trained_stages(config: "Config") -> tuple[str, ...]:
+    """The stages that run the optimiser (float16 compute changes their results)."""
+    return ("teacher", "student") + _finetune_readers(config)
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Every setting of a run.  Field order is the order of `--helpfull`."""
     workdir: str | None = option(None, "Folder for everything the run writes (checkpoints, "
-                                 "report.json, exports). Re-running the same command resumes.")
+                                 "report.json, exports). Re-running the same command resumes.",
+                                 stages=())
     tasks: tuple[str, ...] = option((), "Task specs: mnist5k, digits, tfds:NAME[/CONFIG], "
-                                    "folder:PATH.")
+                                    "folder:PATH.", stages=())
     stages: tuple[str, ...] = option(
         DEFAULT_STAGES, "Stages to run, in order: teacher, student, prune, finetune, export "
         "(SavedModel + TFLite files, parity-checked), benchmark (LiteRT latency), submission "
-        "(Visual Decathlon test predictions; not run by default).", check=OneOf(STAGES, "stage"))
+        "(Visual Decathlon test predictions; not run by default).", check=OneOf(STAGES, "stage"),
+        stages=())
     backbone: str = option("efficientnet_lite0", "The pretrained network whose blocks become "
-                           "the universal blocks.", choices=BACKBONES)
+                           "the universal blocks.", choices=BACKBONES, stages=TRAINING)
     backbone_weights: str = option("imagenet", "'imagenet' (packaged weights), 'random', or a "
-                                   "torchvision .pth / .weights.h5 file.")
+                                   "torchvision .pth / .weights.h5 file.", stages=TRAINING)
     image_size: int = option(64, "Square input size of the network, in pixels.",
-                             check=Range(1))
+                             check=Range(1), stages=TRAINING)
     data_dir: str | None = option(None, "tensorflow-datasets data dir (default: TFDS_DATA_DIR "
-                                  "or ~/tensorflow_datasets).")
-    download: bool = option(False, "Let tfds download and prepare datasets (needs internet).")
+                                  "or ~/tensorflow_datasets).", stages=())
+    download: bool = option(False, "Let tfds download and prepare datasets (needs internet).",
+    stages=())
     # The defaults of every stage.  Minimum steps: the quickstart's
     # 1,293-image digits gives 40 steps an epoch, and its student needed
     # about 500 steps to converge (at 200 it read 45-69% depending on the
@@ -116,9 +138,11 @@ class Config:
     # its fixed 200 steps left a 450-image folder task's teacher far from
     # converged (docs/method.md, "Training to convergence").
     teacher: Schedule = option(Schedule(epochs=20, batch_size=32, learning_rate=0.01,
-                                        min_steps=2000, plateau=True), "teacher fine-tuning")
+                                        min_steps=2000, plateau=True), "teacher fine-tuning",
+                                        stages=("teacher",))
     student: Schedule = option(Schedule(epochs=3, batch_size=32, learning_rate=0.01,
-                                        min_steps=500), "NetTailor student training")
+                                        min_steps=500), "NetTailor student training",
+                                        stages=("student",))
     # The fine-tune trains by the plateau rule too: on the development tasks
     # (mnist5k and digits, seeds 0 and 1) the fixed 200-224 steps left the
     # pruned networks 0.52 validation points below their teachers on
@@ -126,79 +150,81 @@ class Config:
     # convergence").
     finetune: Schedule = option(Schedule(epochs=20, batch_size=32, learning_rate=0.01,
                                          min_steps=2000, plateau=True),
-                                "fine-tuning the pruned network")
+                                "fine-tuning the pruned network", stages=_finetune_readers)
     max_skip: int | None = option(3, "Proxies per block read the last max_skip nodes; 'dense' "
                                   "reads every earlier node.", parse=parse_max_skip,
-                                  check=_max_skip_check)
+                                  check=_max_skip_check, stages=NETTAILOR)
     universal_bn: str = option("frozen", "Universal BN statistics: 'frozen' (pretrained; "
                                "universal weights stay shareable across tasks) or 'task' "
                                "(re-estimated per task, as the published code does).",
-                               choices=UNIVERSAL_BN_MODES)
+                               choices=UNIVERSAL_BN_MODES, stages=NETTAILOR)
     gate_lr_multiplier: float = option(
         10.0, "Learning rate of the gate logits relative to the stage's (student and "
         "finetune): gates need large steps to become decisive, proxies small ones to stay "
-        "stable.", check=Range(0, 1000, open_low=True))
+        "stable.", check=Range(0, 1000, open_low=True), stages=("student", "finetune"))
     gate_lr_decay: bool = option(False, "Whether the gate logits' learning rate follows the "
                                  "stage's decay; off, it holds at --gate_lr_multiplier x the "
                                  "stage's initial rate, so gates keep choosing once the proxies "
-                                 "have settled.")
+                                 "have settled.", stages=("student", "finetune"))
     cache_teacher_targets: bool = option(True, "For tasks without augmentation, run the frozen "
                                          "teacher once over the training split per stage and "
                                          "look its mimic targets up at each step (exact; "
-                                         "skipped above 2 GB of targets).")
+                                         "skipped above 2 GB of targets).", stages=())
     validation_fraction: float = option(0.1, "Fraction of each task's training data held out "
                                         "(stratified, seeded by --seed) as the validation "
-                                        "split every choice is made on.")
+                                        "split every choice is made on.", stages=TRAINING)
     selection_split: str = option("validation", "Where choices (prune search, tolerance "
                                   "checks) are made: 'validation' (held out of training), or "
                                   "'test', the paper's protocol (trains on the whole training "
                                   "split; test accuracy then selects and reports).",
-                                  choices=("validation", "test"))
+                                  choices=("validation", "test"), stages=TRAINING)
     complexity_coeff: float | None = option(
         None, "Weight of the expected-complexity loss. Default: what the backbone declares "
         "(the paper's 0.3 with the plain mimic loss; 3.0 with the normalised one, see "
-        "--mimic_normalized).", check=Range(0, 100))
+        "--mimic_normalized).", check=Range(0, 100), stages=("student",))
     teacher_coeff: float = option(10.0, "Weight of the mimic (distillation) loss.",
-                                  check=Range(0, 1000))
+                                  check=Range(0, 1000), stages=("student", "finetune"))
     mimic_normalized: bool | None = option(
         None, "Divide each mimic term by the teacher output's mean square (scale-free). "
         "Default: what the backbone declares (on for linear-bottleneck backbones such as "
-        "efficientnet_lite0 and mobilenet_v2, off for ReLU ResNets, the paper's plain MSE).")
+        "efficientnet_lite0 and mobilenet_v2, off for ReLU ResNets, the paper's plain MSE).",
+        stages=("student", "finetune"))
     complexity_p_in: str = option("exact", "p_in of the complexity loss: of the node each "
                                   "branch reads (exact) or block l-1's for every branch "
-                                  "(published).", choices=("exact", "published"))
+                                  "(published).", choices=("exact", "published"),
+                                  stages=("student",))
     complexity_cost: str = option(
         "flops", "What a branch costs in the complexity loss and the pruning report: its "
         "multiply-adds (flops, the paper's) or its measured latency (latency: a table of "
         "every branch timed as its own small .tflite with LiteRT, or --latency_table).",
-        choices=("flops", "latency"))
+        choices=("flops", "latency"), stages=("student",))
     latency_table: str | None = option(
         None, "A latency table (JSON) measured on the target device, e.g. a phone, with "
         "benchmarks/latency_table.py (BUILD.md); unset: measured on this machine once per "
-        "backbone, image size and thread count, and cached in --latency_cache_dir.")
+        "backbone, image size and thread count, and cached in --latency_cache_dir.", stages=())
     latency_threads: int = option(1, "Interpreter threads the latency table is measured with.",
-                                  check=Range(1, 64))
+                                  check=Range(1, 64), stages=())
     latency_cache_dir: str | None = option(
         None, "Where measured latency tables are kept (default: $XDG_CACHE_HOME or "
-        "~/.cache, under nettailor_tf/latency_tables).")
+        "~/.cache, under nettailor_tf/latency_tables).", stages=())
     prune_universal: int | None = option(None, "Universal blocks to remove (smallest gates). "
                                          "Unset: the prune search chooses (see "
-                                         "--prune_search).", check=Range(0))
+                                         "--prune_search).", check=Range(0), stages=PRUNE)
     prune_proxy_threshold: float = option(0.05, "Remove proxies whose gate is <= this.",
-                                          check=_PROBABILITY)
+                                          check=_PROBABILITY, stages=PRUNE)
     prune_universal_threshold: float = option(
         0.01, "Also remove every universal block whose gate is <= this, whatever "
         "--prune_universal says: it adds at most that share to its block's output and costs a "
-        "whole block.", check=_PROBABILITY)
+        "whole block.", check=_PROBABILITY, stages=PRUNE)
     prune_search: bool | None = option(
         None, "Choose --prune_universal automatically: the leanest network whose accuracy on "
         "the selection split (--selection_split) is within --prune_tolerance of the teacher's "
         "(the paper's sweep). On by default unless --prune_universal is given; "
-        "--noprune_search cuts no universal block.")
+        "--noprune_search cuts no universal block.", stages=PRUNE)
     prune_tolerance: float = option(0.005, "Accuracy a fine-tuned prune-search candidate "
                                     "(--prune_search_steps) may give up against the teacher "
                                     "on the selection split; also where the report calls a "
-                                    "pruned network out.", check=_PROBABILITY)
+                                    "pruned network out.", check=_PROBABILITY, stages=PRUNE)
     # 0.25: on the development tasks' students (mnist5k and digits, seeds 0
     # and 1, benchmarks/prune_signals.py, docs/method.md) the damage of
     # successive cuts jumps from at most 16 points to at least 37 (mnist5k)
@@ -209,80 +235,86 @@ class Config:
         "as pruning leaves it (before fine-tuning), is at most this much below the unpruned "
         "student's on the same images: the training split (evaluation transform) and the "
         "selection split, compared image by image. The fine-tune wins most of it back.",
-        check=_PROBABILITY)
+        check=_PROBABILITY, stages=PRUNE)
     flops_budget: float | None = option(
         None, "Prune to at most this share of the teacher's multiply-adds (e.g. 0.5): the "
         "fewest cuts that fit, i.e. the most accurate network within the budget, instead of "
         "the leanest within --prune_allowance. Out of reach: the leanest network is kept and "
-        "the report says what it costs.", check=Range(0, 1, open_low=True))
+        "the report says what it costs.", check=Range(0, 1, open_low=True), stages=PRUNE)
     latency_budget_ms: float | None = option(
         None, "Prune to at most this many milliseconds per image for the float32 network, as "
         "the latency table predicts it (this machine's, measured once and cached, or a "
         "device's through --latency_table). Combines with --flops_budget.",
-        check=Range(0, open_low=True))
+        check=Range(0, open_low=True), stages=PRUNE)
     prune_search_steps: int | str = option(
         0, "Steps of the fine-tuning stage that each prune-search candidate past the zero-shot "
         "boundary runs before it is scored against the teacher: a number, or 'finetune' for "
         "the whole stage (the chosen candidate's fine-tune is then done). 0: every candidate "
         "is scored as pruning leaves it, with its BN statistics re-estimated (seconds per "
-        "candidate).", parse=parse_search_steps, check=_search_steps_check)
+        "candidate).", parse=parse_search_steps, check=_search_steps_check, stages=PRUNE)
     prune_search_max_tuned: int = option(
         0, "At most this many candidates past the zero-shot boundary are fine-tuned and "
         "scored (--prune_search_steps > 0); 0: no limit, until one misses. Each costs "
-        "--prune_search_steps steps, and one that misses is not used.", check=Range(0))
+        "--prune_search_steps steps, and one that misses is not used.", check=Range(0),
+        stages=PRUNE)
     seed: int = option(0, "Seed of initialisation, data order and augmentation.",
-                       check=Range(0, 2**31 - 1))
+                       check=Range(0, 2**31 - 1), stages=TRAINING + ("export",))
     strategy: str = option("default", "tf.distribute strategy (multi_worker reads TF_CONFIG).",
-                           choices=STRATEGIES)
+                           choices=STRATEGIES, stages=())
     num_cpu_devices: int = option(1, "Split the CPU into this many logical devices (to run "
-                                  "--strategy=mirrored without GPUs).", check=Range(1))
-    jit_compile: bool = option(False, "XLA-compile the train step (slower on CPU).")
+                                  "--strategy=mirrored without GPUs).", check=Range(1), stages=())
+    jit_compile: bool = option(False, "XLA-compile the train step (slower on CPU).", stages=())
     mixed_precision: bool = option(False, "Train with float16 compute and float32 weights (for "
                                    "GPUs; loss scaling on; gates, losses and updates stay "
-                                   "float32). Exports are always float32 graphs.")
-    checkpoint_every: int = option(200, "Steps between checkpoints.", check=Range(1))
+                                   "float32). Exports are always float32 graphs.",
+                                   stages=_trained_stages)
+    checkpoint_every: int = option(200, "Steps between checkpoints.", check=Range(1), stages=())
     log_every: int = option(20, "Steps between log lines and TensorBoard summaries.",
-                            check=Range(1))
-    eval_batch_size: int = option(128, "Batch size of evaluation.", check=Range(1))
+                            check=Range(1), stages=())
+    eval_batch_size: int = option(128, "Batch size of evaluation.", check=Range(1), stages=())
     max_steps: int | None = option(None, "Stop each stage after this many steps (an "
                                    "interruption on purpose; re-run to resume).",
-                                   check=Range(1))
+                                   check=Range(1), stages=())
     restart_from: str | None = option(
         None, "Redo this stage and every later one for every task, instead of refusing a "
         "workdir whose data changed or skipping finished stages: teacher, student, prune, "
         "finetune, export or benchmark (times the files again, e.g. on a quieter machine). "
         "Every run given it starts them over: drop it to resume.",
-        choices=("teacher", "student", "prune", "finetune", "export", "benchmark"))
+        choices=("teacher", "student", "prune", "finetune", "export", "benchmark"), stages=())
     export_variants: tuple[str, ...] = option(
         DEFAULT_EXPORT_VARIANTS, "TFLite variants of each NetTailor network (also "
         "int4_weights, and mixed: int4 with the layers that cost accuracy in int8; both "
-        "slower than float32 on x86 CPUs).", check=OneOf(TFLITE_VARIANTS, "TFLite variant"))
+        "slower than float32 on x86 CPUs).", check=OneOf(TFLITE_VARIANTS, "TFLite variant"),
+        stages=("export",))
     teacher_variants: tuple[str, ...] = option(("float32",), "TFLite variants of each teacher.",
-                                               check=OneOf(TFLITE_VARIANTS, "TFLite variant"))
+                                               check=OneOf(TFLITE_VARIANTS, "TFLite variant"),
+                                               stages=("export",))
     bundle_variants: tuple[str, ...] = option(
         ("float32", RECOMMENDED), "TFLite variants of the multi-task bundle (mixed is per task "
         "only); recommended: the fastest variant within half a point of float32's accuracy "
         "on every task's selection split.",
-        check=OneOf(BUNDLE_VARIANTS + (RECOMMENDED,), "TFLite variant"))
+        check=OneOf(BUNDLE_VARIANTS + (RECOMMENDED,), "TFLite variant"), stages=("bundle",))
     mixed_accuracy_budget: float = option(
         0.005, "The mixed variant's budget: accuracy on the selection split it may lose "
-        "against its float32 file (layers leave int4 until it is met).", check=_PROBABILITY)
+        "against its float32 file (layers leave int4 until it is met).", check=_PROBABILITY,
+        stages=("export",))
     mixed_kept_as: str = option(
         "int8", "What the mixed variant stores the layers that int4 would cost accuracy in: "
-        "int8 weights (smaller) or float32.", choices=("int8", "float32"))
+        "int8 weights (smaller) or float32.", choices=("int8", "float32"), stages=("export",))
     calibration_images: int = option(256, "Training images (per task) that calibrate the int8 "
-                                     "variant.", check=Range(1))
+                                     "variant.", check=Range(1), stages=("export",))
     parity_min_agreement: float = option(0.995, "An export whose float32 top-1 agreement with "
                                          "its Keras model is below this fails and is "
-                                         "discarded.", check=Range(0, 1))
+                                         "discarded.", check=Range(0, 1), stages=("export",))
     parity_max_images: int = option(0, "Test images each parity check runs (0: all).",
-                                    check=Range(0))
+                                    check=Range(0), stages=("export",))
     benchmark_runs: int = option(100, "Timed runs per latency (median; >= 50: a median of "
-                                 "fewer runs is noise).", check=Range(50))
-    benchmark_warmup: int = option(10, "Untimed runs before each latency.", check=Range(0))
+                                 "fewer runs is noise).", check=Range(50), stages=())
+    benchmark_warmup: int = option(10, "Untimed runs before each latency.", check=Range(0),
+    stages=())
     decathlon_annotations: str | None = option(
         None, "The Visual Decathlon devkit's annotations folder (<domain>_test_stripped.json); "
-        "needed by --stages=submission.")
+        "needed by --stages=submission.", stages=())
 
     @property
     def complexity_exact(self) -> bool:
@@ -371,6 +403,40 @@ class Config:
                                   f"{os.path.basename(path)} in it (the devkit's "
                                   f"decathlon-1.0/annotations folder has one per domain)",
                                   flag="decathlon_annotations", path=path)
+
+
+def stage_settings(config: Config, stage: str) -> dict:
+    """{setting: value} of every setting that changes `stage`'s results, as
+    JSON values: the part of the stage's record that comes from the
+    configuration.  Derived from the declarations, so a new setting cannot
+    be forgotten (tests/test_config.py walks them all)."""
+    found = {}
+    for field in dataclasses.fields(config):
+        if stage in declared_stages(field, config):
+            value = getattr(config, field.name)
+            found[field.name] = (dataclasses.asdict(value) if _is_schedule(field)
+                                 else list(value) if isinstance(value, tuple) else value)
+    return found
+
+
+def changed_settings(before: dict, now: dict) -> list[str]:
+    """The flags whose values differ between two `stage_settings` records
+    (a schedule's by its own flags: --teacher_lr, not --teacher)."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    subfields = {f.name: f for f in dataclasses.fields(Schedule)}
+    changed = []
+    for name in sorted(set(before) | set(now)):
+        old, new = before.get(name), now.get(name)
+        if old == new:
+            continue
+        field = fields.get(name)
+        if field is not None and _is_schedule(field) and isinstance(old, dict) \
+                and isinstance(new, dict):
+            changed += [f"--{_flag_name(name, subfields[k])}" if k in subfields else f"--{k}"
+                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        else:
+            changed.append(f"--{name}")
+    return changed
 
 
 # --- the command line, generated from the fields above -------------------------

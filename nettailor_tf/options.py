@@ -59,7 +59,8 @@ class OneOf:
 
 def option(default=dataclasses.MISSING, help: str = "", *, check: Check | None = None,
            choices: tuple[str, ...] | None = None, flag: str | None = "auto",
-           parse: Callable[[str], Any] | None = None, shared: bool = False) -> Any:
+           parse: Callable[[str], Any] | None = None, shared: bool = False,
+           stages: "tuple[str, ...] | Callable[[Any], tuple[str, ...]] | None" = None) -> Any:
     """A dataclass field that is also a command-line flag.
 
     `check`: extra condition on the value (a `Range`, a `OneOf`, or any
@@ -68,9 +69,14 @@ def option(default=dataclasses.MISSING, help: str = "", *, check: Check | None =
     `parse`: how the flag's text becomes the value (the flag is then a
     string flag).  `shared`: in a nested settings group (a stage's schedule),
     one flag without the group's prefix sets it in every group.
+    `stages`: the stages whose results the setting changes (or a function of
+    the whole configuration that says so, for a setting that only counts
+    under another); () declares that it changes no result (where files go,
+    how often to log).  A stage's record holds the values of the settings
+    that name it, so a changed one redoes the stage (`stage_settings`).
     """
     metadata = {"help": help, "check": check, "choices": choices, "flag": flag,
-                "parse": parse, "shared": shared}
+                "parse": parse, "shared": shared, "stages": stages}
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -83,3 +89,11 @@ def check_value(field: dataclasses.Field, value) -> str | None:
         return f"is not one of {', '.join(choices)}"
     check = field.metadata.get("check")
     return check(value) if check is not None else None
+
+
+def declared_stages(field: dataclasses.Field, config) -> tuple[str, ...]:
+    """The stages whose results `field` changes, under `config`."""
+    stages = field.metadata.get("stages")
+    if stages is None:
+        raise ValueError(f"setting {field.name!r} does not declare the stages it changes")
+    return tuple(stages(config)) if callable(stages) else tuple(stages)

@@ -192,6 +192,10 @@ def fingerprint(path: str) -> str | None:
     return digest.hexdigest()
 
 
+# The ledger's entry for stages that have started and not finished.
+_STARTED = "started"
+
+
 class Ledger:
     """What each stage of a task read: {stage: {input name: fingerprint}}.
 
@@ -211,26 +215,31 @@ class Ledger:
             return {}  # a damaged ledger is rebuilt: the stages check their outputs
         return data if isinstance(data, dict) else {}
 
-    def changed_inputs(self, stage: str, inputs: dict) -> list[str]:
-        """The inputs of `stage` that differ from what it recorded (none if it
-        recorded nothing: a run killed before the record, or an older workdir)."""
-        recorded = self._load().get(stage)
-        if recorded is None:
-            return []
-        return sorted(k for k in set(recorded) | set(inputs) if recorded.get(k) != inputs.get(k))
-
-    def record(self, stage: str, inputs: dict) -> None:
+    def recorded(self, stage: str, started: bool = False) -> dict | None:
+        """What `stage` was made from when it finished (`started`: what its
+        unfinished run started from); None if nothing was recorded."""
         data = self._load()
-        if data.get(stage) == inputs:
+        found = (data.get(_STARTED) or {}).get(stage) if started else data.get(stage)
+        return found if isinstance(found, dict) else None
+
+    def record(self, stage: str, inputs: dict, started: bool = False) -> None:
+        data = self._load()
+        where = data.setdefault(_STARTED, {}) if started else data
+        if where.get(stage) == inputs:
             return
-        data[stage] = inputs
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        atomic.write_text(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+        where[stage] = inputs
+        self._save(data)
 
     def forget(self, stage: str) -> None:
         data = self._load()
-        if data.pop(stage, None) is not None:
-            atomic.write_text(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+        finished = data.pop(stage, None)
+        started = (data.get(_STARTED) or {}).pop(stage, None)
+        if finished is not None or started is not None:
+            self._save(data)
+
+    def _save(self, data: dict) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        atomic.write_text(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def remove(paths: list[str]) -> None:

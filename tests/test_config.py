@@ -109,3 +109,69 @@ def test_backbone_names_match_the_builders():
     assert backbones.BACKBONES == config_lib.BACKBONES
     for name in config_lib.BACKBONES:
         assert backbones.build_backbone(name).name == name
+
+
+# A value other than the default for each setting, where the generic rule
+# below would not give one.
+_OTHER_VALUES = {"tasks": ("digits",), "stages": ("teacher",), "workdir": "elsewhere",
+                 "backbone_weights": "random", "max_skip": None, "selection_split": "test",
+                 "complexity_cost": "latency", "complexity_p_in": "published",
+                 "universal_bn": "task", "strategy": "mirrored", "restart_from": "teacher",
+                 "export_variants": ("float32",), "teacher_variants": ("float32", "int8"),
+                 "bundle_variants": ("float32",), "mixed_kept_as": "float32",
+                 "prune_search_steps": 5, "backbone": "tiny"}
+
+
+def _other(field, value):
+    if field.name in _OTHER_VALUES:
+        return _OTHER_VALUES[field.name]
+    if isinstance(value, Schedule):
+        return dataclasses.replace(value, learning_rate=value.learning_rate / 2)
+    if isinstance(value, bool):
+        return not value
+    if value is None:
+        return {"str": "x", "int": 3, "float": 0.5, "bool": True}.get(
+            field.type.split(" | ")[0], 0.5)
+    if isinstance(value, (int, float)):
+        return value + 1 if isinstance(value, int) else value / 2
+    if isinstance(value, str):
+        return value + "_other"
+    raise AssertionError(f"no other value for {field.name}")
+
+
+@pytest.mark.parametrize("field", dataclasses.fields(Config), ids=lambda f: f.name)
+def test_every_setting_says_which_stages_it_changes_and_their_records_follow(field):
+    """A setting either changes the record of each stage it declares (which
+    then redoes the stage: tests/test_stages_provenance.py) and of no other,
+    or is declared as changing no result."""
+    base = Config(workdir="w", tasks=("mnist5k",), prune_search_steps=0)
+    other = dataclasses.replace(base, **{field.name: _other(field, getattr(base, field.name))})
+    stages = config_lib.STAGES + ("bundle",)
+    declared = set(config_lib.declared_stages(field, base)) | set(
+        config_lib.declared_stages(field, other))
+    assert declared <= set(stages), declared
+    for stage in stages:
+        before = config_lib.stage_settings(base, stage)
+        after = config_lib.stage_settings(other, stage)
+        if stage in declared:
+            assert before != after, f"--{field.name} is declared for {stage} but not recorded"
+        else:
+            assert {k: v for k, v in before.items() if k != field.name} == \
+                {k: v for k, v in after.items() if k != field.name}
+
+
+def test_a_changed_schedule_is_named_by_its_own_flag():
+    base = Config(workdir="w", tasks=("mnist5k",))
+    slower = dataclasses.replace(base, teacher=dataclasses.replace(base.teacher,
+                                                                   learning_rate=0.001,
+                                                                   plateau=False))
+    assert config_lib.changed_settings(config_lib.stage_settings(base, "teacher"),
+                                       config_lib.stage_settings(slower, "teacher")) == \
+        ["--teacher_lr", "--teacher_plateau"]
+
+
+def test_the_fine_tune_schedule_counts_for_the_prune_search_that_runs_it():
+    base = Config(workdir="w", tasks=("mnist5k",))
+    assert "finetune" not in config_lib.stage_settings(base, "prune")
+    tuned = dataclasses.replace(base, prune_search_steps=20)
+    assert "finetune" in config_lib.stage_settings(tuned, "prune")

@@ -177,11 +177,11 @@ def test_a_capped_stage_still_improving_is_a_finding_and_a_changed_plateau_flag_
     changed = dataclasses.replace(capped, plateau_min_delta=0.5)
     with caplog.at_level("WARNING", logger="absl"):
         stages.run(_config(tmp_path, stages=("teacher",), teacher=changed), strategy)
-    assert any("teacher stage's plateau changed since it ran; redoing it" in r.getMessage()
-               for r in caplog.records)
+    assert any("teacher stage's --teacher_plateau_min_delta changed since it ran; redoing it"
+               in r.getMessage() for r in caplog.records)
     assert weights.stat().st_mtime_ns != made
     ledger = json.loads((tmp_path / "tasks" / "svhn_cropped" / "ledger.json").read_text())
-    assert ledger["teacher"]["plateau"]["plateau_min_delta"] == 0.5
+    assert json.loads(ledger["teacher"]["settings"])["teacher"]["plateau_min_delta"] == 0.5
 
 
 def test_other_data_under_the_same_name_is_refused_until_restarted(tmp_path):

@@ -55,14 +55,17 @@ def test_one_run_at_a_time(tmp_path):
         pass
 
 
-def test_the_ledger_tells_which_inputs_changed(tmp_path):
+def test_the_ledger_keeps_what_a_stage_started_and_finished_from(tmp_path):
     ledger = Workdir(str(tmp_path)).ledger("digits")
-    assert ledger.changed_inputs("student", {"teacher": "a"}) == []  # nothing recorded
+    assert ledger.recorded("student") is None  # nothing recorded
+    ledger.record("student", {"teacher": "a"}, started=True)
+    assert ledger.recorded("student") is None
+    assert ledger.recorded("student", started=True) == {"teacher": "a"}
     ledger.record("student", {"teacher": "a", "data": "d"})
-    assert ledger.changed_inputs("student", {"teacher": "a", "data": "d"}) == []
-    assert ledger.changed_inputs("student", {"teacher": "b", "data": "d"}) == ["teacher"]
+    assert ledger.recorded("student") == {"teacher": "a", "data": "d"}
     ledger.forget("student")
-    assert ledger.changed_inputs("student", {"teacher": "b"}) == []
+    assert ledger.recorded("student") is None
+    assert ledger.recorded("student", started=True) is None
 
 
 def test_fingerprints_follow_content(tmp_path):

@@ -189,11 +189,12 @@ def _run_locked(config: Config, strategy, paths: Workdir) -> Report:
             finished = []
             for task in tasks:
                 identity = identities[task.name]
+                if stage in TRAINING_STAGES:
+                    identity = {**identity, **provenance.settings_identity(config, stage)}
                 if stage == "student":  # the one stage the cost model trains
                     identity = {**identity, **cost_identity(config)}
                 if stage == "prune":
-                    identity = {**identity, **prune_search.decision_identity(config)}
-                identity = {**identity, **provenance.schedule_identity(config, stage)}
+                    identity = {**identity, **prune_search.latency_budget_input(config)}
                 if stage in TRAINING_STAGES:
                     provenance.refresh(paths, report, task.name, stage, identity)
                 finished.append(functions[stage](config, strategy, task, report))

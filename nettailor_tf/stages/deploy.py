@@ -29,7 +29,7 @@ from nettailor_tf import artifacts, atomic, quiet
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import data as data_lib
 from nettailor_tf import prune as prune_lib
-from nettailor_tf.config import Config
+from nettailor_tf.config import Config, stage_settings
 from nettailor_tf.data.tasks import label_names
 from nettailor_tf.report import Report
 from nettailor_tf.stages import recommend
@@ -84,14 +84,9 @@ def file_fingerprint(paths: list[str], settings: dict) -> str:
 
 
 def _export_settings(config: Config) -> dict:
-    return {"format": EXPORT_FORMAT, "variants": list(config.export_variants),
-            "teacher_variants": list(config.teacher_variants),
-            "calibration_images": config.calibration_images,
-            "parity_max_images": config.parity_max_images,
-            "parity_min_agreement": config.parity_min_agreement, "seed": config.seed,
-            **({"mixed_accuracy_budget": config.mixed_accuracy_budget,
-                "mixed_kept_as": config.mixed_kept_as}
-               if "mixed" in config.export_variants + config.teacher_variants else {})}
+    """What the exported files depend on besides the trained weights: the
+    files' format and every setting declared to change the export stage."""
+    return {"format": EXPORT_FORMAT, **stage_settings(config, "export")}
 
 
 def nettailor_endpoint(config: Config, task, universal: prune_lib.UniversalLayers | None = None

@@ -1,15 +1,23 @@
 """Which files each training stage reads and writes, and keeping them current.
 
-Each stage records the fingerprints of its inputs when it finishes
-(`Ledger`).  Before a stage runs, a finished stage whose inputs have changed
-since (a teacher retrained, a plan re-pruned with other flags, other data) is
-stale: its outputs, checkpoints and report entry are removed and it runs
-again, and the change flows down to every stage that read its outputs.
+Each stage records what it is made from when it starts and when it
+finishes (`Ledger`): the data, the content of the files it reads, and the
+value of every setting declared to change its results
+(`config.stage_settings`, derived from the settings' own declarations).
+Before a stage runs, a finished stage whose inputs have changed since (a
+teacher retrained, a plan re-pruned with other flags, other data) is stale:
+its outputs, checkpoints and report entry are removed and it runs again, and
+the change flows down to every stage that read its outputs.  An unfinished
+stage whose checkpoints were written under other settings starts over
+rather than resuming them.
 """
 from __future__ import annotations
 
+import json
+
 from absl import logging
 
+from nettailor_tf.config import changed_settings, stage_settings
 from nettailor_tf.report import Report
 from nettailor_tf.workdir import Workdir, fingerprint, remove
 
@@ -38,24 +46,14 @@ def outputs(paths: Workdir, task: str, stage: str) -> list[str]:
             "finetune": [paths.pruned_state(task), paths.checkpoints(task, "finetune")]}[stage]
 
 
-# The plateau rule's settings: a stage trained under other ones is redone.
-PLATEAU_SETTINGS = ("eval_steps", "plateau_monitor", "plateau_patience", "plateau_factor",
-                    "plateau_min_delta",
-                    "plateau_cooldown", "plateau_min_lr", "stop_patience", "restore_best")
+# What a record made before settings were recorded holds instead of them.
+_EARLIER_SETTING_KEYS = ("settings", "prune_settings", "plateau")
 
 
-def schedule_identity(config, stage: str) -> dict:
-    """How `stage` decides its own length, for the ledger: the plateau
-    rule's settings where it trains by the rule (the prune search's brief
-    fine-tunes train by the finetune stage's), nothing for a fixed schedule,
-    so that workdirs made before the rule stay current."""
-    schedule = {"teacher": config.teacher, "student": config.student,
-                "finetune": config.finetune,
-                "prune": config.finetune if config.searches_prune
-                and config.prune_search_steps != 0 else None}.get(stage)
-    if schedule is None or not schedule.plateau:
-        return {}
-    return {"plateau": {name: getattr(schedule, name) for name in PLATEAU_SETTINGS}}
+def settings_identity(config, stage: str) -> dict:
+    """The settings part of `stage`'s record: every declared setting that
+    changes its results, as one canonical JSON text."""
+    return {"settings": json.dumps(stage_settings(config, stage), sort_keys=True)}
 
 
 def input_fingerprints(paths: Workdir, task: str, stage: str, identity: dict) -> dict:
@@ -76,13 +74,45 @@ def invalidate(paths: Workdir, report: Report, task: str, stage: str) -> None:
 
 
 def refresh(paths: Workdir, report: Report, task: str, stage: str, identity: dict) -> None:
-    """Invalidates `stage` of `task` if what it was made from has changed."""
-    changed = paths.ledger(task).changed_inputs(
-        stage, input_fingerprints(paths, task, stage, identity))
-    if changed:
-        logging.warning("%s: the %s stage's %s changed since it ran; redoing it", task, stage,
-                        ", ".join(changed))
+    """Invalidates `stage` of `task` if what it was made from has changed,
+    finished or not; then notes what it starts from, so that checkpoints
+    written under these settings are known as such."""
+    ledger = paths.ledger(task)
+    current = input_fingerprints(paths, task, stage, identity)
+    finished = ledger.recorded(stage)
+    if finished is not None:
+        if "settings" not in finished:
+            logging.warning("%s: the %s stage was recorded by an earlier version without its "
+                            "settings; a changed setting is not detected for it "
+                            "(--restart_from=%s redoes it)", task, stage, stage)
+            current = {k: v for k, v in current.items() if k not in _EARLIER_SETTING_KEYS}
+            finished = {k: v for k, v in finished.items() if k not in _EARLIER_SETTING_KEYS}
+        changed = _changed(finished, current)
+        if not changed:
+            return
+        logging.warning("%s: the %s stage's %s changed since it ran; redoing it", task,
+                        stage, ", ".join(changed))
         invalidate(paths, report, task, stage)
+    started = ledger.recorded(stage, started=True)
+    if started is not None and _changed(started, current):
+        logging.warning("%s: the %s stage's checkpoints were written with other %s; starting "
+                        "the stage over instead of resuming them", task, stage,
+                        ", ".join(_changed(started, current)))
+        invalidate(paths, report, task, stage)
+    ledger.record(stage, current, started=True)
+
+
+def _changed(recorded: dict, current: dict) -> list[str]:
+    """What differs: an input by name, a setting by its flag."""
+    names = []
+    for key in sorted(set(recorded) | set(current)):
+        if recorded.get(key) == current.get(key):
+            continue
+        if key == "settings" and recorded.get(key) and current.get(key):
+            names += changed_settings(json.loads(recorded[key]), json.loads(current[key]))
+        else:
+            names.append(key)
+    return names
 
 
 def record(paths: Workdir, task: str, stage: str, identity: dict) -> None:

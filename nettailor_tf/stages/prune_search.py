@@ -47,21 +47,12 @@ from nettailor_tf.workdir import Workdir
 # Confidence of the one-sided bounds the search logs and records.
 CONFIDENCE = 0.9
 
-# The settings the prune stage's choice depends on.  They are part of the
-# stage's record (`decision_identity`): a rerun with another value redoes
-# the stage, and through plan.json the fine-tune after it.
-DECISION_SETTINGS = ("prune_universal", "prune_proxy_threshold", "prune_universal_threshold",
-                     "prune_search", "prune_tolerance", "prune_allowance", "flops_budget",
-                     "latency_budget_ms", "prune_search_steps", "prune_search_max_tuned",
-                     "selection_split")
-
-
-def decision_identity(config: Config) -> dict:
-    """What the prune stage's choice was made with, for the stage ledger."""
-    values = {name: getattr(config, name) for name in DECISION_SETTINGS}
-    if config.latency_budget_ms is not None:
-        values["latency_table"] = artifacts.latency_table(config).fingerprint()
-    return {"prune_settings": json.dumps(values, sort_keys=True)}
+def latency_budget_input(config: Config) -> dict:
+    """The latency table a latency budget is judged by, for the stage ledger
+    (the prune stage's settings are there already, `config.stage_settings`)."""
+    if config.latency_budget_ms is None:
+        return {}
+    return {"latency_table": artifacts.latency_table(config).fingerprint()}
 
 
 def selection_split_name(config: Config) -> str:
