@@ -123,11 +123,11 @@ def main(argv):
             f.write(text)
         return
     from nettailor_tf import data as data_lib
-    from nettailor_tf import quiet, train
+    from nettailor_tf import distribution, quiet
 
     quiet.quiet_python_loggers()
     config = config_lib.from_flags(FLAGS)
-    strategy = train.make_strategy("default")
+    strategy = distribution.make_strategy("default")
     rows = []
     for spec in config.tasks:
         task = data_lib.with_validation_split(

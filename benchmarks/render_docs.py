@@ -47,6 +47,8 @@ TABLES = (
           "docs/prune_signals.md"),
     Table("docs/results/teacher_plateau.json", renderers.teacher_plateau_table,
           "docs/method.md", "teacher_plateau"),
+    Table("docs/results/finetune_plateau.json", renderers.finetune_plateau_table,
+          "docs/method.md", "finetune_plateau"),
     Table("docs/results/bundle.json", renderers.bundle_table, "docs/performance.md", "bundle"),
     Table("docs/results/training_speed.json", renderers.training_speed_table,
           "docs/performance.md", "training_speed"),

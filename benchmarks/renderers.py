@@ -201,6 +201,40 @@ def teacher_plateau_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- settings compared on the development tasks (benchmarks/collect_runs.py) --------
+
+def development_runs_table(results: dict, results_file: str) -> str:
+    """Per setting: each run's choice and accuracies, then the setting's mean
+    validation gap to the teacher (what the choice was made on)."""
+    lines = [_generated(results_file), "", _provenance(results) + " " + results["note"], "",
+             "| setting | seed | task | N | multiply-adds | fine-tune steps | "
+             "validation: teacher / pruned | test: teacher / pruned |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    labels = list(dict.fromkeys(row["label"] for row in results["rows"]))
+    for row in results["rows"]:
+        steps = f"{row['finetune_steps']:,}" + (f" ({row['stopped']})" if row.get("stopped")
+                                                 else "")
+        lines.append(f"| {row['label']} | {row['seed']} | {row['task']} | {row['chosen']} | "
+                     f"{row['flops_fraction']:.3f} | {steps} | "
+                     f"{_points(row['teacher_val'])} / {_points(row['pruned_val'])} | "
+                     f"{_points(row['teacher_test'])} / {_points(row['pruned_test'])} |")
+    lines += ["", "| setting | flags added | mean multiply-adds | mean validation gap to the "
+              "teacher (points) | mean test gap (points) |", "| --- | --- | --- | --- | --- |"]
+    for label in labels:
+        rows = [r for r in results["rows"] if r["label"] == label]
+        flags = " ".join(f"`{f}`" for f in rows[0]["flags"]) or "none"
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        lines.append(
+            f"| {label} | {flags} | {mean([r['flops_fraction'] for r in rows]):.3f} | "
+            f"{100 * mean([r['pruned_val'] - r['teacher_val'] for r in rows]):+.2f} | "
+            f"{100 * mean([r['pruned_test'] - r['teacher_test'] for r in rows]):+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def finetune_plateau_table(results: dict) -> str:
+    return development_runs_table(results, "docs/results/finetune_plateau.json")
+
+
 # --- the multi-task bundle (the `bundle` object of report.json) ---------------------
 
 def _mb(value: float) -> str:

@@ -17,7 +17,9 @@ from absl import flags
 
 from nettailor_tf import decathlon
 from nettailor_tf.errors import NetTailorError
-from nettailor_tf.options import OneOf, Range, check_value, declared_stages, option
+from nettailor_tf.options import (OneOf, Range, check_value, option,
+                                  max_skip_check, parse_max_skip, parse_search_steps,
+                                  search_steps_check)
 from nettailor_tf.schedules import Schedule
 
 STAGES = ("teacher", "student", "prune", "finetune", "export", "benchmark", "submission")
@@ -49,39 +51,6 @@ UNIVERSAL_BN_MODES = ("frozen", "task")
 
 class ConfigError(NetTailorError, ValueError):
     """A bad flag value: one line naming the flag and what it accepts."""
-
-
-def parse_max_skip(text: str) -> int | None:
-    """'dense' (None) or a positive number of earlier nodes."""
-    if text == "dense":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError("must be a positive integer or 'dense'") from None
-
-
-def _max_skip_check(value) -> str | None:
-    return None if value is None or value >= 1 else "must be >= 1 or 'dense'"
-
-
-# --prune_search_steps: each candidate runs the whole fine-tuning stage.
-WHOLE_FINETUNE = "finetune"
-
-
-def parse_search_steps(text: str) -> int | str:
-    """'finetune' (the fine-tuning stage's own length, per task) or a number of steps."""
-    if text == WHOLE_FINETUNE:
-        return WHOLE_FINETUNE
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"must be an integer >= 0 or '{WHOLE_FINETUNE}'") from None
-
-
-def _search_steps_check(value) -> str | None:
-    return (None if value == WHOLE_FINETUNE or value >= 0
-            else f"must be >= 0 or '{WHOLE_FINETUNE}'")
 
 
 _PROBABILITY = Range(0, 1, open_high=True)
@@ -153,7 +122,7 @@ class Config:
                                 "fine-tuning the pruned network", stages=_finetune_readers)
     max_skip: int | None = option(3, "Proxies per block read the last max_skip nodes; 'dense' "
                                   "reads every earlier node.", parse=parse_max_skip,
-                                  check=_max_skip_check, stages=NETTAILOR)
+                                  check=max_skip_check, stages=NETTAILOR)
     universal_bn: str = option("frozen", "Universal BN statistics: 'frozen' (pretrained; "
                                "universal weights stay shareable across tasks) or 'task' "
                                "(re-estimated per task, as the published code does).",
@@ -251,7 +220,7 @@ class Config:
         "boundary runs before it is scored against the teacher: a number, or 'finetune' for "
         "the whole stage (the chosen candidate's fine-tune is then done). 0: every candidate "
         "is scored as pruning leaves it, with its BN statistics re-estimated (seconds per "
-        "candidate).", parse=parse_search_steps, check=_search_steps_check, stages=PRUNE)
+        "candidate).", parse=parse_search_steps, check=search_steps_check, stages=PRUNE)
     prune_search_max_tuned: int = option(
         0, "At most this many candidates past the zero-shot boundary are fine-tuned and "
         "scored (--prune_search_steps > 0); 0: no limit, until one misses. Each costs "
@@ -405,47 +374,13 @@ class Config:
                                   flag="decathlon_annotations", path=path)
 
 
-def stage_settings(config: Config, stage: str) -> dict:
-    """{setting: value} of every setting that changes `stage`'s results, as
-    JSON values: the part of the stage's record that comes from the
-    configuration.  Derived from the declarations, so a new setting cannot
-    be forgotten (tests/test_config.py walks them all)."""
-    found = {}
-    for field in dataclasses.fields(config):
-        if stage in declared_stages(field, config):
-            value = getattr(config, field.name)
-            found[field.name] = (dataclasses.asdict(value) if _is_schedule(field)
-                                 else list(value) if isinstance(value, tuple) else value)
-    return found
-
-
-def changed_settings(before: dict, now: dict) -> list[str]:
-    """The flags whose values differ between two `stage_settings` records
-    (a schedule's by its own flags: --teacher_lr, not --teacher)."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    subfields = {f.name: f for f in dataclasses.fields(Schedule)}
-    changed = []
-    for name in sorted(set(before) | set(now)):
-        old, new = before.get(name), now.get(name)
-        if old == new:
-            continue
-        field = fields.get(name)
-        if field is not None and _is_schedule(field) and isinstance(old, dict) \
-                and isinstance(new, dict):
-            changed += [f"--{_flag_name(name, subfields[k])}" if k in subfields else f"--{k}"
-                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        else:
-            changed.append(f"--{name}")
-    return changed
-
-
 # --- the command line, generated from the fields above -------------------------
 
-def _is_schedule(field: dataclasses.Field) -> bool:
+def is_schedule(field: dataclasses.Field) -> bool:
     return isinstance(field.default, Schedule)
 
 
-def _flag_name(prefix: str, field: dataclasses.Field) -> str:
+def flag_name(prefix: str, field: dataclasses.Field) -> str:
     suffix = field.metadata["flag"]
     name = field.name if suffix == "auto" else suffix
     return name if field.metadata["shared"] or not prefix else f"{prefix}_{name}"
@@ -457,13 +392,13 @@ def _settings(config: Config):
     seen = set()
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if not _is_schedule(field):
+        if not is_schedule(field):
             yield field.name, field, value
             continue
         for sub in dataclasses.fields(Schedule):
             if sub.metadata["flag"] is None:
                 continue
-            name = _flag_name(field.name, sub)
+            name = flag_name(field.name, sub)
             if name not in seen:
                 seen.add(name)
                 yield name, sub, getattr(value, sub.name)
@@ -512,14 +447,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines one flag per setting of `Config`, with its default, help and checks."""
     defaults = Config()
     for field in dataclasses.fields(Config):
-        if not _is_schedule(field):
+        if not is_schedule(field):
             _define(field.name, field, field.default, field.metadata["help"], flag_values)
             continue
         what = field.metadata["help"]
         for sub in dataclasses.fields(Schedule):
             if sub.metadata["flag"] is None:
                 continue
-            name = _flag_name(field.name, sub)
+            name = flag_name(field.name, sub)
             if name in flag_values:
                 continue  # a shared field, defined by the first stage
             help_text = sub.metadata["help"].format(what=what, stage=field.name)
@@ -531,9 +466,9 @@ def from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Config:
     """The Config that parsed flags describe (`define_flags` defined them)."""
     values = {}
     for field in dataclasses.fields(Config):
-        if _is_schedule(field):
+        if is_schedule(field):
             values[field.name] = Schedule(**{
-                sub.name: flag_values[_flag_name(field.name, sub)].value
+                sub.name: flag_values[flag_name(field.name, sub)].value
                 for sub in dataclasses.fields(Schedule) if sub.metadata["flag"] is not None})
             continue
         value = flag_values[field.name].value

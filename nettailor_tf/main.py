@@ -30,7 +30,7 @@ def main(argv):
         import tensorflow as tf
         from tensorflow.python.util import _pywrap_util_port
 
-        from nettailor_tf import artifacts, stages, train
+        from nettailor_tf import artifacts, distribution, stages
     from nettailor_tf.errors import NetTailorError
 
     quiet.quiet_python_loggers()
@@ -41,7 +41,7 @@ def main(argv):
         # Splitting the CPU into logical devices must happen before anything
         # touches TensorFlow devices, the backbone checks included.
         with quiet.native_stderr_filtered():
-            strategy = _strategy(config, train, tf)
+            strategy = _strategy(config, distribution, tf)
         artifacts.check_backbone_settings(config)
         logging.info("strategy %s with replicas=%d", config.strategy,
                      strategy.num_replicas_in_sync)
@@ -91,12 +91,12 @@ def _first_detail(message: str) -> str:
     return (useful or lines or ["TensorFlow error"])[0]
 
 
-def _strategy(config, train, tf):
+def _strategy(config, distribution, tf):
     """The tf.distribute strategy, or a ConfigError naming what is missing."""
     from nettailor_tf.config import ConfigError
 
     try:
-        strategy = train.make_strategy(config.strategy, config.num_cpu_devices)
+        strategy = distribution.make_strategy(config.strategy, config.num_cpu_devices)
         tf.config.list_logical_devices()  # the device probe, inside the caller's filter
         return strategy
     except (ValueError, KeyError, tf.errors.OpError) as err:

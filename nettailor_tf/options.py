@@ -97,3 +97,38 @@ def declared_stages(field: dataclasses.Field, config) -> tuple[str, ...]:
     if stages is None:
         raise ValueError(f"setting {field.name!r} does not declare the stages it changes")
     return tuple(stages(config)) if callable(stages) else tuple(stages)
+
+
+# --- values of particular settings -------------------------------------------
+
+def parse_max_skip(text: str) -> int | None:
+    """'dense' (None) or a positive number of earlier nodes."""
+    if text == "dense":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("must be a positive integer or 'dense'") from None
+
+
+def max_skip_check(value) -> str | None:
+    return None if value is None or value >= 1 else "must be >= 1 or 'dense'"
+
+
+# --prune_search_steps: each candidate runs the whole fine-tuning stage.
+WHOLE_FINETUNE = "finetune"
+
+
+def parse_search_steps(text: str) -> int | str:
+    """'finetune' (the fine-tuning stage's own length, per task) or a number of steps."""
+    if text == WHOLE_FINETUNE:
+        return WHOLE_FINETUNE
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"must be an integer >= 0 or '{WHOLE_FINETUNE}'") from None
+
+
+def search_steps_check(value) -> str | None:
+    return (None if value == WHOLE_FINETUNE or value >= 0
+            else f"must be >= 0 or '{WHOLE_FINETUNE}'")

@@ -10,14 +10,14 @@ import os
 
 from nettailor_tf import atomic
 from nettailor_tf.visualize import latency_prediction_points
-from nettailor_tf.workdir import WorkdirError
+from nettailor_tf.workdir import Workdir, WorkdirError
 
 
 class Report:
     """The run's results, keyed as README, "Outputs" fixes; saved after each change."""
     def __init__(self, workdir: str, backbone: str, image_size: int):
-        self.json_path = os.path.join(workdir, "report.json")
-        self.md_path = os.path.join(workdir, "report.md")
+        paths = Workdir(workdir)
+        self.json_path, self.md_path = paths.report_json, paths.report_md
         if os.path.exists(self.json_path):
             try:
                 with open(self.json_path, encoding="utf-8") as f:

@@ -5,10 +5,9 @@ loss function, the variables to train and those to decay (and, per variable,
 a learning-rate factor).  The loop owns the optimizer (SGD with PyTorch-style
 coupled weight decay and Keras' piecewise-constant decay of the stage's
 schedule, or the learning rate the plateau rule lowers), checkpoints,
-resumption, TensorBoard and progress.  It evaluates on the task's validation
-split after some epochs (a fixed schedule) or every few steps (the plateau
-rule, which also ends the stage: `stopping`); the test split only once, at
-the end.
+resumption, TensorBoard and progress.  It evaluates the validation split
+after some epochs (a fixed schedule) or every few steps (the plateau rule,
+which also ends the stage: `stopping`); the test split once, at the end.
 
 Resumption is exact: the data order and augmentation of an epoch are a pure
 function of (seed, epoch) (see `data.train_pipeline`), so a run restored at
@@ -29,7 +28,6 @@ from absl import logging
 
 from nettailor_tf import data as data_lib
 from nettailor_tf import stopping
-from nettailor_tf.config import STRATEGIES
 from nettailor_tf.checkpoints import TrainingCheckpoints
 # train.make_evaluator, train.format_duration: where the stages find them.
 from nettailor_tf.evaluation import make_evaluator  # noqa: F401
@@ -39,9 +37,9 @@ from nettailor_tf.schedules import Schedule, StagePlan
 
 
 _EVALUATIONS_PER_STAGE = 10
-# Steps between the divergence check's reads of the loss (each reads the
-# losses of every step since the last one, so no step goes unjudged; a save
-# always checks first, so no checkpoint holds a diverged network).
+# Steps between the divergence check's reads of the loss (each reads every
+# step's loss since the last; a save checks first, so no checkpoint holds a
+# diverged network).
 HEALTH_EVERY = 10
 
 
@@ -61,52 +59,6 @@ class _Window:
     def take_losses(self) -> list:
         losses, self._losses = self._losses, []
         return losses
-
-
-def make_strategy(name: str, num_cpu_devices: int = 1) -> tf.distribute.Strategy:
-    """Builds the strategy; `num_cpu_devices` > 1 splits the CPU into logical
-    devices so that the multi-replica path can be exercised without GPUs.
-
-    Must run before TensorFlow initialises its devices (before any op).
-    """
-    if name not in STRATEGIES:
-        raise ValueError(f"--strategy={name!r} is not one of {', '.join(STRATEGIES)}")
-    if num_cpu_devices > 1 and name not in ("mirrored", "multi_worker"):
-        raise ValueError(f"--num_cpu_devices={num_cpu_devices} splits the CPU for a "
-                         f"multi-replica strategy; use --strategy=mirrored (or drop it)")
-    if num_cpu_devices > 1:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * num_cpu_devices)
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        gpus = tf.config.list_logical_devices("GPU")
-        devices = None if gpus else [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices=devices)
-    if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-    tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
-    return tf.distribute.TPUStrategy(resolver)
-
-
-def worker_role(strategy: tf.distribute.Strategy) -> tuple[bool, str]:
-    """(is this process the chief, its name) under a multi-worker strategy;
-    (True, 'chief') for every single-process strategy.
-
-    Every worker runs the same steps and holds the same weights; only the
-    chief's files are the run's.  The others write theirs elsewhere (the
-    checkpoint calls are collective: every worker must make them)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    task_type = getattr(resolver, "task_type", None)
-    if not task_type:
-        return True, "chief"
-    task_id = int(getattr(resolver, "task_id", 0) or 0)
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
-    return is_chief, f"{task_type}{task_id}"
 
 
 def learning_rate_schedule(stage: StagePlan, schedule: Schedule):
@@ -362,12 +314,10 @@ class Trainer:
         """Trains to the end of the current epoch, `run.stop_at` or the
         plateau rule's stop, checkpointing and evaluating on the way.
 
-        The step's statistics stay where they were computed (summed there,
-        one small op a step) and reach the host only when something reads
-        them: a log line or summary, the divergence check every
-        `HEALTH_EVERY` steps, and the check before a checkpoint is saved.
-        Reading every step would make the host wait for each step before
-        queueing the next, which serialises a GPU or TPU."""
+        Statistics stay on the device (summed there) and reach the host only
+        for a log line or summary, the divergence check every `HEALTH_EVERY`
+        steps and before a save: a read per step would make the host wait
+        for each step before queueing the next, serialising a GPU or TPU."""
         schedule, steps_per_epoch = self.schedule, run.stage.steps_per_epoch
         epoch, skip = divmod(run.step, steps_per_epoch)
         dataset = self.strategy.experimental_distribute_dataset(data_lib.train_pipeline(

@@ -60,6 +60,10 @@ class Workdir:
         return os.path.join(self.root, "deployment.png")
 
     @property
+    def latency_prediction_png(self) -> str:
+        return os.path.join(self.root, "latency_prediction.png")
+
+    @property
     def decathlon_results(self) -> str:
         return os.path.join(self.root, "decathlon_results.json")
 

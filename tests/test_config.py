@@ -5,7 +5,9 @@ import pytest
 from absl import flags
 
 from nettailor_tf import config as config_lib
+from nettailor_tf import stage_settings
 from nettailor_tf.config import Config, ConfigError
+from nettailor_tf.options import declared_stages
 from nettailor_tf.schedules import Schedule
 
 
@@ -147,12 +149,12 @@ def test_every_setting_says_which_stages_it_changes_and_their_records_follow(fie
     base = Config(workdir="w", tasks=("mnist5k",), prune_search_steps=0)
     other = dataclasses.replace(base, **{field.name: _other(field, getattr(base, field.name))})
     stages = config_lib.STAGES + ("bundle",)
-    declared = set(config_lib.declared_stages(field, base)) | set(
-        config_lib.declared_stages(field, other))
+    declared = set(declared_stages(field, base)) | set(
+        declared_stages(field, other))
     assert declared <= set(stages), declared
     for stage in stages:
-        before = config_lib.stage_settings(base, stage)
-        after = config_lib.stage_settings(other, stage)
+        before = stage_settings.stage_settings(base, stage)
+        after = stage_settings.stage_settings(other, stage)
         if stage in declared:
             assert before != after, f"--{field.name} is declared for {stage} but not recorded"
         else:
@@ -165,13 +167,13 @@ def test_a_changed_schedule_is_named_by_its_own_flag():
     slower = dataclasses.replace(base, teacher=dataclasses.replace(base.teacher,
                                                                    learning_rate=0.001,
                                                                    plateau=False))
-    assert config_lib.changed_settings(config_lib.stage_settings(base, "teacher"),
-                                       config_lib.stage_settings(slower, "teacher")) == \
+    assert stage_settings.changed_settings(stage_settings.stage_settings(base, "teacher"),
+                                       stage_settings.stage_settings(slower, "teacher")) == \
         ["--teacher_lr", "--teacher_plateau"]
 
 
 def test_the_fine_tune_schedule_counts_for_the_prune_search_that_runs_it():
     base = Config(workdir="w", tasks=("mnist5k",))
-    assert "finetune" not in config_lib.stage_settings(base, "prune")
+    assert "finetune" not in stage_settings.stage_settings(base, "prune")
     tuned = dataclasses.replace(base, prune_search_steps=20)
-    assert "finetune" in config_lib.stage_settings(tuned, "prune")
+    assert "finetune" in stage_settings.stage_settings(tuned, "prune")

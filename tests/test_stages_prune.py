@@ -297,7 +297,7 @@ def test_zero_shot_scorer_scores_what_the_pruned_network_scores(tmp_path, mocked
 
 
 def test_every_decision_setting_is_in_the_prune_stages_record(tmp_path):
-    from nettailor_tf.config import stage_settings
+    from nettailor_tf.stage_settings import stage_settings
 
     config = _config(tmp_path, prune_universal=None)
     decisions = {"prune_universal", "prune_proxy_threshold", "prune_universal_threshold",

@@ -42,6 +42,13 @@ def stratified_split(labels: np.ndarray, test_fraction: float,
     return np.flatnonzero(train_mask), test_idx
 
 
+def selection_split(task: TaskData, selection: str) -> str:
+    """The split choices are made on, as the pipelines name it: 'val' under
+    --selection_split=validation, 'test' under the paper's protocol and for
+    a task without a validation split (one held out of nothing)."""
+    return "val" if selection == "validation" and task.num_val else "test"
+
+
 def with_validation_split(task: TaskData, fraction: float, seed: int) -> TaskData:
     """`task` with a stratified, seeded `fraction` of its training data moved
     to a validation split (the rest stays the training split).

@@ -15,7 +15,7 @@ import time
 import keras
 from absl import logging
 
-from nettailor_tf import artifacts, atomic, train
+from nettailor_tf import artifacts, atomic, distribution, train
 from nettailor_tf import data as data_lib
 from nettailor_tf import workdir as workdir_lib
 from nettailor_tf.artifacts import StageError
@@ -140,7 +140,7 @@ def run_time_left(elapsed: float, done: tuple, remaining: tuple) -> float | None
 def run(config: Config, strategy) -> Report:
     """Runs the configured stages for every task, in order, skipping finished
     ones and redoing stale ones, with the workdir locked for the run."""
-    is_chief, worker = train.worker_role(strategy)
+    is_chief, worker = distribution.worker_role(strategy)
     if not is_chief:
         # Same computation, private files; exports are the chief's alone.
         config = dataclasses.replace(

@@ -119,13 +119,12 @@ def benchmark_bundle(config: Config, tasks, report: Report) -> None:
                          "runtime): separate files %.1f, bundle %.1f, bundle with XNNPACK's "
                          "weight cache %.1f", *(bundle["memory_mb"][k] for k in (
                              "baseline", "separate_files", "bundle", "bundle_weight_cache")))
-    png = os.path.join(config.workdir, "deployment.png")
-    visualize.plot_deployment(png, report.data)
-    report.data["deployment_png"] = Workdir(config.workdir).relative(png)
+    paths = Workdir(config.workdir)
+    visualize.plot_deployment(paths.deployment_png, report.data)
+    report.data["deployment_png"] = paths.relative(paths.deployment_png)
     if visualize.latency_prediction_points(report.data):
-        png = os.path.join(config.workdir, "latency_prediction.png")
-        visualize.plot_latency_prediction(png, report.data)
-        report.data["latency_prediction_png"] = Workdir(config.workdir).relative(png)
+        visualize.plot_latency_prediction(paths.latency_prediction_png, report.data)
+        report.data["latency_prediction_png"] = paths.relative(paths.latency_prediction_png)
     report.save()
 
 

@@ -37,7 +37,8 @@ from nettailor_tf import artifacts, atomic, complexity, selection
 from nettailor_tf import data as data_lib
 from nettailor_tf import prune as prune_lib
 from nettailor_tf import student as student_lib
-from nettailor_tf.config import WHOLE_FINETUNE, Config
+from nettailor_tf.config import Config
+from nettailor_tf.options import WHOLE_FINETUNE
 from nettailor_tf.errors import NetTailorError
 from nettailor_tf.stages.nettailor import (nettailor_trainer, prepared_pruned,
                                            recalibration_batches, selection_accuracy,
@@ -49,15 +50,10 @@ CONFIDENCE = 0.9
 
 def latency_budget_input(config: Config) -> dict:
     """The latency table a latency budget is judged by, for the stage ledger
-    (the prune stage's settings are there already, `config.stage_settings`)."""
+    (the prune stage's settings are there already, `stage_settings`)."""
     if config.latency_budget_ms is None:
         return {}
     return {"latency_table": artifacts.latency_table(config).fingerprint()}
-
-
-def selection_split_name(config: Config) -> str:
-    """The eval-pipeline name of the split choices are made on."""
-    return "val" if config.selection_split == "validation" else "test"
 
 
 class ZeroShotScorer:
@@ -139,7 +135,7 @@ class PruneSearch:
     def __init__(self, config: Config, strategy, task, report, student, alphas, backbone):
         self.config, self.strategy, self.task = config, strategy, task
         self.student, self.alphas = student, alphas
-        self.split = selection_split_name(config)
+        self.split = data_lib.selection_split(task, config.selection_split)
         self.teacher_accuracy = selection_accuracy(config, report.get(task.name, "teacher"))
         self.student_accuracy = selection_accuracy(config, report.get(task.name, "student"))
         images = task.num_val if self.split == "val" else task.num_test

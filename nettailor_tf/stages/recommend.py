@@ -33,14 +33,11 @@ ALL_CORES_MARGIN = 1.25
 TOLERANCE = 0.005
 
 
-def selection_split(config: Config, task) -> str:
-    return "validation" if config.selection_split == "validation" and task.num_val else "test"
-
-
 def selection_images(config: Config, task) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images at the model's size and labels of the split choices are
     made on (validation; test under the paper's protocol)."""
-    split = task.val if selection_split(config, task) == "validation" else task.test
+    split = task.val if data_lib.selection_split(task, config.selection_split) == "val" \
+        else task.test
     images, labels = [], []
     for batch, batch_labels in parity.raw_test_batches(split):
         images.append(savedmodel.fit_to_input(batch, config.image_size, config.image_size))
@@ -61,7 +58,8 @@ def candidates(config: Config, task, files: dict[str, dict], image: np.ndarray) 
     {path, bytes}}): each run on the selection split (one interpreter
     thread each, side by side) and timed, interleaved, at 1 thread and with
     every core."""
-    split = task.val if selection_split(config, task) == "validation" else task.test
+    split = task.val if data_lib.selection_split(task, config.selection_split) == "val" \
+        else task.test
     predictors = {v: parity.tflite_predictor(f["path"], num_threads=1) for v, f in files.items()}
     cores = latency_lib.all_cores()
     with quiet.native_stderr_filtered():
@@ -101,7 +99,8 @@ def recommend(config: Config, task, found: dict) -> dict:
         "latency_ms_all_cores", parallel) <= ALL_CORES_MARGIN * parallel]
     fastest = min(scales, key=lambda v: (found[v]["latency_ms"], found[v]["bytes"]))
     smallest = min(ok, key=lambda v: (found[v]["bytes"], found[v]["latency_ms"]))
-    split = selection_split(config, task)
+    split = {"val": "validation", "test": "test"}[data_lib.selection_split(
+        task, config.selection_split)]
     logging.info("%s: recommended file: %s (%.3f ms, %s accuracy %.4f against float32's "
                  "%.4f); smallest within the tolerance: %s (%.2f MB)", task.name, fastest,
                  found[fastest]["latency_ms"], split, found[fastest]["selection_accuracy"],
