@@ -133,7 +133,8 @@ def test_a_changed_upstream_output_makes_the_downstream_stages_stale(tmp_path, m
     stages.run(_config(tmp_path), strategy)
     task_dir = tmp_path / "tasks" / "svhn_cropped"
     ledger = json.loads((task_dir / "ledger.json").read_text())
-    assert set(ledger) == {"teacher", "student", "prune", "finetune"}
+    assert set(ledger) == {"teacher", "student", "prune", "finetune", "started"}
+    assert set(ledger["started"]) == {"teacher", "student", "prune", "finetune"}
     # Re-prune with other flags: the old fine-tuned weights must not survive.
     (task_dir / "plan.json").unlink()
     with caplog.at_level("WARNING", logger="absl"):
