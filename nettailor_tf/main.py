@@ -5,6 +5,7 @@ stderr naming the flag, file or value, and exit code 2.
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -49,8 +50,9 @@ def main(argv):
     except NetTailorError as err:
         _fail(str(err))
     except OSError as err:
-        _fail(f"cannot write to --workdir={config.workdir}: {err.strerror or err} "
-              f"({err.filename or 'a file in it'})")
+        if err.filename is None:  # no file to name: not a user's file problem
+            raise
+        _fail(_file_error(err, config.workdir))
     except MemoryError:
         # std::bad_alloc from TensorFlow's C++ side: its threads may be stuck
         # in the allocator, and an orderly exit would wait on them forever
@@ -80,6 +82,27 @@ def _out_of_memory(config) -> str:
 
 def _is_allocation_failure(err) -> bool:
     return any(text in err.message for text in _ALLOCATION_FAILURES)
+
+
+# What only a write can be refused with: the disk or file system is full or
+# read-only.  Any other errno (permissions, a missing file, a folder where a
+# file should be) may come from a read as well, and an OSError does not say
+# which call it came from.
+_WRITE_ONLY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def _file_error(err: OSError, workdir: str) -> str:
+    """One line for an OSError: a write failure only when it can be nothing
+    else (a full or read-only disk, or the workdir itself cannot be made);
+    otherwise the file, without claiming what was being done to it."""
+    reason = err.strerror or type(err).__name__
+    path = os.path.abspath(os.fsdecode(err.filename))
+    root = os.path.abspath(workdir)
+    making_the_workdir = path == root or root.startswith(path.rstrip(os.sep) + os.sep)
+    if err.errno in _WRITE_ONLY_ERRNOS or making_the_workdir:
+        return f"cannot write to --workdir={workdir}: {reason} ({path})"
+    return (f"cannot access {path}: {reason}; it must be a readable file "
+            f"(and writable, inside --workdir={workdir})")
 
 
 def _first_detail(message: str) -> str:

@@ -216,6 +216,19 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     assert "No space left on device" in err and "settings.json" in err
 
 
+def test_a_failed_read_names_the_file_and_is_no_write_failure(tmp_path, capsys):
+    """A folder where the workdir's settings record should be: reading it
+    fails (also for root, unlike a file without read permission)."""
+    workdir = tmp_path / "w"
+    (workdir / "settings.json").mkdir(parents=True)
+    code, err = run_in_process(capsys, *TINY, f"--workdir={workdir}")
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1, err[-2000:]
+    assert lines[0] == (f"nettailor_tf: error: cannot access {workdir / 'settings.json'}: "
+                        f"Is a directory; it must be a readable file (and writable, inside "
+                        f"--workdir={workdir})")
+
+
 def test_running_out_of_memory_names_the_flags_to_lower(tmp_path):
     """A real allocation failure: the CLI under a 6 GiB address-space limit,
     asked for batches of 256 images of 600x600 (each 1.1 GB as float32)."""
