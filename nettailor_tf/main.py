@@ -32,6 +32,7 @@ def main(argv):
         from tensorflow.python.util import _pywrap_util_port
 
         from nettailor_tf import artifacts, stages, train
+        from nettailor_tf.data import pipeline
     from nettailor_tf.errors import NetTailorError
 
     quiet.quiet_python_loggers()
@@ -63,8 +64,12 @@ def main(argv):
     except (tf.errors.ResourceExhaustedError, tf.errors.InvalidArgumentError) as err:
         if isinstance(err, tf.errors.ResourceExhaustedError) or _is_allocation_failure(err):
             _fail(_out_of_memory(config))
-        # The data pipeline's checks (e.g. a label outside [0, num_classes)).
-        _fail(_first_detail(err.message))
+        # Only the data pipeline's own checks (a label outside [0, num_classes))
+        # are a user's error; any other InvalidArgumentError is a bug.
+        check = pipeline.data_check_failure(err.message)
+        if check is None:
+            raise
+        _fail(check)
     logging.info("done: %s", report.json_path)
 
 
@@ -103,15 +108,6 @@ def _file_error(err: OSError, workdir: str) -> str:
         return f"cannot write to --workdir={workdir}: {reason} ({path})"
     return (f"cannot access {path}: {reason}; it must be a readable file "
             f"(and writable, inside --workdir={workdir})")
-
-
-def _first_detail(message: str) -> str:
-    """The first line of a TensorFlow error that says something: graph
-    errors start with a bare "Graph execution error:" line."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    useful = [line for line in lines if line.rstrip(":") != "Graph execution error"
-              and not line.startswith("Detected at node")]
-    return (useful or lines or ["TensorFlow error"])[0]
 
 
 def _strategy(config, train, tf):
