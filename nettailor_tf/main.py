@@ -51,7 +51,8 @@ def main(argv):
     except NetTailorError as err:
         _fail(str(err))
     except OSError as err:
-        if err.filename is None:  # no file to name: not a user's file problem
+        # One that names no file names nothing a user could fix: a bug.
+        if not isinstance(err.filename, (str, bytes)):
             raise
         _fail(_file_error(err, config.workdir))
     except MemoryError:
