@@ -230,8 +230,9 @@ class TrainingCheckpoints:
                                            f"{tuple(shape)} in the model")
         extra = sorted(set(held) - set(wanted))
         if extra:
-            raise self._mismatch(path, f"it holds {len(extra)} weight(s) the model lacks, e.g. "
-                                       f"{_unescaped(extra[0][len('weights/'):-len(_VALUE_SUFFIX)])!r}")
+            first = _unescaped(extra[0][len("weights/"):-len(_VALUE_SUFFIX)])
+            raise self._mismatch(path, f"it holds {len(extra)} weight(s) the model lacks, "
+                                       f"e.g. {first!r}")
 
     def _mismatch(self, path: str, what: str) -> TrainingError:
         return TrainingError(f"{self.label}: checkpoint {path} does not match the model: {what}; "
