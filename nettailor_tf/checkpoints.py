@@ -7,7 +7,9 @@ stage (kept in ``health.json`` beside the checkpoints, so it survives a
 restart):
 
 * a save is made only while that mean is finite and at most `SAVE_FACTOR`
-  times the best: a loss on its way up is not frozen into a checkpoint;
+  times the best: a loss on its way up is not frozen into a checkpoint.  The
+  one exception is a stage's last step, which always saves (its network is
+  the stage's result, judged by accuracy; a divergence raises before it);
 * a non-finite loss, or a mean above `DIVERGED_FACTOR` times the best, is a
   divergence: the checkpoints saved after the last healthy one are dropped
   and `TrainingError` names the checkpoint a rerun (say with a lower learning
@@ -19,7 +21,10 @@ optimizer's list: two weights of one shape swapped in order would otherwise
 load each other's momentum without a word.
 
 Restoring tries the newest checkpoint first and falls back to the one before
-when a file is damaged (a full disk, a copy cut short), with a warning.
+when a file is damaged (a full disk, a copy cut short), with a warning.  A
+readable checkpoint that does not match the model (other weights or shapes:
+another architecture or plan) is a `TrainingError` naming the checkpoint and
+the first difference, never a fall-back.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import collections
 import json
 import math
 import os
+import re
 
 import tensorflow as tf
 from absl import logging
@@ -40,6 +46,19 @@ SAVE_FACTOR = 3.0    # a save needs mean <= SAVE_FACTOR x best
 DIVERGED_FACTOR = 10.0  # mean > DIVERGED_FACTOR x best stops the run
 HEALTH_FILE = "health.json"
 KEEP = 2             # checkpoints kept
+# How tf.train.Checkpoint names a dict entry's value in the file.
+_VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+_CHECKPOINT_NAME = "weights/{}" + _VALUE_SUFFIX
+
+
+def _escaped(key: str) -> str:
+    """A dict key as the checkpoint's object graph spells it (TensorFlow's
+    `escape_local_name`: "." doubled, "/" as ".S")."""
+    return key.replace(".", "..").replace("/", ".S")
+
+
+def _unescaped(name: str) -> str:
+    return re.sub(r"\.([.S])", lambda m: "." if m.group(1) == "." else "/", name)
 
 
 def weights_by_path(model) -> dict:
@@ -125,7 +144,8 @@ class TrainingCheckpoints:
                  extra: dict | None = None):
         self.directory = directory
         self.label = label
-        self.checkpoint = tf.train.Checkpoint(weights=weights_by_path(model),
+        self.weights = weights_by_path(model)
+        self.checkpoint = tf.train.Checkpoint(weights=self.weights,
                                               optimizer=optimizer_state_by_name(optimizer),
                                               step=step, **(extra or {}))
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=KEEP)
@@ -162,13 +182,26 @@ class TrainingCheckpoints:
     # --- restore, save, roll back ------------------------------------------------
 
     def restore(self) -> str | None:
-        """Restores the newest readable checkpoint; None when there is none."""
+        """Restores the newest readable checkpoint; None when there is none.
+
+        A damaged file (cut short, unreadable) falls back to the one before,
+        with a warning.  A readable checkpoint whose weights do not match the
+        model (another architecture or plan in the same folder) is an error
+        naming both: an older checkpoint of the same folder would not match
+        either, and quietly starting over would throw away its training."""
         for path in reversed(self.manager.checkpoints):
+            try:  # the index: names and shapes, no tensor data
+                stored = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+            except Exception as error:  # a damaged file raises many types (IndexError, ...)
+                self._warn_damaged(path, error)
+                continue
+            self._check_matches(path, stored)
             try:
                 self.checkpoint.restore(path).assert_existing_objects_matched()
-            except Exception as error:  # a damaged file raises many types (IndexError, ...)
-                logging.warning("%s: checkpoint %s cannot be read (%s); trying the one before",
-                                self.label, path, type(error).__name__)
+            except AssertionError as error:  # a trackable the model has that the file lacks
+                raise self._mismatch(path, str(error).strip().splitlines()[0]) from None
+            except Exception as error:  # the tensor data is damaged
+                self._warn_damaged(path, error)
                 continue
             return path
         if self.manager.checkpoints:
@@ -176,6 +209,35 @@ class TrainingCheckpoints:
                                 f"delete that folder to start the stage over",
                                 path=self.directory)
         return None
+
+    def _warn_damaged(self, path: str, error: Exception) -> None:
+        logging.warning("%s: checkpoint %s cannot be read (%s); trying the one before",
+                        self.label, path, type(error).__name__)
+
+    def _check_matches(self, path: str, stored: dict) -> None:
+        """Raises unless the checkpoint holds exactly the model's weights, by
+        path and shape."""
+        wanted = {_CHECKPOINT_NAME.format(_escaped(key)): (key, variable.shape.as_list())
+                  for key, variable in self.weights.items()}
+        held = {name: shape for name, shape in stored.items()
+                if name.startswith("weights/") and name.endswith(_VALUE_SUFFIX)}
+        for name, (key, shape) in wanted.items():
+            if name not in held:
+                raise self._mismatch(path, f"it lacks the model's weight {key!r} "
+                                           f"({len(set(wanted) - set(held))} missing in all)")
+            if list(held[name]) != shape:
+                raise self._mismatch(path, f"weight {key!r} is {tuple(held[name])} in it and "
+                                           f"{tuple(shape)} in the model")
+        extra = sorted(set(held) - set(wanted))
+        if extra:
+            first = _unescaped(extra[0][len("weights/"):-len(_VALUE_SUFFIX)])
+            raise self._mismatch(path, f"it holds {len(extra)} weight(s) the model lacks, "
+                                       f"e.g. {first!r}")
+
+    def _mismatch(self, path: str, what: str) -> TrainingError:
+        return TrainingError(f"{self.label}: checkpoint {path} does not match the model: {what}; "
+                             f"rerun with the settings it was made with, or delete "
+                             f"{self.directory} to train this stage over", path=path)
 
     def observe(self, loss: float, step: int) -> None:
         """Takes one step's loss; on a divergence rolls back and raises."""

@@ -5,6 +5,7 @@ stderr naming the flag, file or value, and exit code 2.
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -31,6 +32,7 @@ def main(argv):
         from tensorflow.python.util import _pywrap_util_port
 
         from nettailor_tf import artifacts, distribution, stages
+        from nettailor_tf.data import pipeline
     from nettailor_tf.errors import NetTailorError
 
     quiet.quiet_python_loggers()
@@ -49,8 +51,10 @@ def main(argv):
     except NetTailorError as err:
         _fail(str(err))
     except OSError as err:
-        _fail(f"cannot write to --workdir={config.workdir}: {err.strerror or err} "
-              f"({err.filename or 'a file in it'})")
+        # One that names no file names nothing a user could fix: a bug.
+        if not isinstance(err.filename, (str, bytes)):
+            raise
+        _fail(_file_error(err, config.workdir))
     except MemoryError:
         # std::bad_alloc from TensorFlow's C++ side: its threads may be stuck
         # in the allocator, and an orderly exit would wait on them forever
@@ -61,8 +65,12 @@ def main(argv):
     except (tf.errors.ResourceExhaustedError, tf.errors.InvalidArgumentError) as err:
         if isinstance(err, tf.errors.ResourceExhaustedError) or _is_allocation_failure(err):
             _fail(_out_of_memory(config))
-        # The data pipeline's checks (e.g. a label outside [0, num_classes)).
-        _fail(_first_detail(err.message))
+        # Only the data pipeline's own checks (a label outside [0, num_classes))
+        # are a user's error; any other InvalidArgumentError is a bug.
+        check = pipeline.data_check_failure(err.message)
+        if check is None:
+            raise
+        _fail(check)
     logging.info("done: %s", report.json_path)
 
 
@@ -82,13 +90,25 @@ def _is_allocation_failure(err) -> bool:
     return any(text in err.message for text in _ALLOCATION_FAILURES)
 
 
-def _first_detail(message: str) -> str:
-    """The first line of a TensorFlow error that says something: graph
-    errors start with a bare "Graph execution error:" line."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    useful = [line for line in lines if line.rstrip(":") != "Graph execution error"
-              and not line.startswith("Detected at node")]
-    return (useful or lines or ["TensorFlow error"])[0]
+# What only a write can be refused with: the disk or file system is full or
+# read-only.  Any other errno (permissions, a missing file, a folder where a
+# file should be) may come from a read as well, and an OSError does not say
+# which call it came from.
+_WRITE_ONLY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def _file_error(err: OSError, workdir: str) -> str:
+    """One line for an OSError: a write failure only when it can be nothing
+    else (a full or read-only disk, or the workdir itself cannot be made);
+    otherwise the file, without claiming what was being done to it."""
+    reason = err.strerror or type(err).__name__
+    path = os.path.abspath(os.fsdecode(err.filename))
+    root = os.path.abspath(workdir)
+    making_the_workdir = path == root or root.startswith(path.rstrip(os.sep) + os.sep)
+    if err.errno in _WRITE_ONLY_ERRNOS or making_the_workdir:
+        return f"cannot write to --workdir={workdir}: {reason} ({path})"
+    return (f"cannot access {path}: {reason}; it must be a readable file "
+            f"(and writable, inside --workdir={workdir})")
 
 
 def _strategy(config, distribution, tf):

@@ -1,13 +1,27 @@
-"""TensorFlow's and LiteRT's internal chatter, silenced at the source.
+"""TensorFlow's and LiteRT's internal chatter, kept out of a run's log.
 
-A run's log is the project's own lines.  TensorFlow writes some lines from
-C++ before any log level applies (the oneDNN and CUDA-stub notices at
-import, a `failed call to cuInit` error line on a machine without a GPU);
-those windows are short and known, so stderr is captured there and every
-line that is not a known notice is passed on.  Its Python loggers (checkpoint
-timings, fingerprint writes, signature-name notes, retracing hints) are kept
-at errors.  Nothing else is hidden: `--verbosity=1` (absl's) still shows the
-project's debug lines, and any other line TensorFlow writes gets through.
+A run's log is meant to be the project's own lines.  Exactly this is hidden:
+
+* Native stderr, only inside `native_stderr_filtered` blocks (TensorFlow's
+  import, the device probe, TFLite conversion, LiteRT's first interpreter,
+  latency timing): lines matching `_NOTICES` (absl's "All log messages
+  before absl::InitializeLog()", the oneDNN and CUDA-stub notices at import,
+  `failed call to cuInit` on a machine without a GPU, the CPU-feature notice
+  and its rebuild hint, the converter's `fully_quantize:` line, LiteRT's
+  XNNPACK-delegate line).  Every other line written there is passed on;
+  what C++ writes outside those blocks is not touched.
+* After `quiet_python_loggers`, Python log records below ERROR (INFO and
+  WARNING, so libraries' warnings too, not only their chatter): every such
+  record of the `tensorflow` and `h5py` loggers, and every such record that
+  absl's or the root logger receives from a file inside the tensorflow,
+  keras, tf_keras, tensorflow_datasets or ai_edge_quantizer packages.  Their
+  ERROR and CRITICAL records are shown.
+* The Python warning that tf.lite.Interpreter is deprecated (TensorFlow's
+  converter calibrates with it; the project runs files on LiteRT's).
+
+Everything else gets through: the project's own lines at every level
+(`--verbosity=1`, absl's flag, shows its debug lines), other packages'
+records, and Python warnings other than that one.
 """
 from __future__ import annotations
 
@@ -67,8 +81,9 @@ def native_stderr_filtered():
 
 
 class _FromLibraries(py_logging.Filter):
-    """Drops records below ERROR that TensorFlow's or Keras's own modules
-    logged through absl (which the project's lines share)."""
+    """Drops records below ERROR logged from a file inside one of
+    `_LIBRARY_PACKAGES` (through absl's logger, which the project's lines
+    share, or the root logger)."""
 
     def filter(self, record: py_logging.LogRecord) -> bool:
         if record.levelno >= py_logging.ERROR:
@@ -82,9 +97,10 @@ _LIBRARY_PACKAGES = ("tensorflow", "keras", "tf_keras", "tensorflow_datasets",
 
 
 def quiet_python_loggers() -> None:
-    """TensorFlow's and Keras's Python-side lines at errors only, and the
-    deprecation warning of the interpreter TensorFlow's converter calibrates
-    with (the project itself runs files on LiteRT's)."""
+    """Hides the Python-side records below ERROR described in the module's
+    docstring (the `tensorflow` and `h5py` loggers, and `_LIBRARY_PACKAGES`'
+    records through absl's or the root logger), and the deprecation warning
+    of the interpreter TensorFlow's converter calibrates with."""
     warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated")
     for name in _CHATTY_LOGGERS:
         py_logging.getLogger(name).setLevel(py_logging.ERROR)

@@ -4,6 +4,7 @@ divergence, and a fall-back past a damaged file."""
 import json
 import math
 import os
+import re
 
 import keras
 import numpy as np
@@ -143,9 +144,11 @@ def test_a_divergence_rolls_back_to_the_last_healthy_checkpoint_and_a_rerun_lear
     assert result.test_accuracy > 0.3
 
 
-def _tiny_model(name):
+def _tiny_model(name, width=4, third=False):
     inputs = keras.Input((4,))
-    hidden = keras.layers.Dense(4, name="first")(inputs)
+    hidden = keras.layers.Dense(width, name="first")(inputs)
+    if third:
+        hidden = keras.layers.Dense(width, name="third")(hidden)
     return keras.Model(inputs, keras.layers.Dense(4, name="second")(hidden), name=name)
 
 
@@ -175,9 +178,10 @@ def test_optimizer_slots_are_restored_by_weight_name_not_position(tmp_path):
             err_msg=v.path)
 
 
-def _keeper(directory):
-    """The checkpoints of a tiny network with a built SGD optimizer."""
-    model = _tiny_model("net")
+def _keeper(directory, **changes):
+    """The checkpoints of a tiny network with a built SGD optimizer
+    (`changes`: another width, or a third layer)."""
+    model = _tiny_model("net", **changes)
     optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
     optimizer.build(model.trainable_variables)
     return checkpoints.TrainingCheckpoints(str(directory), model, optimizer,
@@ -219,3 +223,34 @@ def test_the_best_loss_survives_a_restart(tmp_path):
     for _ in range(checkpoints.MIN_STEPS):
         second.observe(1.0, 0)     # 5 x a best seen before the restart
     assert not second.save(25)
+
+
+@pytest.mark.parametrize("changes, difference", [
+    ({"width": 8}, r"weight 'first\.kernel' is \(4, 4\) in it and \(4, 8\) in the model"),
+    ({"third": True}, r"it lacks the model's weight 'third\.kernel' \(2 missing in all\)"),
+])
+def test_a_checkpoint_of_a_changed_model_is_refused_by_name_not_skipped(tmp_path, caplog,
+                                                                         changes, difference):
+    """Two good checkpoints of one network; the changed network must not
+    take either, nor warn and fall back as if the newest were damaged."""
+    keeper = _keeper(tmp_path)
+    keeper.save(1)
+    keeper.save(2)
+    newest = keeper.manager.latest_checkpoint
+    changed = _keeper(tmp_path, **changes)
+    with caplog.at_level("WARNING", logger="absl"):
+        with pytest.raises(train.TrainingError) as caught:
+            changed.restore()
+    message = str(caught.value)
+    assert re.fullmatch(rf"t: checkpoint {re.escape(newest)} does not match the model: "
+                        rf"{difference}; rerun with the settings it was made with, or delete "
+                        rf"{re.escape(str(tmp_path))} to train this stage over", message), message
+    assert not [r for r in caplog.records if "cannot be read" in r.getMessage()]
+
+
+def test_a_checkpoint_with_weights_the_model_lacks_is_refused(tmp_path):
+    _keeper(tmp_path, third=True).save(1)
+    with pytest.raises(train.TrainingError, match=r"ckpt-1 does not match the model: it holds 2 "
+                                                  r"weight\(s\) the model lacks, e\.g\. "
+                                                  r"'third\.bias'"):
+        _keeper(tmp_path).restore()

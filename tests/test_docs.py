@@ -3,29 +3,28 @@
 - Every relative link in README.md, BUILD.md and docs/*.md reaches a file
   inside the repository (and a heading, where it names one).
 - No file of the repository names the team's private notes file.
-- Every key report.json can hold is documented in docs/report_json.md: the
-  keys of a real quickstart report (tests/fixtures/report_quickstart.json,
-  copied from `python -m nettailor_tf.main --flagfile=flags/quickstart.cfg`)
-  and every key the stages write literally, read from their source with
-  `ast`; and every path of `nettailor_tf.workdir.Workdir` is in its layout.
+- Every key the stages write literally, read from their source with `ast`,
+  is documented in docs/report_json.md, and every path of
+  `nettailor_tf.workdir.Workdir` is in its layout.  The keys of a report
+  the current code writes (every stage, every variant, the bundle) are
+  checked in tests/test_stages_deploy.py, which runs those stages anyway.
 
 Pure Python, no TensorFlow: well under a second.
 """
 import ast
 import glob
 import inspect
-import json
 import os
 import re
 import subprocess
 from urllib.parse import unquote
 
 import pytest
+from report_keys import documented
 
 ROOT = os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 DOCS = os.path.join(ROOT, "docs")
 REPORT_DOC = os.path.join(DOCS, "report_json.md")
-FIXTURE = os.path.join(ROOT, "tests", "fixtures", "report_quickstart.json")
 
 
 def _read(path: str) -> str:
@@ -145,59 +144,11 @@ def test_no_file_names_the_private_notes():
 
 # --- report.json -------------------------------------------------------------------------
 
-# Objects whose keys are data (task names, variants, ...): key path -> the
-# placeholder docs/report_json.md writes for their keys.
-_MAPS = {"tasks": "<task>",
-         "bundle.labels": "<task>", "bundle.signatures": "<task>",
-         "bundle.task_specific_params": "<task>",
-         "bundle.latency": "<variant>", "bundle.latency.<variant>": "<task>",
-         "bundle.variants": "<variant>", "bundle.variants.<variant>.tasks": "<task>",
-         "bundle.variants.<variant>.weight_types": "<signature>",
-         "bundle.variants.<variant>.weight_types.<signature>": "<TYPE>",
-         "bundle.variants.<variant>.float_weights_per_signature": "<signature>"}
-for _part in ("tflite", "teacher_tflite"):
-    _MAPS[f"tasks.<task>.{_part}"] = "<variant>"
-    _MAPS[f"tasks.<task>.{_part}.<variant>.latency"] = "<threads>"
-    _MAPS[f"tasks.<task>.{_part}.<variant>.weight_types"] = "<TYPE>"
-
-
-def _key_paths(data, prefix: str = "") -> set[str]:
-    """Every key path of a report, with the keys that are data replaced by placeholders."""
-    paths = set()
-    if isinstance(data, list):
-        for item in data:
-            paths |= _key_paths(item, prefix)
-    elif isinstance(data, dict):
-        placeholder = _MAPS.get(prefix)
-        for key, value in data.items():
-            name = placeholder or key
-            path = f"{prefix}.{name}" if prefix else name
-            paths.add(path)
-            paths |= _key_paths(value, path)
-    return paths
-
-
-def _documented() -> set[str]:
-    return set(m.group(1) for m in re.finditer(r"`([^`\n]+)`", _read(REPORT_DOC)))
-
-
-def test_every_key_of_a_real_report_is_documented():
-    with open(FIXTURE, encoding="utf-8") as f:
-        report = json.load(f)
-    assert report["backbone"] == "efficientnet_lite0" and set(report["tasks"]) == {
-        "mnist5k", "digits"}, "the fixture is the quickstart's report"
-    paths = _key_paths(report)
-    assert {"tasks.<task>.student.gates", "bundle.memory_mb.bundle_weight_cache",
-            "tasks.<task>.tflite.<variant>.latency.<threads>.median_ms",
-            "bundle.variants.<variant>.weight_types.<signature>.<TYPE>"} <= paths
-    missing = sorted(paths - _documented())
-    assert not missing, f"docs/report_json.md does not document: {missing}"
-
-
 def _dict_keys(node, prefix: str, dicts: dict) -> set[str]:
     """Key paths of a literal dict written under `prefix` (names bound to a
     literal dict in the same function, conditional values and comprehensions
-    over literal keys included); what is not literal is left to the fixture."""
+    over literal keys included); what is not literal is left to the report a
+    run writes (tests/test_stages_deploy.py)."""
     if isinstance(node, ast.Name) and node.id in dicts:
         node = dicts[node.id]
     if isinstance(node, ast.IfExp):
@@ -282,7 +233,7 @@ def test_every_key_the_stages_write_is_documented():
             "tasks.<task>.decathlon_test.images", "decathlon_submission.domains",
             "bundle.latency", "deployment_png", "tasks.<task>.teacher.converged",
             "tasks.<task>.pruned.stopped"} <= paths, "the source reader lost track"
-    missing = sorted(paths - _documented())
+    missing = sorted(paths - documented())
     assert not missing, f"docs/report_json.md does not document: {missing}"
 
 

@@ -1,4 +1,7 @@
 """LiteRT latency of a signature at batch 1."""
+import time
+import types
+
 import numpy as np
 import pytest
 from helpers import tiny_static_models
@@ -26,7 +29,28 @@ def test_median_of_timed_runs(tflite_file):
     image = np.zeros((1, SIZE, SIZE, 3), np.uint8)
     result = latency.measure(tflite_file, image, threads=1, runs=60, warmup=3)
     assert result.runs == 60 and result.threads == 1
-    assert 0 < result.p10_ms <= result.median_ms <= result.p90_ms < 1000
+    assert 0 < result.median_ms < 1000
+
+
+def test_the_figures_are_the_timed_runs_median_and_10th_and_90th_percentiles(monkeypatch):
+    """On a scripted clock: three slow warm-up runs (500 ms) that must not be
+    counted, then 60 timed runs of 1..60 ms in a shuffled order."""
+    timed = list(np.random.default_rng(0).permutation(np.arange(1, 61)))
+    durations = [500.0] * 3 + [float(ms) for ms in timed]
+    clock = {"now": 0.0}
+
+    def invoke():
+        clock["now"] += durations.pop(0) / 1e3
+
+    monkeypatch.setattr(latency, "_invoker", lambda *args, **kwargs: invoke)
+    monkeypatch.setattr(latency, "time", types.SimpleNamespace(
+        perf_counter=lambda: clock["now"], process_time=time.process_time))
+    image = np.zeros((1, SIZE, SIZE, 3), np.uint8)
+    result = latency.measure("unused.tflite", image, threads=1, runs=60, warmup=3)
+    assert durations == []  # every scripted run was made, none more
+    assert result.runs == 60
+    # Sorted 1..60: the median of the middle two, the 7th and the 55th.
+    assert (result.median_ms, result.p10_ms, result.p90_ms) == pytest.approx((30.5, 7.0, 55.0))
 
 
 def test_a_bigger_input_takes_longer(tflite_file):
@@ -51,7 +75,6 @@ def test_all_cores_is_positive():
 def test_other_processes_load_is_measured_and_marks_the_figure_busy(tflite_file):
     import subprocess
     import sys
-    import time
 
     if latency._machine_busy_seconds() is None:
         pytest.skip("no /proc/stat on this system")

@@ -216,6 +216,70 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     assert "No space left on device" in err and "settings.json" in err
 
 
+def test_a_failed_read_names_the_file_and_is_no_write_failure(tmp_path, capsys):
+    """A folder where the workdir's settings record should be: reading it
+    fails (also for root, unlike a file without read permission)."""
+    workdir = tmp_path / "w"
+    (workdir / "settings.json").mkdir(parents=True)
+    code, err = run_in_process(capsys, *TINY, f"--workdir={workdir}")
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1, err[-2000:]
+    assert lines[0] == (f"nettailor_tf: error: cannot access {workdir / 'settings.json'}: "
+                        f"Is a directory; it must be a readable file (and writable, inside "
+                        f"--workdir={workdir})")
+
+
+def _invalid_argument_from_a_run(monkeypatch, make_error):
+    """`stages.run` raising the InvalidArgumentError `make_error()` returns."""
+    import tensorflow as tf
+
+    from nettailor_tf import stages
+
+    try:
+        make_error()
+    except tf.errors.InvalidArgumentError as error:
+        raised = error
+
+    def run(config, strategy):
+        raise raised
+
+    monkeypatch.setattr(stages, "run", run)
+    return raised
+
+
+def test_a_data_check_is_one_line_naming_the_task(tmp_path, capsys, monkeypatch):
+    from data_helpers import hand_made_task, numpy_batches
+
+    from nettailor_tf import data
+
+    task = hand_made_task([0, 5, 1], num_classes=3, name="badlabels")
+    _invalid_argument_from_a_run(monkeypatch, lambda: numpy_batches(data.eval_pipeline(task, 8, 2)))
+    code, err = run_in_process(capsys, *TINY, f"--workdir={tmp_path / 'w'}")
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and lines == [
+        "nettailor_tf: error: task 'custom:badlabels' (badlabels): label outside [0, 3) -- the "
+        "data does not match num_classes"], err[-2000:]
+
+
+def test_another_invalid_argument_error_is_a_bug_and_keeps_its_traceback(tmp_path, capsys,
+                                                                       monkeypatch):
+    """Not the data pipeline's check: TensorFlow's own (a wrong reshape)."""
+    import tensorflow as tf
+    from absl import flags
+
+    from nettailor_tf import main as cli
+
+    raised = _invalid_argument_from_a_run(monkeypatch, lambda: tf.reshape(tf.zeros([3]), [2]))
+    flags.FLAGS.unparse_flags()
+    try:
+        with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+            cli.main(cli.parse_flags(["nettailor_tf", *TINY, f"--workdir={tmp_path / 'w'}"]))
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert caught.value is raised  # not a SystemExit with one line
+    assert "nettailor_tf: error:" not in capsys.readouterr().err
+
+
 def test_running_out_of_memory_names_the_flags_to_lower(tmp_path):
     """A real allocation failure: the CLI under a 6 GiB address-space limit,
     asked for batches of 256 images of 600x600 (each 1.1 GB as float32)."""

@@ -109,16 +109,23 @@ def test_the_mixed_file_meets_its_budget_with_the_fewest_layers(network, budget)
     # A budget under one image is held to one image.
     assert choice.budget == max(budget, 1 / len(IMAGES))
     assert choice.accuracy >= 1.0 - choice.budget and choice.summary()["met_budget"]
-    if budget == 1.0:
-        assert choice.kept_layers == []  # anything goes: all int4
+    if budget == 1.0:  # anything goes: all int4, which costs this network 9 of 96 images
+        assert choice.kept_layers == []
+        types = _weight_types(choice.content)
+        assert {types[op.scope] for op in mixed.weight_ops(content)} == {"INT4"}
+        assert choice.all_int4_accuracy < 1.0
+        # The quantiser's file scores what the search's own int4 rounding
+        # predicted (measured: the same 87 of 96), within two images.
+        assert choice.accuracy == pytest.approx(choice.all_int4_accuracy, abs=2 / len(IMAGES))
     summary = choice.summary()
     assert summary["kept_layers"] == len(choice.kept_layers) <= summary["layers"]
     assert summary["kept_as"] == "int8"
-    # Parity with the Keras network: the same answers as float32, within the budget.
+    # Parity with the Keras network: the file agrees with Keras as often as it
+    # agrees with the float32 file (measured: exactly), within one image.
     keras_logits = model(savedmodel.preprocess(tf.constant(IMAGES), SIZE, False)).numpy()
     agreement = np.mean(np.argmax(keras_logits, 1) == np.argmax(
         mixed.logits(choice.content, IMAGES), 1))
-    assert agreement >= 1.0 - choice.budget - 1 / len(IMAGES)
+    assert agreement == pytest.approx(choice.accuracy, abs=1 / len(IMAGES))
     # The calling convention of every variant: one uint8 image, logits first.
     runner = Interpreter(model_content=choice.content).get_signature_runner()
     image = runner.get_input_details()[savedmodel.INPUT_NAME]

@@ -16,6 +16,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from ai_edge_litert.interpreter import Interpreter
 from helpers import run_in_process
+from report_keys import documented, key_paths
 from PIL import Image
 
 from exporters import parity, savedmodel, tflite
@@ -132,6 +133,20 @@ def test_report_holds_every_artefact_with_its_parity_and_latency(exported):
         assert 0 < task["pruned"]["predicted_latency_ms"] < task["teacher"]["predicted_latency_ms"]
     table = report["latency_prediction_table"]
     assert table["threads"] == 1 and len(table["fingerprint"]) == 64
+
+
+def test_every_key_of_the_written_report_is_documented(exported):
+    """The report this run wrote (every stage, every variant, the bundle),
+    not a stored copy that ages with the code."""
+    report = _report(exported)
+    paths = key_paths(report)
+    assert {"tasks.<task>.student.gates", "bundle.memory_mb.bundle_weight_cache",
+            "tasks.<task>.tflite.<variant>.latency.<threads>.median_ms",
+            "tasks.<task>.tflite.<variant>.mixed.kept_layers",
+            "bundle.variants.<variant>.weight_types.<signature>.<TYPE>"} <= paths, \
+        "the run wrote less than every stage's keys"
+    missing = sorted(paths - documented())
+    assert not missing, f"docs/report_json.md does not document: {missing}"
 
 
 def test_each_task_names_its_recommended_and_smallest_file(exported):

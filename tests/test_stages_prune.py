@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import stage_config as _config
+from report_keys import documented, key_paths
 
 from nettailor_tf import artifacts, prune, stages
 from nettailor_tf import student as student_lib
@@ -322,6 +323,11 @@ def test_a_changed_allowance_or_a_budget_redoes_the_prune_stage(tmp_path, mocked
     report = json.loads((tmp_path / "report.json").read_text())
     pruned = report["tasks"]["svhn_cropped"]["pruned"]
     assert pruned["vs_teacher"]["test"]["images"] == 48
+    # The report of a run with a prune search: every key is documented (the
+    # deploy tests check a run's other keys, without a search).
+    assert "tasks.<task>.pruned.prune_search.damage.<key>" in key_paths(report)
+    missing = sorted(key_paths(report) - documented())
+    assert not missing, f"docs/report_json.md does not document: {missing}"
     from nettailor_tf import data as data_lib
 
     task = data_lib.with_validation_split(data_lib.load_task("tfds:svhn_cropped"),

@@ -38,8 +38,13 @@ def _run(content, key, images):
     return interpreter.get_signature_runner(key)(images=images)
 
 
-@pytest.mark.parametrize("variant,tolerance", [("float32", 1e-4), ("float16", 0.05),
-                                               ("dynamic", 0.3), ("int8", 0.5)])
+# The largest logit error allowed, as a fraction of the largest logit: about
+# twice the worst of 30 random image batches on these models (measured 2e-7,
+# 6e-4, 1.1e-3 and 0.034), so that a real change shows: full-integer int8
+# instead of dynamic-range (0.02-0.03) breaks `dynamic`, calibrating on
+# half-bright images (0.30-0.63) breaks `int8`.
+@pytest.mark.parametrize("variant,tolerance", [("float32", 1e-5), ("float16", 0.002),
+                                               ("dynamic", 0.003), ("int8", 0.07)])
 def test_each_variant_converts_and_matches_keras(exported, variant, tolerance):
     endpoints, paths = exported
     content = tflite.convert(paths["task_a"], [savedmodel.SERVING_KEY], variant,
@@ -193,7 +198,8 @@ def test_weight_only_bundle_keeps_the_universal_weights_shared(exported, variant
     for key, endpoint in endpoints.items():
         expected = endpoint.model(savedmodel.preprocess(tf.constant(images), SIZE, False)).numpy()
         error = np.abs(_run(content, key, images)["logits"] - expected).max()
-        assert error <= (0.05 if variant == "int8_weights" else 0.5) * np.abs(expected).max()
+        # Worst of 30 batches: 0.033 (int8) and 0.18 (int4) of the largest logit.
+        assert error <= (0.05 if variant == "int8_weights" else 0.4) * np.abs(expected).max()
 
 
 # --- gate scales between universal convolutions --------------------------------------

@@ -15,6 +15,8 @@ set -- set the same global seed when resuming.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import tensorflow as tf
 
@@ -108,10 +110,25 @@ def _train_transform(image: tf.Tensor, index: tf.Tensor, policy: str, size: int,
     return image
 
 
+# The pipeline's own checks of the data frame their messages with these, so
+# that the command line can find them inside a TensorFlow error and shorten
+# them to one line; any other InvalidArgumentError is a bug and keeps its
+# traceback.
+_CHECK_START, _CHECK_END = "data check: ", " (end of data check)"
+
+
+def data_check_failure(message: str) -> str | None:
+    """The message of the pipeline's data check that failed, if the
+    TensorFlow error message `message` is one; None otherwise."""
+    match = re.search(re.escape(_CHECK_START) + "(.*?)" + re.escape(_CHECK_END), message)
+    # Graph errors print the assert's data with quotes escaped.
+    return None if match is None else match.group(1).replace("\\'", "'")
+
+
 def _checked_label(label: tf.Tensor, task: TaskData) -> tf.Tensor:
     """int32 label(s), failing with a message naming the task when out of range."""
-    msg = (f"task {task.spec!r} ({task.name}): label outside [0, {task.num_classes}) "
-           "-- the data does not match num_classes")
+    msg = (f"{_CHECK_START}task {task.spec!r} ({task.name}): label outside "
+           f"[0, {task.num_classes}) -- the data does not match num_classes{_CHECK_END}")
     checks = [tf.debugging.assert_non_negative(label, message=msg),
               tf.debugging.assert_less(label, tf.cast(task.num_classes, label.dtype), message=msg)]
     with tf.control_dependencies(checks):
