@@ -33,10 +33,10 @@ TFLITE_VARIANTS = ("float32", "float16", "dynamic", "int8", "int8_weights", "int
 BUNDLE_VARIANTS = TFLITE_VARIANTS[:-1]
 # Exported unless --export_variants says otherwise: the variants that can be
 # worth shipping.  `int4_weights` and `mixed` are left out: on the quickstart
-# (EfficientNet-Lite0, 64 px, 2-core x86) both were slower than float32, by
-# up to 3x, since XNNPACK has no int4 convolution and LiteRT's fallback
-# unpacks the int4 weights at every call, and int4_weights lost up to 19
-# points of accuracy (docs/platform_notes.md, "Variants").
+# (EfficientNet-Lite0, 64 px, 2-core x86, an earlier version of the code)
+# both were slower than float32, since XNNPACK has no int4 convolution and
+# LiteRT's fallback unpacks the int4 weights at every call, and int4_weights
+# lost much accuracy (docs/platform_notes.md, L9).
 DEFAULT_EXPORT_VARIANTS = ("float32", "float16", "dynamic", "int8", "int8_weights")
 # The bundle's own word for the variant `stages.recommend.bundle_variant`
 # picks from the tasks' recommended files.
@@ -99,13 +99,14 @@ class Config:
     download: bool = option(False, "Let tfds download and prepare datasets (needs internet).",
     stages=())
     # The defaults of every stage.  Minimum steps: the quickstart's
-    # 1,293-image digits gives 40 steps an epoch, and its student needed
-    # about 500 steps to converge (at 200 it read 45-69% depending on the
-    # seed); the fine-tune about 200.  The teacher trains until its
+    # 1,293-image digits gives 40 steps an epoch, too few for its student
+    # in a few epochs (on an earlier version of the code it had not
+    # converged at 200 steps).  The teacher trains until its
     # validation loss and accuracy stop improving (the plateau rule), within
     # the paper's 20 epochs and at most 2,000 steps' worth of a small task:
-    # its fixed 200 steps left a 450-image folder task's teacher far from
-    # converged (docs/method.md, "Training to convergence").
+    # its fixed 200 steps left a 450-image folder task's teacher 15.6 test
+    # points below a 5x longer schedule (docs/results/teacher_plateau.json,
+    # rendered in docs/method.md, "Training to convergence").
     teacher: Schedule = option(Schedule(epochs=20, batch_size=32, learning_rate=0.01,
                                         min_steps=2000, plateau=True), "teacher fine-tuning",
                                         stages=("teacher",))
@@ -115,8 +116,8 @@ class Config:
     # The fine-tune trains by the plateau rule too: on the development tasks
     # (mnist5k and digits, seeds 0 and 1) the fixed 200-224 steps left the
     # pruned networks 0.52 validation points below their teachers on
-    # average; the rule (640-880 steps) 0.09 (docs/method.md, "Training to
-    # convergence").
+    # average; the rule (640-880 steps) 0.09 (docs/results/finetune_plateau.json,
+    # rendered in docs/method.md, "Training to convergence").
     finetune: Schedule = option(Schedule(epochs=20, batch_size=32, learning_rate=0.01,
                                          min_steps=2000, plateau=True),
                                 "fine-tuning the pruned network", stages=_finetune_readers)
@@ -195,7 +196,8 @@ class Config:
                                     "on the selection split; also where the report calls a "
                                     "pruned network out.", check=_PROBABILITY, stages=PRUNE)
     # 0.25: on the development tasks' students (mnist5k and digits, seeds 0
-    # and 1, benchmarks/prune_signals.py, docs/method.md) the damage of
+    # and 1, benchmarks/prune_signals.py: docs/results/prune_signals.json,
+    # rendered in docs/prune_signals.md) the damage of
     # successive cuts jumps from at most 16 points to at least 37 (mnist5k)
     # and from at most 13 to at least 76 (digits); a threshold inside both
     # gaps is not moved by a few images or another CPU's rounding.
