@@ -30,9 +30,7 @@ def write_digit_folder(root, classes=(3, 5), train_per_class=75, test_per_class=
 
 
 def test_a_small_folder_task_with_the_quickstart_flagfile(tmp_path):
-    # Two easily told classes keep this within CI's time; README, "Measured", has
-    # the same folder run of 3s against 5s with the quickstart as it is (64 px and
-    # its minimum steps): teacher 93%, pruned 91% at 0.30 of its multiply-adds.
+    # Two easily told classes keep this within CI's time.
     data = write_digit_folder(str(tmp_path / "mydigits"), classes=(0, 1))
     workdir = tmp_path / "run"
     # The quickstart's flags on the user's folder, training stages only, at 32 px
