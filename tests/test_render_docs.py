@@ -45,6 +45,7 @@ def test_a_figure_changed_in_the_json_or_the_table_alone_is_caught(tmp_path, mon
     _copy_of_the_docs(tmp_path, monkeypatch)
     results = tmp_path / "docs" / "results" / "seed_study.json"
     study = json.loads(results.read_text(encoding="utf-8"))
+    before = study["tasks"]["digits"]["pruned"]["mean"]
     study["tasks"]["digits"]["pruned"]["mean"] += 0.01
     results.write_text(json.dumps(study), encoding="utf-8")
     stale = render_docs.render_all(check=True)
@@ -54,7 +55,8 @@ def test_a_figure_changed_in_the_json_or_the_table_alone_is_caught(tmp_path, mon
     readme_before = (tmp_path / "README.md").read_text(encoding="utf-8")
     assert render_docs.render_all() == stale and render_docs.render_all(check=True) == []
     readme = (tmp_path / "README.md").read_text(encoding="utf-8")
-    assert "97.60 ±" in readme and "96.60 ±" in readme_before
+    assert f"{100 * (before + 0.01):.2f} ±" in readme
+    assert f"{100 * before:.2f} ±" in readme_before
     outside = re.compile(r"<!-- begin rendered: results -->.*<!-- end rendered: results -->",
                          re.S)
     assert outside.sub("", readme) == outside.sub("", readme_before)
