@@ -99,13 +99,16 @@ def _stat(values: list) -> dict:
             "values": values}
 
 
-def results(reports: dict, num_classes: dict, minutes: dict, command: str) -> dict:
-    """The suite's JSON from {seed: report.json contents}; `num_classes`
-    {task: classes}, `minutes` {seed: {stages asked for: minutes}}."""
+def results(reports: dict, minutes: dict, command: str) -> dict:
+    """The suite's JSON from {seed: report.json contents} and `minutes`
+    {seed: {stages asked for: minutes}}."""
     summary = seeds.summarize(reports)
     tasks = {}
     for task, row in summary.items():
-        tasks[task] = {"classes": num_classes.get(task),
+        classes, train, test = make_eval_suite.LAYOUT[task]
+        tasks[task] = {"classes": len(classes), "train_images": len(classes) * train,
+                       "test_images": len(classes) * test,
+                       "description": make_eval_suite.DESCRIPTIONS[task],
                        **{column: _stat(row[column]["values"]) for column in COLUMNS},
                        "pruned_before_finetune": _stat(row["pruned_before_finetune"]["values"]),
                        "pruned_minus_teacher": row["pruned_minus_teacher"]}
@@ -167,16 +170,12 @@ def render(data: dict) -> str:
         "took no part in choosing them, and the seeds below were never used for "
         "tuning: they show what a user can expect on a task of their own. The tasks "
         "are image folders written by `benchmarks/make_eval_suite.py` from data "
-        "installed with the project (its docstring says how):", "",
-        "- `cluttered`: 10 classes, 500 training and 200 test images of faint MNIST "
-        "digits among pen strokes and noise. The least independent task: its digits "
-        "come from the same pool as mnist5k, and its generator (with another seed) "
-        "was used to develop the plateau rule.",
-        "- `textures`: 8 classes, 400 training and 200 test crops of scikit-image's "
-        "photographs (brick, grass, gravel, moon, camera, coins, cell, page); test "
-        "crops come from parts of each photograph no training crop touches.",
-        "- `faces`: 2 classes, 120 training and 80 test images of scikit-image's "
-        "`lfw_subset` (faces against non-faces, 25x25).", "",
+        "installed with the project, nothing downloaded:", ""]
+    for task, row in data["tasks"].items():
+        lines.append(f"- `{task}`: {row['classes']} classes, {row['train_images']} training "
+                     f"and {row['test_images']} test images: {row['description']}")
+    lines += [
+        "",
         "Each run holds out 10% of the training images as its validation split, "
         "on which every choice is made; the test split is fixed and only measured.", "",
         f"Measured with `{data['command']}` on {data['machine']['cpu']} "
@@ -292,8 +291,7 @@ def main(argv):
                         f"--seeds={','.join(str(s) for s in seed_list)}",
                         f"--tasks={','.join(task_names)}",
                         *([f"--extra={','.join(FLAGS.extra)}"] if FLAGS.extra else [])])
-    num_classes = {t: len(make_eval_suite.LAYOUT[t][0]) for t in task_names}
-    data = results(reports, num_classes, minutes, command)
+    data = results(reports, minutes, command)
     _write(FLAGS.json, json.dumps(data, indent=1) + "\n")
     _write(FLAGS.markdown, render(data))
     for task, row in data["tasks"].items():

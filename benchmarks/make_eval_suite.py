@@ -50,6 +50,17 @@ LAYOUT = {
     "textures": (list(TEXTURE_IMAGES), 50, 25),
     "faces": (["face", "nonface"], 60, 40),
 }
+# What each task is, for the suite's page.
+DESCRIPTIONS = {
+    "cluttered": "faint MNIST digits among pen strokes and noise. The least independent "
+                 "task: its digits come from the same pool as mnist5k, and its generator "
+                 "(with another seed) was used to develop the plateau rule.",
+    "textures": "crops of scikit-image's photographs (brick, grass, gravel, moon, camera, "
+                "coins, cell, page), grey, at random sizes, angles, brightness and contrast; "
+                "test crops come from parts of each photograph no training crop touches.",
+    "faces": "scikit-image's lfw_subset, faces from Labeled Faces in the Wild against "
+             "non-face patches, 25x25 grey.",
+}
 TRAIN_SHARE = 0.7  # textures: training crops from the left 70% of a photograph
 SIZE = 64
 
