@@ -213,28 +213,45 @@ def render(data: dict) -> str:
                      "chance.")
     if data.get("minutes_per_seed"):
         lines += ["", "Minutes per seed, all tasks in one process, on the machine above "
-                  "(shared with other jobs), per invocation of the command line (an "
-                  "invocation skips the stages an earlier one finished):", ""]
+                  "(shared with other training jobs, so slower than alone), per invocation "
+                  "of the command line that ran stages (an invocation skips the stages an "
+                  "earlier one finished):", ""]
         for seed, record in data["minutes_per_seed"].items():
             lines.append(f"- seed {seed}: " + "; ".join(
                 f"`--stages={stages}` {m:.1f}" for stages, m in record.items()))
     return "\n".join(lines) + "\n"
 
 
-def _record_minutes(seed_dir: str, stages: str, minutes: float) -> dict:
-    """Adds this invocation's minutes to <seed_dir>/eval_suite_minutes.json
-    ({stages asked for: minutes of the latest invocation that asked for them,
-    including the stages it found done}) and returns its contents."""
+def _ledger_time(seed_dir: str) -> float:
+    """Latest modification time of the tasks' stage ledgers (0 if none): a
+    stage that runs records itself there, a skipped one does not."""
+    times = [0.0]
+    tasks_dir = os.path.join(seed_dir, "tasks")
+    if os.path.isdir(tasks_dir):
+        for task in os.listdir(tasks_dir):
+            try:
+                times.append(os.path.getmtime(os.path.join(tasks_dir, task, "ledger.json")))
+            except OSError:
+                pass
+    return max(times)
+
+
+def _record_minutes(seed_dir: str, stages: str, minutes: float, ran: bool) -> dict:
+    """Records this invocation's minutes in <seed_dir>/eval_suite_minutes.json
+    ({stages asked for: minutes of the latest invocation that ran any of
+    them}) unless it ran nothing (every stage was done), and returns the
+    record."""
     path = os.path.join(seed_dir, "eval_suite_minutes.json")
     try:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
     except (OSError, ValueError):
         record = {}
-    record[stages] = round(minutes, 1)
-    _write(path, json.dumps(record, indent=1) + "\n")
-    print(f"eval_suite.py: {os.path.basename(seed_dir)}, --stages={stages}: {minutes:.1f} min",
-          file=sys.stderr, flush=True)
+    if ran:
+        record[stages] = round(minutes, 1)
+        _write(path, json.dumps(record, indent=1) + "\n")
+    print(f"eval_suite.py: {os.path.basename(seed_dir)}, --stages={stages}: {minutes:.1f} min"
+          + ("" if ran else " (every stage was done)"), file=sys.stderr, flush=True)
     return record
 
 
@@ -276,10 +293,11 @@ def main(argv):
     reports, minutes = {}, {}
     for seed in seed_list:
         seed_dir = os.path.join(workdir, f"seed{seed}")
-        tic = time.perf_counter()
+        tic, before = time.perf_counter(), _ledger_time(seed_dir)
         seeds._run_seed(FLAGS.flagfile_for_runs, seed, seed_dir, specs, FLAGS.extra,
                         stages=FLAGS.stages)
-        minutes[seed] = _record_minutes(seed_dir, FLAGS.stages, (time.perf_counter() - tic) / 60)
+        minutes[seed] = _record_minutes(seed_dir, FLAGS.stages, (time.perf_counter() - tic) / 60,
+                                        ran=_ledger_time(seed_dir) != before)
         with open(os.path.join(seed_dir, "report.json"), encoding="utf-8") as f:
             reports[seed] = json.load(f)
     if set(FLAGS.stages.split(",")) != set(seeds.STAGES.split(",")):

@@ -80,3 +80,15 @@ def test_tuning_seeds_are_refused(tmp_path):
     assert proc.returncode != 0 and "chose or reported the defaults" in proc.stderr
     assert not os.listdir(tmp_path)
     json.dumps(eval_suite.machine())
+
+
+def test_a_resume_that_ran_nothing_keeps_the_measured_minutes(tmp_path):
+    seed_dir = str(tmp_path)
+    assert eval_suite._ledger_time(seed_dir) == 0.0
+    assert eval_suite._record_minutes(seed_dir, "teacher,student", 12.3, ran=True) == {
+        "teacher,student": 12.3}
+    assert eval_suite._record_minutes(seed_dir, "teacher,student", 0.1, ran=False) == {
+        "teacher,student": 12.3}
+    (tmp_path / "tasks" / "t").mkdir(parents=True)
+    (tmp_path / "tasks" / "t" / "ledger.json").write_text("{}")
+    assert eval_suite._ledger_time(seed_dir) > 0
