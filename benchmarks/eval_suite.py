@@ -189,7 +189,9 @@ def render(data: dict) -> str:
         gaps = ", ".join("-" if g is None else
                          (f"**{100 * g:+.1f}**" if (task, s) in flagged else f"{100 * g:+.1f}")
                          for s, g in zip(data["seeds"], row["pruned_minus_teacher"]))
-        lines.append(f"| {task} | {_cell(row['teacher'], True)} | {_cell(row['student'], True)} "
+        count = sum(1 for t, _ in flagged if t == task)
+        name = f"{task} **({count} of {len(data['seeds'])} seeds: findings)**" if count else task
+        lines.append(f"| {name} | {_cell(row['teacher'], True)} | {_cell(row['student'], True)} "
                      f"| {_cell(row['pruned'], True)} | "
                      f"{_cell(row['pruned_flops_fraction'], False)} | {gaps} |")
     lines += ["", "Per seed (teacher / student / pruned %, multiply-adds fraction):", ""]

@@ -68,6 +68,7 @@ def test_a_large_gap_and_a_student_near_chance_are_findings():
     text = eval_suite.render(data)
     assert "t, seed 21: the pruned network ends 3.0 points below its teacher" in text
     assert "t, seed 20: the student reaches 15.0%, near chance (10.0%)" in text
+    assert "| t **(2 of 2 seeds: findings)** |" in text
     assert "**-3.0**" in text and "+-1.0" not in text and "-1.0" in text
     row["student"], row["pruned_minus_teacher"] = _stat([0.75, 0.78]), [-0.01, 0.0]
     assert "None: no pruned network" in eval_suite.render(data)
