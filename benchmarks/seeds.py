@@ -57,9 +57,9 @@ MEASURES = (
 )
 
 
-def _run_seed(flagfile: str, seed: int, workdir: str, tasks, extra) -> float:
+def _run_seed(flagfile: str, seed: int, workdir: str, tasks, extra, stages: str = STAGES) -> float:
     command = [sys.executable, "-m", "nettailor_tf.main", f"--flagfile={flagfile}",
-               f"--seed={seed}", f"--stages={STAGES}", f"--workdir={workdir}", *extra]
+               f"--seed={seed}", f"--stages={stages}", f"--workdir={workdir}", *extra]
     if tasks:
         command.append(f"--tasks={','.join(tasks)}")
     print(f"seed {seed}: {' '.join(command[1:])}", file=sys.stderr, flush=True)
@@ -159,7 +159,7 @@ def main(argv):
         print(f"seeds.py: results written to {FLAGS.results}", file=sys.stderr)
 
 
-def run():
+def run(main_function=None):
     # --flagfile is absl's own flag (it would be read as this script's
     # flags): hand it to the runs instead.
     argv = []
@@ -172,7 +172,7 @@ def run():
         else:
             argv.append(arg)
     sys.argv = argv
-    app.run(main)
+    app.run(main_function or main)
 
 
 if __name__ == "__main__":
