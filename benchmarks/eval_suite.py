@@ -29,7 +29,6 @@ pruning flags) and writes nothing.
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 import make_eval_suite  # noqa: E402
+import renderers  # noqa: E402
 import seeds  # noqa: E402  (its flags --seeds, --tasks, --workdir, --markdown, --extra are ours)
 
 ROOT = seeds.ROOT
@@ -72,16 +72,7 @@ FLAGS.set_default("flagfile_for_runs", os.path.join(ROOT, "flags", "quickstart.c
 
 def machine() -> dict:
     """CPU model and core count of this machine."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count()}
+    return {"cpu": renderers.cpu_model(), "cores": os.cpu_count()}
 
 
 def _code_version() -> str:

@@ -17,8 +17,8 @@ import platform
 RENDER_COMMAND = "python benchmarks/render_docs.py"
 
 
-def machine() -> str:
-    """'CPU model, N cores, AVX-512' (or 'AVX2', or nothing) of this machine."""
+def _cpuinfo() -> tuple[str, set]:
+    """(model name, feature flags) of this machine's CPU."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -30,6 +30,16 @@ def machine() -> str:
                     flags = set(value.split())
     except OSError:
         pass
+    return model, flags
+
+
+def cpu_model() -> str:
+    return _cpuinfo()[0]
+
+
+def machine() -> str:
+    """'CPU model, N cores, AVX-512' (or 'AVX2', or nothing) of this machine."""
+    model, flags = _cpuinfo()
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
     return ", ".join(part for part in (model, f"{os.cpu_count()} cores", vector) if part)
 
