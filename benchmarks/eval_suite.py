@@ -42,6 +42,7 @@ if _HERE not in sys.path:
 
 import make_eval_suite  # noqa: E402
 import renderers  # noqa: E402
+import suite_records  # noqa: E402
 import seeds  # noqa: E402  (its flags --seeds, --tasks, --workdir, --markdown, --extra are ours)
 
 ROOT = seeds.ROOT
@@ -49,10 +50,6 @@ DEFAULT_SEEDS = ["20", "21", "22"]
 # Seeds the defaults were chosen with (0, 1) or reported with (10-14): not here.
 TUNING_SEEDS = frozenset({0, 1, *range(10, 15)})
 DEVELOPMENT_TASKS = ("mnist5k", "digits")
-# A pruned network this far below its teacher (accuracy, fraction) is a finding.
-GAP_FINDING = 0.015
-# A student within this many points of chance (fraction) is a finding.
-CHANCE_MARGIN = 0.10
 COLUMNS = ("teacher", "student", "pruned", "pruned_flops_fraction")
 
 flags.DEFINE_string("data", None, "The suite's folders (default: <workdir>/data, written "
@@ -68,11 +65,6 @@ FLAGS.set_default("seeds", DEFAULT_SEEDS)
 FLAGS.set_default("workdir", "runs/eval_suite")
 FLAGS.set_default("markdown", "docs/eval_suite.md")
 FLAGS.set_default("flagfile_for_runs", os.path.join(ROOT, "flags", "quickstart.cfg"))
-
-
-def machine() -> dict:
-    """CPU model and core count of this machine."""
-    return {"cpu": renderers.cpu_model(), "cores": os.cpu_count()}
 
 
 def _code_version() -> str:
@@ -104,154 +96,11 @@ def results(reports: dict, minutes: dict, command: str) -> dict:
                        "pruned_before_finetune": _stat(row["pruned_before_finetune"]["values"]),
                        "pruned_minus_teacher": row["pruned_minus_teacher"]}
     return {"seeds": sorted(reports), "development_tasks": list(DEVELOPMENT_TASKS),
-            "tuning_seeds": sorted(TUNING_SEEDS), "tasks": tasks, "machine": machine(),
+            "tuning_seeds": sorted(TUNING_SEEDS), "tasks": tasks,
+            "machine": suite_records.machine(),
             "date": datetime.date.today().isoformat(), "code": _code_version(),
             "command": command,
             "minutes_per_seed": {str(s): m for s, m in sorted(minutes.items())}}
-
-
-def _issues(data: dict) -> list[tuple[str, int, str]]:
-    """(task, seed, sentence) for every pruned network more than GAP_FINDING
-    below its teacher and every student within CHANCE_MARGIN of chance."""
-    out = []
-    for task, row in data["tasks"].items():
-        chance = 1.0 / row["classes"] if row.get("classes") else None
-        for seed, gap, student in zip(data["seeds"], row["pruned_minus_teacher"],
-                                      row["student"]["values"]):
-            # 1e-9: three test images of 200 are 1.5 points, not a finding.
-            if gap is not None and gap < -GAP_FINDING - 1e-9:
-                out.append((task, seed, f"{task}, seed {seed}: the pruned network ends "
-                                        f"{100 * -gap:.1f} points below its teacher (more "
-                                        f"than {100 * GAP_FINDING:.1f})."))
-            if chance is not None and student is not None and student < chance + CHANCE_MARGIN:
-                out.append((task, seed, f"{task}, seed {seed}: the student reaches "
-                                        f"{100 * student:.1f}%, near chance "
-                                        f"({100 * chance:.1f}%)."))
-    return out
-
-
-def findings(data: dict) -> list[str]:
-    return [text for _, _, text in _issues(data)]
-
-
-def _flagged(data: dict) -> set:
-    """{(task, seed)} with a finding."""
-    return {(task, seed) for task, seed, _ in _issues(data)}
-
-
-def _cell(stat: dict, percent: bool) -> str:
-    if stat["mean"] is None:
-        return "-"
-    if percent:
-        return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
-    return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
-
-
-def render(data: dict) -> str:
-    """docs/eval_suite.md from the suite's JSON."""
-    seed_list = ", ".join(str(s) for s in data["seeds"])
-    lines = [
-        "# Evaluation suite", "",
-        "Rendered by `python benchmarks/eval_suite.py --render=docs/results/eval_suite.json` "
-        "from the committed results; do not edit by hand.", "",
-        "The defaults (flags/quickstart.cfg and the library's) were chosen on the "
-        f"development tasks {' and '.join(data['development_tasks'])} with seeds 0 and 1, "
-        "and reported there with seeds 10-14 (docs/seed_study.md). The tasks below "
-        "took no part in choosing them, and the seeds below were never used for "
-        "tuning: they show what a user can expect on a task of their own. The tasks "
-        "are image folders written by `benchmarks/make_eval_suite.py` from data "
-        "installed with the project, nothing downloaded:", ""]
-    for task, row in data["tasks"].items():
-        lines.append(f"- `{task}`: {row['classes']} classes, {row['train_images']} training "
-                     f"and {row['test_images']} test images: {row['description']}")
-    lines += [
-        "",
-        "Each run holds out 10% of the training images as its validation split, "
-        "on which every choice is made; the test split is fixed and only measured.", "",
-        f"Measured with `{data['command']}` on {data['machine']['cpu']} "
-        f"({data['machine']['cores']} cores), {data['date']}, code {data['code']}. "
-        f"Seeds {seed_list}: mean ± sample standard deviation of the test accuracy (%) "
-        "and of the pruned network's multiply-adds as a fraction of its teacher's.", "",
-        "| task | teacher | student | pruned | multiply-adds of the teacher's | "
-        "pruned - teacher per seed (points) |",
-        "| --- | --- | --- | --- | --- | --- |"]
-    flagged = _flagged(data)
-    for task, row in data["tasks"].items():
-        gaps = ", ".join("-" if g is None else
-                         (f"**{100 * g:+.1f}**" if (task, s) in flagged else f"{100 * g:+.1f}")
-                         for s, g in zip(data["seeds"], row["pruned_minus_teacher"]))
-        count = sum(1 for t, _ in flagged if t == task)
-        name = f"{task} **({count} of {len(data['seeds'])} seeds: findings)**" if count else task
-        lines.append(f"| {name} | {_cell(row['teacher'], True)} | {_cell(row['student'], True)} "
-                     f"| {_cell(row['pruned'], True)} | "
-                     f"{_cell(row['pruned_flops_fraction'], False)} | {gaps} |")
-    lines += ["", "Per seed (teacher / student / pruned %, multiply-adds fraction):", ""]
-    for task, row in data["tasks"].items():
-        parts = []
-        for i, seed in enumerate(data["seeds"]):
-            accs = [row[c]["values"][i] for c in ("teacher", "student", "pruned")]
-            flops = row["pruned_flops_fraction"]["values"][i]
-            mark = " (finding)" if (task, seed) in flagged else ""
-            parts.append(f"seed {seed}: " + " / ".join(
-                "-" if v is None else f"{100 * v:.1f}" for v in accs)
-                + ("" if flops is None else f", {flops:.2f}") + mark)
-        lines.append(f"- {task}: " + "; ".join(parts))
-    found = findings(data)
-    lines += ["", "## Findings", ""]
-    if found:
-        lines += [f"- {text}" for text in found]
-    else:
-        lines.append(f"None: no pruned network more than {100 * GAP_FINDING:.1f} points below "
-                     f"its teacher, no student within {100 * CHANCE_MARGIN:.0f} points of "
-                     "chance.")
-    if data.get("minutes_per_seed"):
-        lines += ["", "Minutes per seed, all tasks in one process, on the machine above "
-                  "(shared with other training jobs, so slower than alone), per invocation "
-                  "of the command line that ran stages (an invocation skips the stages an "
-                  "earlier one finished):", ""]
-        for seed, record in data["minutes_per_seed"].items():
-            lines.append(f"- seed {seed}: " + "; ".join(
-                f"`--stages={stages}` {m:.1f}" for stages, m in record.items()))
-    return "\n".join(lines) + "\n"
-
-
-def _ledger_time(seed_dir: str) -> float:
-    """Latest modification time of the tasks' stage ledgers (0 if none): a
-    stage that runs records itself there, a skipped one does not."""
-    times = [0.0]
-    tasks_dir = os.path.join(seed_dir, "tasks")
-    if os.path.isdir(tasks_dir):
-        for task in os.listdir(tasks_dir):
-            try:
-                times.append(os.path.getmtime(os.path.join(tasks_dir, task, "ledger.json")))
-            except OSError:
-                pass
-    return max(times)
-
-
-def _record_minutes(seed_dir: str, stages: str, minutes: float, ran: bool) -> dict:
-    """Records this invocation's minutes in <seed_dir>/eval_suite_minutes.json
-    ({stages asked for: minutes of the latest invocation that ran any of
-    them}) unless it ran nothing (every stage was done), and returns the
-    record."""
-    path = os.path.join(seed_dir, "eval_suite_minutes.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        record = {}
-    if ran:
-        record[stages] = round(minutes, 1)
-        _write(path, json.dumps(record, indent=1) + "\n")
-    print(f"eval_suite.py: {os.path.basename(seed_dir)}, --stages={stages}: {minutes:.1f} min"
-          + ("" if ran else " (every stage was done)"), file=sys.stderr, flush=True)
-    return record
-
-
-def _write(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def main(argv):
@@ -259,7 +108,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}")
     if FLAGS.render:
         with open(FLAGS.render, encoding="utf-8") as f:
-            _write(FLAGS.markdown, render(json.load(f)))
+            suite_records.write(FLAGS.markdown, renderers.eval_suite_page(json.load(f)))
         print(f"eval_suite.py: {FLAGS.markdown} rendered from {FLAGS.render}", file=sys.stderr)
         return
     try:
@@ -286,11 +135,12 @@ def main(argv):
     reports, minutes = {}, {}
     for seed in seed_list:
         seed_dir = os.path.join(workdir, f"seed{seed}")
-        tic, before = time.perf_counter(), _ledger_time(seed_dir)
+        tic, before = time.perf_counter(), suite_records.ledger_time(seed_dir)
         seeds._run_seed(FLAGS.flagfile_for_runs, seed, seed_dir, specs, FLAGS.extra,
                         stages=FLAGS.stages)
-        minutes[seed] = _record_minutes(seed_dir, FLAGS.stages, (time.perf_counter() - tic) / 60,
-                                        ran=_ledger_time(seed_dir) != before)
+        minutes[seed] = suite_records.record_minutes(
+            seed_dir, FLAGS.stages, (time.perf_counter() - tic) / 60,
+            ran=suite_records.ledger_time(seed_dir) != before)
         with open(os.path.join(seed_dir, "report.json"), encoding="utf-8") as f:
             reports[seed] = json.load(f)
     if set(FLAGS.stages.split(",")) != set(seeds.STAGES.split(",")):
@@ -302,8 +152,8 @@ def main(argv):
                         f"--tasks={','.join(task_names)}",
                         *([f"--extra={','.join(FLAGS.extra)}"] if FLAGS.extra else [])])
     data = results(reports, minutes, command)
-    _write(FLAGS.json, json.dumps(data, indent=1) + "\n")
-    _write(FLAGS.markdown, render(data))
+    suite_records.write(FLAGS.json, json.dumps(data, indent=1) + "\n")
+    suite_records.write(FLAGS.markdown, renderers.eval_suite_page(data))
     for task, row in data["tasks"].items():
         print(json.dumps({"task": task, **{c: row[c]["mean"] for c in COLUMNS}}), flush=True)
     print(f"eval_suite.py: {FLAGS.json} and {FLAGS.markdown} written", file=sys.stderr)

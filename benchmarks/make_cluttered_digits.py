@@ -31,11 +31,17 @@ import numpy as np
 from absl import app, flags
 from PIL import Image, ImageDraw
 
-flags.DEFINE_string("out", "runs/cluttered_digits", "Output folder (train/ and test/).")
-flags.DEFINE_integer("train_per_class", 50, "Training images per digit.")
-flags.DEFINE_integer("test_per_class", 50, "Test images per digit.")
-flags.DEFINE_integer("seed", 0, "Seed of every random choice.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """The command's flags, defined only when it runs as a command: imported
+    (by make_eval_suite.py, by the tests) it must not add --seed and --out to
+    the process's flags."""
+    flags.DEFINE_string("out", "runs/cluttered_digits", "Output folder (train/ and test/).")
+    flags.DEFINE_integer("train_per_class", 50, "Training images per digit.")
+    flags.DEFINE_integer("test_per_class", 50, "Test images per digit.")
+    flags.DEFINE_integer("seed", 0, "Seed of every random choice.")
 
 SIZE = 64
 
@@ -121,4 +127,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -52,17 +52,8 @@ TABLES = (
     Table("docs/results/bundle.json", renderers.bundle_table, "docs/performance.md", "bundle"),
     Table("docs/results/training_speed.json", renderers.training_speed_table,
           "docs/performance.md", "training_speed"),
-    Table("docs/results/eval_suite.json", lambda results: _eval_suite().render(results),
-          "docs/eval_suite.md"),
+    Table("docs/results/eval_suite.json", renderers.eval_suite_page, "docs/eval_suite.md"),
 )
-
-
-def _eval_suite():
-    """benchmarks/eval_suite.py, which renders its own page (imported only
-    then: importing it defines its command-line flags)."""
-    import eval_suite
-
-    return eval_suite
 
 
 def _markers(name: str) -> tuple[str, str]:

@@ -8,7 +8,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 
-import eval_suite  # noqa: E402
+import renderers  # noqa: E402
+import suite_records  # noqa: E402
 import make_eval_suite  # noqa: E402
 
 
@@ -65,13 +66,13 @@ def test_a_large_gap_and_a_student_near_chance_are_findings():
            "pruned_minus_teacher": [-0.01, -0.03]}
     data = {"seeds": [20, 21], "development_tasks": ["mnist5k", "digits"], "tasks": {"t": row},
             "machine": {"cpu": "x", "cores": 2}, "date": "d", "code": "c", "command": "cmd"}
-    text = eval_suite.render(data)
+    text = renderers.eval_suite_page(data)
     assert "t, seed 21: the pruned network ends 3.0 points below its teacher" in text
     assert "t, seed 20: the student reaches 15.0%, near chance (10.0%)" in text
     assert "| t **(2 of 2 seeds: findings)** |" in text
     assert "**-3.0**" in text and "+-1.0" not in text and "-1.0" in text
     row["student"], row["pruned_minus_teacher"] = _stat([0.75, 0.78]), [-0.01, 0.0]
-    assert "None: no pruned network" in eval_suite.render(data)
+    assert "None: no pruned network" in renderers.eval_suite_page(data)
 
 
 def test_tuning_seeds_are_refused(tmp_path):
@@ -80,16 +81,16 @@ def test_tuning_seeds_are_refused(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "chose or reported the defaults" in proc.stderr
     assert not os.listdir(tmp_path)
-    json.dumps(eval_suite.machine())
+    json.dumps(suite_records.machine())
 
 
 def test_a_resume_that_ran_nothing_keeps_the_measured_minutes(tmp_path):
     seed_dir = str(tmp_path)
-    assert eval_suite._ledger_time(seed_dir) == 0.0
-    assert eval_suite._record_minutes(seed_dir, "teacher,student", 12.3, ran=True) == {
+    assert suite_records.ledger_time(seed_dir) == 0.0
+    assert suite_records.record_minutes(seed_dir, "teacher,student", 12.3, ran=True) == {
         "teacher,student": 12.3}
-    assert eval_suite._record_minutes(seed_dir, "teacher,student", 0.1, ran=False) == {
+    assert suite_records.record_minutes(seed_dir, "teacher,student", 0.1, ran=False) == {
         "teacher,student": 12.3}
     (tmp_path / "tasks" / "t").mkdir(parents=True)
     (tmp_path / "tasks" / "t" / "ledger.json").write_text("{}")
-    assert eval_suite._ledger_time(seed_dir) > 0
+    assert suite_records.ledger_time(seed_dir) > 0
