@@ -33,12 +33,14 @@ def test_a_small_folder_task_with_the_quickstart_flagfile(tmp_path):
     # Two easily told classes keep this within CI's time.
     data = write_digit_folder(str(tmp_path / "mydigits"), classes=(0, 1))
     workdir = tmp_path / "run"
-    # The quickstart's flags on the user's folder, training stages only, at 32 px
-    # and with under a third of its minimum steps.
+    # The quickstart's flags on the user's folder, training stages only, at 32 px,
+    # with under a third of its minimum steps and the fine-tune capped at as
+    # many (the plateau rule within it).
     proc = subprocess.run(
         [sys.executable, "-m", "nettailor_tf.main", "--flagfile=flags/quickstart.cfg",
          f"--tasks=folder:{data}", f"--workdir={workdir}", "--image_size=32",
          "--teacher_min_steps=60", "--student_min_steps=150", "--finetune_min_steps=60",
+         "--finetune_epochs=1",
          "--stages=teacher,student,prune,finetune"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
