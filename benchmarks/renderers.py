@@ -271,6 +271,10 @@ def bundle_table(results: dict) -> str:
                   f"| plain | {memory['separate_files']:.1f} | {memory['bundle']:.1f} |",
                   f"| XNNPACK weight cache | {memory['separate_files_weight_cache']:.1f} | "
                   f"{memory['bundle_weight_cache']:.1f} |"]
+        if "bundle_in_memory_cache" in memory:
+            lines.append(f"| XNNPACK weight cache in memory (`:memory`, no file) | "
+                         f"{memory['separate_files_in_memory_cache']:.1f} | "
+                         f"{memory['bundle_in_memory_cache']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
