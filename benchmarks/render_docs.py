@@ -50,6 +50,8 @@ TABLES = (
     Table("docs/results/finetune_plateau.json", renderers.finetune_plateau_table,
           "docs/method.md", "finetune_plateau"),
     Table("docs/results/bundle.json", renderers.bundle_table, "docs/performance.md", "bundle"),
+    Table("docs/results/bundle_memory.json", renderers.bundle_memory_table,
+          "docs/performance.md", "bundle_memory"),
     Table("docs/results/training_speed.json", renderers.training_speed_table,
           "docs/performance.md", "training_speed"),
     Table("docs/results/eval_suite.json", renderers.eval_suite_page, "docs/eval_suite.md"),

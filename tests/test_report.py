@@ -153,6 +153,10 @@ def test_the_bundle_memory_table():
                                             "bundle": 47.5, "bundle_weight_cache": 26.4}}
     text = render_markdown({"backbone": "tiny", "image_size": 16, "tasks": {}, "bundle": bundle})
     assert "| XNNPACK weight cache | 37.3 | 26.4 |" in text and "runtime's 43.8 MB" in text
+    assert "in memory" not in text  # a report from before that way was measured
+    bundle["memory_mb"].update(separate_files_in_memory_cache=36.1, bundle_in_memory_cache=23.4)
+    text = render_markdown({"backbone": "tiny", "image_size": 16, "tasks": {}, "bundle": bundle})
+    assert "| XNNPACK weight cache in memory (`:memory`, no file) | 36.1 | 23.4 |" in text
 
 
 def test_report_md_gives_the_prune_decision_and_the_teacher_comparison_with_evidence():

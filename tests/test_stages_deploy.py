@@ -468,9 +468,10 @@ def test_the_bundle_memory_benchmark_measures_every_way(exported):
         sys.path.pop(0)
     result = bundle_memory.workdir_memory(str(exported), repeats=1)
     assert result["tasks"] == 2 and result["baseline"] > 10
-    for way in ("separate_files", "separate_files_weight_cache", "bundle",
-                "bundle_weight_cache"):
+    for way in ("separate_files", "separate_files_weight_cache", "separate_files_in_memory_cache",
+                "bundle", "bundle_weight_cache", "bundle_in_memory_cache"):
         assert -5 < result[way] < 500, (way, result)
+        assert result["breakdown"][way]["model_files"] >= 0
 
 
 def _benchmark_module(name):
@@ -541,6 +542,7 @@ def test_the_benchmark_stage_records_the_bundles_memory(exported):
     stages.run(_config(exported, stages=("benchmark",)), tf.distribute.get_strategy())
     memory = _report(exported)["bundle"]["memory_mb"]
     assert set(memory) >= {"baseline", "separate_files", "separate_files_weight_cache",
-                           "bundle", "bundle_weight_cache"}
+                           "separate_files_in_memory_cache", "bundle", "bundle_weight_cache",
+                           "bundle_in_memory_cache", "breakdown"}
     assert memory["tasks"] == 2 and memory["baseline"] > 10
-    assert "XNNPACK weight cache" in (exported / "report.md").read_text()
+    assert "XNNPACK weight cache in memory" in (exported / "report.md").read_text()
