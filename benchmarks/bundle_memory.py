@@ -1,11 +1,13 @@
 """Peak memory of the quickstart's tasks run once: separate files against
-the bundle, each with and without XNNPACK's weight cache.
+the bundle, each without XNNPACK's weight cache, with it in a file and with
+it in memory (`:memory`), and where each process's memory sat.
 
-    python benchmarks/bundle_memory.py --workdir=runs/quickstart [--variant=float32]
+    python benchmarks/bundle_memory.py --workdir=runs/quickstart [--variant=float32] [--repeats=3]
 
 Prints one JSON object (MB; all but the baseline as increments over a
 process that only loaded the runtime).  The benchmark stage records the same
-in report.json (`bundle.memory_mb`).
+in report.json (`bundle.memory_mb`), from one process per way;
+docs/results/bundle_memory.json is this script's output.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -84,7 +85,13 @@ def measure_once(files: list[str], cache: str = "") -> dict:
     prefix `cache`, IN_MEMORY_CACHE, or none) and runs every signature:
     {"peak_mb", "anonymous_mb", "model_files_mb", "weight_cache_mb"}."""
     proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(files), cache],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True)
+    if proc.returncode:
+        # Python's own error line, not the runtime's log lines around it.
+        errors = re.findall(r"^[\w.]*(?:Error|Exception)\b.*$", proc.stderr, re.M)
+        last = errors[-1] if errors else (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise RuntimeError(f"measuring the memory of {files} failed (exit {proc.returncode}): "
+                           f"{last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

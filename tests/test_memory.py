@@ -87,3 +87,10 @@ def test_the_bundles_file_pages_are_shared(measured):
     """The separate files map the trunk twice, the bundle once."""
     breakdown = measured["breakdown"]
     assert breakdown["separate_files"]["model_files"] > breakdown["bundle"]["model_files"] + 3
+
+
+def test_a_file_that_does_not_load_is_named(tmp_path):
+    broken = tmp_path / "broken.tflite"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(RuntimeError, match=r"broken\.tflite.*failed \(exit 1\): RuntimeError"):
+        memory.measure_once([str(broken)])
