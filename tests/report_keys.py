@@ -19,6 +19,7 @@ MAPS = {"tasks": "<task>",
         "bundle.variants.<variant>.weight_types.<signature>": "<TYPE>",
         "bundle.variants.<variant>.float_weights_per_signature": "<signature>",
         "bundle.variants.<variant>.task_weight_bytes": "<task>",
+        "bundle.variants.<variant>.universal_task_weight_bytes": "<task>",
         "tasks.<task>.recommended.candidates": "<variant>",
         "tasks.<task>.pruned.vs_teacher": "<split>",
         "tasks.<task>.pruned.prune_search.damage": "<key>"}
