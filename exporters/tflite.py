@@ -408,7 +408,9 @@ def _one_kernel(model, uses) -> bool:
     if any(tuple(t.shape) != shape or t.quantization.quantizedDimension != axis
            or t.quantization.scale is None or len(t.quantization.scale) != shape[axis]
            for t in weight_tensors) \
-            or any(t.type != schema.TensorType.INT32 for t in bias_tensors):
+            or any(t.type != schema.TensorType.INT32 for t in bias_tensors) \
+            or any(model.buffers[t.buffer].data is None  # stored outside the flatbuffer
+                   for t in weight_tensors + bias_tensors):
         return False
     # [use, channel, rest]: each use's kernel by output channel.
     kernels = np.stack([np.moveaxis(_buffer_array(model, t, np.int8).reshape(shape), axis, 0)
