@@ -26,6 +26,8 @@ setup(
         "tensorboard>=2.16",
         # The interpreter, and the flatbuffer schema exporters/tflite.py reads files with.
         "ai-edge-litert>=2.3,<3",
+        # Writes a .tflite back after its int8 kernels are shared (exporters/tflite.py).
+        "flatbuffers>=24",
         # Weight-only int8/int4 variants of the .tflite files (it pins ai-edge-litert 2.3.0).
         "ai-edge-quantizer>=0.10,<0.11",
         "matplotlib>=3.8,<4",

@@ -17,7 +17,10 @@ and `probabilities` (index 1).
 
 The converter de-duplicates constant buffers by their bytes, not by the
 variables they came from: a multi-signature file stores the universal
-weights once only if every signature's copy is bit-identical.  `inspect`
+weights once only if every signature's copy is bit-identical.  In a
+full-integer (int8) file a few channels' int8 weights follow each
+signature's input scale; `share_int8_kernels` makes them one kernel
+again (`convert` applies it).  `inspect`
 reads a file's flatbuffer to show how many weight buffers are shared and
 which tensor types each signature ended up with (an int8 conversion can
 silently leave a signature in float, TensorFlow issue 52145).
@@ -33,6 +36,7 @@ import re
 import tempfile
 from typing import Callable, Iterable, Iterator
 
+import flatbuffers
 import numpy as np
 import tensorflow as tf
 # LiteRT publishes the flatbuffer schema it reads; TensorFlow's copy is private.
@@ -91,7 +95,8 @@ def convert(savedmodel_dir: str, signature_keys: list[str], variant: str,
     input's batch of 1), to EVERY signature.  Samples for only some
     signatures leave the others in float without any error, and different
     images per signature give the shared universal layers different
-    quantisation parameters per task, which ends their sharing.
+    quantisation parameters per task.  A multi-signature int8 file comes
+    back through `share_int8_kernels`: one int8 kernel per universal layer.
 
     The weight-only variants start from the float32 file: pass it as
     `float_content` when it was converted already.
@@ -125,11 +130,15 @@ def convert(savedmodel_dir: str, signature_keys: list[str], variant: str,
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     try:
         with quiet.native_stderr_filtered():
-            return converter.convert()
+            content = converter.convert()
     except Exception as error:  # the converter raises many unrelated types
         first = first_line(error)
         raise ConversionError(f"TFLite {variant} conversion of {savedmodel_dir} failed: "
                               f"{first}") from error
+    # The converter's int8 weights can differ per signature (see
+    # `share_int8_kernels`); the other variants' do not.
+    return share_int8_kernels(content) if variant == "int8" and len(signature_keys) > 1 \
+        else content
 
 
 @contextlib.contextmanager
@@ -228,12 +237,18 @@ class Sharing:
     # whose weights are not one buffer: copies per task.
     copies: list[str]
     universal_ops: int                # universal weight ops used by two or more signatures
+    # Signature -> bytes of `task_bytes` that universal layers run by two or
+    # more signatures read: an int8 file's int32 biases (their scale is the
+    # input's times the weight's, and the input's follows each task's
+    # activations), and any copies.
+    universal_task_bytes: dict[str, int]
 
     def summary(self) -> dict:
         return {"shared_weight_bytes": self.shared_bytes,
                 "task_weight_bytes": dict(self.task_bytes),
                 "universal_copies": list(self.copies),
-                "universal_ops_shared": self.universal_ops - len(self.copies)}
+                "universal_ops_shared": self.universal_ops - len(self.copies),
+                "universal_task_weight_bytes": dict(self.universal_task_bytes)}
 
 
 def _layer_of(tensor_name: str, universal: str) -> str | None:
@@ -273,41 +288,193 @@ def _constant_inputs(model, subgraph, op, producers) -> list[int]:
     return found
 
 
+def _weight_ops(model, universal: str):
+    """(signature key, subgraph, op, universal layer or None) for every
+    CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED op of every subgraph."""
+    keys = _signature_keys(model)
+    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    for index, subgraph in enumerate(model.subgraphs or []):
+        for op in subgraph.operators or []:
+            code = model.operatorCodes[op.opcodeIndex]
+            kind = op_names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
+            if kind in _WEIGHT_OPS and op.inputs is not None and len(op.inputs) > 1 \
+                    and op.inputs[1] >= 0:
+                layer = _layer_of(subgraph.tensors[op.inputs[1]].name.decode(), universal)
+                yield keys.get(index, f"subgraph{index}"), subgraph, op, layer
+
+
+def _signature_keys(model) -> dict[int, str]:
+    return {s.subgraphIndex: (s.signatureKey.decode() if isinstance(s.signatureKey, bytes)
+                              else s.signatureKey) for s in model.signatureDefs or []}
+
+
 def sharing(content: bytes, universal: str = UNIVERSAL_LAYER) -> Sharing:
     """Reads which constant buffers each signature of a file uses, and
     whether every universal layer (its op name's layer matches `universal`)
     that several signatures run reads the same buffers in all of them."""
     model = schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
-    keys = {s.subgraphIndex: (s.signatureKey.decode() if isinstance(s.signatureKey, bytes)
-                              else s.signatureKey) for s in model.signatureDefs or []}
-    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    keys = _signature_keys(model)
     users = collections.defaultdict(set)
-    weights = collections.defaultdict(dict)  # layer path -> signature -> buffers
+    producers_in = {}
     for index, subgraph in enumerate(model.subgraphs or []):
         key = keys.get(index, f"subgraph{index}")
-        producers = {out: op for op in subgraph.operators or []
-                     for out in (op.outputs if op.outputs is not None else [])}
+        producers = producers_in[id(subgraph)] = {
+            out: op for op in subgraph.operators or []
+            for out in (op.outputs if op.outputs is not None else [])}
         for op in subgraph.operators or []:
-            code = model.operatorCodes[op.opcodeIndex]
-            kind = op_names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
-            buffers = _constant_inputs(model, subgraph, op, producers)
-            for buffer in buffers:
+            for buffer in _constant_inputs(model, subgraph, op, producers):
                 users[buffer].add(key)
-            if kind in _WEIGHT_OPS and op.inputs is not None and len(op.inputs) > 1 \
-                    and op.inputs[1] >= 0:
-                layer = _layer_of(subgraph.tensors[op.inputs[1]].name.decode(), universal)
-                if layer is not None:
-                    weights[layer][key] = tuple(buffers)
         for tensor in subgraph.tensors or []:  # int32 biases and anything else constant
             buffer = model.buffers[tensor.buffer] if tensor.buffer else None
             if buffer is not None and buffer.data is not None and len(buffer.data):
                 users[tensor.buffer].add(key)
+    weights = collections.defaultdict(dict)  # layer path -> signature -> buffers
+    read = collections.defaultdict(set)  # layer path -> every constant, int32 biases too
+    for key, subgraph, op, layer in _weight_ops(model, universal):
+        if layer is not None:
+            weights[layer][key] = tuple(_constant_inputs(model, subgraph, op,
+                                                         producers_in[id(subgraph)]))
+            read[layer] |= set(weights[layer][key])
+            read[layer] |= {subgraph.tensors[i].buffer for i in op.inputs if i >= 0}
+    used_by_several = {p: b for p, b in weights.items() if len(b) > 1}
+    universal_buffers = set().union(*(read[p] for p in used_by_several))
     size = {b: len(model.buffers[b].data) for b in users}
     task_bytes = {key: 0 for key in keys.values()}
+    universal_task_bytes = dict(task_bytes)
     for buffer, readers in users.items():
         if len(readers) == 1:
-            task_bytes[next(iter(readers))] = task_bytes.get(next(iter(readers)), 0) + size[buffer]
-    used_by_several = {p: b for p, b in weights.items() if len(b) > 1}
+            reader = next(iter(readers))
+            task_bytes[reader] = task_bytes.get(reader, 0) + size[buffer]
+            if buffer in universal_buffers:
+                universal_task_bytes[reader] = universal_task_bytes.get(reader, 0) + size[buffer]
     copies = sorted(p for p, b in used_by_several.items() if len(set(b.values())) > 1)
     return Sharing(sum(size[b] for b, r in users.items() if len(r) > 1), task_bytes, copies,
-                   len(used_by_several))
+                   len(used_by_several), universal_task_bytes)
+
+
+# --- one int8 kernel per universal layer -------------------------------------------------
+
+_INT32_LIMIT = np.iinfo(np.int32).max
+
+
+def share_int8_kernels(content: bytes, universal: str = UNIVERSAL_LAYER) -> bytes:
+    """A full-integer file whose universal layers read one int8 kernel in
+    every signature.
+
+    The converter enlarges a channel's weight scale until the int32 bias
+    fits, bias / (input scale x weight scale) within half of int32's range
+    (`AdjustWeightsForBiasScale`, TensorFlow Lite's quantisation utilities).
+    That hits channels whose folded weights are near zero and whose bias is
+    not (a batch norm that switched a channel off): the enlarged scale
+    follows each signature's input scale, so such a channel's int8 weights,
+    and with them the layer's buffer, differ per task.  Here every channel
+    takes the largest of the signatures' scales (the one the converter gave
+    the signature whose input scale is smallest: valid for all, its bias
+    only smaller) with that signature's int8 weights, and each signature's
+    bias is requantised to its new scale.  Channels no signature adjusted
+    keep their bytes; the ops and their cost are unchanged.  A layer whose
+    copies do not dequantise to the same weights within a step is left as
+    it is."""
+    model = schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
+    uses = collections.defaultdict(list)
+    for _, subgraph, op, layer in _weight_ops(model, universal):
+        if layer is not None and len(op.inputs) > 2 and op.inputs[2] >= 0 \
+                and subgraph.tensors[op.inputs[1]].type == schema.TensorType.INT8:
+            uses[layer].append((subgraph, op))
+    changed = False
+    for found in uses.values():
+        if len({s.tensors[op.inputs[1]].buffer for s, op in found}) > 1:
+            changed |= _one_kernel(model, found)
+    if not changed:
+        return content
+    _empty_unused_buffers(model)
+    return _pack(model)
+
+
+def _buffer_array(model, tensor, dtype) -> np.ndarray:
+    data = model.buffers[tensor.buffer].data
+    return np.frombuffer(np.asarray(data, np.uint8).tobytes(), dtype)
+
+
+def _one_kernel(model, uses) -> bool:
+    """Points every use's weight tensor at one int8 kernel (the coarsest
+    scale per channel) and requantises each use's int32 bias to it; False,
+    touching nothing, when the copies are not the same weights."""
+    weight_tensors = [s.tensors[op.inputs[1]] for s, op in uses]
+    bias_tensors = [s.tensors[op.inputs[2]] for s, op in uses]
+    first = weight_tensors[0]
+    axis = first.quantization.quantizedDimension
+    shape = tuple(first.shape)
+    if any(tuple(t.shape) != shape or t.quantization.quantizedDimension != axis
+           or t.quantization.scale is None or len(t.quantization.scale) != shape[axis]
+           for t in weight_tensors) \
+            or any(t.type != schema.TensorType.INT32 for t in bias_tensors) \
+            or any(model.buffers[t.buffer].data is None  # stored outside the flatbuffer
+                   for t in weight_tensors + bias_tensors):
+        return False
+    # [use, channel, rest]: each use's kernel by output channel.
+    kernels = np.stack([np.moveaxis(_buffer_array(model, t, np.int8).reshape(shape), axis, 0)
+                        .reshape(shape[axis], -1) for t in weight_tensors])
+    scales = np.stack([np.asarray(t.quantization.scale, np.float64) for t in weight_tensors])
+    coarsest = scales.argmax(0)
+    common = scales.max(0)
+    kernel = kernels[coarsest, np.arange(shape[axis])]
+    # Each copy rounds the same float weights: within half of its step and
+    # half of the common step of the shared kernel.
+    error = np.abs(kernels * scales[:, :, None] - kernel * common[:, None])
+    if np.any(error > (scales[:, :, None] + common[:, None]) * (0.5 + 1e-6)):
+        return False
+    biases = [np.round(_buffer_array(model, t, np.int32).astype(np.float64) * s / common)
+              for t, s in zip(bias_tensors, scales)]
+    if any(np.abs(b).max() > _INT32_LIMIT for b in biases):
+        return False
+    restored = np.moveaxis(kernel.reshape((shape[axis],) + tuple(np.delete(shape, axis))), 0, axis)
+    shared = _new_buffer(model, restored.astype(np.int8))
+    for weight, bias, old_scale, new_bias in zip(weight_tensors, bias_tensors, scales, biases):
+        weight.buffer = shared
+        weight.quantization.scale = common.astype(np.float32).tolist()
+        if np.any(old_scale != common):
+            bias.buffer = _new_buffer(model, new_bias.astype(np.int32))
+            # A bias's scale is the input's times the weight's, per channel.
+            bias.quantization.scale = (np.asarray(bias.quantization.scale, np.float64)
+                                       / old_scale * common).astype(np.float32).tolist()
+    return True
+
+
+def _new_buffer(model, values: np.ndarray) -> int:
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(values.tobytes(), np.uint8)
+    model.buffers.append(buffer)
+    return len(model.buffers) - 1
+
+
+def _empty_unused_buffers(model) -> None:
+    """Drops the bytes of buffers no tensor or metadata reads any more (the
+    entries stay: tensors name buffers by index)."""
+    used = {t.buffer for s in model.subgraphs or [] for t in s.tensors or []}
+    used |= {m.buffer for m in model.metadata or []}
+    for index, buffer in enumerate(model.buffers):
+        if index not in used and buffer.data is not None:
+            buffer.data = None
+
+
+class _AlignedBuilder(flatbuffers.Builder):
+    """Writes byte vectors (buffers' data) 16-byte aligned, as the schema
+    asks of `Buffer.data` (`force_align: 16`): kernels read int32 biases in
+    place, and the generated Python code aligns a byte vector to 1 only."""
+
+    def CreateNumpyVector(self, x):
+        if x.dtype != np.uint8:
+            return super().CreateNumpyVector(x)
+        self.StartVector(1, x.size, 16)
+        payload = x.tobytes(order="C")
+        self.head = self.head - len(payload)
+        self.Bytes[self.head:self.head + len(payload)] = payload
+        self.vectorNumElems = x.size
+        return self.EndVector()
+
+
+def _pack(model) -> bytes:
+    builder = _AlignedBuilder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())

@@ -20,6 +20,7 @@ MAPS = {"tasks": "<task>",
         "bundle.variants.<variant>.float_weights_per_signature": "<signature>",
         "bundle.variants.<variant>.task_weight_bytes": "<task>",
         "bundle.memory_mb.breakdown": "<way>",
+        "bundle.variants.<variant>.universal_task_weight_bytes": "<task>",
         "tasks.<task>.recommended.candidates": "<variant>",
         "tasks.<task>.pruned.vs_teacher": "<split>",
         "tasks.<task>.pruned.prune_search.damage": "<key>"}

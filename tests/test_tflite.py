@@ -215,9 +215,33 @@ IR_PLAN_B = Plan([BlockPlan(True, [0]), BlockPlan(True, []), BlockPlan(False, [1
 IR_SHARED_OPS = 7
 
 
+# Two channels of the head's convolution (universal, read by each task's
+# classifier) switched off the way a trained network's batch norm does it
+# (EfficientNet-Lite0's blocks 12-15 have a few): weights near zero, so ReLU6
+# outputs the bias: 0 for bias -1.5, a constant 1.0 for bias 1.0.  Their
+# int32 biases would overflow at the weights' own int8 scales, and the
+# converter enlarges the scales by each signature's input scale: weights
+# of 1e-6 and 1e-7 make it copy the kernel per task, 1e-5 (no enlargement)
+# and 1e-8 (int8 weights all 0) not.
+DEAD_CHANNEL_WEIGHT = 3e-7
+DEAD_CHANNEL_BIAS = {0: -1.5, 1: 1.0}
+
+
+def _switch_off_channels(models):
+    head = next(layer for layer in models[0][0].layers if layer.name == "head")
+    conv = head.layers[0].conv  # folded: batch norm's scale in the kernel, its shift the bias
+    kernel, bias = conv.kernel.numpy(), conv.bias.numpy()
+    for channel, value in DEAD_CHANNEL_BIAS.items():
+        kernel[..., channel] *= DEAD_CHANNEL_WEIGHT / np.abs(kernel[..., channel]).max()
+        bias[channel] = value
+    conv.kernel.assign(kernel)
+    conv.bias.assign(bias)
+
+
 def _ir_bundle(root):
     models, _ = tiny_static_models([IR_PLAN_A, IR_PLAN_B], image_size=SIZE,
                                    backbone=tiny_inverted_residual_backbone())
+    _switch_off_channels(models)
     endpoints = {f"task_{n}": savedmodel.Endpoint(model, SIZE, False)
                  for n, (model, _) in zip("ab", models)}
     scales = [layer.value for model, _ in models for layer in model.layers
@@ -237,19 +261,44 @@ def test_each_shared_universal_layer_is_one_buffer_in_every_variant(ir_bundle, v
     """The universal layers both signatures run read the same buffers in both
     (an int8 file's int32 biases aside: their scale follows each task's
     activations), although a gate scale sits right before block 3's expand
-    convolution and the head's: the converter would fold a multiply there
-    into the shared weights.  The file still computes each task's network."""
+    convolution and the head's (the converter would fold a multiply there
+    into the shared weights), and the head has switched-off channels (whose
+    int8 weights the converter scales by each task's input).  The file
+    still computes each task's network."""
     endpoints, path = ir_bundle
     content = tflite.convert(path, list(endpoints), variant, lambda: CALIBRATION)
     found = tflite.sharing(content)
     assert found.copies == [] and found.universal_ops == IR_SHARED_OPS, found
     assert found.shared_bytes > 0 and set(found.task_bytes) == set(endpoints)
+    own = found.universal_task_bytes
+    assert all((own[key] > 0) == (variant == "int8") for key in endpoints), own
     if variant == "float32":
         images = RNG.integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
         for key, endpoint in endpoints.items():
             expected = endpoint.model(savedmodel.preprocess(tf.constant(images), SIZE, False))
             got = np.concatenate([_run(content, key, image[None])["logits"] for image in images])
             np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_int8_bias_overflow_rule_copies_a_near_dead_channel_unless_shared(ir_bundle,
+                                                                       monkeypatch):
+    """Why `share_int8_kernels` exists: the converter alone stores the head's
+    kernel per task (the switched-off channels' int8 weights follow
+    each signature's input scale), and after it the file is one kernel and
+    computes what the converter's file does (the constant channel: only if
+    each signature's bias is requantised to the shared kernel's scale)."""
+    endpoints, path = ir_bundle
+    with monkeypatch.context() as patched:
+        patched.setattr(tflite, "share_int8_kernels", lambda content: content)
+        converted = tflite.convert(path, list(endpoints), "int8", lambda: CALIBRATION)
+    assert tflite.sharing(converted).copies == ["head/conv"]
+    shared = tflite.share_int8_kernels(converted)
+    assert tflite.sharing(shared).copies == [] and len(shared) < len(converted)
+    images = RNG.integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
+    for key in endpoints:
+        for image in images:
+            np.testing.assert_array_equal(_run(shared, key, image[None])["logits"],
+                                          _run(converted, key, image[None])["logits"])
 
 
 def test_a_gate_as_a_plain_multiply_is_folded_into_the_shared_head(tmp_path, monkeypatch):

@@ -354,7 +354,9 @@ def _bundle_files(config, tasks, endpoints: dict, staging: str, final: str,
     """Converts and writes bundle_<variant>.tflite; {variant: what the file
     holds and shares}, each task's `tasks` entry still empty."""
     # Common calibration for every signature: the same images give the
-    # shared universal layers the same quantisation parameters in every task.
+    # shared universal layers the same quantisation parameters in every task
+    # wherever their input is; `tflite.convert` makes the int8 kernels of the
+    # rest one buffer (the int32 biases follow each task's input scale).
     calibration = ([b for t in tasks for b in calibration_images(config, t)]
                    if "int8" in bundle_variants else None)
     variants = {}
@@ -370,8 +372,9 @@ def _bundle_files(config, tasks, endpoints: dict, staging: str, final: str,
             f.write(content)
         contents = tflite.inspect(content)
         shares = tflite.sharing(content).summary()
-        shares["task_weight_bytes"] = {t.name: shares["task_weight_bytes"].get(key, 0)
-                                       for t, key in zip(tasks, endpoints)}
+        for per_task in ("task_weight_bytes", "universal_task_weight_bytes"):
+            shares[per_task] = {t.name: shares[per_task].get(key, 0)
+                                for t, key in zip(tasks, endpoints)}
         variants[variant] = {"path": _rel(config, os.path.join(final, name)),
                              "bytes": len(content), "weight_bytes": contents.weight_bytes,
                              "weight_buffers": contents.weight_buffers,
