@@ -153,14 +153,57 @@ def measure_signatures(path: str, feeds: dict[str, dict[str, np.ndarray]], threa
     where the op that produced them left them.  Timing one part many times
     in a row instead keeps its weights cached, and a network runs slower
     than the sum of such parts (27% at 64 px on EfficientNet-Lite0)."""
+    return measure_parts_and_networks(path, feeds, {}, None, threads, warmup, runs)
+
+
+def measure_parts_and_networks(path: str, feeds: dict[str, dict[str, np.ndarray]],
+                               files: dict[str, tuple[str, str]], image: np.ndarray | None,
+                               threads: int, warmup: int = 10, runs: int = 100,
+                               rounds: int = 5) -> dict[str, Latency]:
+    """`measure_signatures` of the parts and `measure_many` of whole
+    networks, interleaved in `rounds` rounds (a round: its share of passes
+    over the parts, then its share of runs of each network) under one load
+    check: a table and the networks it is checked against then share the
+    machine's slow and quiet spells instead of one getting the quiet one."""
     from ai_edge_litert.interpreter import Interpreter
 
     if runs < MIN_RUNS:
         raise ValueError(f"runs={runs}: a latency needs at least {MIN_RUNS} timed runs")
+    if files:
+        _check(image, runs)
     interpreter = Interpreter(model_path=path, num_threads=threads)
     parts = {key: _invoker(path, feed, threads, key, interpreter, refresh=True)
              for key, feed in feeds.items()}
-    return _interleaved(parts, threads, warmup, runs, rounds=runs)  # one run per pass
+    networks = {name: _invoker(file, {INPUT_NAME: image}, threads, key)
+                for name, (file, key) in files.items()}
+    for invoke in [p[0] for p in parts.values()] + list(networks.values()):
+        for _ in range(warmup):
+            invoke()
+    times = {name: [] for name in [*parts, *networks]}
+    load = OtherLoad()
+    load.start()
+    for count in _shares(runs, rounds):
+        for _ in range(count):  # one pass: every part once, in the network's order
+            _time_once(parts, times)
+        for name, invoke in networks.items():
+            for _ in range(count):
+                _time_once({name: (invoke, None)}, times)
+    other_load = load.stop()
+    return {name: _summary(t, threads, other_load) for name, t in times.items()}
+
+
+def _shares(runs: int, rounds: int) -> list[int]:
+    return [runs // rounds + (1 if r < runs % rounds else 0) for r in range(rounds)]
+
+
+def _time_once(invokers: dict, times: dict) -> None:
+    """Runs each (invoke, write or None) once, timing only the invoke."""
+    for name, (invoke, write) in invokers.items():
+        if write is not None:
+            write()
+        start = time.perf_counter()
+        invoke()
+        times[name].append((time.perf_counter() - start) * 1e3)
 
 
 def _interleaved(invokers: dict, threads: int, warmup: int, runs: int,
@@ -175,14 +218,9 @@ def _interleaved(invokers: dict, threads: int, warmup: int, runs: int,
     times = {name: [] for name in parts}
     load = OtherLoad()
     load.start()
-    per_round = [runs // rounds + (1 if r < runs % rounds else 0) for r in range(rounds)]
-    for count in per_round:
-        for name, (invoke, write) in parts.items():
+    for count in _shares(runs, rounds):
+        for name, part in parts.items():
             for _ in range(count):
-                if write is not None:
-                    write()
-                start = time.perf_counter()
-                invoke()
-                times[name].append((time.perf_counter() - start) * 1e3)
+                _time_once({name: part}, times)
     other_load = load.stop()
     return {name: _summary(t, threads, other_load) for name, t in times.items()}

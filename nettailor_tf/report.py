@@ -388,21 +388,36 @@ def _bundle_section(bundle: dict | None) -> list[str]:
 
 
 def _latency_prediction_section(data: dict) -> list[str]:
-    """The latency table's float32 predictions against the measured files."""
+    """The latency table's float32 predictions against the measured files,
+    each with its error and the load check of both timings."""
     points = [p for p in latency_prediction_points(data) if p["variant"] == "float32"]
     if not points:
         return []
     table = data.get("latency_prediction_table") or {}
+    fit = table.get("calibration") or {}
     lines = ["## Predicted against measured latency", "",
              f"Float32, 1 thread; predictions from the latency table "
              f"{table.get('fingerprint', '?')[:12]} ({table.get('device', '?')}), each branch "
-             f"timed as its own small .tflite.", "",
-             "| task | network | predicted ms | measured ms | error |", "| --- | --- | --- | --- | --- |"]
+             f"timed as a signature of one .tflite, interleaved with "
+             f"{fit.get('networks', '?')} whole networks it is calibrated on "
+             f"(largest error on them {_percent(fit.get('max_error'))})."]
+    if table.get("busy"):
+        lines += ["", f"**The table was timed on a busy machine** (other processes kept "
+                      f"{table['other_load_cores']:.2f} cores busy): its predictions are "
+                      f"busy-machine figures; delete `{table.get('path', '?')}` to measure it "
+                      f"again."]
+    lines += ["", "| task | network | predicted ms | measured ms | error | other load while "
+              "timed (cores) |", "| --- | --- | --- | --- | --- | --- |"]
     for p in points:
-        error = p["predicted_ms"] / p["measured_ms"] - 1
+        load = p["other_load_cores"]
         lines.append(f"| {p['task']} | {p['network']} | {p['predicted_ms']:.3f} | "
-                     f"{p['measured_ms']:.3f} | {error:+.0%} |")
+                     f"{p['measured_ms']:.3f} | {p['error']:+.0%} | "
+                     f"{'?' if load is None else f'{load:.2f}'}"
+                     f"{' (busy)' if p['busy'] else ''} |")
     if data.get("latency_prediction_png"):
         lines += ["", f"![predicted against measured latency]({data['latency_prediction_png']})"]
     return lines + [""]
 
+
+def _percent(value) -> str:
+    return "?" if value is None else f"{value:.0%}"

@@ -330,9 +330,10 @@ def plot_deployment(path: str, report: dict) -> None:
 
 
 def latency_prediction_points(report: dict) -> list[dict]:
-    """(task, network, variant, predicted, measured) of every timed file whose
-    network has a predicted float32 latency (report.json's
-    `predicted_latency_ms`)."""
+    """(task, network, variant, predicted, measured, error, load) of every
+    timed file whose network has a predicted float32 latency (report.json's
+    `predicted_latency_ms`); `error` is predicted / measured - 1 and
+    `other_load_cores` the load check of the file's 1-thread timing."""
     points = []
     for name, task in report.get("tasks", {}).items():
         for network, cost, part in (("teacher", task.get("teacher") or {},
@@ -341,9 +342,13 @@ def latency_prediction_points(report: dict) -> list[dict]:
                                      task.get("tflite") or {})):
             predicted = cost.get("predicted_latency_ms")
             for variant, entry in part.items():
-                if predicted is not None and entry.get("latency_ms") is not None:
+                if predicted is not None and entry.get("latency_ms"):
+                    timed = (entry.get("latency") or {}).get("1") or {}
                     points.append({"task": name, "network": network, "variant": variant,
-                                   "predicted_ms": predicted, "measured_ms": entry["latency_ms"]})
+                                   "predicted_ms": predicted, "measured_ms": entry["latency_ms"],
+                                   "error": predicted / entry["latency_ms"] - 1,
+                                   "other_load_cores": timed.get("other_load_cores"),
+                                   "busy": bool(timed.get("busy"))})
     return points
 
 
@@ -362,7 +367,8 @@ def plot_latency_prediction(path: str, report: dict, band: float = 0.2) -> None:
         ax.scatter(p["predicted_ms"], p["measured_ms"], s=46, zorder=3,
                    marker=_VARIANT_MARKERS.get(p["variant"], "o"), edgecolors=color,
                    facecolors=color if filled else "none",
-                   label=f"{p['task']} {p['network']} {p['variant']}")
+                   label=f"{p['task']} {p['network']} {p['variant']} ({p['error']:+.0%}"
+                         f"{', busy' if p['busy'] else ''})")
     if points:
         top = 1.15 * max(max(p["predicted_ms"], p["measured_ms"]) for p in points)
         line = [0, top]

@@ -131,8 +131,14 @@ def test_report_holds_every_artefact_with_its_parity_and_latency(exported):
         # The latency table's float32 prediction for each network sits beside
         # what was measured; the pruned network is predicted cheaper.
         assert 0 < task["pruned"]["predicted_latency_ms"] < task["teacher"]["predicted_latency_ms"]
+        # ...and how far off each was.
+        for part, files in (("pruned", "tflite"), ("teacher", "teacher_tflite")):
+            assert task[part]["predicted_latency_error"] == pytest.approx(
+                task[part]["predicted_latency_ms"] / task[files]["float32"]["latency_ms"] - 1,
+                abs=1e-3)
     table = report["latency_prediction_table"]
     assert table["threads"] == 1 and len(table["fingerprint"]) == 64
+    assert table["calibration"]["networks"] >= 3 and table["busy"] in (True, False)
 
 
 def test_every_key_of_the_written_report_is_documented(exported):

@@ -76,24 +76,37 @@ def run_benchmark(config: Config, strategy, task, report: Report) -> bool:
 
 def _predict_latency(config: Config, task, report: Report) -> None:
     """The float32 latency this machine's 1-thread latency table predicts for
-    the pruned network and the teacher, beside what was measured."""
+    the pruned network and the teacher, beside what was measured, and how
+    far off each prediction is."""
     here = dataclasses.replace(config, latency_table=None)
     table = artifacts.latency_table(here, threads=1)
     plan, _ = prune_lib.load_plan(Workdir(config.workdir).plan(task.name))
     teacher_plan = student_lib.Plan.backbone_only(len(plan.blocks))
-    for part, network_plan in (("pruned", plan), ("teacher", teacher_plan)):
+    for part, files, network_plan in (("pruned", "tflite", plan),
+                                      ("teacher", "teacher_tflite", teacher_plan)):
         entry = report.get(task.name, part)
-        if entry is not None:
-            entry["predicted_latency_ms"] = round(table.predict_ms(network_plan), 5)
+        if entry is None:
+            continue
+        predicted = table.predict_ms(network_plan)
+        entry["predicted_latency_ms"] = round(predicted, 5)
+        measured = (report.get(task.name, files) or {}).get("float32", {}).get("latency_ms")
+        entry["predicted_latency_error"] = (round(predicted / measured - 1, 4) if measured
+                                            else None)
+    busy = (table.other_load_cores is not None
+            and table.other_load_cores > latency_lib.BUSY_CORES)
     report.data["latency_prediction_table"] = {
         "fingerprint": table.fingerprint(), "device": table.device, "threads": table.threads,
-        "path": table.source, "other_load_cores": table.other_load_cores}
-    measured = (report.get(task.name, "tflite") or {}).get("float32", {}).get("latency_ms")
-    predicted = report.get(task.name, "pruned")["predicted_latency_ms"]
-    if measured:
-        logging.info("%s: latency table predicts %.3f ms for the pruned float32 network, "
-                     "measured %.3f ms (%+.0f%%)", task.name, predicted, measured,
-                     100 * (predicted / measured - 1))
+        "path": table.source, "other_load_cores": table.other_load_cores, "busy": busy,
+        "format": table.format, "calibration": table.calibration().as_dict()}
+    if busy:
+        logging.warning("%s: the latency table %s was timed while other processes kept %.2f "
+                        "cores busy: its predictions are busy-machine figures; delete it to "
+                        "measure it again", task.name, table.source, table.other_load_cores)
+    error = report.get(task.name, "pruned")["predicted_latency_error"]
+    if error is not None:
+        logging.info("%s: latency table predicts %.3f ms for the pruned float32 network "
+                     "(%+.0f%% of the measured)", task.name,
+                     report.get(task.name, "pruned")["predicted_latency_ms"], 100 * error)
 
 
 def _spread(latency: dict) -> str:
