@@ -14,6 +14,10 @@ interpreter (1 thread) in the same rounds and under the same load check as a
 table measured now; `--cache_dir` instead reads the table from that cache
 (measuring it there if missing) and times the networks after it.
 Prints one JSON line per network and a last line with the largest error.
+With --own_passes, each network's parts are also timed in passes over every
+branch of the full student (as the table times them) and in passes over only
+its own branches, and their sums printed beside it: where the two differ,
+the table's passes, not the parts, are what over-counts.
 """
 from __future__ import annotations
 
@@ -105,6 +109,24 @@ def predicted_and_measured(workdir: str, image_size: int, threads: int = 1, runs
     return rows
 
 
+def own_passes(workdir: str, image_size: int, rows: list[dict], threads: int = 1,
+               runs: int = 200) -> list[dict]:
+    """Each network of `rows`: its parts summed as the table's passes time
+    them and as passes over only its own branches time them."""
+    from nettailor_tf import latency_measure
+    from nettailor_tf.latency_table import plan_view
+
+    with open(os.path.join(workdir, "settings.json"), encoding="utf-8") as f:
+        settings = json.load(f)
+    plans = {(r["task"], r["network"]): plan_view(r["plan"]) for r in rows}
+    sums = latency_measure.parts_by_pass(
+        settings["backbone"], image_size, threads,
+        config_lib.parse_max_skip(str(settings["max_skip"])), plans, runs)
+    return [{"task": r["task"], "network": r["network"], "measured_ms": r["measured_ms"],
+             "parts_every_branch_pass_ms": round(sums[(r["task"], r["network"])][0], 4),
+             "parts_own_pass_ms": round(sums[(r["task"], r["network"])][1], 4)} for r in rows]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True)
@@ -120,11 +142,17 @@ def main(argv=None) -> None:
                              "rounds as the networks")
     parser.add_argument("--table_out", default=None,
                         help="also write the table here (to refit it offline)")
+    parser.add_argument("--own_passes", action="store_true",
+                        help="also sum each network's parts timed in passes over every branch "
+                             "and over only its own (a diagnosis; a minute more)")
     args = parser.parse_args(argv)
     rows = predicted_and_measured(args.workdir, args.image_size, args.threads, args.runs,
                                   args.cache_dir, args.random_plans, args.table_out)
     for row in rows:
         print(json.dumps(row))
+    if args.own_passes:
+        for row in own_passes(args.workdir, args.image_size, rows, args.threads, args.runs):
+            print(json.dumps(row))
     print(json.dumps({"largest_error": max(abs(r["error"]) for r in rows),
                       "busy": any(r["busy"] for r in rows)}))
 

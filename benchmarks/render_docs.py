@@ -52,6 +52,8 @@ TABLES = (
     Table("docs/results/bundle.json", renderers.bundle_table, "docs/performance.md", "bundle"),
     Table("docs/results/training_speed.json", renderers.training_speed_table,
           "docs/performance.md", "training_speed"),
+    Table("docs/results/latency_prediction.json", renderers.latency_prediction_table,
+          "docs/performance.md", "latency_prediction"),
     Table("docs/results/eval_suite.json", renderers.eval_suite_page, "docs/eval_suite.md"),
 )
 

@@ -159,12 +159,15 @@ def measure_signatures(path: str, feeds: dict[str, dict[str, np.ndarray]], threa
 def measure_parts_and_networks(path: str, feeds: dict[str, dict[str, np.ndarray]],
                                files: dict[str, tuple[str, str]], image: np.ndarray | None,
                                threads: int, warmup: int = 10, runs: int = 100,
-                               rounds: int = 5) -> dict[str, Latency]:
+                               rounds: int = 20) -> dict[str, Latency]:
     """`measure_signatures` of the parts and `measure_many` of whole
     networks, interleaved in `rounds` rounds (a round: its share of passes
     over the parts, then its share of runs of each network) under one load
     check: a table and the networks it is checked against then share the
-    machine's slow and quiet spells instead of one getting the quiet one."""
+    machine's slow and quiet spells instead of one getting the quiet one.
+    20 rounds, not `measure_many`'s 5: with other processes keeping 1-1.7 of
+    2 cores busy, two timings of the same teacher in one 5-round measurement
+    were 18% apart."""
     from ai_edge_litert.interpreter import Interpreter
 
     if runs < MIN_RUNS:

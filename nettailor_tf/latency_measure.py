@@ -24,6 +24,7 @@ from nettailor_tf import student as student_lib
 from nettailor_tf.latency_table import (EMPTY_KEY, SAMPLE_PLANS, STUDENT_KEY, TABLE_FORMAT,
                                         TABLE_RUNS, TEACHER_KEY, LatencyTable, LatencyTableError,
                                         default_cache_dir, head_key, mix_key, plan_as_dict,
+                                        plan_keys,
                                         proxy_key, sample_key, stem_key, this_device,
                                         universal_key)
 from nettailor_tf.layers import apply_activation, fold_batchnorm
@@ -90,7 +91,7 @@ def convert_functions(functions: dict) -> bytes:
             return converter.convert()
 
 
-def _feeds(functions: dict, seed: int = 0) -> dict:
+def branch_feeds(functions: dict, seed: int = 0) -> dict:
     """Random inputs per signature: uint8 images, activations N(0, 1)."""
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -133,7 +134,8 @@ def measure_table_beside(backbone_name: str, image_size: int, threads: int,
                                                   dtype=np.uint8)
         with quiet.native_stderr_filtered():
             measured = latency_lib.measure_parts_and_networks(
-                path, _feeds(functions), {**networks, **others}, image, threads, warmup, runs)
+                path, branch_feeds(functions), {**networks, **others}, image, threads, warmup,
+                runs)
     beside = {name: measured.pop(name) for name in others}
     loads = [v.other_load_cores for v in measured.values() if v.other_load_cores is not None]
     table = LatencyTable(backbone=backbone_name, image_size=image_size, threads=threads,
@@ -142,6 +144,37 @@ def measure_table_beside(backbone_name: str, image_size: int, threads: int,
                          device=this_device(), other_load_cores=max(loads) if loads else None,
                          calibration_plans={k: plan_as_dict(p) for k, p in samples.items()})
     return table, beside
+
+
+def parts_by_pass(backbone_name: str, image_size: int, threads: int, max_skip: int | None,
+                  plans: dict, runs: int = TABLE_RUNS, rounds: int = 3) -> dict:
+    """Why the table's parts over-count a small network: {name: (sum of its
+    parts timed in passes over every branch, the same in passes over only
+    its own branches)}, ms with one Invoke, the two passes alternating
+    `rounds` times (medians over the rounds)."""
+    backbone = backbones_lib.build_backbone(backbone_name)
+    student = student_lib.build_student(
+        backbone, 10, student_lib.Plan.full(len(backbone.blocks), max_skip), "frozen",
+        image_size)
+    functions = branch_functions(student, image_size)
+    feeds = branch_feeds(functions)
+    sums = {name: ([], []) for name in plans}
+    with tempfile.TemporaryDirectory(prefix="nettailor_latency_") as folder:
+        path = os.path.join(folder, "branches.tflite")
+        with open(path, "wb") as f:
+            f.write(convert_functions(functions))
+        with quiet.native_stderr_filtered():
+            for _ in range(rounds):
+                every = latency_lib.measure_signatures(path, feeds, threads, runs=runs)
+                for name, plan in plans.items():
+                    keys = [EMPTY_KEY, *plan_keys(plan)]
+                    own = latency_lib.measure_signatures(path, {k: feeds[k] for k in keys},
+                                                         threads, runs=runs)
+                    for timed, out in ((every, sums[name][0]), (own, sums[name][1])):
+                        invoke = timed[EMPTY_KEY].median_ms
+                        out.append(invoke + sum(timed[k].median_ms - invoke for k in keys[1:]))
+    return {name: (float(np.median(every)), float(np.median(own)))
+            for name, (every, own) in sums.items()}
 
 
 # (share of universal blocks kept, share of proxies kept) of each sampled

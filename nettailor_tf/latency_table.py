@@ -148,6 +148,23 @@ class _PlanView:
         self.blocks = [_BlockView(b) for b in data["blocks"]]
 
 
+def plan_keys(plan) -> list[str]:
+    """The entries a network of `plan` runs, in its order: the stem, per live
+    block its universal block, proxies and (with more than one branch) mix,
+    the head."""
+    keys = [stem_key()]
+    for l, block in enumerate(plan.blocks):
+        keys += [universal_key(l)] if block.universal else []
+        keys += [proxy_key(l, s) for s in block.proxy_sources]
+        keys += [mix_key(l)] if block.universal + len(block.proxy_sources) > 1 else []
+    return keys + [head_key()]
+
+
+def plan_view(data: dict) -> _PlanView:
+    """A plan kept as JSON (`plan_as_dict`), readable by the table without TensorFlow."""
+    return _PlanView(data)
+
+
 def plan_as_dict(plan) -> dict:
     """A plan as the table keeps it."""
     return {"blocks": [{"universal": bool(b.universal),
@@ -229,13 +246,7 @@ class LatencyTable:
     def parts_ms(self, plan) -> float:
         """The sum of `plan`'s parts: stem, live branches, mixes, head (each
         less one Invoke's fixed cost)."""
-        total = self.raw_cost_ms(stem_key()) + self.raw_cost_ms(head_key())
-        for l, block in enumerate(plan.blocks):
-            total += self.raw_cost_ms(universal_key(l)) if block.universal else 0.0
-            total += sum(self.raw_cost_ms(proxy_key(l, s)) for s in block.proxy_sources)
-            if block.universal + len(block.proxy_sources) > 1:
-                total += self.raw_cost_ms(mix_key(l))
-        return total
+        return sum(self.raw_cost_ms(key) for key in plan_keys(plan))
 
     def _fit(self) -> Calibration:
         networks = self.calibration_networks()

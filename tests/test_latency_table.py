@@ -41,6 +41,9 @@ def test_every_branch_of_the_student_is_timed(tiny_table):
     assert table.invoke_ms <= min(v for k, v in table.entries.items() if k != "empty")
     assert table.entries[lt.STUDENT_KEY] > table.entries[lt.TEACHER_KEY]
     assert (table.backbone, table.image_size, table.threads, table.max_skip) == ("tiny", 16, 1, 2)
+    # A network runs its parts in the order the table timed them.
+    assert lt.plan_keys(plan) == [k for k in table.entries
+                                  if k != "empty" and not k.startswith(lt.NETWORK_PREFIX)]
     # The sampled networks' plans are kept: the table alone can refit itself.
     assert set(table.calibration_plans) == samples
     # Branches and networks were timed in the same rounds: one load check.
