@@ -27,11 +27,11 @@ every branch and added back once to a network's prediction.
 Parts timed alone do not add up to the whole, and not by one factor.  A
 pass over every branch of the full student cycles all of its weights and
 working memory through the CPU's caches; a smaller network, run again and
-again, keeps more of its own there.  Timed in passes over only a pruned
-network's own branches, the parts add up to it within 5%; timed in the
-table's passes over every branch, they add up to 12-31% more, and about
-10-15% more per branch whatever its weights, while the full student's parts
-add up to it (busy machine, in one process; docs/performance.md).  So the
+again, keeps more of its own there.  Timed in the table's passes over every
+branch, the parts of pruned EfficientNet-Lite0 networks at 64 px summed
+35-87% above them, timed in passes over only their own branches 4-33%, and
+the teachers' parts, close to the full student in size, 4-7% (a busy
+2-core machine; docs/performance.md, "Latency predictions").  So the
 factor from parts to network falls as a network gets smaller than the full
 student:
 
@@ -47,8 +47,11 @@ networks drawn from the full student with a fixed seed, whose plans the
 table keeps (`calibration_plans`).  A table with only the teacher and the
 full student (a phone's, format 2) fits both exactly.  An earlier model (a
 factor for the universal path fitted on the teacher, one for the proxies on
-the full student) over-predicted every pruned network of a quickstart by
-13-16%, and a fixed offset over-corrected the smallest networks.
+the full student) over-predicted pruned networks at 64 px by 12-116% on the
+same timings where this one is within 13%, and a fixed offset
+over-corrected the smallest networks.  The share does not say which parts
+a network drops: at 96 px networks smaller than every sampled one were
+still over-predicted by 27-66%.
 
 A table measured elsewhere (a phone, a board) is read from JSON in the same
 format (`benchmarks/latency_table.py` writes the per-branch files and turns
