@@ -188,21 +188,26 @@ def measure_parts_and_networks(path: str, feeds: dict[str, dict[str, np.ndarray]
     times = {name: [] for name in [*parts, *networks]}
     load = OtherLoad()
     load.start()
-    for count in _shares(runs, rounds):
+    names = list(networks)
+    for index, count in enumerate(_shares(runs, rounds)):
         for _ in range(count):  # one pass: every part once, in the network's order
             _time_once(parts, times)
-        for name, invoke in networks.items():
-            # Untimed: the passes and the networks before it evicted this
-            # network's weights; one run puts them back, as in a loop.  (With
-            # 20 rounds and none, the first network after the passes, the
-            # teacher, timed 38% slower than the same network later in the
-            # round.)
+        # Each round starts with another network, after untimed runs (the
+        # passes evicted it): with 20 rounds, the network right after the
+        # passes ran 25-38% slower than the same network later in the round
+        # (busy machine), with or without 2 untimed runs before it.
+        for name in _rotated(names, index):
+            invoke = networks[name]
             for _ in range(BLOCK_WARMUP):
                 invoke()
             for _ in range(count):
                 _time_once({name: (invoke, None)}, times)
     other_load = load.stop()
     return {name: _summary(t, threads, other_load) for name, t in times.items()}
+
+
+def _rotated(names: list, index: int) -> list:
+    return names[index % len(names):] + names[:index % len(names)] if names else []
 
 
 def _shares(runs: int, rounds: int) -> list[int]:
