@@ -29,8 +29,8 @@ pass over every branch of the full student cycles all of its weights and
 working memory through the CPU's caches; a smaller network, run again and
 again, keeps more of its own there.  Timed in the table's passes over every
 branch, the parts of pruned EfficientNet-Lite0 networks at 64 px summed
-35-87% above them, timed in passes over only their own branches 4-33%, and
-the teachers' parts, close to the full student in size, 4-7% (a busy
+12-33% above them, timed in passes over only their own branches -1% to +8%,
+and the teachers' parts, close to the full student in size, +7-8% (a busy
 2-core machine; docs/performance.md, "Latency predictions").  So the
 factor from parts to network falls as a network gets smaller than the full
 student:
@@ -45,13 +45,11 @@ them in the same rounds and under the same load check: the teacher's (every
 universal block, no proxy), the full student's and `SAMPLE_PLANS` pruned
 networks drawn from the full student with a fixed seed, whose plans the
 table keeps (`calibration_plans`).  A table with only the teacher and the
-full student (a phone's, format 2) fits both exactly.  An earlier model (a
-factor for the universal path fitted on the teacher, one for the proxies on
-the full student) over-predicted pruned networks at 64 px by 12-116% on the
-same timings where this one is within 13%, and a fixed offset
-over-corrected the smallest networks.  The share does not say which parts
-a network drops: at 96 px networks smaller than every sampled one were
-still over-predicted by 27-66%.
+full student (a phone's, format 2) fits both exactly.  On the same
+timings, an earlier model (a factor for the universal path fitted on the
+teacher, one for the proxies on the full student) over-predicted pruned
+networks at 64 and 96 px by 4-40%, this one is within -1% to +6%; a fixed
+offset instead of the share over-corrected the smallest networks.
 
 A table measured elsewhere (a phone, a board) is read from JSON in the same
 format (`benchmarks/latency_table.py` writes the per-branch files and turns
