@@ -399,5 +399,5 @@ def plot_latency_prediction(path: str, report: dict, band: float = 0.1) -> None:
     fig.suptitle(f"Latency table against the exported files: {report.get('backbone')} at "
                  f"{report.get('image_size')} px (hollow: teacher, filled: NetTailor)",
                  fontsize=10)
-    fig.subplots_adjust(left=0.1, right=0.66, bottom=0.11, top=0.9)
+    fig.subplots_adjust(left=0.1, right=0.6, bottom=0.11, top=0.9)
     _save_png(fig, path)

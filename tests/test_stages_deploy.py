@@ -549,6 +549,10 @@ def test_restart_from_benchmark_times_the_files_again(exported, caplog):
     entry_after = after["tasks"][NAMES[0]]["tflite"]["float32"]["latency"]
     assert entry_after["1"]["median_ms"] > 0 and entry_after != entry_before
     assert "memory_mb" in after["bundle"] and after["bundle"]["latency"]
+    # The predictions are made again, from a table timed with the files anew.
+    assert any("measuring one for the predictions" in m for m in messages)
+    assert after["latency_prediction_table"]["fingerprint"] != before.get(
+        "latency_prediction_table", {}).get("fingerprint")
 
 
 def test_the_benchmark_stage_records_the_bundles_memory(exported):
