@@ -70,9 +70,11 @@ def write_models(backbone: str, image_size: int, max_skip, out: str, threads: in
         with open(path, "wb") as f:
             f.write(latency_measure.convert_functions({key: function}))
         written.append(path)
-    # The two whole networks the table is calibrated on.
-    networks = latency_measure.whole_networks(backbones_lib.build_backbone(backbone), max_skip,
-                                                image_size, out)
+    # The whole networks the table is calibrated on.
+    network = backbones_lib.build_backbone(backbone)
+    networks = latency_measure.whole_networks(
+        network, max_skip, image_size, out,
+        latency_measure.sample_plans(len(network.blocks), max_skip))
     written += [path for path, _ in networks.values()]
     script = os.path.join(out, "run_all.sh")
     with open(script, "w", encoding="utf-8") as f:
@@ -84,8 +86,12 @@ def write_models(backbone: str, image_size: int, max_skip, out: str, threads: in
 def collect(backbone: str, image_size: int, max_skip, threads: int, results: str,
             device: str) -> latency_table_lib.LatencyTable:
     """The table from `benchmark_model`'s outputs (<entry>.txt per branch)."""
+    from nettailor_tf import backbones as backbones_lib
+
     expected = list(_functions(backbone, image_size, max_skip))
-    calibration = [latency_table_lib.TEACHER_KEY, latency_table_lib.STUDENT_KEY]
+    samples = latency_measure.sample_plans(len(backbones_lib.build_backbone(backbone).blocks),
+                                           max_skip)
+    calibration = [latency_table_lib.TEACHER_KEY, latency_table_lib.STUDENT_KEY, *samples]
     entries, missing = {}, []
     for key in expected + calibration:
         path = os.path.join(results, f"{key}.txt")
@@ -98,17 +104,21 @@ def collect(backbone: str, image_size: int, max_skip, threads: int, results: str
             missing.append(key)
             continue
         entries[key] = round(float(found[-1]) / 1e3, 5)  # us -> ms
-    if set(missing) & set(calibration):  # optional: the table is then uncalibrated
+    if set(missing) & set(calibration[:2]):  # optional: the table is then uncalibrated
         for key in calibration:
             entries.pop(key, None)
-        missing = [k for k in missing if k not in calibration]
+    # A missing sample (an older run_all.sh) leaves the teacher and the
+    # full student: the two-factor calibration.
+    missing = [k for k in missing if k not in calibration]
     if missing:
         raise SystemExit(f"--results={results}: no 'Inference (avg)' for {len(missing)} of "
                          f"{len(expected)} branches ({', '.join(missing[:4])}...); run "
                          f"run_all.sh on the device first")
     return latency_table_lib.LatencyTable(
         backbone=backbone, image_size=image_size, threads=threads, max_skip=max_skip,
-        entries=entries, device=device, source=os.path.abspath(results))
+        entries=entries, device=device, source=os.path.abspath(results),
+        calibration_plans={k: latency_table_lib.plan_as_dict(p) for k, p in samples.items()
+                           if k in entries})
 
 
 def main(argv=None) -> None:

@@ -54,6 +54,8 @@ TABLES = (
           "docs/performance.md", "bundle_memory"),
     Table("docs/results/training_speed.json", renderers.training_speed_table,
           "docs/performance.md", "training_speed"),
+    Table("docs/results/latency_prediction.json", renderers.latency_prediction_table,
+          "docs/performance.md", "latency_prediction"),
     Table("docs/results/eval_suite.json", renderers.eval_suite_page, "docs/eval_suite.md"),
 )
 

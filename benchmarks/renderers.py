@@ -311,6 +311,60 @@ def training_speed_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- latency predictions (benchmarks/latency_prediction.py) -------------------------
+
+def latency_prediction_table(results: dict) -> str:
+    """Each network's predicted and measured float32 latency, per run of the
+    benchmark (its JSON lines), with the load check and the table's fit; the
+    error of the earlier two-factor model on the same timings beside it."""
+    runs = results["runs"]
+    lines = [_generated("docs/results/latency_prediction.json"), "",
+             _provenance(results) + " " + results["note"], "",
+             "| network | " + " | ".join(f"{r['label']}: predicted / measured ms (error)"
+                                        for r in runs) + " |",
+             "|" + " --- |" * (1 + len(runs))]
+    names = list(dict.fromkeys(row["network"] for run in runs for row in run["rows"]))
+    for name in names:
+        cells = []
+        for run in runs:
+            row = next((r for r in run["rows"] if r["network"] == name), None)
+            cells.append("" if row is None else f"{row['predicted_ms']:.3f} / "
+                         f"{row['measured_ms']:.3f} ({row['error']:+.1%}; two factors "
+                         f"{row['two_factor_error']:+.0%})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for run in runs:
+        fit = run["calibration"]
+        lines.append(f"- {run['label']}: other processes kept {run['other_load_cores']:.2f} "
+                     f"cores busy while the table and the networks were timed (in the same "
+                     f"rounds); the fit, on {fit['networks']} networks: factor "
+                     f"{fit['base']:.3f} + {fit['slope']:.3f} x share, largest error on them "
+                     f"{fit['max_error']:.1%}; largest error on the networks above "
+                     f"{max(abs(r['error']) for r in run['rows']):.1%}.")
+    return "\n".join(lines + _own_passes(results.get("own_passes") or [])) + "\n"
+
+
+def _own_passes(rows: list[dict]) -> list[str]:
+    """The diagnosis (`--own_passes`): a network's parts summed as the
+    table's passes time them and as passes over its own branches do."""
+    if not rows:
+        return []
+    lines = ["", "Each network's parts (less one Invoke each, plus one), timed in passes over "
+             "every branch of the full student (as the table times them) and in passes over "
+             "only its own branches (the run with `--own_passes`):", "",
+             "| network | measured ms | parts, every-branch passes | parts, own passes |",
+             "| --- | --- | --- | --- |"]
+    for row in rows:
+        measured = row["measured_ms"]
+        name = (f"held-out {row['network']}" if row["task"] == "held_out"
+                else f"{row['task']} {'pruned' if row['network'] == 'NetTailor' else 'teacher'}")
+        lines.append(f"| {name} | {measured:.3f} | {row['parts_every_branch_pass_ms']:.3f} "
+                     f"({row['parts_every_branch_pass_ms'] / measured - 1:+.0%}) | "
+                     f"{row['parts_own_pass_ms']:.3f} "
+                     f"({row['parts_own_pass_ms'] / measured - 1:+.0%}) |")
+    return lines
+
+
 # --- the evaluation suite (benchmarks/eval_suite.py) --------------------------------
 
 # A pruned network this far below its teacher (accuracy, fraction) is a finding.

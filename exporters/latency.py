@@ -24,6 +24,9 @@ import numpy as np
 from exporters.savedmodel import INPUT_NAME, SERVING_KEY
 
 MIN_RUNS = 50
+# Untimed runs of a network before its share of each round of
+# `measure_parts_and_networks`.
+BLOCK_WARMUP = 2
 # Other processes using more than this many cores on average while timing
 # make a latency a busy-machine figure (an upper bound, not a measurement).
 BUSY_CORES = 0.25
@@ -153,14 +156,72 @@ def measure_signatures(path: str, feeds: dict[str, dict[str, np.ndarray]], threa
     where the op that produced them left them.  Timing one part many times
     in a row instead keeps its weights cached, and a network runs slower
     than the sum of such parts (27% at 64 px on EfficientNet-Lite0)."""
+    return measure_parts_and_networks(path, feeds, {}, None, threads, warmup, runs)
+
+
+def measure_parts_and_networks(path: str, feeds: dict[str, dict[str, np.ndarray]],
+                               files: dict[str, tuple[str, str]], image: np.ndarray | None,
+                               threads: int, warmup: int = 10, runs: int = 100,
+                               rounds: int = 20) -> dict[str, Latency]:
+    """`measure_signatures` of the parts and `measure_many` of whole
+    networks, interleaved in `rounds` rounds (a round: its share of passes
+    over the parts, then its share of runs of each network) under one load
+    check: a table and the networks it is checked against then share the
+    machine's slow and quiet spells instead of one getting the quiet one.
+    20 rounds, not `measure_many`'s 5: with other processes keeping 1-1.7 of
+    2 cores busy, two timings of the same teacher in one 5-round measurement
+    were 18% apart."""
     from ai_edge_litert.interpreter import Interpreter
 
     if runs < MIN_RUNS:
         raise ValueError(f"runs={runs}: a latency needs at least {MIN_RUNS} timed runs")
+    if files:
+        _check(image, runs)
     interpreter = Interpreter(model_path=path, num_threads=threads)
     parts = {key: _invoker(path, feed, threads, key, interpreter, refresh=True)
              for key, feed in feeds.items()}
-    return _interleaved(parts, threads, warmup, runs, rounds=runs)  # one run per pass
+    networks = {name: _invoker(file, {INPUT_NAME: image}, threads, key)
+                for name, (file, key) in files.items()}
+    for invoke in [p[0] for p in parts.values()] + list(networks.values()):
+        for _ in range(warmup):
+            invoke()
+    times = {name: [] for name in [*parts, *networks]}
+    load = OtherLoad()
+    load.start()
+    names = list(networks)
+    for index, count in enumerate(_shares(runs, rounds)):
+        for _ in range(count):  # one pass: every part once, in the network's order
+            _time_once(parts, times)
+        # Each round starts with another network, after untimed runs (the
+        # passes evicted it): with 20 rounds, the network right after the
+        # passes ran 25-38% slower than the same network later in the round
+        # (busy machine), with or without 2 untimed runs before it.
+        for name in _rotated(names, index):
+            invoke = networks[name]
+            for _ in range(BLOCK_WARMUP):
+                invoke()
+            for _ in range(count):
+                _time_once({name: (invoke, None)}, times)
+    other_load = load.stop()
+    return {name: _summary(t, threads, other_load) for name, t in times.items()}
+
+
+def _rotated(names: list, index: int) -> list:
+    return names[index % len(names):] + names[:index % len(names)] if names else []
+
+
+def _shares(runs: int, rounds: int) -> list[int]:
+    return [runs // rounds + (1 if r < runs % rounds else 0) for r in range(rounds)]
+
+
+def _time_once(invokers: dict, times: dict) -> None:
+    """Runs each (invoke, write or None) once, timing only the invoke."""
+    for name, (invoke, write) in invokers.items():
+        if write is not None:
+            write()
+        start = time.perf_counter()
+        invoke()
+        times[name].append((time.perf_counter() - start) * 1e3)
 
 
 def _interleaved(invokers: dict, threads: int, warmup: int, runs: int,
@@ -175,14 +236,9 @@ def _interleaved(invokers: dict, threads: int, warmup: int, runs: int,
     times = {name: [] for name in parts}
     load = OtherLoad()
     load.start()
-    per_round = [runs // rounds + (1 if r < runs % rounds else 0) for r in range(rounds)]
-    for count in per_round:
-        for name, (invoke, write) in parts.items():
+    for count in _shares(runs, rounds):
+        for name, part in parts.items():
             for _ in range(count):
-                if write is not None:
-                    write()
-                start = time.perf_counter()
-                invoke()
-                times[name].append((time.perf_counter() - start) * 1e3)
+                _time_once({name: part}, times)
     other_load = load.stop()
     return {name: _summary(t, threads, other_load) for name, t in times.items()}

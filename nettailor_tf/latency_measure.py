@@ -1,8 +1,8 @@
 """Measuring a latency table on this machine: every branch of the student as
-a signature of one float32 .tflite, timed with LiteRT, and the two whole
-networks the table is calibrated on (`nettailor_tf.latency_table` holds the
-table itself and how it predicts; this module needs TensorFlow, the table
-does not).
+a signature of one float32 .tflite, timed with LiteRT, interleaved with the
+whole networks the table is calibrated on (`nettailor_tf.latency_table`
+holds the table itself and how it predicts; this module needs TensorFlow,
+the table does not).
 """
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import prune as prune_lib
 from nettailor_tf import quiet
 from nettailor_tf import student as student_lib
-from nettailor_tf.latency_table import (EMPTY_KEY, STUDENT_KEY, TABLE_RUNS, TEACHER_KEY,
-                                        LatencyTable, LatencyTableError, default_cache_dir,
-                                        head_key, mix_key, proxy_key, stem_key, this_device,
+from nettailor_tf.latency_table import (EMPTY_KEY, SAMPLE_PLANS, STUDENT_KEY, TABLE_FORMAT,
+                                        TABLE_RUNS, TEACHER_KEY, LatencyTable, LatencyTableError,
+                                        default_cache_dir, head_key, mix_key, plan_as_dict,
+                                        plan_keys,
+                                        proxy_key, sample_key, stem_key, this_device,
                                         universal_key)
 from nettailor_tf.layers import apply_activation, fold_batchnorm
 
@@ -89,7 +91,7 @@ def convert_functions(functions: dict) -> bytes:
             return converter.convert()
 
 
-def _feeds(functions: dict, seed: int = 0) -> dict:
+def branch_feeds(functions: dict, seed: int = 0) -> dict:
     """Random inputs per signature: uint8 images, activations N(0, 1)."""
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -103,8 +105,20 @@ def _feeds(functions: dict, seed: int = 0) -> dict:
 
 def measure_table(backbone_name: str, image_size: int, threads: int, max_skip: int | None,
                   runs: int = TABLE_RUNS, warmup: int = 10) -> LatencyTable:
-    """Times every branch of `backbone_name`'s student here (random weights:
-    float32 time does not depend on the values)."""
+    """Times every branch of `backbone_name`'s student here, interleaved with
+    the calibration networks under one load check (random weights: float32
+    time does not depend on the values)."""
+    return measure_table_beside(backbone_name, image_size, threads, max_skip, {}, runs,
+                                warmup)[0]
+
+
+def measure_table_beside(backbone_name: str, image_size: int, threads: int,
+                         max_skip: int | None, others: dict, runs: int = TABLE_RUNS,
+                         warmup: int = 10) -> tuple[LatencyTable, dict]:
+    """`measure_table`, with the networks `others` ({name: (path, signature
+    key)}, on a uint8 image) timed in the same rounds and load check: the
+    table and the networks it predicts under the same conditions.  Returns
+    the table (which they do not enter) and {name: Latency}."""
     backbone = backbones_lib.build_backbone(backbone_name)
     plan = student_lib.Plan.full(len(backbone.blocks), max_skip)
     student = student_lib.build_student(backbone, 10, plan, "frozen", image_size)
@@ -114,18 +128,80 @@ def measure_table(backbone_name: str, image_size: int, threads: int, max_skip: i
         path = os.path.join(folder, "branches.tflite")
         with open(path, "wb") as f:
             f.write(content)
-        networks = whole_networks(backbone, max_skip, image_size, folder)
+        samples = sample_plans(len(backbone.blocks), max_skip)
+        networks = whole_networks(backbone, max_skip, image_size, folder, samples)
         image = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3),
                                                   dtype=np.uint8)
         with quiet.native_stderr_filtered():
-            measured = latency_lib.measure_signatures(path, _feeds(functions), threads, warmup,
-                                                      runs)
-            measured.update(latency_lib.measure_many(networks, image, threads, warmup, runs))
+            measured = latency_lib.measure_parts_and_networks(
+                path, branch_feeds(functions), {**networks, **others}, image, threads, warmup,
+                runs)
+    beside = {name: measured.pop(name) for name in others}
     loads = [v.other_load_cores for v in measured.values() if v.other_load_cores is not None]
-    return LatencyTable(backbone=backbone_name, image_size=image_size, threads=threads,
-                        max_skip=max_skip,
-                        entries={k: round(v.median_ms, 5) for k, v in measured.items()},
-                        device=this_device(), other_load_cores=max(loads) if loads else None)
+    table = LatencyTable(backbone=backbone_name, image_size=image_size, threads=threads,
+                         max_skip=max_skip,
+                         entries={k: round(v.median_ms, 5) for k, v in measured.items()},
+                         device=this_device(), other_load_cores=max(loads) if loads else None,
+                         calibration_plans={k: plan_as_dict(p) for k, p in samples.items()})
+    return table, beside
+
+
+def parts_by_pass(backbone_name: str, image_size: int, threads: int, max_skip: int | None,
+                  plans: dict, runs: int = TABLE_RUNS, rounds: int = 3) -> dict:
+    """Why the table's parts over-count a small network: {name: (sum of its
+    parts timed in passes over every branch, the same in passes over only
+    its own branches)}, ms with one Invoke, the two passes alternating
+    `rounds` times (medians over the rounds)."""
+    backbone = backbones_lib.build_backbone(backbone_name)
+    student = student_lib.build_student(
+        backbone, 10, student_lib.Plan.full(len(backbone.blocks), max_skip), "frozen",
+        image_size)
+    functions = branch_functions(student, image_size)
+    feeds = branch_feeds(functions)
+    sums = {name: ([], []) for name in plans}
+    with tempfile.TemporaryDirectory(prefix="nettailor_latency_") as folder:
+        path = os.path.join(folder, "branches.tflite")
+        with open(path, "wb") as f:
+            f.write(convert_functions(functions))
+        with quiet.native_stderr_filtered():
+            for _ in range(rounds):
+                every = latency_lib.measure_signatures(path, feeds, threads, runs=runs)
+                for name, plan in plans.items():
+                    keys = [EMPTY_KEY, *plan_keys(plan)]
+                    own = latency_lib.measure_signatures(path, {k: feeds[k] for k in keys},
+                                                         threads, runs=runs)
+                    for timed, out in ((every, sums[name][0]), (own, sums[name][1])):
+                        invoke = timed[EMPTY_KEY].median_ms
+                        out.append(invoke + sum(timed[k].median_ms - invoke for k in keys[1:]))
+    return {name: (float(np.median(every)), float(np.median(own)))
+            for name, (every, own) in sums.items()}
+
+
+# (share of universal blocks kept, share of proxies kept) of each sampled
+# calibration network: from the search's lean networks (a quarter of the
+# universal blocks) to nearly the full student.
+SAMPLE_KEEP = ((0.25, 0.6), (0.5, 0.3), (0.4, 0.5), (0.75, 0.7))
+
+
+def sample_plans(num_blocks: int, max_skip: int | None, count: int = SAMPLE_PLANS,
+                 seed: int = 0) -> dict:
+    """{entry key: Plan} of `count` pruned networks drawn from the full
+    student with a fixed seed (the same for every table), every block kept
+    live and dead paths removed as pruning removes them."""
+    rng = np.random.default_rng(seed)
+    full = student_lib.Plan.full(num_blocks, max_skip)
+    plans = {}
+    for index in range(count):
+        keep_universal, keep_proxy = SAMPLE_KEEP[index % len(SAMPLE_KEEP)]
+        blocks = []
+        for block in full.blocks:
+            universal = bool(rng.random() < keep_universal)
+            sources = [s for s in block.proxy_sources if rng.random() < keep_proxy]
+            if not universal and not sources:
+                sources = [block.proxy_sources[int(rng.integers(len(block.proxy_sources)))]]
+            blocks.append(student_lib.BlockPlan(universal, sources))
+        plans[sample_key(index)] = prune_lib.remove_dead_paths(student_lib.Plan(blocks))
+    return plans
 
 
 def whole_network_content(backbone, plan, image_size: int, num_classes: int = 10) -> bytes:
@@ -137,13 +213,16 @@ def whole_network_content(backbone, plan, image_size: int, num_classes: int = 10
         return tflite.convert(static, [savedmodel.SERVING_KEY], "float32")
 
 
-def whole_networks(backbone, max_skip, image_size: int, folder: str) -> dict:
-    """{TEACHER_KEY, STUDENT_KEY: (path, signature key)} of the two networks
-    the table is calibrated on, written into `folder`."""
+def whole_networks(backbone, max_skip, image_size: int, folder: str,
+                   samples: dict | None = None) -> dict:
+    """{TEACHER_KEY, STUDENT_KEY, every key of `samples` ({key: Plan}):
+    (path, signature key)} of the networks the table is calibrated on,
+    written into `folder`."""
     num_blocks = len(backbone.blocks)
+    plans = {TEACHER_KEY: student_lib.Plan.backbone_only(num_blocks),
+             STUDENT_KEY: student_lib.Plan.full(num_blocks, max_skip), **(samples or {})}
     files = {}
-    for key, plan in ((TEACHER_KEY, student_lib.Plan.backbone_only(num_blocks)),
-                      (STUDENT_KEY, student_lib.Plan.full(num_blocks, max_skip))):
+    for key, plan in plans.items():
         path = os.path.join(folder, f"{key}.tflite")
         with open(path, "wb") as f:
             f.write(whole_network_content(backbone, plan, image_size))
@@ -157,18 +236,23 @@ def cached_table(backbone_name: str, image_size: int, threads: int, max_skip: in
     in `cache_dir`; returns it and whether it was read from the cache."""
     cache_dir = cache_dir or default_cache_dir()
     device = this_device()
+    # The format is in the name: a table of an older format (stale: its
+    # calibration predicts otherwise) is measured again beside it, and a
+    # student trained with the old one still finds it.
     name = "_".join([backbone_name, str(image_size), f"t{threads}",
                      f"skip{'dense' if max_skip is None else max_skip}",
-                     hashlib.sha256(f"{device}|{litert_version}".encode()).hexdigest()[:10]])
+                     hashlib.sha256(f"{device}|{litert_version}".encode()).hexdigest()[:10],
+                     f"f{TABLE_FORMAT}"])
     path = os.path.join(cache_dir, f"{name}.json")
     if os.path.exists(path):
         try:
             table = LatencyTable.load(path)
             table.check_fits(backbone_name, image_size, max_skip)
             # Kept even if it was measured on a busy machine (its load is
-            # recorded): a table that changed under a finished student would
-            # make it stale.  Delete the file to measure again.
-            if table.threads == threads:
+            # recorded, and the report names it): a table that changed
+            # under a finished student would make it stale.  Delete the
+            # file to measure again.
+            if table.threads == threads and not table.stale:
                 return table, True
         except LatencyTableError:
             pass  # a damaged cache entry is measured again

@@ -392,21 +392,43 @@ def _bundle_section(bundle: dict | None) -> list[str]:
 
 
 def _latency_prediction_section(data: dict) -> list[str]:
-    """The latency table's float32 predictions against the measured files."""
+    """The latency table's float32 predictions against each file timed in
+    the table's own rounds and by the benchmark, each with its error and
+    the load check of the timing."""
     points = [p for p in latency_prediction_points(data) if p["variant"] == "float32"]
     if not points:
         return []
     table = data.get("latency_prediction_table") or {}
+    fit = table.get("calibration") or {}
+    load = table.get("other_load_cores")
     lines = ["## Predicted against measured latency", "",
              f"Float32, 1 thread; predictions from the latency table "
              f"{table.get('fingerprint', '?')[:12]} ({table.get('device', '?')}), each branch "
-             f"timed as its own small .tflite.", "",
-             "| task | network | predicted ms | measured ms | error |", "| --- | --- | --- | --- | --- |"]
+             f"timed as a signature of one .tflite, interleaved with "
+             f"{fit.get('networks', '?')} whole networks it is calibrated on "
+             f"(largest error on them {_percent(fit.get('max_error'))}) and with the files "
+             f"below, under one load check (other processes: "
+             f"{'?' if load is None else f'{load:.2f}'} cores). The benchmark's figures were "
+             f"timed at another moment: compare a prediction with the first.", ""]
+    if table.get("busy"):
+        lines += [f"**Timed on a busy machine** (other processes kept {load:.2f} cores "
+                  f"busy): the predictions and their errors are busy-machine figures.", ""]
+    lines += ["| task | network | predicted ms | in the table's rounds, ms | error | "
+              "benchmark, ms | error | benchmark's other load (cores) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for p in points:
-        error = p["predicted_ms"] / p["measured_ms"] - 1
+        rounds = p.get("table_rounds_ms")
+        other = p["other_load_cores"]
         lines.append(f"| {p['task']} | {p['network']} | {p['predicted_ms']:.3f} | "
-                     f"{p['measured_ms']:.3f} | {error:+.0%} |")
+                     + (f"{rounds:.3f} | {p['table_rounds_error']:+.0%} | " if rounds
+                        else "? | ? | ")
+                     + f"{p['measured_ms']:.3f} | {p['error']:+.0%} | "
+                     f"{'?' if other is None else f'{other:.2f}'}"
+                     f"{' (busy)' if p['busy'] else ''} |")
     if data.get("latency_prediction_png"):
         lines += ["", f"![predicted against measured latency]({data['latency_prediction_png']})"]
     return lines + [""]
 
+
+def _percent(value) -> str:
+    return "?" if value is None else f"{value:.0%}"

@@ -330,9 +330,12 @@ def plot_deployment(path: str, report: dict) -> None:
 
 
 def latency_prediction_points(report: dict) -> list[dict]:
-    """(task, network, variant, predicted, measured) of every timed file whose
-    network has a predicted float32 latency (report.json's
-    `predicted_latency_ms`)."""
+    """(task, network, variant, predicted, measured, error, load) of every
+    timed file whose network has a predicted float32 latency (report.json's
+    `predicted_latency_ms`): `measured_ms` is the benchmark's 1-thread
+    median, `error` predicted / measured - 1, `other_load_cores` that
+    timing's load check; a float32 file also has `table_rounds_ms`, its
+    time in the latency table's own rounds, and `table_rounds_error`."""
     points = []
     for name, task in report.get("tasks", {}).items():
         for network, cost, part in (("teacher", task.get("teacher") or {},
@@ -341,16 +344,26 @@ def latency_prediction_points(report: dict) -> list[dict]:
                                      task.get("tflite") or {})):
             predicted = cost.get("predicted_latency_ms")
             for variant, entry in part.items():
-                if predicted is not None and entry.get("latency_ms") is not None:
-                    points.append({"task": name, "network": network, "variant": variant,
-                                   "predicted_ms": predicted, "measured_ms": entry["latency_ms"]})
+                if predicted is None or not entry.get("latency_ms"):
+                    continue
+                timed = (entry.get("latency") or {}).get("1") or {}
+                point = {"task": name, "network": network, "variant": variant,
+                         "predicted_ms": predicted, "measured_ms": entry["latency_ms"],
+                         "error": predicted / entry["latency_ms"] - 1,
+                         "other_load_cores": timed.get("other_load_cores"),
+                         "busy": bool(timed.get("busy"))}
+                beside = cost.get("predicted_latency_measured_ms")
+                if variant == "float32" and beside:
+                    point.update(table_rounds_ms=beside, table_rounds_error=predicted / beside - 1)
+                points.append(point)
     return points
 
 
-def plot_latency_prediction(path: str, report: dict, band: float = 0.2) -> None:
+def plot_latency_prediction(path: str, report: dict, band: float = 0.1) -> None:
     """Measured 1-thread latency of every file against the float32 latency the
     latency table predicts for its network, with the identity and a +-`band`
-    band (the quantised variants show how far each moves from float32)."""
+    band (the quantised variants show how far each moves from float32); a
+    float32 file's legend gives its prediction's error and a busy timing."""
     fig = Figure(figsize=(7.5, 5))
     ax = fig.subplots()
     points = latency_prediction_points(report)
@@ -362,7 +375,13 @@ def plot_latency_prediction(path: str, report: dict, band: float = 0.2) -> None:
         ax.scatter(p["predicted_ms"], p["measured_ms"], s=46, zorder=3,
                    marker=_VARIANT_MARKERS.get(p["variant"], "o"), edgecolors=color,
                    facecolors=color if filled else "none",
-                   label=f"{p['task']} {p['network']} {p['variant']}")
+                   label=f"{p['task']} {p['network']} {p['variant']}" + (
+                       f" ({p['error']:+.0%}{', busy' if p['busy'] else ''})"
+                       if p["variant"] == "float32" else ""))
+        if "table_rounds_ms" in p:  # the same network timed in the table's rounds
+            ax.scatter(p["predicted_ms"], p["table_rounds_ms"], s=40, zorder=3, marker="x",
+                       color=color, label=f"{p['task']} {p['network']} float32 in the table's "
+                       f"rounds ({p['table_rounds_error']:+.0%})")
     if points:
         top = 1.15 * max(max(p["predicted_ms"], p["measured_ms"]) for p in points)
         line = [0, top]
@@ -380,5 +399,5 @@ def plot_latency_prediction(path: str, report: dict, band: float = 0.2) -> None:
     fig.suptitle(f"Latency table against the exported files: {report.get('backbone')} at "
                  f"{report.get('image_size')} px (hollow: teacher, filled: NetTailor)",
                  fontsize=10)
-    fig.subplots_adjust(left=0.1, right=0.66, bottom=0.11, top=0.9)
+    fig.subplots_adjust(left=0.1, right=0.6, bottom=0.11, top=0.9)
     _save_png(fig, path)

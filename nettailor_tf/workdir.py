@@ -64,6 +64,10 @@ class Workdir:
         return os.path.join(self.root, "latency_prediction.png")
 
     @property
+    def latency_prediction_table(self) -> str:
+        return os.path.join(self.root, "latency_prediction_table.json")
+
+    @property
     def decathlon_results(self) -> str:
         return os.path.join(self.root, "decathlon_results.json")
 

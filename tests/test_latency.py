@@ -89,3 +89,30 @@ def test_other_processes_load_is_measured_and_marks_the_figure_busy(tflite_file)
     # One core spun the whole time (on 2 cores the timing loop held the other).
     assert result.other_load_cores > 0.5, result
     assert result.busy and result.as_dict()["busy"] is True
+
+
+def test_parts_and_networks_are_timed_in_the_same_rounds(monkeypatch, tflite_file):
+    """A table's parts and the whole networks are interleaved round by
+    round (a round: passes over every part in order, each part's inputs
+    written just before it, then each network's runs) under one load check."""
+    calls = []
+
+    def fake_invoker(path, feed, threads, key, interpreter=None, refresh=False):
+        invoke = lambda: calls.append(key)
+        return (invoke, lambda: calls.append(f"write {key}")) if refresh else invoke
+
+    monkeypatch.setattr(latency, "_invoker", fake_invoker)
+    image = np.zeros((1, SIZE, SIZE, 3), np.uint8)
+    feeds = {"stem": {}, "head": {}}
+    files = {"teacher": (tflite_file, "teacher"), "pruned": (tflite_file, "pruned")}
+    results = latency.measure_parts_and_networks(tflite_file, feeds, files, image, threads=1,
+                                                 warmup=0, runs=50, rounds=5)
+    # Each network's share starts with untimed runs (the passes evicted it),
+    # and the networks take turns to come first after the passes.
+    warm = latency.BLOCK_WARMUP
+    passes = ["write stem", "stem", "write head", "head"] * 10
+    teacher, pruned = ["teacher"] * (warm + 10), ["pruned"] * (warm + 10)
+    assert calls == (passes + teacher + pruned + passes + pruned + teacher) * 2 + (
+        passes + teacher + pruned)
+    assert {r.runs for r in results.values()} == {50}
+    assert len({r.other_load_cores for r in results.values()}) == 1

@@ -30,7 +30,8 @@ def tiny_plan(max_skip=2):
 def test_every_branch_of_the_student_is_timed(tiny_table):
     table, _ = tiny_table
     plan = tiny_plan()
-    expected = {"empty", "stem", "head", lt.TEACHER_KEY, lt.STUDENT_KEY}
+    samples = {lt.sample_key(i) for i in range(lt.SAMPLE_PLANS)}
+    expected = {"empty", "stem", "head", lt.TEACHER_KEY, lt.STUDENT_KEY} | samples
     for l, block in enumerate(plan.blocks):
         expected |= {lt.universal_key(l), lt.mix_key(l)}
         expected |= {lt.proxy_key(l, s) for s in block.proxy_sources}
@@ -40,24 +41,93 @@ def test_every_branch_of_the_student_is_timed(tiny_table):
     assert table.invoke_ms <= min(v for k, v in table.entries.items() if k != "empty")
     assert table.entries[lt.STUDENT_KEY] > table.entries[lt.TEACHER_KEY]
     assert (table.backbone, table.image_size, table.threads, table.max_skip) == ("tiny", 16, 1, 2)
+    # A network runs its parts in the order the table timed them.
+    assert lt.plan_keys(plan) == [k for k in table.entries
+                                  if k != "empty" and not k.startswith(lt.NETWORK_PREFIX)]
+    # The sampled networks' plans are kept: the table alone can refit itself.
+    assert set(table.calibration_plans) == samples
+    # Branches and networks were timed in the same rounds: one load check.
+    assert table.other_load_cores is None or table.other_load_cores >= 0
 
 
-def test_the_calibration_makes_the_whole_networks_add_up(tiny_table):
-    """The whole teacher and full student were timed with the branches; the
-    calibrated parts add up to them exactly (a pruned network, between the
-    two, is predicted from the same parts)."""
+def _synthetic(table, base, slope, keys=None):
+    """`table` with its whole networks replaced by what the model
+    invoke + S * (base + slope * S / S_full) says of them."""
+    networks = table.calibration_networks()
+    full = table.parts_ms(networks[lt.STUDENT_KEY])
+    entries = {k: v for k, v in table.entries.items() if not k.startswith(lt.NETWORK_PREFIX)}
+    for key, plan in networks.items():
+        if keys is None or key in keys:
+            parts = table.parts_ms(plan)
+            entries[key] = table.invoke_ms + parts * (base + slope * parts / full)
+    return dataclasses.replace(table, entries=entries)
+
+
+def test_the_calibration_is_fitted_on_the_whole_networks_timed_with_the_branches(tiny_table):
+    """Networks that follow the model exactly give back its factor, and a
+    held-out lean network is then predicted exactly: the smaller a network,
+    the smaller the factor from its parts to it (a pass over every branch
+    evicts what a small network keeps cached)."""
     table, _ = tiny_table
-    universal, proxies = table.calibration()
-    assert universal > 0 and proxies > 0
+    synthetic = _synthetic(table, 0.7, 0.3)
+    fit = synthetic.calibration()
+    assert fit.networks == 2 + lt.SAMPLE_PLANS
+    assert (fit.base, fit.slope) == pytest.approx((0.7, 0.3), rel=1e-6)
+    assert fit.max_error == pytest.approx(0, abs=1e-9)
+    lean = student_lib.Plan([student_lib.BlockPlan(l == 0, list(b.proxy_sources[:1]))
+                             for l, b in enumerate(tiny_plan().blocks)])
+    parts = table.parts_ms(lean)
+    truth = table.invoke_ms + parts * (0.7 + 0.3 * parts / fit.full_ms)
+    assert synthetic.predict_ms(lean) == pytest.approx(truth, rel=1e-6)
+    # One factor for every network (the parts' sum scaled) over-predicts it.
     teacher = student_lib.Plan.backbone_only(len(tiny_plan().blocks))
-    assert table.predict_ms(teacher) == pytest.approx(table.entries[lt.TEACHER_KEY], rel=1e-6)
-    if proxies > 0.1 * universal:  # else the fit was noise and proxies keep their ratio
-        assert table.predict_ms(tiny_plan()) == pytest.approx(table.entries[lt.STUDENT_KEY],
-                                                              rel=1e-6)
+    one_factor = ((synthetic.entries[lt.TEACHER_KEY] - table.invoke_ms)
+                  / table.parts_ms(teacher))
+    assert table.invoke_ms + parts * one_factor > 1.03 * truth
+    # The teacher and the full student alone (a phone's table): both exact.
+    two = _synthetic(table, 0.7, 0.3, keys=(lt.TEACHER_KEY, lt.STUDENT_KEY))
+    assert two.calibration().networks == 2
+    assert two.predict_ms(teacher) == pytest.approx(two.entries[lt.TEACHER_KEY], rel=1e-6)
+    assert two.predict_ms(tiny_plan()) == pytest.approx(two.entries[lt.STUDENT_KEY], rel=1e-6)
     uncalibrated = dataclasses.replace(table, entries={
-        k: v for k, v in table.entries.items() if k not in (lt.TEACHER_KEY, lt.STUDENT_KEY)})
-    assert uncalibrated.calibration() == (1.0, 1.0)
+        k: v for k, v in table.entries.items() if not k.startswith(lt.NETWORK_PREFIX)})
+    assert uncalibrated.calibration().networks == 0
     assert uncalibrated.cost_ms("stem") == uncalibrated.raw_cost_ms("stem")
+
+
+def test_a_fit_that_would_price_a_smaller_network_higher_gives_way_to_one_factor(tiny_table):
+    """Noise can make the whole networks fall as their parts grow: the fit
+    then keeps one factor, so a cheaper plan is never predicted slower."""
+    table, _ = tiny_table
+    synthetic = _synthetic(table, 2.0, -1.5)  # the factor falls steeply with size
+    fit = synthetic.calibration()
+    assert fit.slope == 0 and fit.base > 0
+    teacher = student_lib.Plan.backbone_only(len(tiny_plan().blocks))
+    assert synthetic.predict_ms(teacher) < synthetic.predict_ms(tiny_plan())
+
+
+def test_the_measured_calibration_reproduces_its_networks(tiny_table):
+    table, _ = tiny_table
+    fit = table.calibration()
+    assert fit.base > 0 and fit.factor(fit.full_ms) > 0
+    for key, plan in table.calibration_networks().items():
+        assert table.predict_ms(plan) == pytest.approx(table.entries[key],
+                                                       rel=fit.max_error + 1e-6)
+
+
+def test_an_older_table_is_stale_and_the_cache_measures_a_new_one(tiny_table, tmp_path):
+    """A format-2 table (teacher and full student only) still loads, as a
+    phone's table would; the cache does not hand it out: the format is in
+    the file name."""
+    table, cache = tiny_table
+    old = dataclasses.replace(table, format=2, calibration_plans={}, entries={
+        k: v for k, v in table.entries.items() if not k.startswith(lt.sample_key(0)[:-1])})
+    path = tmp_path / "old.json"
+    old.save(str(path))
+    loaded = lt.LatencyTable.load(str(path))
+    assert loaded.stale and not table.stale
+    assert loaded.calibration().networks == 2
+    assert all(name.endswith(f"_f{lt.TABLE_FORMAT}.json") for name in os.listdir(cache))
 
 
 def test_the_table_is_cached_and_reloaded_with_the_same_fingerprint(tiny_table):
@@ -86,9 +156,13 @@ def test_prediction_sums_the_live_branches_and_one_invoke(tiny_table):
     plan = tiny_plan()
     cost = table.cost_ms
     teacher = student_lib.Plan.backbone_only(len(plan.blocks))
-    expected = table.invoke_ms + cost("stem") + cost("head") + sum(
-        cost(lt.universal_key(l)) for l in range(len(plan.blocks)))
-    assert table.predict_ms(teacher) == pytest.approx(expected)
+    fit = table.calibration()
+    parts = table.raw_cost_ms("stem") + table.raw_cost_ms("head") + sum(
+        table.raw_cost_ms(lt.universal_key(l)) for l in range(len(plan.blocks)))
+    assert table.parts_ms(teacher) == pytest.approx(parts)
+    assert table.predict_ms(teacher) == pytest.approx(table.invoke_ms + parts * fit.factor(parts))
+    # A branch is priced at the full student's factor.
+    assert cost("stem") == pytest.approx(table.raw_cost_ms("stem") * fit.factor(fit.full_ms))
     # The full student pays for every proxy and mix on top of the teacher's network.
     assert table.predict_ms(plan) > table.predict_ms(teacher)
     lean = prune.prune_plan(plan, [np.array([0.1] + [0.9 / len(b.proxy_sources)] * len(
@@ -133,7 +207,7 @@ def test_the_complexity_loss_prices_branches_from_the_table(tiny_table, tmp_path
 
 @pytest.mark.parametrize("content, message", [
     ("not json", "is not JSON"),
-    (json.dumps({"format": 99}), f"expected format {lt.TABLE_FORMAT}"),
+    (json.dumps({"format": 99}), f"or {lt.TABLE_FORMAT}"),
     (json.dumps({"format": lt.TABLE_FORMAT, "backbone": "tiny"}), "missing or malformed field"),
     (json.dumps({"format": lt.TABLE_FORMAT, "backbone": "tiny", "image_size": 16, "threads": 1,
                  "max_skip": 2, "entries": {"stem": -1}}), "are not milliseconds"),

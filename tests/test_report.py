@@ -82,19 +82,31 @@ def test_a_mixed_file_that_misses_its_budget_is_a_finding():
 
 
 def test_predicted_latency_is_tabled_beside_the_measured_one():
+    """Every row says how far its prediction was off, against the file timed
+    in the table's rounds and against the benchmark's timing (with that
+    timing's load); a busy table is named."""
     task = _task()
-    task["pruned"]["predicted_latency_ms"] = 0.65
+    task["pruned"].update(predicted_latency_ms=0.65, predicted_latency_measured_ms=0.6)
     task["teacher"]["predicted_latency_ms"] = 0.85
+    busy = {"threads": 1, "runs": 100, "median_ms": 0.7, "p10_ms": 0.6, "p90_ms": 0.8,
+            "other_load_cores": 0.9, "busy": True}
     task["tflite"] = {"float32": {"accuracy": 0.975, "top1_agreement": 1.0, "bytes": 1,
-                                  "latency_ms": 0.70}}
+                                  "latency_ms": 0.70, "latency": {"1": busy}}}
     task["teacher_tflite"] = {"float32": {"accuracy": 0.98, "top1_agreement": 1.0, "bytes": 1,
                                           "latency_ms": 0.80}}
-    text = render_markdown({"backbone": "tiny", "image_size": 16, "tasks": {"t": task},
-                            "latency_prediction_table": {"fingerprint": "ab" * 32,
-                                                         "device": "a CPU"}})
+    table = {"fingerprint": "ab" * 32, "device": "a CPU", "other_load_cores": 0.1,
+             "calibration": {"networks": 6, "max_error": 0.031}}
+    data = {"backbone": "tiny", "image_size": 16, "tasks": {"t": task},
+            "latency_prediction_table": table}
+    text = render_markdown(data)
     assert "## Predicted against measured latency" in text
-    assert "| t | NetTailor | 0.650 | 0.700 | -7% |" in text
-    assert "| t | teacher | 0.850 | 0.800 | +6% |" in text
+    assert "| t | NetTailor | 0.650 | 0.600 | +8% | 0.700 | -7% | 0.90 (busy) |" in text
+    assert "| t | teacher | 0.850 | ? | ? | 0.800 | +6% | ? |" in text
+    assert "6 whole networks it is calibrated on (largest error on them 3%)" in text
+    assert "other processes: 0.10 cores" in text and "busy machine" not in text
+    table.update(busy=True, other_load_cores=0.8)
+    assert "**Timed on a busy machine** (other processes kept 0.80 cores busy)" in \
+        render_markdown(data)
 
 
 def test_latency_shows_its_spread_and_a_busy_machine_is_a_finding(tmp_path):

@@ -21,6 +21,7 @@ from PIL import Image
 
 from exporters import parity, savedmodel, tflite
 from nettailor_tf import data as data_lib
+from nettailor_tf import latency_table
 from nettailor_tf import predict, stages
 from nettailor_tf.config import Config
 from nettailor_tf.stages import deploy, recommend
@@ -131,8 +132,22 @@ def test_report_holds_every_artefact_with_its_parity_and_latency(exported):
         # The latency table's float32 prediction for each network sits beside
         # what was measured; the pruned network is predicted cheaper.
         assert 0 < task["pruned"]["predicted_latency_ms"] < task["teacher"]["predicted_latency_ms"]
+        # ...and how far off each was, against the file timed in the
+        # table's rounds and against the benchmark's timing.
+        for part, files in (("pruned", "tflite"), ("teacher", "teacher_tflite")):
+            entry = task[part]
+            assert entry["predicted_latency_error"] == pytest.approx(
+                entry["predicted_latency_ms"] / entry["predicted_latency_measured_ms"] - 1,
+                abs=1e-3)
+            assert entry["predicted_latency_error_benchmark"] == pytest.approx(
+                entry["predicted_latency_ms"] / task[files]["float32"]["latency_ms"] - 1,
+                abs=1e-3)
     table = report["latency_prediction_table"]
     assert table["threads"] == 1 and len(table["fingerprint"]) == 64
+    assert table["calibration"]["networks"] >= 3 and table["busy"] in (True, False)
+    # The table itself is kept in the workdir, as the report names it.
+    kept = latency_table.LatencyTable.load(str(pathlib.Path(exported) / table["path"]))
+    assert kept.fingerprint() == table["fingerprint"]
 
 
 def test_every_key_of_the_written_report_is_documented(exported):
@@ -535,6 +550,10 @@ def test_restart_from_benchmark_times_the_files_again(exported, caplog):
     entry_after = after["tasks"][NAMES[0]]["tflite"]["float32"]["latency"]
     assert entry_after["1"]["median_ms"] > 0 and entry_after != entry_before
     assert "memory_mb" in after["bundle"] and after["bundle"]["latency"]
+    # The predictions are made again, from a table timed with the files anew.
+    assert any("measuring one for the predictions" in m for m in messages)
+    assert after["latency_prediction_table"]["fingerprint"] != before.get(
+        "latency_prediction_table", {}).get("fingerprint")
 
 
 def test_the_benchmark_stage_records_the_bundles_memory(exported):

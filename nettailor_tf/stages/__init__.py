@@ -105,6 +105,8 @@ def _restart(paths: Workdir, report: Report, tasks, stage: str) -> None:
 # What the benchmark stage adds to an export entry and to the bundle.
 _LATENCY_KEYS = ("latency", "latency_ms", "latency_ms_all_cores")
 _BUNDLE_BENCHMARK_KEYS = ("latency", "latency_other_load_cores", "memory_mb")
+_PREDICTION_KEYS = ("predicted_latency_ms", "predicted_latency_measured_ms",
+                    "predicted_latency_error", "predicted_latency_error_benchmark")
 
 
 def _forget_latencies(report: Report, tasks) -> None:
@@ -113,6 +115,9 @@ def _forget_latencies(report: Report, tasks) -> None:
             for entry in (report.get(task.name, part) or {}).values():
                 for key in _LATENCY_KEYS:
                     entry.pop(key, None)
+        for part in ("pruned", "teacher"):  # predicted beside those timings
+            for key in _PREDICTION_KEYS:
+                (report.get(task.name, part) or {}).pop(key, None)
     for key in _BUNDLE_BENCHMARK_KEYS:
         (report.data.get("bundle") or {}).pop(key, None)
     report.save()

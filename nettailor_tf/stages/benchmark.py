@@ -2,10 +2,16 @@
 thread and every core, interleaved rounds, marked busy when other processes
 took CPU meanwhile), the latency table's prediction for each network beside
 it, and for the bundle its signatures' latency, its memory and the plots.
+
+The prediction's table is measured here, once every task is timed, with the
+float32 files of every task timed in the same rounds as its branches and
+under the same load check: on this project's shared 2-core machine a table
+timed minutes apart from the files (the cached one) was off by 47-77%, and
+one timed right after them, in the same stage, by +54-71% on one run and
+-14 to +24% on the next.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from absl import logging
@@ -13,7 +19,7 @@ from absl import logging
 from exporters import latency as latency_lib
 from exporters import memory as memory_lib
 from exporters import savedmodel
-from nettailor_tf import artifacts, quiet, visualize
+from nettailor_tf import artifacts, latency_measure, quiet, visualize
 from nettailor_tf import prune as prune_lib
 from nettailor_tf import student as student_lib
 from nettailor_tf.config import Config
@@ -66,7 +72,6 @@ def run_benchmark(config: Config, strategy, task, report: Report) -> bool:
         report.task(task.name)["flops_ratio"] = flops_ratio
         ratios = (f"; NetTailor/teacher float32: latency {ratio:.3f}, multiply-adds "
                   f"{flops_ratio:.3f}")
-    _predict_latency(config, task, report)
     logging.info("%s: latency at 1 thread, ms, median [p10, p90]: %s%s", task.name, ", ".join(
         f"{network} {variant} {_spread(entry['latency']['1'])}"
         for (network, variant), entry in entries.items()), ratios)
@@ -74,26 +79,62 @@ def run_benchmark(config: Config, strategy, task, report: Report) -> bool:
     return True
 
 
-def _predict_latency(config: Config, task, report: Report) -> None:
-    """The float32 latency this machine's 1-thread latency table predicts for
-    the pruned network and the teacher, beside what was measured."""
-    here = dataclasses.replace(config, latency_table=None)
-    table = artifacts.latency_table(here, threads=1)
-    plan, _ = prune_lib.load_plan(Workdir(config.workdir).plan(task.name))
-    teacher_plan = student_lib.Plan.backbone_only(len(plan.blocks))
-    for part, network_plan in (("pruned", plan), ("teacher", teacher_plan)):
-        entry = report.get(task.name, part)
-        if entry is not None:
-            entry["predicted_latency_ms"] = round(table.predict_ms(network_plan), 5)
+def _prediction_files(config: Config, tasks, report: Report) -> dict:
+    """{(task, 'pruned' or 'teacher'): (float32 .tflite, signature)} of every
+    network the table predicts."""
+    files = {}
+    for task in tasks:
+        for part, exported in (("pruned", "tflite"), ("teacher", "teacher_tflite")):
+            entry = (report.get(task.name, exported) or {}).get("float32")
+            if entry and report.get(task.name, part) is not None:
+                files[(task.name, part)] = (os.path.join(config.workdir, entry["path"]),
+                                            savedmodel.SERVING_KEY)
+    return files
+
+
+def predict_latencies(config: Config, tasks, report: Report) -> None:
+    """The float32 latency a 1-thread latency table of this machine predicts
+    for every task's pruned network and teacher, the table measured now with
+    those files timed in its rounds; each prediction's error against that
+    timing (`predicted_latency_error`) and against the benchmark's
+    (`predicted_latency_error_benchmark`)."""
+    files = _prediction_files(config, tasks, report)
+    paths = Workdir(config.workdir)
+    done = all("predicted_latency_error" in report.get(t, part) for t, part in files)
+    if not files or (done and os.path.exists(paths.latency_prediction_table)):
+        return
+    logging.info("latency table: measuring one for the predictions, with the %d float32 files "
+                 "timed in its rounds", len(files))
+    table, measured = latency_measure.measure_table_beside(
+        config.backbone, config.image_size, 1, config.max_skip, files)
+    table.save(paths.latency_prediction_table)
+    table.source = paths.relative(paths.latency_prediction_table)
+    plans = {name: prune_lib.load_plan(paths.plan(name))[0] for name, _ in files}
+    for (name, part), latency in measured.items():
+        plan = (plans[name] if part == "pruned"
+                else student_lib.Plan.backbone_only(len(plans[name].blocks)))
+        predicted = table.predict_ms(plan)
+        benchmark = report.get(name, "tflite" if part == "pruned" else "teacher_tflite")[
+            "float32"].get("latency_ms")
+        report.get(name, part).update(
+            predicted_latency_ms=round(predicted, 5),
+            predicted_latency_measured_ms=round(latency.median_ms, 5),
+            predicted_latency_error=round(predicted / latency.median_ms - 1, 4),
+            predicted_latency_error_benchmark=(round(predicted / benchmark - 1, 4)
+                                               if benchmark else None))
+        logging.info("%s: latency table predicts %.3f ms for the %s float32 network, %+.0f%% "
+                     "of its time in the table's rounds (%.3f ms)", name, predicted, part,
+                     100 * (predicted / latency.median_ms - 1), latency.median_ms)
+    busy = (table.other_load_cores is not None
+            and table.other_load_cores > latency_lib.BUSY_CORES)
     report.data["latency_prediction_table"] = {
         "fingerprint": table.fingerprint(), "device": table.device, "threads": table.threads,
-        "path": table.source, "other_load_cores": table.other_load_cores}
-    measured = (report.get(task.name, "tflite") or {}).get("float32", {}).get("latency_ms")
-    predicted = report.get(task.name, "pruned")["predicted_latency_ms"]
-    if measured:
-        logging.info("%s: latency table predicts %.3f ms for the pruned float32 network, "
-                     "measured %.3f ms (%+.0f%%)", task.name, predicted, measured,
-                     100 * (predicted / measured - 1))
+        "path": table.source, "other_load_cores": table.other_load_cores, "busy": busy,
+        "format": table.format, "calibration": table.calibration().as_dict()}
+    if busy:
+        logging.warning("the latency table and the files it predicts were timed while other "
+                        "processes kept %.2f cores busy: the predictions and their errors are "
+                        "busy-machine figures", table.other_load_cores)
 
 
 def _spread(latency: dict) -> str:
@@ -119,6 +160,7 @@ def benchmark_bundle(config: Config, tasks, report: Report) -> None:
                          "runtime): separate files %.1f, bundle %.1f, bundle with XNNPACK's "
                          "weight cache in memory %.1f", *(bundle["memory_mb"][k] for k in (
                              "baseline", "separate_files", "bundle", "bundle_in_memory_cache")))
+    predict_latencies(config, tasks, report)
     paths = Workdir(config.workdir)
     visualize.plot_deployment(paths.deployment_png, report.data)
     report.data["deployment_png"] = paths.relative(paths.deployment_png)
