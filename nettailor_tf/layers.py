@@ -77,10 +77,8 @@ class ConvBN(keras.layers.Layer):
     Call arguments:
         x: NHWC input.
         training: BN on batch statistics (True) or moving statistics.
-        update_statistics: with training=True, whether this call updates the
-            moving statistics.  NetTailor evaluates a proxy twice per step on
-            the same values (once on stop-gradient inputs); only the first
-            evaluation may move the statistics.
+        scale: multiplies the output (a NetTailor gate value), applied to
+            the BN's gamma and beta.
     """
 
     def __init__(self, filters, kernel_size=1, strides=1, padding="same", depthwise=False,
@@ -125,32 +123,30 @@ class ConvBN(keras.layers.Layer):
         if self.bn is not None:
             self.bn.build(shape)
 
-    def call(self, x, training=None, update_statistics=True, scale=None):
+    def call(self, x, training=None, scale=None):
         if self.pad is not None:
             x = self.pad(x)
         x = self.conv(x)
         if self.bn is None:
             if scale is not None:
                 x = x * tf.cast(scale, x.dtype)
-        elif scale is None and (update_statistics or not training):
+        elif scale is None:
             x = self.bn(x, training=training)
         else:
-            x = self._batch_norm(x, training, update_statistics, scale)
+            x = self._batch_norm(x, training, scale)
         return apply_activation(x, self.activation)
 
-    def _batch_norm(self, x, training, update_statistics, scale):
-        """BN by hand, for what Keras's layer cannot do: normalise with batch
-        moments without moving the statistics (Keras always moves them in
-        training mode), and multiply the output by `scale` through gamma and
-        beta (per-channel vectors) instead of over the whole output tensor."""
+    def _batch_norm(self, x, training, scale):
+        """BN by hand, for what Keras's layer cannot do: multiply the output by
+        `scale` through gamma and beta (per-channel vectors) instead of over
+        the whole output tensor."""
         bn = self.bn
         if training:
             mean, variance = tf.nn.moments(tf.cast(x, tf.float32), axes=[0, 1, 2])
-            if update_statistics:
-                # The same update Keras's layer makes.
-                bn.moving_mean.assign(bn.moving_mean * bn.momentum + mean * (1 - bn.momentum))
-                bn.moving_variance.assign(
-                    bn.moving_variance * bn.momentum + variance * (1 - bn.momentum))
+            # The same update Keras's layer makes.
+            bn.moving_mean.assign(bn.moving_mean * bn.momentum + mean * (1 - bn.momentum))
+            bn.moving_variance.assign(
+                bn.moving_variance * bn.momentum + variance * (1 - bn.momentum))
         else:
             mean, variance = (tf.cast(bn.moving_mean, tf.float32),
                               tf.cast(bn.moving_variance, tf.float32))

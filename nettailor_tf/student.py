@@ -117,11 +117,9 @@ class Student(keras.Model):
             if block is None:
                 continue
             inputs = [nodes[n] for n in self.plan.branch_sources(l)]
+            node, mimic_node = block(inputs, training=training)
             if mimic:
-                node, routed = block(inputs, training=training, mimic=True)
-                mimic_endpoints.append(routed)
-            else:
-                node = block(inputs, training=training)
+                mimic_endpoints.append(mimic_node)
             nodes[l + 1] = node
             endpoints.append(node)
         last = len(self._blocks_by_index)
