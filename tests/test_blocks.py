@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from nettailor_tf.blocks import NetTailorBlock, Proxy
-from nettailor_tf.layers import BasicBlock, fold_batchnorm
+from nettailor_tf.layers import BasicBlock, ConvBN, fold_batchnorm
 
 
 
@@ -123,6 +123,23 @@ def test_new_proxy_kernel_is_small():
     proxy.build((None, None, None, 256))
     std = float(np.std(proxy.convs[-1].conv.kernel.numpy()))
     assert 0.008 < std < 0.012
+
+
+def test_gated_batch_norm_trains_as_keras_batch_norm():
+    """ConvBN's gated BN (`scale=`, one fused op) in training mode: Keras's BN output times
+    the scale, and the moving statistics Keras's layer moves to."""
+    conv = ConvBN(6, 1, bn_epsilon=1e-3)
+    conv.build((None, None, None, 5))
+    randomize_weights(conv, 0, kernel_std=0.3)
+    twin = ConvBN.from_config(conv.get_config())
+    twin.build((None, None, None, 5))
+    twin.set_weights(conv.get_weights())
+    x = tf.random.normal((4, 7, 7, 5), mean=1.0, stddev=2.0, seed=1)
+    gated = conv(x, training=True, scale=0.7)
+    plain = twin(x, training=True)  # Keras's BatchNormalization layer
+    np.testing.assert_allclose(gated.numpy(), 0.7 * plain.numpy(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(_bn_statistics(conv), _bn_statistics(twin)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("hidden_channels", [None, 6])
