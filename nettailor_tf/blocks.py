@@ -3,14 +3,19 @@
 A NetTailor block mixes its frozen universal block with proxies that read
 the current node or older ones: `node_{l+1} = act(sum_j alpha_j branch_j)`.
 
-Gradient routing of the mimic loss (the paper) is done here without
-computing any block twice: the frozen universal branch's output is reused
-through `stop_gradient` (its value on a stop-gradient input is the same and it
-has no trainable weights), and only the cheap proxies are evaluated again on
-stop-gradient inputs.  The second proxy evaluation normalises with the batch
-moments without moving the BN statistics a second time.
+Gradient routing of the mimic loss (the paper: the block's mimic term
+trains its own proxies and gate, never what feeds the block) is done here
+without computing anything twice: the block is evaluated once and gives two
+outputs of equal value, the node and the mimic node.  Their gradients are
+told apart in the backward pass (`_with_mimic_route`): both reach the
+block's weights, only the node's reaches its inputs.  Evaluating the proxies
+a second time on stop-gradient inputs, as the published code does, gives the
+same gradients for a second forward pass and a second weight gradient of
+every proxy.
 """
 from __future__ import annotations
+
+import functools
 
 import keras
 import tensorflow as tf
@@ -74,21 +79,20 @@ class Proxy(keras.layers.Layer):
             conv.build(shape)
             shape = conv.compute_output_shape(shape)
 
-    def call(self, x, training=None, update_statistics=True, scale=None):
+    def call(self, x, training=None, scale=None):
         """`scale` multiplies the output (through the last BN's gamma and beta:
         a gate value costs a per-channel op instead of a pass over the map)."""
         if self.pool_stride > 1:
             s = self.pool_stride
             if self.pool_padding == "same":
-                x = tf.nn.max_pool2d(x, s + 1, s, "SAME")
+                x = keras.ops.max_pool(x, s + 1, s, "same")
             else:
-                x = tf.pad(x, [[0, 0], [s // 2, s // 2], [s // 2, s // 2], [0, 0]],
-                           mode="CONSTANT" if self.nonnegative_input else "SYMMETRIC")
-                x = tf.nn.max_pool2d(x, s + 1, s, "VALID")
+                x = keras.ops.pad(x, [[0, 0], [s // 2, s // 2], [s // 2, s // 2], [0, 0]],
+                                  mode="constant" if self.nonnegative_input else "symmetric")
+                x = keras.ops.max_pool(x, s + 1, s, "valid")
         for i, conv in enumerate(self.convs):
             last = i == len(self.convs) - 1
-            x = conv(x, training=training, update_statistics=update_statistics,
-                     scale=scale if last else None)
+            x = conv(x, training=training, scale=scale if last else None)
         return x
 
     def compute_output_shape(self, input_shape):
@@ -125,12 +129,11 @@ class NetTailorBlock(keras.layers.Layer):
     Call arguments:
         inputs: list of tensors, one per branch.
         training: training mode of proxies (and universal, see above).
-        mimic: also return the block's output along the stop-gradient route,
-            used only by the block's own mimic loss.
 
     Returns:
-        node, or (node, mimic_node) with `mimic=True`: equal values, different
-        gradient paths.
+        (node, mimic_node): equal values, different gradient paths.  The
+        mimic node, read only by the block's own mimic loss, sends gradients
+        to the block's weights (proxies, gate) and none to its inputs.
     """
 
     def __init__(self, universal, proxies, activation=None, universal_training=False,
@@ -163,36 +166,28 @@ class NetTailorBlock(keras.layers.Layer):
                 proxy.build(shape)
         self.gate.build()
 
-    def call(self, inputs, training=None, mimic=False):
+    def call(self, inputs, training=None):
         inputs = list(inputs)
+        if not training:
+            node = self._node(inputs, training=False)
+            return node, node  # the routes differ in gradients only
+        return _with_mimic_route(lambda *xs: self._node(list(xs), training=True), inputs)
+
+    def _node(self, inputs, training):
+        """act(sum_j alpha_j branch_j).  Each proxy's gate value rides on its last
+        BN's gamma and beta; only the universal branch needs a multiply over
+        its output."""
         alphas = self.gate.alphas()
-        # Each proxy's gate value rides on its last BN's gamma and beta; only
-        # the universal branch needs a multiply over its output.
-        first = 0 if self.universal is None else 1
-        universal_out = None
+        terms = []
         if self.universal is not None:
             universal_out = self.universal(inputs.pop(0),
-                                           training=bool(training) and self.universal_training)
-        proxies_out = [proxy(x, training=training, scale=alphas[first + i])
-                       for i, (proxy, x) in enumerate(zip(self.proxies, inputs))]
-        node = apply_activation(self._mix(alphas, universal_out, proxies_out), self.activation)
-        if not mimic:
-            return node
-        if not training:
-            return node, node  # the routes differ in gradients only
-        routed_universal = None if universal_out is None else tf.stop_gradient(universal_out)
-        routed = [proxy(tf.stop_gradient(x), training=True, update_statistics=False,
-                        scale=alphas[first + i])
+                                           training=training and self.universal_training)
+            terms.append(keras.ops.cast(alphas[0], universal_out.dtype) * universal_out)
+        first = len(terms)
+        terms += [proxy(x, training=training, scale=alphas[first + i])
                   for i, (proxy, x) in enumerate(zip(self.proxies, inputs))]
-        return node, apply_activation(self._mix(alphas, routed_universal, routed),
-                                      self.activation)
-
-    @staticmethod
-    def _mix(alphas, universal_out, scaled_proxies):
-        terms = list(scaled_proxies)
-        if universal_out is not None:
-            terms.insert(0, tf.cast(alphas[0], universal_out.dtype) * universal_out)
-        return terms[0] if len(terms) == 1 else tf.add_n(terms)
+        # A chain of adds: Grappler makes it one AddN, as tf.add_n was.
+        return apply_activation(functools.reduce(keras.ops.add, terms), self.activation)
 
     def get_config(self):
         serialize = keras.saving.serialize_keras_object
@@ -210,3 +205,45 @@ class NetTailorBlock(keras.layers.Layer):
             config["universal"] = deserialize(config["universal"])
         config["proxies"] = [deserialize(p) for p in config["proxies"]]
         return cls(**config)
+
+
+def _with_mimic_route(compute, inputs):
+    """(node, mimic_node) for `node = compute(*inputs)`, computed once.
+
+    Both outputs are the node; in the backward pass the node's gradient g
+    reaches the inputs and the weights, the mimic node's g_m only the
+    weights.  Gradients are linear in what flows back, so the weights get
+    J_w^T (g + g_m) from one backward pass and the inputs J_x^T g from
+    another: the gradients of evaluating the block a second time on
+    stop-gradient inputs, without that second evaluation.
+    """
+    # One input per distinct tensor: the universal block and a proxy both read
+    # node l, and a tape asked for the gradient of the same tensor twice
+    # gives the whole gradient twice, which would then be counted twice.
+    distinct, position = [], []
+    for x in inputs:
+        match = next((i for i, seen in enumerate(distinct) if seen is x), None)
+        if match is None:
+            match = len(distinct)
+            distinct.append(x)
+        position.append(match)
+
+    @tf.custom_gradient
+    def routes(*xs):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(xs)
+            node = compute(*[xs[i] for i in position])
+
+        def gradient(d_node, d_mimic, variables=()):
+            # A route the loss does not read may come back as None.
+            d_weights = d_node if d_mimic is None else (
+                d_mimic if d_node is None else d_node + d_mimic)
+            weight_grads = ([None] * len(variables) if d_weights is None else
+                            tape.gradient(node, variables, output_gradients=d_weights))
+            input_grads = ([None] * len(xs) if d_node is None else
+                           tape.gradient(node, xs, output_gradients=d_node))
+            return input_grads, weight_grads
+
+        return (node, tf.identity(node)), gradient
+
+    return routes(*distinct)

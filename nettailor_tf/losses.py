@@ -18,8 +18,9 @@ def mimic_loss(logits, block_outputs, teacher_logits, teacher_endpoints, live_bl
                num_blocks: int, normalized: bool = False):
     """T = [MSE(logits) + sum over live blocks l of MSE(h_l^s, h_l^t)] / L.
 
-    `block_outputs[k]` is the student's output of block `live_blocks[k]` along
-    the stop-gradient route; `teacher_endpoints[l]` is the teacher's node l+1.
+    `block_outputs[k]` is the mimic node of block `live_blocks[k]` (its output,
+    whose gradient trains only that block's weights); `teacher_endpoints[l]`
+    is the teacher's node l+1.
     L is `num_blocks`, the blocks compared (a pruned network's live ones, so
     that pruning keeps the balance between mimic and CE); the logits term is
     not counted.

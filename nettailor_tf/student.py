@@ -87,8 +87,9 @@ class Student(keras.Model):
     """Stem, NetTailor blocks, head and classifier of one task.
 
     `call` returns `(logits, endpoints, mimic_endpoints)`: the outputs of the
-    live blocks (node l+1 for each live block l) and the same values along the
-    stop-gradient route that only the mimic loss reads.
+    live blocks (node l+1 for each live block l) and the blocks' mimic nodes
+    (the same values, whose gradients reach only each block's own weights),
+    which only the mimic loss reads; `mimic=False` leaves them out.
     """
 
     def __init__(self, stem, blocks: list[NetTailorBlock | None], head, classifier,
@@ -117,11 +118,9 @@ class Student(keras.Model):
             if block is None:
                 continue
             inputs = [nodes[n] for n in self.plan.branch_sources(l)]
+            node, mimic_node = block(inputs, training=training)
             if mimic:
-                node, routed = block(inputs, training=training, mimic=True)
-                mimic_endpoints.append(routed)
-            else:
-                node = block(inputs, training=training)
+                mimic_endpoints.append(mimic_node)
             nodes[l + 1] = node
             endpoints.append(node)
         last = len(self._blocks_by_index)

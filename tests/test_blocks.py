@@ -1,5 +1,7 @@
 """Proxy (shapes, -inf padding, weights, BN statistics, folding) and NetTailorBlock
 (saving, mixing, the mimic route)."""
+import functools
+
 import keras
 import numpy as np
 from helpers import randomize_weights
@@ -7,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from nettailor_tf.blocks import NetTailorBlock, Proxy
-from nettailor_tf.layers import BasicBlock, fold_batchnorm
+from nettailor_tf.layers import BasicBlock, ConvBN, fold_batchnorm
 
 
 
@@ -123,20 +125,21 @@ def test_new_proxy_kernel_is_small():
     assert 0.008 < std < 0.012
 
 
-@pytest.mark.parametrize("hidden_channels", [None, 6])
-def test_update_statistics_false_leaves_statistics_and_matches_values(hidden_channels):
-    """update_statistics=False: the updating call's training output, statistics untouched."""
-    proxy = _proxy(5, 7, pool_stride=2, hidden_channels=hidden_channels, seed=1)
-    x = tf.random.normal((4, 9, 9, 5), seed=2)
-    before = _bn_statistics(proxy)
-    quiet = proxy(x, training=True, update_statistics=False).numpy()
-    for a, b in zip(before, _bn_statistics(proxy)):
-        np.testing.assert_array_equal(a, b)
-    updating = proxy(x, training=True).numpy()
-    assert any(not np.array_equal(a, b) for a, b in zip(before, _bn_statistics(proxy)))
-    np.testing.assert_allclose(quiet, updating, atol=1e-5)
-    # Training mode normalises with the batch moments, not the moving statistics.
-    assert np.abs(updating - proxy(x, training=False).numpy()).max() > 1e-2
+def test_gated_batch_norm_trains_as_keras_batch_norm():
+    """ConvBN's gated BN (`scale=`, one fused op) in training mode: Keras's BN output times
+    the scale, and the moving statistics Keras's layer moves to."""
+    conv = ConvBN(6, 1, bn_epsilon=1e-3)
+    conv.build((None, None, None, 5))
+    randomize_weights(conv, 0, kernel_std=0.3)
+    twin = ConvBN.from_config(conv.get_config())
+    twin.build((None, None, None, 5))
+    twin.set_weights(conv.get_weights())
+    x = tf.random.normal((4, 7, 7, 5), mean=1.0, stddev=2.0, seed=1)
+    gated = conv(x, training=True, scale=0.7)
+    plain = twin(x, training=True)  # Keras's BatchNormalization layer
+    np.testing.assert_allclose(gated.numpy(), 0.7 * plain.numpy(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(_bn_statistics(conv), _bn_statistics(twin)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("hidden_channels", [None, 6])
@@ -198,7 +201,9 @@ def test_block_output_is_the_gated_mix_after_the_activation():
     branches = [block.universal(inputs[0], training=False)] + [
         p(x, training=False) for p, x in zip(block.proxies, inputs[1:])]
     expected = np.maximum(sum(a * b.numpy() for a, b in zip(alphas, branches)), 0)
-    np.testing.assert_allclose(block(inputs, training=False).numpy(), expected, atol=1e-5)
+    node, mimic_node = block(inputs, training=False)
+    np.testing.assert_allclose(node.numpy(), expected, atol=1e-5)
+    np.testing.assert_array_equal(mimic_node.numpy(), node.numpy())
 
 
 def test_block_keras_round_trip(tmp_path):
@@ -207,7 +212,7 @@ def test_block_keras_round_trip(tmp_path):
     node_before = keras.Input((16, 16, 8), name="node_before")
     block = _block(seed=5)
     block.gate.keep.assign([1.0, 0.0, 1.0])
-    model = keras.Model([node_l, node_before], block([node_l, node_l, node_before]))
+    model = keras.Model([node_l, node_before], block([node_l, node_l, node_before])[0])
     path = str(tmp_path / "block.keras")
     model.save(path)
     restored = keras.saving.load_model(path)
@@ -222,24 +227,25 @@ def test_block_keras_round_trip(tmp_path):
 
 
 def test_mimic_route_has_the_main_route_values():
-    """Training mode: the stop-gradient route has the same values, and moves BN statistics once."""
+    """Training mode: the mimic node has the node's values, and the BN statistics move
+    once, as one call of each proxy moves them."""
     block = _block(seed=7)
     inputs = _block_inputs(seed=8)
     start = _bn_statistics(block)
-    node, routed = block(inputs, training=True, mimic=True)
-    np.testing.assert_allclose(routed.numpy(), node.numpy(), atol=1e-5)
-    after_mimic = _bn_statistics(block)
+    node, routed = block(inputs, training=True)
+    np.testing.assert_array_equal(routed.numpy(), node.numpy())
+    after_block = _bn_statistics(block)
 
-    # The same step without the mimic route moves the statistics identically.
     for v, value in zip([v for v in block.weights if v.name.startswith("moving_")], start):
         v.assign(value)
-    plain = block(inputs, training=True)
-    np.testing.assert_allclose(plain.numpy(), node.numpy(), atol=1e-6)
-    for a, b in zip(after_mimic, _bn_statistics(block)):
+    for proxy, x in zip(block.proxies, inputs[1:]):
+        proxy(x, training=True)
+    for a, b in zip(after_block, _bn_statistics(block)):
         np.testing.assert_allclose(a, b, atol=1e-7)
+    assert any(not np.allclose(a, b) for a, b in zip(start, after_block))
 
     # Inference: both outputs are the node.
-    node, routed = block(inputs, training=False, mimic=True)
+    node, routed = block(inputs, training=False)
     np.testing.assert_array_equal(node.numpy(), routed.numpy())
 
 
@@ -249,14 +255,58 @@ def test_mimic_route_sends_no_gradient_to_the_inputs():
     inputs = [tf.constant(x) for x in _block_inputs(seed=10)]
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(inputs)
-        node, routed = block(inputs, training=True, mimic=True)
+        node, routed = block(inputs, training=True)
         main_loss, routed_loss = tf.reduce_sum(node ** 2), tf.reduce_sum(routed ** 2)
-    assert all(g is None for g in tape.gradient(routed_loss, inputs))
-    assert all(g is not None for g in tape.gradient(main_loss, inputs))
+    assert all(g is None or not np.any(g.numpy()) for g in tape.gradient(routed_loss, inputs))
+    assert all(g is not None and np.any(g.numpy()) for g in tape.gradient(main_loss, inputs))
     variables = block.gate.trainable_weights + [
         v for p in block.proxies for v in p.trainable_weights]
     grads = tape.gradient(routed_loss, variables)
     assert all(g is not None and np.all(np.isfinite(g.numpy())) for g in grads)
+
+
+def _evaluated_twice(block, inputs):
+    """The published routing: the block, and the block again on stop-gradient inputs."""
+    def evaluate(xs):
+        alphas = block.gate.alphas()
+        branches = [block.universal(xs[0], training=False)] + [
+            p(x, training=True) for p, x in zip(block.proxies, xs[1:])]
+        return tf.nn.relu(tf.add_n([alphas[j] * b for j, b in enumerate(branches)]))
+    return evaluate(inputs), evaluate([tf.stop_gradient(x) for x in inputs])
+
+
+@pytest.mark.parametrize("read", ["both", "node", "mimic"])
+def test_one_evaluation_has_the_gradients_of_two(read):
+    """Gradients through (node, mimic node) of one evaluation equal those of the block
+    evaluated twice, the second time on stop-gradient inputs: for the inputs and every
+    trainable weight, whichever outputs the loss reads."""
+    block = _block(seed=11)
+    node_l, _, node_before = [tf.constant(x) for x in _block_inputs(seed=12)]
+    # The universal block and the first proxy read the same tensor, as in a student.
+    inputs, sources = [node_l, node_l, node_before], [node_l, node_before]
+    rng = np.random.default_rng(13)
+    weights = [tf.constant(rng.normal(0, 1, (4, 8, 8, 16)).astype(np.float32)) for _ in range(2)]
+
+    def loss(node, mimic_node):
+        terms = {"node": tf.reduce_sum(weights[0] * node),
+                 "mimic": tf.reduce_sum(weights[1] * mimic_node ** 2)}
+        return sum(terms.values()) if read == "both" else terms[read]
+
+    variables = block.trainable_weights
+    results = []
+    for outputs in (block, functools.partial(_evaluated_twice, block)):
+        with tf.GradientTape() as tape:
+            tape.watch(sources)
+            value = loss(*(outputs(inputs, training=True) if outputs is block
+                           else outputs(inputs)))
+        grads = tape.gradient(value, sources + variables)
+        results.append((float(value), [np.zeros(v.shape) if g is None else g.numpy()
+                                       for g, v in zip(grads, sources + variables)]))
+    (one, one_grads), (two, two_grads) = results
+    assert one == pytest.approx(two, rel=1e-5)
+    assert max(np.abs(g).max() for g in two_grads) > 1e-2  # not trivially zero
+    for a, b in zip(one_grads, two_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_block_needs_a_branch():

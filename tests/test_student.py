@@ -66,8 +66,8 @@ def _naive_loss(student, images, labels, teacher_logits, teacher_endpoints):
 
 @pytest.mark.parametrize("universal_bn", ["frozen", "task"])
 def test_gradient_routing_equals_the_two_pass_reference(universal_bn):
-    """The single-pass routing (reused universal output, proxies re-run on stop-gradient inputs)
-    gives the gradients of the published two-pass computation."""
+    """The single-pass routing (each block evaluated once, the mimic node's gradient sent to
+    the block's own weights) gives the gradients of the published two-pass computation."""
     student = _student(_tiny_backbone(), Plan.full(4, 3), universal_bn)
     rng = np.random.default_rng(2)
     images = tf.constant(_images(8))
