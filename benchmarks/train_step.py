@@ -6,6 +6,11 @@ Times the real `Trainer` step (forward, backward, coupled weight decay, SGD
 update) on a fixed random batch, so that the figure is the model's cost and not
 the input pipeline's (benchmarks/input_pipeline.py sets the pipeline's own
 figure next to it).  Weights are random: speed does not depend on their values.
+
+The three steps (teacher, student, student with cached targets) take turns in
+rounds of a few steps each, and each figure is the median over all rounds: a
+change in the machine's load then touches all three alike, so their ratios
+hold on a shared machine where timing one after the other swung them 2-4x.
 """
 import json
 import os
@@ -30,16 +35,30 @@ flags.DEFINE_integer("max_skip", 3, "Proxies per block of the student.")
 FLAGS = flags.FLAGS
 
 
-def median_step_ms(trainer, batch, warmup, steps):
-    for _ in range(warmup):
-        trainer.train_step(batch)
-    times = []
-    for _ in range(steps):
-        tic = time.perf_counter()
-        stats = trainer.train_step(batch)
-        float(stats["loss"])  # wait for the step to finish
-        times.append(1000 * (time.perf_counter() - tic))
-    return statistics.median(times)
+# Steps of one trainer in a row before the next one's turn.
+STEPS_PER_TURN = 3
+
+
+def timed_step_ms(trainer, batch) -> float:
+    tic = time.perf_counter()
+    stats = trainer.train_step(batch)
+    float(stats["loss"])  # wait for the step to finish
+    return 1000 * (time.perf_counter() - tic)
+
+
+def interleaved_step_ms(runs: dict, warmup: int, steps: int) -> dict:
+    """{name: median ms} of `runs` ({name: (trainer, batch)}) after `warmup`
+    untimed steps each, timed in turns of STEPS_PER_TURN steps until each
+    has `steps`."""
+    for trainer, batch in runs.values():
+        for _ in range(warmup):
+            trainer.train_step(batch)
+    times = {name: [] for name in runs}
+    while any(len(t) < steps for t in times.values()):
+        for name, (trainer, batch) in runs.items():
+            for _ in range(min(STEPS_PER_TURN, steps - len(times[name]))):
+                times[name].append(timed_step_ms(trainer, batch))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def synthetic_batch(batch_size, image_size, num_classes, seed=0):
@@ -89,9 +108,7 @@ def measure_steps(backbone_name, image_size, batch_size, num_classes=10, warmup=
         "backbone": backbone_name, "image_size": image_size,
         "batch_size": batch_size, "jit_compile": jit_compile,
         "devices": [d.name for d in tf.config.list_logical_devices()],
-        "teacher_step_ms": round(median_step_ms(trainer, batch, warmup, steps), 2),
     }
-    result["teacher_images_per_second"] = round(1000 * batch_size / result["teacher_step_ms"], 1)
 
     # The student step exactly as the student stage runs it: BN-folded frozen
     # teacher for the targets, BN-folded frozen universal blocks, proxies and
@@ -108,9 +125,6 @@ def measure_steps(backbone_name, image_size, batch_size, num_classes=10, warmup=
     student_trainer = train.Trainer(strategy, student, loss_fn, trainable, decayed, schedule,
                                     checkpoint_dir="", jit_compile=jit_compile)
     student_trainer.build_steps(steps_per_epoch=1_000_000)
-    result["student_step_ms"] = round(median_step_ms(student_trainer, batch, warmup, steps), 2)
-    result["student_images_per_second"] = round(1000 * batch_size / result["student_step_ms"], 1)
-    result["student_over_teacher"] = round(result["student_step_ms"] / result["teacher_step_ms"], 3)
 
     # The same step with the teacher's targets looked up instead of computed
     # (what the stages do for tasks without augmentation): a table of the
@@ -127,10 +141,16 @@ def measure_steps(backbone_name, image_size, batch_size, num_classes=10, warmup=
                                    checkpoint_dir="", jit_compile=jit_compile, indexed=True)
     cached_trainer.build_steps(steps_per_epoch=1_000_000)
     indexed_batch = (*batch, tf.range(batch_size, dtype=tf.int64))
-    result["student_cached_step_ms"] = round(
-        median_step_ms(cached_trainer, indexed_batch, warmup, steps), 2)
-    result["student_cached_over_teacher"] = round(
-        result["student_cached_step_ms"] / result["teacher_step_ms"], 3)
+    medians = interleaved_step_ms({"teacher": (trainer, batch),
+                                   "student": (student_trainer, batch),
+                                   "student_cached": (cached_trainer, indexed_batch)},
+                                  warmup, steps)
+    for name, ms in medians.items():
+        result[f"{name}_step_ms"] = round(ms, 2)
+    for name in ("teacher", "student"):
+        result[f"{name}_images_per_second"] = round(1000 * batch_size / medians[name], 1)
+    for name in ("student", "student_cached"):
+        result[f"{name}_over_teacher"] = round(medians[name] / medians["teacher"], 3)
     return result
 
 
