@@ -180,7 +180,12 @@ def measure_parts_and_networks(path: str, feeds: dict[str, dict[str, np.ndarray]
     interpreter = Interpreter(model_path=path, num_threads=threads)
     parts = {key: _invoker(path, feed, threads, key, interpreter, refresh=True)
              for key, feed in feeds.items()}
-    networks = {name: _invoker(file, {INPUT_NAME: image}, threads, key)
+    # One interpreter per file: networks that are signatures of one file
+    # share it, as the parts share theirs (each signature runs its own
+    # subgraph; an interpreter per signature would pack every one of them).
+    interpreters = {file: Interpreter(model_path=file, num_threads=threads)
+                    for file in {file for file, _ in files.values()}}
+    networks = {name: _invoker(file, {INPUT_NAME: image}, threads, key, interpreters[file])
                 for name, (file, key) in files.items()}
     for invoke in [p[0] for p in parts.values()] + list(networks.values()):
         for _ in range(warmup):

@@ -129,7 +129,8 @@ def measure_table_beside(backbone_name: str, image_size: int, threads: int,
         with open(path, "wb") as f:
             f.write(content)
         samples = sample_plans(len(backbone.blocks), max_skip)
-        networks = whole_networks(backbone, max_skip, image_size, folder, samples)
+        networks = whole_networks(backbone, max_skip, image_size, folder, samples,
+                                  one_file=True)
         image = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3),
                                                   dtype=np.uint8)
         with quiet.native_stderr_filtered():
@@ -207,20 +208,37 @@ def sample_plans(num_blocks: int, max_skip: int | None, count: int = SAMPLE_PLAN
 def whole_network_content(backbone, plan, image_size: int, num_classes: int = 10) -> bytes:
     """The float32 .tflite of `plan`'s static network, as the export stage
     writes it (random weights)."""
-    student = student_lib.build_student(backbone, num_classes, plan, "frozen", image_size)
-    endpoint = savedmodel.Endpoint(prune_lib.static_model(student), image_size, False)
+    endpoint = _random_endpoint(backbone, plan, image_size, num_classes)
     with tflite.static_savedmodel({savedmodel.SERVING_KEY: endpoint}) as static:
         return tflite.convert(static, [savedmodel.SERVING_KEY], "float32")
 
 
+def _random_endpoint(backbone, plan, image_size: int, num_classes: int = 10):
+    student = student_lib.build_student(backbone, num_classes, plan, "frozen", image_size)
+    return savedmodel.Endpoint(prune_lib.static_model(student), image_size, False)
+
+
 def whole_networks(backbone, max_skip, image_size: int, folder: str,
-                   samples: dict | None = None) -> dict:
+                   samples: dict | None = None, one_file: bool = False) -> dict:
     """{TEACHER_KEY, STUDENT_KEY, every key of `samples` ({key: Plan}):
     (path, signature key)} of the networks the table is calibrated on,
-    written into `folder`."""
+    written into `folder`: one file each (what a phone's benchmark_model
+    times), or with `one_file` every network a signature of one file, which
+    costs one SavedModel and one conversion instead of one per network
+    (each signature is its own subgraph with its own delegate: timed the
+    same)."""
     num_blocks = len(backbone.blocks)
     plans = {TEACHER_KEY: student_lib.Plan.backbone_only(num_blocks),
              STUDENT_KEY: student_lib.Plan.full(num_blocks, max_skip), **(samples or {})}
+    if one_file:
+        endpoints = {key: _random_endpoint(backbone, plan, image_size)
+                     for key, plan in plans.items()}
+        path = os.path.join(folder, "networks.tflite")
+        with tflite.static_savedmodel(endpoints) as static:
+            content = tflite.convert(static, list(endpoints), "float32")
+        with open(path, "wb") as f:
+            f.write(content)
+        return {key: (path, key) for key in plans}
     files = {}
     for key, plan in plans.items():
         path = os.path.join(folder, f"{key}.tflite")
