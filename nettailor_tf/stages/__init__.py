@@ -124,10 +124,11 @@ def _forget_latencies(report: Report, tasks) -> None:
 
 
 # Each stage's usual share of a run, relative to the teacher's, read from
-# two fresh quickstarts on a quiet 2-core machine ("stage N of M ... into the
-# run"; 2026-12-07): teacher 80 s, student 128-138 s, prune 49-57 s, fine-tune
-# 98-102 s, export 61 s, benchmark 54-59 s (it times a latency table beside
-# the files).  Only the ratios matter: the run's own pace so far scales them.
+# three fresh quickstarts on a quiet 2-core machine ("stage N of M ... into
+# the run"; 2026-12-07): teacher 80-86 s, student 128-150 s, prune 49-82 s,
+# fine-tune 98-103 s, export 61-80 s (80 with an int8 bundle), benchmark
+# 54-59 s (it times a latency table beside the files).  Only the ratios
+# matter: the run's own pace so far scales them.
 STAGE_WEIGHTS = {"teacher": 1.0, "student": 1.65, "prune": 0.65, "finetune": 1.25,
                  "export": 0.75, "benchmark": 0.7, "submission": 0.3}
 # Stages that took less than this were skipped (already done): no pace to read.
