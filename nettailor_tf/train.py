@@ -145,12 +145,16 @@ class Trainer:
             measured once at the end.
         indexed: hand `loss_fn` each image's position in the training split
             (to look up targets computed once, e.g. a frozen teacher's).
+        refresh_statistics: called before an evaluation when the weights
+            have moved since its last call, to re-estimate the model's BN
+            statistics on them (None: evaluate with the moving averages).
     """
 
     def __init__(self, strategy, model, loss_fn: LossFn, trainable, decayed, schedule: Schedule,
                  checkpoint_dir: str, summary_dir: str | None = None, jit_compile: bool = False,
                  checkpoint_every: int = 200, log_every: int = 20, predict_fn=None,
-                 lr_multipliers=None, held=(), eval_split: str = "val", indexed: bool = False):
+                 lr_multipliers=None, held=(), eval_split: str = "val", indexed: bool = False,
+                 refresh_statistics=None):
         self.strategy = strategy
         self.predict_fn = predict_fn or (lambda images: model(images, training=False)[0])
         self.model = model
@@ -165,6 +169,8 @@ class Trainer:
         self.held_mask = [id(v) in held_ids for v in self.trainable]
         self.eval_split = eval_split
         self.indexed = indexed
+        self.refresh_statistics = refresh_statistics
+        self._refreshed_at = None  # the step whose weights the statistics describe
         self._evaluator = None
         self._stage = None  # the schedule `fit` built its steps for
         self.schedule = schedule
@@ -249,6 +255,14 @@ class Trainer:
     def evaluate(self, task: data_lib.TaskData, image_size: int, batch_size: int,
                  split: str = "test", with_loss: bool = False):
         """Top-1 accuracy on `split`; (accuracy, mean cross-entropy) `with_loss`."""
+        if self.refresh_statistics is not None:
+            # Once per set of weights: the final validation and test passes
+            # share one re-estimation.  Before the first step there is no
+            # step counter yet; the statistics are then the caller's.
+            step = int(self.step.numpy()) if hasattr(self, "step") else None
+            if step is not None and step != self._refreshed_at:
+                self.refresh_statistics()
+                self._refreshed_at = step
         if self._evaluator is None:
             self._evaluator = make_evaluator(self.strategy, self.predict_fn)
         return self._evaluator(task, image_size, batch_size, split, with_loss)

@@ -319,6 +319,30 @@ def test_fit_selects_on_validation_and_reports_test_once(digits, tmp_path):
     assert np.isnan(mid.fit(split, 16, seed=0, max_steps=5, evaluate_test=False).val_accuracy)
 
 
+def test_each_evaluation_sees_statistics_refreshed_once_per_set_of_weights(digits, tmp_path):
+    """`refresh_statistics` runs before the first evaluation of each set of
+    weights (every epoch evaluation, the final validation and test passes
+    sharing one), never after the evaluation it is meant for."""
+    split = data.with_validation_split(digits, 0.1, seed=0)
+    trainer, model = _trainer(tmp_path, train.Schedule(1, 32, 0.05, min_steps=60))
+    events = []
+    trainer.refresh_statistics = lambda: events.append(("refresh", int(trainer.step.numpy())))
+    evaluator = train.make_evaluator(trainer.strategy, trainer.predict_fn)
+
+    def recording(*args, **kwargs):
+        events.append(("evaluate", int(trainer.step.numpy())))
+        return evaluator(*args, **kwargs)
+
+    trainer._evaluator = recording
+    result = trainer.fit(split, 16, seed=0)
+    trainer.evaluate(split, 16, 32, "test")  # the same weights again
+    refreshed = [step for kind, step in events if kind == "refresh"]
+    evaluated = [step for kind, step in events if kind == "evaluate"]
+    assert refreshed == sorted(set(evaluated)) and result.steps in refreshed
+    for step in set(evaluated):  # the refresh comes first
+        assert events.index(("refresh", step)) < events.index(("evaluate", step))
+
+
 def test_mixed_precision_trains_in_float16_with_float32_weights_and_loss_scaling(digits,
                                                                                tmp_path):
     """--mixed_precision: float16 compute, float32 variables, a loss-scale

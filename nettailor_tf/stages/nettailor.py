@@ -139,6 +139,13 @@ def nettailor_trainer(config, strategy, task, student, teacher, schedule, comple
         trainable += student.mass_variables()
     gates = {id(v) for v in student.gate_variables()}
     multipliers = [config.gate_lr_multiplier if id(v) in gates else 1.0 for v in trainable]
+    # Evaluations (the plateau rule's, the stage's result, the prune search's
+    # brief fine-tunes) see BN statistics re-estimated on the weights being
+    # evaluated.  The moving averages lag a network whose weights move fast:
+    # a 60-step fine-tune of a 2-class folder task read 55% on test with them
+    # and 97% with the statistics re-estimated, same weights.
+    recalibrate = student_lib.BatchNormRecalibrator(student)
+    batches = recalibration_batches(config, task)
     return Trainer(
         strategy, student, loss_fn, trainable, decayed, schedule, lr_multipliers=multipliers,
         held=[] if config.gate_lr_decay else student.gate_variables(), indexed=targets is not None,
@@ -146,7 +153,8 @@ def nettailor_trainer(config, strategy, task, student, teacher, schedule, comple
         summary_dir=paths.tensorboard(task.name, name),
         jit_compile=config.jit_compile, checkpoint_every=config.checkpoint_every,
         log_every=config.log_every,
-        predict_fn=lambda images: student(images, training=False, mimic=False)[0])
+        predict_fn=lambda images: student(images, training=False, mimic=False)[0],
+        refresh_statistics=lambda: recalibrate(batches))
 
 
 def train_nettailor(config, strategy, task, student, teacher, schedule, complexity_coeff,
