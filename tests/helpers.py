@@ -120,17 +120,20 @@ def stage_config(workdir, **overrides):
 # --- rate groups (tests/test_train.py, tests/test_checkpoints.py) -------------
 
 def rate_group_problem(seed=0):
-    """A two-layer least-squares problem whose four variables make three rate
-    groups: kernel 1 and bias 2 at the stage's rate, bias 1 at 10x held at
-    the initial rate, kernel 2 at 2x; the kernels get weight decay.
+    """A two-layer least-squares problem (`seed`: its initialisation) whose
+    four variables make three rate groups: kernel 1 and bias 2 at the stage's
+    rate, bias 1 at 10x held at the initial rate, kernel 2 at 2x; the kernels
+    get weight decay.
 
     Returns (model, loss: () -> scalar, multipliers, held, decayed)."""
     import keras
     import tensorflow as tf
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(3, activation="tanh"),
-                              keras.layers.Dense(2)])
-    rng = np.random.default_rng(seed)
+    # Fixed names: a rebuilt problem restores from the first one's checkpoint.
+    model = keras.Sequential([keras.layers.Input((4,)),
+                              keras.layers.Dense(3, activation="tanh", name="hidden"),
+                              keras.layers.Dense(2, name="out")], name="problem")
+    rng = np.random.default_rng(0)  # the same data whatever the initialisation
     inputs = tf.constant(rng.normal(size=(8, 4)), tf.float32)
     targets = tf.constant(rng.normal(size=(8, 2)), tf.float32)
     kernel1, bias1, kernel2, _ = model.trainable_variables
