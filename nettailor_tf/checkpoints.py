@@ -18,7 +18,10 @@ restart):
 The optimizer's slots (momentum, the loss scale) are stored under the name
 of the model weight they belong to, never by their position in the
 optimizer's list: two weights of one shape swapped in order would otherwise
-load each other's momentum without a word.
+load each other's momentum without a word.  The loop's optimizer of rate
+groups (`rate_groups`) lays its state out under the same names as one
+optimizer's, so a checkpoint of the loop's earlier single SGD (which scaled
+gradients for per-variable rates) restores into its groups exactly.
 
 Restoring tries the newest checkpoint first and falls back to the one before
 when a file is damaged (a full disk, a copy cut short), with a warning.  A

@@ -2,10 +2,10 @@
 
 One loop serves every stage (teacher, student, finetune): a stage hands it a
 loss function, the variables to train and those to decay (and, per variable,
-a learning-rate factor).  The loop owns the optimizer (SGD with PyTorch-style
-coupled weight decay and Keras' piecewise-constant decay of the stage's
-schedule, or the learning rate the plateau rule lowers), checkpoints,
-resumption, TensorBoard and progress.  It evaluates the validation split
+a learning-rate factor: `rate_groups`).  The loop owns the optimizer (SGD
+with PyTorch-style coupled weight decay and Keras' piecewise-constant decay
+of the stage's schedule, or the learning rate the plateau rule lowers),
+checkpoints, resumption, TensorBoard and progress.  It evaluates the validation split
 after some epochs (a fixed schedule) or every few steps (the plateau rule,
 which also ends the stage: `stopping`); the test split once, at the end.
 
@@ -28,6 +28,7 @@ from absl import logging
 
 from nettailor_tf import data as data_lib
 from nettailor_tf import stopping
+from nettailor_tf.rate_groups import GroupedOptimizer, RateGroup
 from nettailor_tf.checkpoints import TrainingCheckpoints
 # train.make_evaluator, train.format_duration: where the stages find them.
 from nettailor_tf.evaluation import make_evaluator  # noqa: F401
@@ -136,10 +137,13 @@ class Trainer:
         predict_fn: images -> logits for evaluation (default: the model's
             first output in inference mode).
         lr_multipliers: one factor per `trainable` variable that scales its
-            update (gradient and weight decay), i.e. its learning rate, as a
-            PyTorch parameter group would (None: all 1).
-        held: variables whose learning rate stays at (stage rate x
-            multiplier) for the whole stage instead of following its decay.
+            learning rate (so the step of its gradient and weight decay), as
+            a PyTorch parameter group would (None: all 1).  Each distinct
+            (multiplier, held) pair is trained by an optimizer of its own
+            (`make_group_optimizer`) at its rate: right for any optimizer.
+        held: variables whose learning rate stays at (stage's initial rate x
+            multiplier) for the whole stage instead of following its decay
+            (the schedule's, or the plateau rule's lowerings).
         eval_split: the split `fit` evaluates during the stage ('val' or
             'test'; the plateau rule watches it); the test accuracy is
             measured once at the end.
@@ -162,11 +166,12 @@ class Trainer:
         self.trainable = list(trainable)
         decayed_ids = {id(v) for v in decayed}
         self.decay_mask = [id(v) in decayed_ids for v in self.trainable]
-        self.lr_multipliers = list(lr_multipliers or [1.0] * len(self.trainable))
-        if len(self.lr_multipliers) != len(self.trainable):
+        multipliers = list(lr_multipliers or [1.0] * len(self.trainable))
+        if len(multipliers) != len(self.trainable):
             raise ValueError("lr_multipliers needs one factor per trainable variable")
         held_ids = {id(v) for v in held}
-        self.held_mask = [id(v) in held_ids for v in self.trainable]
+        self.rate_groups = [RateGroup(k, id(v) in held_ids)
+                            for k, v in zip(multipliers, self.trainable)]
         self.eval_split = eval_split
         self.indexed = indexed
         self.refresh_statistics = refresh_statistics
@@ -187,6 +192,10 @@ class Trainer:
 
     # --- update step ---------------------------------------------------------
 
+    def make_group_optimizer(self, learning_rate) -> keras.optimizers.Optimizer:
+        """A rate group's optimizer (the step adds the coupled weight decay)."""
+        return keras.optimizers.SGD(learning_rate, momentum=self.schedule.momentum)
+
     def build_steps(self, steps_per_epoch: int) -> StagePlan:
         """Creates the optimizer and the compiled train and eval steps for a
         task of `steps_per_epoch` batches; returns the resolved schedule."""
@@ -196,9 +205,10 @@ class Trainer:
         # gradients underflow to zero; bfloat16 and float32 do not.
         loss_scaling = keras.mixed_precision.global_policy().compute_dtype == "float16"
         with self.strategy.scope():
-            learning_rate = learning_rate_schedule(stage, schedule)
-            self.optimizer = keras.optimizers.SGD(learning_rate, momentum=schedule.momentum)
-            if loss_scaling:
+            self.optimizer = GroupedOptimizer(
+                learning_rate_schedule(stage, schedule), schedule.learning_rate,
+                self.make_group_optimizer, self.rate_groups)
+            if loss_scaling:  # one scale for every group: see `rate_groups`
                 self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             # Keras 3 optimizers must create their slots inside the scope
             # before the first distributed step (measured on 2 CPU cores).
@@ -223,16 +233,6 @@ class Trainer:
                 factor = factor * tf.cast(self.optimizer.dynamic_scale, tf.float32)
             grads = [g + tf.cast(factor, v.dtype) * v if m and g is not None else g
                      for g, v, m in zip(grads, self.trainable, self.decay_mask)]
-            # Per-variable rates ride on the update: SGD's step is lr x update.
-            # A held variable's update is scaled by lr0 / lr, whatever lowered
-            # lr: the schedule, or the plateau rule through the variable.
-            current = (learning_rate(self.step) if callable(learning_rate)
-                       else self.optimizer.learning_rate)
-            undo_decay = schedule.learning_rate / current
-            grads = [g if g is None else
-                     g * tf.cast(k * undo_decay, g.dtype) if h else
-                     g * tf.cast(k, g.dtype) if k != 1.0 else g
-                     for g, k, h in zip(grads, self.lr_multipliers, self.held_mask)]
             self.optimizer.apply_gradients(zip(grads, self.trainable))
             correct = tf.reduce_sum(tf.cast(
                 tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))

@@ -115,3 +115,64 @@ def stage_config(workdir, **overrides):
     config = Config(**values)
     config.validate()
     return config
+
+
+# --- rate groups (tests/test_train.py, tests/test_checkpoints.py) -------------
+
+def rate_group_problem(seed=0):
+    """A two-layer least-squares problem (`seed`: its initialisation) whose
+    four variables make three rate groups: kernel 1 and bias 2 at the stage's
+    rate, bias 1 at 10x held at the initial rate, kernel 2 at 2x; the kernels
+    get weight decay.
+
+    Returns (model, loss: () -> scalar, multipliers, held, decayed)."""
+    import keras
+    import tensorflow as tf
+    keras.utils.set_random_seed(seed)
+    # Fixed names: a rebuilt problem restores from the first one's checkpoint.
+    model = keras.Sequential([keras.layers.Input((4,)),
+                              keras.layers.Dense(3, activation="tanh", name="hidden"),
+                              keras.layers.Dense(2, name="out")], name="problem")
+    rng = np.random.default_rng(0)  # the same data whatever the initialisation
+    inputs = tf.constant(rng.normal(size=(8, 4)), tf.float32)
+    targets = tf.constant(rng.normal(size=(8, 2)), tf.float32)
+    kernel1, bias1, kernel2, _ = model.trainable_variables
+
+    def loss():
+        return tf.reduce_mean(tf.square(model(inputs) - targets))
+    return (model, loss, [1.0, 10.0, 2.0, 1.0], [bias1], [kernel1, kernel2])
+
+
+def old_rule_steps(optimizer, variables, loss, multipliers, held, decayed, weight_decay,
+                   initial_rate, rates):
+    """The loop's rule before rate groups, one step per rate in `rates`: one
+    optimizer at the stage's rate, each gradient (plus its coupled decay)
+    scaled by its multiplier, a held one's also by initial_rate / rate."""
+    import tensorflow as tf
+    held_ids, decayed_ids = {id(v) for v in held}, {id(v) for v in decayed}
+    for rate in rates:
+        optimizer.learning_rate = rate
+        with tf.GradientTape() as tape:
+            value = loss()
+        grads = tape.gradient(value, variables)
+        grads = [(g + weight_decay * v if id(v) in decayed_ids else g)
+                 * (k * initial_rate / rate if id(v) in held_ids else k)
+                 for g, v, k in zip(grads, variables, multipliers)]
+        optimizer.apply_gradients(zip(grads, variables))
+
+
+def separate_optimizer_steps(make_optimizer, variables, loss, multipliers, held, decayed,
+                             weight_decay, initial_rate, rates):
+    """What per-variable rates mean: an optimizer of its own per variable, at
+    multiplier x the rate (x the initial rate when held), one step per rate."""
+    import tensorflow as tf
+    held_ids, decayed_ids = {id(v) for v in held}, {id(v) for v in decayed}
+    optimizers = [make_optimizer(1.0) for _ in variables]
+    for rate in rates:
+        with tf.GradientTape() as tape:
+            value = loss()
+        grads = tape.gradient(value, variables)
+        for optimizer, g, v, k in zip(optimizers, grads, variables, multipliers):
+            optimizer.learning_rate = k * (initial_rate if id(v) in held_ids else rate)
+            optimizer.apply_gradients([(g + weight_decay * v if id(v) in decayed_ids else g,
+                                        v)])

@@ -14,6 +14,8 @@ import tensorflow as tf
 from nettailor_tf import backbones, checkpoints, data, train
 from nettailor_tf.losses import cross_entropy
 
+import helpers
+
 SCHEDULE = train.Schedule(epochs=2, batch_size=32, learning_rate=0.05, decay_epochs=1)
 
 
@@ -22,9 +24,10 @@ def digits():
     return data.load_task("digits")
 
 
-def _trainer(tmp_dir, schedule=SCHEDULE, seed=0, loss_scale=None):
+def _trainer(tmp_dir, schedule=SCHEDULE, seed=0, loss_scale=None, rate_groups=False):
     """A tiny classifier's trainer; `loss_scale` (a tf.Variable) multiplies the
-    loss, as a learning rate far too high would."""
+    loss, as a learning rate far too high would; `rate_groups`: the head at
+    3x the rate held, the first two variables at 2x."""
     keras.utils.set_random_seed(seed)
     strategy = tf.distribute.get_strategy()
     model = backbones.classifier_model(backbones.build_backbone("tiny"), 10)
@@ -34,9 +37,12 @@ def _trainer(tmp_dir, schedule=SCHEDULE, seed=0, loss_scale=None):
         loss = cross_entropy(logits, labels)
         return (loss if loss_scale is None else loss * loss_scale), logits, {}
 
-    trainer = train.Trainer(strategy, model, loss_fn, model.trainable_variables,
-                            model.trainable_variables, schedule, checkpoint_dir=str(tmp_dir),
-                            checkpoint_every=10, log_every=10)
+    variables = model.trainable_variables
+    multipliers = [2.0, 2.0] + [1.0] * (len(variables) - 4) + [3.0, 3.0]
+    trainer = train.Trainer(strategy, model, loss_fn, variables, variables, schedule,
+                            checkpoint_dir=str(tmp_dir), checkpoint_every=10, log_every=10,
+                            lr_multipliers=multipliers if rate_groups else None,
+                            held=variables[-2:] if rate_groups else ())
     return trainer, model
 
 
@@ -254,3 +260,91 @@ def test_a_checkpoint_with_weights_the_model_lacks_is_refused(tmp_path):
                                                   r"weight\(s\) the model lacks, e\.g\. "
                                                   r"'third\.bias'"):
         _keeper(tmp_path).restore()
+
+
+# --- rate groups: one optimizer per group, checkpointed as one ----------------
+
+def test_a_stage_with_rate_groups_resumes_every_groups_slots(digits, tmp_path):
+    steps_per_epoch = data.steps_per_epoch(digits, SCHEDULE.batch_size)
+    straight, straight_model = _trainer(tmp_path / "straight", rate_groups=True)
+    straight.fit(digits, 16, seed=3, evaluate_test=False)
+    assert len(straight.optimizer.group_optimizers) == 3
+    stop = steps_per_epoch + 7  # mid-epoch, after the decay
+    first, _ = _trainer(tmp_path / "resumed", rate_groups=True)
+    first.fit(digits, 16, seed=3, max_steps=stop, evaluate_test=False)
+    second, resumed_model = _trainer(tmp_path / "resumed", seed=99, rate_groups=True)
+    assert second.fit(digits, 16, seed=3, evaluate_test=False).resumed_from_step == stop
+    for a, b in zip(straight_model.weights, resumed_model.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+
+
+PROBLEM_SCHEDULE = train.Schedule(epochs=2, batch_size=1, learning_rate=0.1, plateau=True,
+                                  weight_decay=0.5, momentum=0.9)
+BATCH = (tf.zeros((1, 4, 4, 3)), tf.zeros((1,), tf.int32))
+
+
+class _AdamTrainer(train.Trainer):
+    def make_group_optimizer(self, learning_rate):
+        return keras.optimizers.Adam(learning_rate)
+
+
+def _problem_trainer(directory, trainer_class=train.Trainer, seed=0):
+    """`helpers.rate_group_problem`'s trainer, built, and its checkpoints."""
+    model, loss, multipliers, held, decayed = helpers.rate_group_problem(seed)
+    trainer = trainer_class(tf.distribute.get_strategy(), model,
+                            lambda images, labels, training: (loss(), tf.zeros((1, 2)), {}),
+                            model.trainable_variables, decayed, PROBLEM_SCHEDULE,
+                            checkpoint_dir=str(directory), lr_multipliers=multipliers,
+                            held=held)
+    trainer.build_steps(steps_per_epoch=2)
+    return trainer, model, checkpoints.TrainingCheckpoints(
+        str(directory), model, trainer.optimizer, trainer.step, "t")
+
+
+def test_adam_rate_groups_resume_with_their_moments_and_step_counts(tmp_path):
+    # Adam's bias correction counts steps: each group's count must resume
+    # too, or the first steps after a resume would be far too long.
+    straight, straight_model, _ = _problem_trainer(tmp_path / "straight", _AdamTrainer)
+    for _ in range(5):
+        straight.train_step(BATCH)
+    first, _, saver = _problem_trainer(tmp_path / "resumed", _AdamTrainer)
+    for _ in range(3):
+        first.train_step(BATCH)
+    saver.save(3)
+    second, resumed_model, restorer = _problem_trainer(tmp_path / "resumed", _AdamTrainer,
+                                                       seed=9)
+    assert restorer.restore()
+    for _ in range(2):
+        second.train_step(BATCH)
+    for a, b in zip(straight_model.weights, resumed_model.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7, err_msg=a.path)
+
+
+def test_a_checkpoint_of_the_single_sgd_with_scaled_gradients_resumes_exactly(tmp_path):
+    # The loop before rate groups: one SGD, gradients scaled per variable, the
+    # plateau rule's lowered rate in the optimizer's variable.  Its momentum is
+    # rate x gradient, as each group's SGD keeps it: the checkpoint restores
+    # into the groups by name, and training goes on as the old loop would.
+    model, loss, multipliers, held, decayed = helpers.rate_group_problem()
+    initial = [v.numpy() for v in model.trainable_variables]
+    rates = [0.1, 0.1, 0.01, 0.01, 0.01]
+    old = keras.optimizers.SGD(0.1, momentum=0.9)
+    helpers.old_rule_steps(old, model.trainable_variables, loss, multipliers, held, decayed,
+                           0.5, 0.1, rates[:3])
+    checkpoints.TrainingCheckpoints(str(tmp_path), model, old, tf.Variable(3, dtype=tf.int64),
+                                    "t").save(3)
+    helpers.old_rule_steps(old, model.trainable_variables, loss, multipliers, held, decayed,
+                           0.5, 0.1, rates[3:])
+    expected = [v.numpy() for v in model.trainable_variables]
+    for variable, value in zip(model.trainable_variables, initial):
+        variable.assign(value)
+
+    trainer, resumed_model, restorer = _problem_trainer(tmp_path, seed=9)
+    assert restorer.restore()
+    assert int(trainer.step.numpy()) == 3
+    assert float(trainer.optimizer.learning_rate) == pytest.approx(0.01)
+    for _ in rates[3:]:
+        trainer.train_step(BATCH)
+    for value, variable in zip(expected, resumed_model.trainable_variables):
+        np.testing.assert_allclose(variable.numpy(), value, rtol=1e-5, atol=1e-7,
+                                   err_msg=variable.path)

@@ -15,6 +15,8 @@ import tensorflow as tf
 from nettailor_tf import backbones, data, progress, train
 from nettailor_tf.losses import cross_entropy
 
+import helpers
+
 SCHEDULE = train.Schedule(epochs=2, batch_size=32, learning_rate=0.05, decay_epochs=1)
 
 
@@ -443,3 +445,81 @@ def test_two_worker_processes_match_one_worker_with_two_replicas(tmp_path):
     for a, b in zip(*weights):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
     assert (tmp_path / "two" / "workers" / "worker1" / "tasks" / "digits" / "teacher.weights.h5").exists()
+
+
+# --- rate groups: per-variable learning rates done by the optimizer ------------
+
+RATE_GROUPS = train.Schedule(epochs=2, batch_size=1, learning_rate=0.1, decay_every=0.5,
+                             weight_decay=0.5, momentum=0.9)
+
+
+class _AdamTrainer(train.Trainer):
+    def make_group_optimizer(self, learning_rate):
+        return keras.optimizers.Adam(learning_rate)
+
+
+def _rate_group_run(schedule, trainer_class=train.Trainer, steps=4):
+    """Trains `helpers.rate_group_problem` with the loop for `steps` steps
+    (the plateau rule lowers the rate after step 2 when the schedule has it);
+    returns (the problem, its initial weights, final weights, each step's rate)."""
+    problem = helpers.rate_group_problem()
+    model, loss, multipliers, held, decayed = problem
+    initial = [v.numpy() for v in model.trainable_variables]
+    trainer = trainer_class(tf.distribute.get_strategy(), None,
+                            lambda images, labels, training: (loss(), tf.zeros((1, 2)), {}),
+                            model.trainable_variables, decayed, schedule,
+                            checkpoint_dir="unused", lr_multipliers=multipliers, held=held)
+    trainer.build_steps(steps_per_epoch=2)
+    batch = (tf.zeros((1, 4, 4, 3)), tf.zeros((1,), tf.int32))
+    rates = []
+    for step in range(steps):
+        if schedule.plateau and step == 2:
+            trainer.plateau.observe(1.0, step, trainer.optimizer)  # improved
+            decision, _ = trainer.plateau.observe(1.0, step, trainer.optimizer)
+            assert decision == "reduce"
+        rates.append(float(trainer.optimizer.learning_rate))
+        trainer.train_step(batch)
+    final = [v.numpy() for v in model.trainable_variables]
+    for variable, value in zip(model.trainable_variables, initial):
+        variable.assign(value)
+    return problem, final, rates
+
+
+@pytest.mark.parametrize("lowered_by", ["schedule", "plateau"])
+def test_rate_groups_with_sgd_equal_the_old_gradient_rescaling(lowered_by):
+    # With SGD+momentum the old rule (one optimizer, scaled gradients) gave
+    # each group its rate: Keras' SGD folds the rate into the momentum.  A
+    # held group (bias 1, 10x) crosses the rate's lowering at step 2.
+    schedule = (RATE_GROUPS if lowered_by == "schedule" else
+                dataclasses.replace(PLATEAU, batch_size=1, learning_rate=0.1,
+                                    weight_decay=0.5, momentum=0.9))
+    (model, loss, multipliers, held, decayed), final, rates = _rate_group_run(schedule)
+    assert rates[1] == pytest.approx(0.1) and rates[2] < rates[1] and rates[3] == rates[2]
+    helpers.old_rule_steps(keras.optimizers.SGD(0.1, momentum=0.9), model.trainable_variables,
+                           loss, multipliers, held, decayed, 0.5, 0.1, rates)
+    for new, old in zip(final, model.trainable_variables):
+        np.testing.assert_allclose(new, old.numpy(), rtol=1e-5, atol=1e-7, err_msg=old.path)
+
+
+def test_rate_groups_give_adam_its_rate_where_scaled_gradients_did_not():
+    # Adam normalises the gradient: a group at 10x (or 2x) must be a separate
+    # Adam at 10x the rate; the old rule's scaled gradient moved it at 1x.
+    (model, loss, multipliers, held, decayed), final, rates = _rate_group_run(
+        RATE_GROUPS, _AdamTrainer)
+    variables = model.trainable_variables
+    initial = [v.numpy() for v in variables]
+    helpers.separate_optimizer_steps(keras.optimizers.Adam, variables, loss, multipliers,
+                                     held, decayed, 0.5, 0.1, rates)
+    for new, separate in zip(final, variables):
+        np.testing.assert_allclose(new, separate.numpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=separate.path)
+    separate = [v.numpy() for v in variables]
+    for variable, value in zip(variables, initial):
+        variable.assign(value)
+    helpers.old_rule_steps(keras.optimizers.Adam(0.1), variables, loss, multipliers, held,
+                           decayed, 0.5, 0.1, rates)
+    # bias 1 (10x, held) and kernel 2 (2x) moved by the wrong step under the old rule.
+    for index in (1, 2):
+        moved_new = np.abs(separate[index] - initial[index]).max()
+        moved_old = np.abs(variables[index].numpy() - initial[index]).max()
+        assert moved_new > 1.5 * moved_old, (index, moved_new, moved_old)
