@@ -1,4 +1,5 @@
-"""Per-variable learning rates done by the optimizer: one optimizer per rate group.
+"""Learning rates: the stage's schedule, and per-variable rates done by the
+optimizer (one optimizer per rate group).
 
 A stage trains its variables in groups, as PyTorch's parameter groups: a
 group's rate is a multiplier k times the stage's, and either follows the
@@ -29,6 +30,8 @@ from typing import Callable
 
 import keras
 import tensorflow as tf
+
+from nettailor_tf.schedules import Schedule, StagePlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,3 +130,19 @@ class GroupedOptimizer(keras.optimizers.Optimizer):
         config = super().get_config()
         config["rates"] = [dataclasses.asdict(rate) for rate in self.rates]
         return config
+
+
+def learning_rate_schedule(stage: StagePlan, schedule: Schedule):
+    """Keras' piecewise-constant schedule of a resolved stage; with the
+    plateau rule the initial rate, which the optimizer keeps in a variable
+    that the loop lowers (and the checkpoint restores)."""
+    if schedule.plateau:
+        return schedule.learning_rate
+    values = [schedule.learning_rate * 0.1 ** k for k in range(len(stage.decay_steps) + 1)]
+    if stage.decay_steps:
+        # Keras switches to the next value after a boundary; the stage's
+        # decay step is the first step with the lower rate.
+        return keras.optimizers.schedules.PiecewiseConstantDecay(
+            [s - 1 for s in stage.decay_steps], values)
+    # The class needs a boundary: one past the end changes nothing.
+    return keras.optimizers.schedules.PiecewiseConstantDecay([stage.total_steps + 1], values * 2)

@@ -28,7 +28,7 @@ from absl import logging
 
 from nettailor_tf import data as data_lib
 from nettailor_tf import stopping
-from nettailor_tf.rate_groups import GroupedOptimizer, RateGroup
+from nettailor_tf.rate_groups import GroupedOptimizer, RateGroup, learning_rate_schedule
 from nettailor_tf.checkpoints import TrainingCheckpoints
 # train.make_evaluator, train.format_duration: where the stages find them.
 from nettailor_tf.evaluation import make_evaluator  # noqa: F401
@@ -60,22 +60,6 @@ class _Window:
     def take_losses(self) -> list:
         losses, self._losses = self._losses, []
         return losses
-
-
-def learning_rate_schedule(stage: StagePlan, schedule: Schedule):
-    """Keras' piecewise-constant schedule of a resolved stage; with the
-    plateau rule the initial rate, which the optimizer keeps in a variable
-    that the loop lowers (and the checkpoint restores)."""
-    if schedule.plateau:
-        return schedule.learning_rate
-    values = [schedule.learning_rate * 0.1 ** k for k in range(len(stage.decay_steps) + 1)]
-    if stage.decay_steps:
-        # Keras switches to the next value after a boundary; the stage's
-        # decay step is the first step with the lower rate.
-        return keras.optimizers.schedules.PiecewiseConstantDecay(
-            [s - 1 for s in stage.decay_steps], values)
-    # The class needs a boundary: one past the end changes nothing.
-    return keras.optimizers.schedules.PiecewiseConstantDecay([stage.total_steps + 1], values * 2)
 
 
 # loss_fn(images, labels, training) -> (total loss of the local batch, logits,
