@@ -159,7 +159,8 @@ def measure_signatures(path: str, feeds: dict[str, dict[str, np.ndarray]], threa
     return measure_parts_and_networks(path, feeds, {}, None, threads, warmup, runs)
 
 
-def measure_parts_and_networks(path: str, feeds: dict[str, dict[str, np.ndarray]],
+def measure_parts_and_networks(path: str | dict[str, str],
+                               feeds: dict[str, dict[str, np.ndarray]],
                                files: dict[str, tuple[str, str]], image: np.ndarray | None,
                                threads: int, warmup: int = 10, runs: int = 100,
                                rounds: int = 20) -> dict[str, Latency]:
@@ -170,15 +171,19 @@ def measure_parts_and_networks(path: str, feeds: dict[str, dict[str, np.ndarray]
     machine's slow and quiet spells instead of one getting the quiet one.
     20 rounds, not `measure_many`'s 5: with other processes keeping 1-1.7 of
     2 cores busy, two timings of the same teacher in one 5-round measurement
-    were 18% apart."""
+    were 18% apart.  The parts are signatures of the file at `path`, or of
+    several files ({signature key: file}), one interpreter per file."""
     from ai_edge_litert.interpreter import Interpreter
 
     if runs < MIN_RUNS:
         raise ValueError(f"runs={runs}: a latency needs at least {MIN_RUNS} timed runs")
     if files:
         _check(image, runs)
-    interpreter = Interpreter(model_path=path, num_threads=threads)
-    parts = {key: _invoker(path, feed, threads, key, interpreter, refresh=True)
+    part_files = path if isinstance(path, dict) else {key: path for key in feeds}
+    part_interpreters = {file: Interpreter(model_path=file, num_threads=threads)
+                         for file in set(part_files.values())}
+    parts = {key: _invoker(part_files[key], feed, threads, key,
+                           part_interpreters[part_files[key]], refresh=True)
              for key, feed in feeds.items()}
     # One interpreter per file: networks that are signatures of one file
     # share it, as the parts share theirs (each signature runs its own

@@ -1,5 +1,5 @@
 """Measuring a latency table on this machine: every branch of the student as
-a signature of one float32 .tflite, timed with LiteRT, interleaved with the
+a signature of a float32 .tflite (a few files of ten), timed with LiteRT, interleaved with the
 whole networks the table is calibrated on (`nettailor_tf.latency_table`
 holds the table itself and how it predicts; this module needs TensorFlow,
 the table does not).
@@ -27,6 +27,7 @@ from nettailor_tf.latency_table import (EMPTY_KEY, SAMPLE_PLANS, STUDENT_KEY, TA
                                         plan_keys,
                                         proxy_key, sample_key, stem_key, this_device,
                                         universal_key)
+from nettailor_tf.blocks import NetTailorBlock
 from nettailor_tf.layers import apply_activation, fold_batchnorm
 
 
@@ -91,6 +92,29 @@ def convert_functions(functions: dict) -> bytes:
             return converter.convert()
 
 
+# Signatures per converted file of the table: the converter's time grows
+# faster than the number of signatures of a file (the 80 branches of
+# EfficientNet-Lite0 at 64 px, converted back to back on a busy 2-core
+# machine: 34 s as one file, 20-26 s as eight files of ten, 22 s as four of
+# twenty); the passes run the parts in the same order, one interpreter per file.
+SIGNATURES_PER_FILE = 10
+
+
+def write_grouped(functions: dict, folder: str, prefix: str,
+                  per_file: int = SIGNATURES_PER_FILE) -> dict[str, str]:
+    """Converts `functions` into float32 files of `per_file` signatures each,
+    written into `folder`; returns {signature key: file}."""
+    keys = list(functions)
+    files = {}
+    for start in range(0, len(keys), per_file):
+        group = keys[start:start + per_file]
+        path = os.path.join(folder, f"{prefix}{start // per_file}.tflite")
+        with open(path, "wb") as f:
+            f.write(convert_functions({key: functions[key] for key in group}))
+        files.update({key: path for key in group})
+    return files
+
+
 def branch_feeds(functions: dict, seed: int = 0) -> dict:
     """Random inputs per signature: uint8 images, activations N(0, 1)."""
     rng = np.random.default_rng(seed)
@@ -123,20 +147,18 @@ def measure_table_beside(backbone_name: str, image_size: int, threads: int,
     plan = student_lib.Plan.full(len(backbone.blocks), max_skip)
     student = student_lib.build_student(backbone, 10, plan, "frozen", image_size)
     functions = branch_functions(student, image_size)
-    content = convert_functions(functions)
+    samples = sample_plans(len(backbone.blocks), max_skip)
+    networks = network_functions(student, max_skip, image_size, samples)
     with tempfile.TemporaryDirectory(prefix="nettailor_latency_") as folder:
-        path = os.path.join(folder, "branches.tflite")
-        with open(path, "wb") as f:
-            f.write(content)
-        samples = sample_plans(len(backbone.blocks), max_skip)
-        networks = whole_networks(backbone, max_skip, image_size, folder, samples,
-                                  one_file=True)
+        parts = write_grouped(functions, folder, "branches")
+        files = write_grouped(networks, folder, "networks")
         image = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3),
                                                   dtype=np.uint8)
         with quiet.native_stderr_filtered():
             measured = latency_lib.measure_parts_and_networks(
-                path, branch_feeds(functions), {**networks, **others}, image, threads, warmup,
-                runs)
+                parts, branch_feeds(functions),
+                {**{key: (path, key) for key, path in files.items()}, **others}, image,
+                threads, warmup, runs)
     beside = {name: measured.pop(name) for name in others}
     loads = [v.other_load_cores for v in measured.values() if v.other_load_cores is not None]
     table = LatencyTable(backbone=backbone_name, image_size=image_size, threads=threads,
@@ -203,6 +225,48 @@ def sample_plans(num_blocks: int, max_skip: int | None, count: int = SAMPLE_PLAN
             blocks.append(student_lib.BlockPlan(universal, sources))
         plans[sample_key(index)] = prune_lib.remove_dead_paths(student_lib.Plan(blocks))
     return plans
+
+
+def network_functions(student, max_skip: int | None, image_size: int,
+                      samples: dict | None = None) -> dict:
+    """{TEACHER_KEY, STUDENT_KEY, every key of `samples` ({key: Plan}):
+    (tf.function, its input specs)}: the static serving function of each
+    calibration network, as the export stage writes it, built from the full
+    `student`'s layers (one BN fold of each universal layer, shared: random
+    weights, and float32 time does not depend on them) instead of a student
+    built per network, which cost ~2 s apiece."""
+    num_blocks = len(student.plan.blocks)
+    plans = {TEACHER_KEY: student_lib.Plan.backbone_only(num_blocks),
+             STUDENT_KEY: student_lib.Plan.full(num_blocks, max_skip), **(samples or {})}
+    universal = prune_lib.UniversalLayers()
+    functions = {}
+    for key, plan in plans.items():
+        model = prune_lib.static_model(_sub_student(student, plan), universal=universal)
+        serve = savedmodel.serving_function(savedmodel.Endpoint(model, image_size, False),
+                                            static=True)
+        functions[key] = (serve, list(serve.input_signature))
+    return functions
+
+
+def _sub_student(full, plan):
+    """A student of `plan` (a subset of `full`'s branches) over `full`'s
+    stem, universal blocks, proxies, head and classifier, with fresh gates."""
+    blocks = []
+    for l, block_plan in enumerate(plan.blocks):
+        if not block_plan.live:
+            blocks.append(None)
+            continue
+        block = full.block(l)
+        proxies = dict(zip(full.plan.blocks[l].proxy_sources, block.proxies))
+        tailored = NetTailorBlock(block.universal if block_plan.universal else None,
+                                  [proxies[s] for s in block_plan.proxy_sources],
+                                  block.activation, name=f"tailored{l}")
+        tailored.gate.build()
+        blocks.append(tailored)
+    student = student_lib.Student(full.stem, blocks, full.head, full.classifier, plan,
+                                  full.head_trainable, name="student")
+    student.node_channels = full.node_channels
+    return student
 
 
 def whole_network_content(backbone, plan, image_size: int, num_classes: int = 10) -> bytes:

@@ -14,8 +14,8 @@ measured time of every branch the student can have:
                      block with more than one branch
   head               node L -> features -> logits and probabilities
 
-Each branch is converted to float32 TFLite as one signature of one file and
-timed with the LiteRT interpreter (batch 1, XNNPACK), every pass running
+Each branch is converted to float32 TFLite as a signature of one of a few
+files (`latency_measure.SIGNATURES_PER_FILE` each) and timed with the LiteRT interpreter (batch 1, XNNPACK), every pass running
 each branch once in the network's order with its inputs written just
 before, so that a branch finds the CPU's caches as a forward pass leaves
 them: its inputs there, its weights not (timed alone in a loop, a branch

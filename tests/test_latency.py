@@ -1,4 +1,5 @@
 """LiteRT latency of a signature at batch 1."""
+import shutil
 import time
 import types
 
@@ -30,6 +31,27 @@ def test_median_of_timed_runs(tflite_file):
     result = latency.measure(tflite_file, image, threads=1, runs=60, warmup=3)
     assert result.runs == 60 and result.threads == 1
     assert 0 < result.median_ms < 1000
+
+
+def test_parts_in_several_files_run_on_their_own_files_interpreter(monkeypatch, tflite_file,
+                                                                  tmp_path):
+    """The table's branches come in several files (one conversion of all of
+    them took longer): each part runs on the one interpreter of its file."""
+    other = tmp_path / "other.tflite"
+    shutil.copy(tflite_file, other)
+    used = {}
+
+    def fake_invoker(path, feed, threads, key, interpreter=None, refresh=False):
+        used[key] = (path, interpreter)
+        return (lambda: None, lambda: None) if refresh else (lambda: None)
+
+    monkeypatch.setattr(latency, "_invoker", fake_invoker)
+    files = {"stem": tflite_file, "universal0": str(other), "head": tflite_file}
+    latency.measure_parts_and_networks(files, {key: {} for key in files}, {}, None, threads=1,
+                                       warmup=0, runs=50, rounds=5)
+    assert {key: path for key, (path, _) in used.items()} == files
+    assert used["stem"][1] is used["head"][1]
+    assert used["stem"][1] is not used["universal0"][1]
 
 
 def test_the_figures_are_the_timed_runs_median_and_10th_and_90th_percentiles(monkeypatch):

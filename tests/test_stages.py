@@ -228,3 +228,20 @@ def test_the_time_left_follows_the_pace_of_the_stages_done():
     # Nothing to go by: the first stage, or stages that were skipped (already done).
     assert stages.run_time_left(0.0, (), ("teacher",)) is None
     assert stages.run_time_left(0.4, ("teacher", "student"), ("prune",)) is None
+
+
+def test_restarting_from_export_forgets_the_latency_predictions(tmp_path, mocked_svhn):
+    """They were timed beside the files a restart from export removes: left
+    in the report, the next benchmark stage took them as done and never
+    measured a table beside the new files."""
+    strategy = tf.distribute.get_strategy()
+    config = _config(tmp_path, stages=())
+    stages.run(config, strategy)
+    path = tmp_path / "report.json"
+    report = json.loads(path.read_text())
+    report["tasks"]["svhn_cropped"]["teacher"] = {"accuracy": 0.5, "predicted_latency_ms": 1.0,
+                                                  "predicted_latency_error": 0.1}
+    path.write_text(json.dumps(report))
+    stages.run(dataclasses.replace(config, restart_from="export"), strategy)
+    teacher = json.loads(path.read_text())["tasks"]["svhn_cropped"]["teacher"]
+    assert teacher == {"accuracy": 0.5}
