@@ -27,7 +27,7 @@ def compare(workdirs: list[str], variant: str = "float32", threads: int = 1, run
             rounds: int = 10) -> list[dict]:
     from exporters import latency as latency_lib
     from exporters import savedmodel
-    from nettailor_tf import quiet
+    from nettailor_tf.common import quiet
 
     reports = []
     for workdir in workdirs:

@@ -67,7 +67,8 @@ def predicted_and_measured(workdir: str, image_size: int, threads: int = 1, runs
                            table_out: str | None = None) -> list[dict]:
     from exporters import latency as latency_lib
     from exporters import savedmodel
-    from nettailor_tf import backbones, latency_measure, quiet
+    from nettailor_tf import backbones, latency_measure
+    from nettailor_tf.common import quiet
     from nettailor_tf.latency_table import plan_as_dict
 
     settings, networks, classes = networks_of(workdir, random_plans)

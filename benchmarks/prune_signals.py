@@ -123,7 +123,8 @@ def main(argv):
             f.write(text)
         return
     from nettailor_tf import data as data_lib
-    from nettailor_tf import distribution, quiet
+    from nettailor_tf import distribution
+    from nettailor_tf.common import quiet
 
     quiet.quiet_python_loggers()
     config = config_lib.from_flags(FLAGS)

@@ -31,7 +31,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from exporters import savedmodel, tflite
-from nettailor_tf.errors import first_line
+from nettailor_tf.common.errors import first_line
 
 # Convolutions and dense layers: the ops whose weights the weight-only recipe
 # quantises (input 1), and the axis of their output channels.

@@ -12,14 +12,15 @@ import os
 import keras
 from absl import logging
 
-from nettailor_tf import atomic, latency_measure
+from nettailor_tf import latency_measure
+from nettailor_tf.common import atomic
 from nettailor_tf import latency_table as latency_table_lib
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import prune as prune_lib
 from nettailor_tf import student as student_lib
 from nettailor_tf import weights as weights_lib
 from nettailor_tf.config import Config, ConfigError
-from nettailor_tf.errors import NetTailorError
+from nettailor_tf.common.errors import NetTailorError
 from nettailor_tf.workdir import Workdir, fingerprint
 
 

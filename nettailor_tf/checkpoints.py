@@ -37,8 +37,8 @@ import re
 import tensorflow as tf
 from absl import logging
 
-from nettailor_tf import atomic
-from nettailor_tf.errors import TrainingError
+from nettailor_tf.common import atomic
+from nettailor_tf.common.errors import TrainingError
 
 WINDOW = 20          # steps in the mean loss that is judged
 MIN_STEPS = 5        # a mean of fewer steps is too noisy to judge

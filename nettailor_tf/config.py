@@ -16,7 +16,7 @@ import re
 from absl import flags
 
 from nettailor_tf import decathlon
-from nettailor_tf.errors import NetTailorError
+from nettailor_tf.common.errors import NetTailorError
 from nettailor_tf.options import (OneOf, Range, check_value, option,
                                   max_skip_check, parse_max_skip, parse_search_steps,
                                   search_steps_check)

@@ -19,7 +19,7 @@ from exporters import latency as latency_lib
 from exporters import savedmodel, tflite
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import prune as prune_lib
-from nettailor_tf import quiet
+from nettailor_tf.common import quiet
 from nettailor_tf import student as student_lib
 from nettailor_tf.latency_table import (EMPTY_KEY, SAMPLE_PLANS, STUDENT_KEY, TABLE_FORMAT,
                                         TABLE_RUNS, TEACHER_KEY, LatencyTable, LatencyTableError,

@@ -65,8 +65,8 @@ import platform
 
 import numpy as np
 
-from nettailor_tf import atomic
-from nettailor_tf.errors import NetTailorError
+from nettailor_tf.common import atomic
+from nettailor_tf.common.errors import NetTailorError
 
 TABLE_FORMAT = 3  # 3: sampled pruned networks in the calibration, fitted with an offset
 # Read too (a phone's table from an older benchmarks/latency_table.py); a

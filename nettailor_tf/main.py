@@ -12,7 +12,8 @@ import sys
 from absl import app, flags, logging
 
 from nettailor_tf import config as config_lib
-from nettailor_tf import cpu_kernels, quiet
+from nettailor_tf import cpu_kernels
+from nettailor_tf.common import quiet
 
 FLAGS = flags.FLAGS
 config_lib.define_flags(FLAGS)
@@ -33,7 +34,7 @@ def main(argv):
 
         from nettailor_tf import artifacts, distribution, stages
         from nettailor_tf.data import pipeline
-    from nettailor_tf.errors import NetTailorError
+    from nettailor_tf.common.errors import NetTailorError
 
     quiet.quiet_python_loggers()
     logging.info(cpu_kernels.describe(_pywrap_util_port.IsMklEnabled()))

@@ -17,8 +17,9 @@ import zipfile
 import keras
 import numpy as np
 
-from nettailor_tf.errors import NetTailorError
-from nettailor_tf import atomic, complexity
+from nettailor_tf.common.errors import NetTailorError
+from nettailor_tf import complexity
+from nettailor_tf.common import atomic
 from nettailor_tf.backbones import Backbone, count_params
 from nettailor_tf.layers import PACKAGE, apply_activation, fold_batchnorm
 from nettailor_tf.student import BlockPlan, Plan, Student

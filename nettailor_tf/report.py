@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 
-from nettailor_tf import atomic
+from nettailor_tf.common import atomic
 from nettailor_tf.visualize import latency_prediction_points
 from nettailor_tf.workdir import Workdir, WorkdirError
 

@@ -32,7 +32,7 @@ from nettailor_tf.checkpoints import TrainingCheckpoints
 # train.make_evaluator, train.format_duration: where the stages find them.
 from nettailor_tf.evaluation import make_evaluator  # noqa: F401
 from nettailor_tf.progress import format_duration, ProgressReporter  # noqa: F401
-from nettailor_tf.errors import TrainingError  # noqa: F401 (train.TrainingError)
+from nettailor_tf.common.errors import TrainingError  # noqa: F401 (train.TrainingError)
 from nettailor_tf.schedules import Schedule, StagePlan
 
 

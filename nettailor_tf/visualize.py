@@ -24,7 +24,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from nettailor_tf import atomic
+from nettailor_tf.common import atomic
 
 __all__ = ["plot_architecture", "plot_deployment"]
 

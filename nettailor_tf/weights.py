@@ -32,7 +32,7 @@ from typing import Any, BinaryIO, NamedTuple
 import ml_dtypes  # a dependency of keras and tensorflow; numpy has no bfloat16 of its own
 import numpy as np
 
-from nettailor_tf.errors import NetTailorError
+from nettailor_tf.common.errors import NetTailorError
 
 # The reader holds every storage of a file in memory at once, so a file above this size is
 # refused before it is read (and so is a zip whose storages would inflate past it). The largest

@@ -18,8 +18,8 @@ import os
 import shutil
 import socket
 
-from nettailor_tf import atomic
-from nettailor_tf.errors import NetTailorError
+from nettailor_tf.common import atomic
+from nettailor_tf.common.errors import NetTailorError
 
 SETTINGS_RECORD = "settings.json"
 # Task folders live here, where no run-level file or folder (bundle/,

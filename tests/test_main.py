@@ -204,7 +204,7 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     """No space left: the first write fails with the errno's words and the path."""
     import errno
 
-    from nettailor_tf import atomic
+    from nettailor_tf.common import atomic
 
     def full(path, text):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)

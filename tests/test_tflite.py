@@ -166,7 +166,7 @@ def test_static_files_take_one_uint8_image_and_list_logits_first(exported):
 def test_weight_only_quantisation_keeps_the_log_quiet(exported, capfd, caplog):
     """ai-edge-quantizer's progress bar and its "Serializing model..." line
     stay out of the run's log."""
-    from nettailor_tf import quiet
+    from nettailor_tf.common import quiet
 
     _, paths = exported
     float_content = tflite.convert(paths["task_a"], [savedmodel.SERVING_KEY], "float32")

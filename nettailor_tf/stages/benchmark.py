@@ -19,7 +19,8 @@ from absl import logging
 from exporters import latency as latency_lib
 from exporters import memory as memory_lib
 from exporters import savedmodel
-from nettailor_tf import artifacts, latency_measure, quiet, visualize
+from nettailor_tf import artifacts, latency_measure, visualize
+from nettailor_tf.common import quiet
 from nettailor_tf import prune as prune_lib
 from nettailor_tf import student as student_lib
 from nettailor_tf.config import Config

@@ -7,7 +7,7 @@ Every .tflite file takes one uint8 image [1, S, S, 3] at the trained size
 its class names (`labels.txt`; `labels_<signature>.txt` in the bundle).
 
 Each export directory is built aside and renamed into place whole
-(nettailor_tf/atomic.py), with a manifest (`export.json`) that records the
+(nettailor_tf/common/atomic.py), with a manifest (`export.json`) that records the
 fingerprint of the weights it came from: a finished export is skipped, a
 stale one (the weights changed since) is rebuilt, and a run killed after the
 rename but before the report was written takes the entries from the
@@ -25,7 +25,8 @@ from absl import logging
 
 from exporters import latency as latency_lib
 from exporters import mixed, parity, savedmodel, tflite
-from nettailor_tf import artifacts, atomic, quiet
+from nettailor_tf import artifacts
+from nettailor_tf.common import atomic, quiet
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import data as data_lib
 from nettailor_tf import prune as prune_lib

@@ -18,7 +18,8 @@ from absl import logging
 
 from exporters import latency as latency_lib
 from exporters import parity, savedmodel
-from nettailor_tf import artifacts, quiet
+from nettailor_tf import artifacts
+from nettailor_tf.common import quiet
 from nettailor_tf import data as data_lib
 from nettailor_tf.config import BUNDLE_VARIANTS, Config
 

@@ -6,7 +6,8 @@ import os
 import keras
 from absl import logging
 
-from nettailor_tf import artifacts, atomic, complexity
+from nettailor_tf import artifacts, complexity
+from nettailor_tf.common import atomic
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import data as data_lib
 from nettailor_tf.config import Config
