@@ -30,7 +30,7 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from nettailor_tf import config as config_lib  # noqa: E402  (after the path above)
+from nettailor_tf.settings import config as config_lib  # noqa: E402  (after the path above)
 
 HELD_OUT_SEED = 1  # the table's own calibration networks use seed 0
 

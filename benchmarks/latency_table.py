@@ -26,7 +26,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from nettailor_tf import config as config_lib  # noqa: E402  (after the path above)
+from nettailor_tf.settings import config as config_lib  # noqa: E402  (after the path above)
 from nettailor_tf import latency_measure  # noqa: E402
 from nettailor_tf import latency_table as latency_table_lib  # noqa: E402
 

@@ -34,7 +34,7 @@ import nettailor_tf  # noqa: E402,F401  (before TensorFlow: it chooses the CPU k
 from absl import app, flags  # noqa: E402
 
 import renderers  # noqa: E402
-from nettailor_tf import config as config_lib  # noqa: E402
+from nettailor_tf.settings import config as config_lib  # noqa: E402
 
 config_lib.define_flags(flags.FLAGS)
 flags.DEFINE_list("candidates", ["0", "6", "7", "8", "9", "10", "11", "12"],

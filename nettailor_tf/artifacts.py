@@ -19,7 +19,7 @@ from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import prune as prune_lib
 from nettailor_tf import student as student_lib
 from nettailor_tf import weights as weights_lib
-from nettailor_tf.config import Config, ConfigError
+from nettailor_tf.settings.config import Config, ConfigError
 from nettailor_tf.common.errors import NetTailorError
 from nettailor_tf.workdir import Workdir, fingerprint
 

@@ -21,7 +21,7 @@ from typing import Callable
 import keras
 import numpy as np
 
-from nettailor_tf import config as config_lib
+from nettailor_tf.settings import config as config_lib
 from nettailor_tf import weights as weights_lib
 from nettailor_tf.layers import (BasicBlock, Bottleneck, ConvBN, InvertedResidual, Normalize,
                                  UniversalBlock, fold_batchnorm)

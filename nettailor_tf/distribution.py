@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from nettailor_tf.config import STRATEGIES
+from nettailor_tf.settings.config import STRATEGIES
 
 
 def make_strategy(name: str, num_cpu_devices: int = 1) -> tf.distribute.Strategy:

@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags, logging
 
-from nettailor_tf import config as config_lib
+from nettailor_tf.settings import config as config_lib
 from nettailor_tf import cpu_kernels
 from nettailor_tf.common import quiet
 
@@ -114,7 +114,7 @@ def _file_error(err: OSError, workdir: str) -> str:
 
 def _strategy(config, distribution, tf):
     """The tf.distribute strategy, or a ConfigError naming what is missing."""
-    from nettailor_tf.config import ConfigError
+    from nettailor_tf.settings.config import ConfigError
 
     try:
         strategy = distribution.make_strategy(config.strategy, config.num_cpu_devices)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from nettailor_tf.schedules import Schedule
+from nettailor_tf.settings.schedules import Schedule
 
 # What the rule decides after an evaluation.
 KEEP, IMPROVED, REDUCE, STOP = "keep", "improved", "reduce", "stop"

@@ -20,7 +20,7 @@ from absl import logging
 
 from nettailor_tf.checkpoints import weights_by_path
 from nettailor_tf.plateau import IMPROVED, KEEP, REDUCE, STOP, PlateauState, decide
-from nettailor_tf.schedules import Schedule
+from nettailor_tf.settings.schedules import Schedule
 
 __all__ = ["IMPROVED", "KEEP", "REDUCE", "STOP", "PlateauTracker"]
 

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from nettailor_tf.backbones import Backbone
 from nettailor_tf.blocks import NetTailorBlock, Proxy
-from nettailor_tf.config import UNIVERSAL_BN_MODES
+from nettailor_tf.settings.config import UNIVERSAL_BN_MODES
 from nettailor_tf.layers import Bottleneck, fold_batchnorm
 
 

@@ -33,7 +33,7 @@ from nettailor_tf.checkpoints import TrainingCheckpoints
 from nettailor_tf.evaluation import make_evaluator  # noqa: F401
 from nettailor_tf.progress import format_duration, ProgressReporter  # noqa: F401
 from nettailor_tf.common.errors import TrainingError  # noqa: F401 (train.TrainingError)
-from nettailor_tf.schedules import Schedule, StagePlan
+from nettailor_tf.settings.schedules import Schedule, StagePlan
 
 
 _EVALUATIONS_PER_STAGE = 10

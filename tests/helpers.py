@@ -102,8 +102,8 @@ def run_in_process(capsys, *args):
 def stage_config(workdir, **overrides):
     """A validated Config of the training stages on the tiny backbone and
     mocked svhn_cropped (one epoch each, every step logged and checkpointed)."""
-    from nettailor_tf.config import Config
-    from nettailor_tf.schedules import Schedule
+    from nettailor_tf.settings.config import Config
+    from nettailor_tf.settings.schedules import Schedule
 
     one_epoch = Schedule(epochs=1, batch_size=16, learning_rate=0.05, decay_epochs=1)
     values = dict(workdir=str(workdir), tasks=("tfds:svhn_cropped",),

@@ -58,7 +58,7 @@ def parse(cli, name, monkeypatch):
     values = copy.deepcopy(cli.FLAGS)  # the CLI's definitions, private values
     leftover = values(["nettailor_tf", f"--flagfile={os.path.join(FLAGS_DIR, name)}"])
     assert leftover == ["nettailor_tf"], f"{name}: lines that are not --flags: {leftover[1:]}"
-    from nettailor_tf import config as config_lib
+    from nettailor_tf.settings import config as config_lib
 
     return config_lib.from_flags(values), values
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nettailor_tf import backbones, complexity, config as config_lib
+from nettailor_tf import backbones, complexity
+from nettailor_tf.settings import config as config_lib
 from nettailor_tf import latency_measure, latency_table as lt
 from nettailor_tf import prune, student as student_lib
 from nettailor_tf.stages import nettailor as nettailor_stage

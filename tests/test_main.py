@@ -306,7 +306,7 @@ def test_running_out_of_memory_names_the_flags_to_lower(tmp_path):
 
 def test_the_help_lists_every_backbone():
     proc = run_cli("--helpfull", timeout=120)
-    from nettailor_tf.config import BACKBONES
+    from nettailor_tf.settings.config import BACKBONES
 
     # The --backbone entry, its wrapped lines joined: <name|name|...>.
     entry = proc.stdout[proc.stdout.index("--backbone:"):]

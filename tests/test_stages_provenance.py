@@ -2,7 +2,7 @@
 import dataclasses
 import json
 
-from nettailor_tf.config import Config
+from nettailor_tf.settings.config import Config
 from nettailor_tf.report import Report
 from nettailor_tf.stages import provenance
 from nettailor_tf.workdir import Workdir

@@ -10,7 +10,7 @@ from report_keys import documented, key_paths
 from nettailor_tf import artifacts, prune, stages
 from nettailor_tf import student as student_lib
 from nettailor_tf.report import Report
-from nettailor_tf.schedules import Schedule
+from nettailor_tf.settings.schedules import Schedule
 from nettailor_tf.stages import prune_search
 
 
@@ -298,7 +298,7 @@ def test_zero_shot_scorer_scores_what_the_pruned_network_scores(tmp_path, mocked
 
 
 def test_every_decision_setting_is_in_the_prune_stages_record(tmp_path):
-    from nettailor_tf.stage_settings import stage_settings
+    from nettailor_tf.settings.stage_settings import stage_settings
 
     config = _config(tmp_path, prune_universal=None)
     decisions = {"prune_universal", "prune_proxy_threshold", "prune_universal_threshold",

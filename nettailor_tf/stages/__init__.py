@@ -20,7 +20,7 @@ from nettailor_tf.common import atomic
 from nettailor_tf import data as data_lib
 from nettailor_tf import workdir as workdir_lib
 from nettailor_tf.artifacts import StageError
-from nettailor_tf.config import Config
+from nettailor_tf.settings.config import Config
 from nettailor_tf.report import Report, findings
 from nettailor_tf.stages import benchmark, deploy, provenance, prune_search, submission
 from nettailor_tf.stages.finetune import run_finetune

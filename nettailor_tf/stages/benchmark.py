@@ -23,7 +23,7 @@ from nettailor_tf import artifacts, latency_measure, visualize
 from nettailor_tf.common import quiet
 from nettailor_tf import prune as prune_lib
 from nettailor_tf import student as student_lib
-from nettailor_tf.config import Config
+from nettailor_tf.settings.config import Config
 from nettailor_tf.report import Report
 from nettailor_tf.stages import recommend
 from nettailor_tf.workdir import Workdir

@@ -30,8 +30,8 @@ from nettailor_tf.common import atomic, quiet
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import data as data_lib
 from nettailor_tf import prune as prune_lib
-from nettailor_tf.config import Config
-from nettailor_tf.stage_settings import stage_settings
+from nettailor_tf.settings.config import Config
+from nettailor_tf.settings.stage_settings import stage_settings
 from nettailor_tf.data.tasks import label_names
 from nettailor_tf.report import Report
 from nettailor_tf.stages import recommend

@@ -10,7 +10,7 @@ from nettailor_tf import artifacts, selection
 from nettailor_tf.common import atomic
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import prune as prune_lib
-from nettailor_tf.config import Config
+from nettailor_tf.settings.config import Config
 from nettailor_tf.report import Report
 from nettailor_tf.student import Plan
 from nettailor_tf.stages.nettailor import (gate_values, or_none, prepared_pruned,

@@ -10,7 +10,7 @@ from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import data as data_lib
 from nettailor_tf import student as student_lib
 from nettailor_tf import teacher_cache, train
-from nettailor_tf.config import Config
+from nettailor_tf.settings.config import Config
 from nettailor_tf.losses import cross_entropy, mimic_loss
 from nettailor_tf.train import Trainer
 from nettailor_tf.workdir import Workdir, fingerprint

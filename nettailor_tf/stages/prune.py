@@ -8,7 +8,7 @@ from absl import logging
 
 from nettailor_tf import artifacts, complexity, visualize
 from nettailor_tf import prune as prune_lib
-from nettailor_tf.config import Config
+from nettailor_tf.settings.config import Config
 from nettailor_tf.report import Report
 from nettailor_tf.stages import prune_search
 from nettailor_tf.stages.nettailor import gate_values

@@ -38,8 +38,8 @@ from nettailor_tf.common import atomic
 from nettailor_tf import data as data_lib
 from nettailor_tf import prune as prune_lib
 from nettailor_tf import student as student_lib
-from nettailor_tf.config import Config
-from nettailor_tf.options import WHOLE_FINETUNE
+from nettailor_tf.settings.config import Config
+from nettailor_tf.settings.options import WHOLE_FINETUNE
 from nettailor_tf.common.errors import NetTailorError
 from nettailor_tf.stages.nettailor import (nettailor_trainer, prepared_pruned,
                                            recalibration_batches, selection_accuracy,

@@ -21,7 +21,7 @@ from exporters import parity, savedmodel
 from nettailor_tf import artifacts
 from nettailor_tf.common import quiet
 from nettailor_tf import data as data_lib
-from nettailor_tf.config import BUNDLE_VARIANTS, Config
+from nettailor_tf.settings.config import BUNDLE_VARIANTS, Config
 
 # How much slower than float32 with every core a recommended file may be:
 # the guard is for the 5-9x of hybrid kernels (L6), and two medians of the

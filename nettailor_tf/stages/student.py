@@ -9,7 +9,7 @@ from absl import logging
 from nettailor_tf import artifacts
 from nettailor_tf import gates as gates_lib
 from nettailor_tf import prune as prune_lib
-from nettailor_tf.config import Config
+from nettailor_tf.settings.config import Config
 from nettailor_tf.report import Report
 from nettailor_tf.stages.nettailor import (gate_values, or_none, train_nettailor,
                                            training_outcome)

@@ -23,7 +23,7 @@ from absl import logging
 
 from nettailor_tf import data as data_lib
 from nettailor_tf import artifacts, decathlon
-from nettailor_tf.config import Config
+from nettailor_tf.settings.config import Config
 from nettailor_tf.report import Report
 from nettailor_tf.stages import deploy
 from nettailor_tf.workdir import Workdir

@@ -10,7 +10,7 @@ from nettailor_tf import artifacts, complexity
 from nettailor_tf.common import atomic
 from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import data as data_lib
-from nettailor_tf.config import Config
+from nettailor_tf.settings.config import Config
 from nettailor_tf.losses import cross_entropy
 from nettailor_tf.report import Report
 from nettailor_tf.stages.nettailor import or_none, training_outcome

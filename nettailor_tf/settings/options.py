@@ -1,6 +1,6 @@
 """How a setting is declared: its default, help text and accepted values, once.
 
-`nettailor_tf.config` declares every setting of a run with `option(...)`;
+`nettailor_tf.settings.config` declares every setting of a run with `option(...)`;
 the command-line flags, their absl validators and `Config.validate` are all
 generated from those declarations, so a default or a range is written in one
 place.  Pure Python: the command line answers `--help` without TensorFlow.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from nettailor_tf.options import Range, option
+from nettailor_tf.settings.options import Range, option
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The part of a stage's record that comes from the configuration.
 
 Each setting declares the stages whose results it changes (`option(stages=...)`
-in `nettailor_tf.config`); a stage's record in the ledger holds the values of
+in `nettailor_tf.settings.config`); a stage's record in the ledger holds the values of
 those settings, so that a changed one redoes the stage and a checkpoint
 written under other ones is not resumed (`stages.provenance`).
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from nettailor_tf.config import Config, flag_name, is_schedule
-from nettailor_tf.options import declared_stages
-from nettailor_tf.schedules import Schedule
+from nettailor_tf.settings.config import Config, flag_name, is_schedule
+from nettailor_tf.settings.options import declared_stages
+from nettailor_tf.settings.schedules import Schedule
 
 
 def stage_settings(config: Config, stage: str) -> dict:
