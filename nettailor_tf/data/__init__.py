@@ -19,7 +19,7 @@ Modules, each importing only those listed before it:
 
 * `tasks`      -- `TaskData`, `DataError`, `TASK_SPEC_HELP`, the undecoded source of a task.
 * `split`      -- the stratified seeded splits and `with_validation_split`.
-* `memory`     -- the in-memory tasks mnist5k and digits.
+* `in_memory`  -- the in-memory tasks mnist5k and digits.
 * `tfds_tasks` -- TensorFlow Datasets tasks, the Decathlon test split, VOC object crops.
 * `folders`    -- image-folder tasks.
 * `load`       -- `load_task`, the spec dispatch over the loaders above.

@@ -1,4 +1,4 @@
-"""Tests for nettailor_tf/data/memory.py: the in-memory tasks mnist5k and digits."""
+"""Tests for nettailor_tf/data/in_memory.py: the in-memory tasks mnist5k and digits."""
 
 from __future__ import annotations
 
