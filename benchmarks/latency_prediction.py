@@ -37,8 +37,9 @@ HELD_OUT_SEED = 1  # the table's own calibration networks use seed 0
 
 def networks_of(workdir: str, random_plans: int = 0) -> tuple[dict, dict, dict]:
     """(settings, {(task, network): plan}, {task: classes}) of a finished workdir."""
-    from nettailor_tf import latency_measure, prune
-    from nettailor_tf import student as student_lib
+    from nettailor_tf import latency_measure
+    from nettailor_tf.model import pruning
+    from nettailor_tf.model import student_network
     from nettailor_tf.workdir import Workdir
 
     with open(os.path.join(workdir, "settings.json"), encoding="utf-8") as f:
@@ -48,9 +49,9 @@ def networks_of(workdir: str, random_plans: int = 0) -> tuple[dict, dict, dict]:
     paths = Workdir(workdir)
     networks, classes = {}, {}
     for task, entry in report["tasks"].items():
-        plan, _ = prune.load_plan(paths.plan(task))
+        plan, _ = pruning.load_plan(paths.plan(task))
         networks[(task, "NetTailor")] = plan
-        networks[(task, "teacher")] = student_lib.Plan.backbone_only(len(plan.blocks))
+        networks[(task, "teacher")] = student_network.Plan.backbone_only(len(plan.blocks))
         classes[task] = entry["num_classes"]
     if random_plans:
         max_skip = config_lib.parse_max_skip(str(settings["max_skip"]))
@@ -67,7 +68,8 @@ def predicted_and_measured(workdir: str, image_size: int, threads: int = 1, runs
                            table_out: str | None = None) -> list[dict]:
     from exporters import latency as latency_lib
     from exporters import savedmodel
-    from nettailor_tf import backbones, latency_measure
+    from nettailor_tf import latency_measure
+    from nettailor_tf.model import backbones
     from nettailor_tf.common import quiet
     from nettailor_tf.latency_table import plan_as_dict
 

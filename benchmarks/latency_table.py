@@ -49,19 +49,19 @@ done
 
 
 def _functions(backbone: str, image_size: int, max_skip):
-    from nettailor_tf import backbones as backbones_lib
-    from nettailor_tf import student as student_lib
+    from nettailor_tf.model import backbones as backbones_lib
+    from nettailor_tf.model import student_network
 
     network = backbones_lib.build_backbone(backbone)
-    plan = student_lib.Plan.full(len(network.blocks), max_skip)
-    student = student_lib.build_student(network, 10, plan, "frozen", image_size)
+    plan = student_network.Plan.full(len(network.blocks), max_skip)
+    student = student_network.build_student(network, 10, plan, "frozen", image_size)
     return latency_measure.branch_functions(student, image_size)
 
 
 def write_models(backbone: str, image_size: int, max_skip, out: str, threads: int,
                  runs: int = 200) -> list[str]:
     """One float32 .tflite per table entry, and run_all.sh that times them."""
-    from nettailor_tf import backbones as backbones_lib
+    from nettailor_tf.model import backbones as backbones_lib
 
     os.makedirs(out, exist_ok=True)
     written = []
@@ -86,7 +86,7 @@ def write_models(backbone: str, image_size: int, max_skip, out: str, threads: in
 def collect(backbone: str, image_size: int, max_skip, threads: int, results: str,
             device: str) -> latency_table_lib.LatencyTable:
     """The table from `benchmark_model`'s outputs (<entry>.txt per branch)."""
-    from nettailor_tf import backbones as backbones_lib
+    from nettailor_tf.model import backbones as backbones_lib
 
     expected = list(_functions(backbone, image_size, max_skip))
     samples = latency_measure.sample_plans(len(backbones_lib.build_backbone(backbone).blocks),

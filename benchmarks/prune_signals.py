@@ -57,8 +57,9 @@ def _measure_task(config, strategy, task, candidates):
     import keras
     import numpy as np
 
-    from nettailor_tf import artifacts, complexity, selection
-    from nettailor_tf import prune as prune_lib
+    from nettailor_tf import artifacts, selection
+    from nettailor_tf.model import complexity
+    from nettailor_tf.model import pruning
     from nettailor_tf.stages.nettailor import (nettailor_trainer, prepared_pruned,
                                                teacher_targets)
     from nettailor_tf.stages.prune_search import ZeroShotScorer
@@ -79,11 +80,11 @@ def _measure_task(config, strategy, task, candidates):
     with ZeroShotScorer(config, task, student, ("train", "val")) as scorer:
         reference = scorer(None)
         for n in candidates:
-            plan = prune_lib.prune_plan(student.plan, alphas, n, config.prune_proxy_threshold,
+            plan = pruning.prune_plan(student.plan, alphas, n, config.prune_proxy_threshold,
                                         config.prune_universal_threshold)
             correct = scorer(plan)
             damage = selection.paired(reference, correct)
-            cost = prune_lib.pruned_cost(backbone, plan, size, task.num_classes, student)
+            cost = pruning.pruned_cost(backbone, plan, size, task.num_classes, student)
             agreement = float(np.mean(correct == (teacher_pool == labels_pool)))
             rows.append({"task": task.name, "n": n, "flops_fraction": cost["flops"] / teacher_flops,
                          "zero_shot": {

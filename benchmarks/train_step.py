@@ -84,9 +84,10 @@ def measure_steps(backbone_name, image_size, batch_size, num_classes=10, warmup=
     import keras
     import tensorflow as tf
 
-    from nettailor_tf import backbones, complexity, losses, train
+    from nettailor_tf import train
+    from nettailor_tf.model import backbones, complexity, losses
     from nettailor_tf.stages import nettailor
-    from nettailor_tf import student as student_lib
+    from nettailor_tf.model import student_network
 
     keras.utils.set_random_seed(0)
     strategy = tf.distribute.get_strategy()
@@ -115,8 +116,8 @@ def measure_steps(backbone_name, image_size, batch_size, num_classes=10, warmup=
     # gates trained with CE + complexity + mimic.
     backbone = backbones.build_backbone(backbone_name)
     frozen_teacher = backbones.folded_classifier(teacher_backbone, teacher)
-    plan = student_lib.Plan.full(len(backbone.blocks), max_skip)
-    student = student_lib.build_student(backbone, num_classes, plan, "frozen", image_size)
+    plan = student_network.Plan.full(len(backbone.blocks), max_skip)
+    student = student_network.build_student(backbone, num_classes, plan, "frozen", image_size)
     norm = complexity.universal_network_flops(backbone, image_size)
     costs = [[c / norm for c in row]
              for row in complexity.branch_flops(backbone, plan, image_size)]

@@ -15,10 +15,10 @@ from absl import logging
 from nettailor_tf import latency_measure
 from nettailor_tf.common import atomic
 from nettailor_tf import latency_table as latency_table_lib
-from nettailor_tf import backbones as backbones_lib
-from nettailor_tf import prune as prune_lib
-from nettailor_tf import student as student_lib
-from nettailor_tf import weights as weights_lib
+from nettailor_tf.model import backbones as backbones_lib
+from nettailor_tf.model import pruning
+from nettailor_tf.model import student_network
+from nettailor_tf.model import pretrained as weights_lib
 from nettailor_tf.settings.config import Config, ConfigError
 from nettailor_tf.common.errors import NetTailorError
 from nettailor_tf.workdir import Workdir, fingerprint
@@ -136,11 +136,11 @@ def frozen_teacher(config: Config, task) -> keras.Model:
     return backbones_lib.folded_classifier(backbone, model)
 
 
-def full_student(config: Config, num_classes: int, backbone=None) -> student_lib.Student:
+def full_student(config: Config, num_classes: int, backbone=None) -> student_network.Student:
     """An untrained student: every universal block and every proxy of --max_skip."""
     backbone = backbone or universal_backbone(config)
-    plan = student_lib.Plan.full(len(backbone.blocks), config.max_skip)
-    return student_lib.build_student(backbone, num_classes, plan, config.universal_bn,
+    plan = student_network.Plan.full(len(backbone.blocks), config.max_skip)
+    return student_network.build_student(backbone, num_classes, plan, config.universal_bn,
                                      config.image_size)
 
 
@@ -152,14 +152,14 @@ def trained_student(config: Config, task) -> tuple:
                          f"first (--stages=student)", path=path)
     backbone = _read_only_universal_backbone(config)
     student = full_student(config, task.num_classes, backbone)
-    prune_lib.load_task_state(student, path)
+    pruning.load_task_state(student, path)
     return student, backbone
 
 
-def pruned_network(config: Config, task, plan) -> student_lib.Student:
+def pruned_network(config: Config, task, plan) -> student_network.Student:
     """The network of a pruning `plan` over the universal blocks, before its
     task weights are copied or loaded into it."""
-    return student_lib.build_student(_read_only_universal_backbone(config), task.num_classes,
+    return student_network.build_student(_read_only_universal_backbone(config), task.num_classes,
                                      plan, config.universal_bn, config.image_size)
 
 
@@ -171,9 +171,9 @@ def fine_tuned_network(config: Config, task) -> tuple:
             raise StageError(f"{task.name}: no {os.path.basename(path)} in "
                              f"{os.path.dirname(path)}; run the teacher, student, prune and "
                              f"finetune stages first (same --workdir)", path=path)
-    plan, info = prune_lib.load_plan(paths.plan(task.name))
+    plan, info = pruning.load_plan(paths.plan(task.name))
     network = pruned_network(config, task, plan)
-    prune_lib.load_task_state(network, paths.pruned_state(task.name))
+    pruning.load_task_state(network, paths.pruned_state(task.name))
     return network, plan, info
 
 

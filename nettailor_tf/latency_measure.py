@@ -17,17 +17,17 @@ from ai_edge_litert import __version__ as litert_version  # the runtime timed
 
 from exporters import latency as latency_lib
 from exporters import savedmodel, tflite
-from nettailor_tf import backbones as backbones_lib
-from nettailor_tf import prune as prune_lib
+from nettailor_tf.model import backbones as backbones_lib
+from nettailor_tf.model import pruning as prune_lib
 from nettailor_tf.common import quiet
-from nettailor_tf import student as student_lib
+from nettailor_tf.model import student_network as student_lib
 from nettailor_tf.latency_table import (EMPTY_KEY, SAMPLE_PLANS, STUDENT_KEY, TABLE_FORMAT,
                                         TABLE_RUNS, TEACHER_KEY, LatencyTable, LatencyTableError,
                                         default_cache_dir, head_key, mix_key, plan_as_dict,
                                         plan_keys,
                                         proxy_key, sample_key, stem_key, this_device,
                                         universal_key)
-from nettailor_tf.layers import apply_activation, fold_batchnorm
+from nettailor_tf.model.layers import apply_activation, fold_batchnorm
 
 
 def branch_functions(student, image_size: int) -> dict:

@@ -106,7 +106,7 @@ def test_config_imports_without_tensorflow():
 
 
 def test_backbone_names_match_the_builders():
-    from nettailor_tf import backbones
+    from nettailor_tf.model import backbones
 
     assert backbones.BACKBONES == config_lib.BACKBONES
     for name in config_lib.BACKBONES:

@@ -7,7 +7,7 @@ import pytest
 from helpers import tiny_static_models
 
 from exporters import latency, savedmodel, tflite
-from nettailor_tf.student import BlockPlan, Plan
+from nettailor_tf.model.student_network import BlockPlan, Plan
 
 SIZE = 16
 

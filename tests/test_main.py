@@ -85,7 +85,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, expected):
 
 
 def _truncated_weights(tmp_path):
-    from nettailor_tf.weights import packaged_weights_path
+    from nettailor_tf.model.pretrained import packaged_weights_path
 
     data = open(packaged_weights_path("efficientnet_lite0"), "rb").read()
     path = tmp_path / "truncated.pth"
@@ -118,7 +118,7 @@ def _corrupt_folder(tmp_path):
 
 
 def _packaged_efficientnet(tmp_path):
-    from nettailor_tf.weights import packaged_weights_path
+    from nettailor_tf.model.pretrained import packaged_weights_path
 
     return packaged_weights_path("efficientnet_lite0")
 

@@ -7,7 +7,7 @@ from ai_edge_litert.interpreter import Interpreter
 from helpers import tiny_inverted_residual_backbone, tiny_static_models
 
 from exporters import savedmodel, tflite
-from nettailor_tf.student import BlockPlan, Plan
+from nettailor_tf.model.student_network import BlockPlan, Plan
 
 SIZE = 16
 PLAN_A = Plan([BlockPlan(True, []), BlockPlan(False, [0]), BlockPlan(True, [1]),
@@ -305,13 +305,13 @@ def test_a_gate_as_a_plain_multiply_is_folded_into_the_shared_head(tmp_path, mon
     """Why `prune.Scale` is a depthwise convolution: as a constant multiply,
     task a's gate before the head is folded into the head's convolution,
     and `sharing` names the copy."""
-    from nettailor_tf import prune
+    from nettailor_tf.model import pruning
 
-    class MultiplyScale(prune.Scale):
+    class MultiplyScale(pruning.Scale):
         def call(self, x):
             return x * self.value
 
-    monkeypatch.setattr(prune, "Scale", MultiplyScale)
+    monkeypatch.setattr(pruning, "Scale", MultiplyScale)
     endpoints, path = _ir_bundle(tmp_path)
     found = tflite.sharing(tflite.convert(path, list(endpoints), "float32"))
     assert "head/conv" in found.copies, found

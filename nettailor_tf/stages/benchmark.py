@@ -21,8 +21,8 @@ from exporters import memory as memory_lib
 from exporters import savedmodel
 from nettailor_tf import artifacts, latency_measure, visualize
 from nettailor_tf.common import quiet
-from nettailor_tf import prune as prune_lib
-from nettailor_tf import student as student_lib
+from nettailor_tf.model import pruning as prune_lib
+from nettailor_tf.model import student_network as student_lib
 from nettailor_tf.settings.config import Config
 from nettailor_tf.report import Report
 from nettailor_tf.stages import recommend

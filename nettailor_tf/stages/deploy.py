@@ -27,9 +27,9 @@ from exporters import latency as latency_lib
 from exporters import mixed, parity, savedmodel, tflite
 from nettailor_tf import artifacts
 from nettailor_tf.common import atomic, quiet
-from nettailor_tf import backbones as backbones_lib
+from nettailor_tf.model import backbones as backbones_lib
 from nettailor_tf import data as data_lib
-from nettailor_tf import prune as prune_lib
+from nettailor_tf.model import pruning as prune_lib
 from nettailor_tf.settings.config import Config
 from nettailor_tf.settings.stage_settings import stage_settings
 from nettailor_tf.data.tasks import label_names

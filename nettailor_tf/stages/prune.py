@@ -6,8 +6,9 @@ import os
 
 from absl import logging
 
-from nettailor_tf import artifacts, complexity, visualize
-from nettailor_tf import prune as prune_lib
+from nettailor_tf import artifacts, visualize
+from nettailor_tf.model import complexity
+from nettailor_tf.model import pruning
 from nettailor_tf.settings.config import Config
 from nettailor_tf.report import Report
 from nettailor_tf.stages import prune_search
@@ -22,7 +23,7 @@ def run_prune(config: Config, strategy, task, report: Report) -> bool:
         if report.get(task.name, "architecture_png") is None:
             # Killed after the plan (the stage's commit point) was written but
             # before its drawing was: draw it now from the same inputs.
-            plan, _ = prune_lib.load_plan(path)
+            plan, _ = pruning.load_plan(path)
             student, backbone = artifacts.trained_student(config, task)
             _draw_architecture(config, task, report, student, plan, backbone)
         logging.info("%s: prune stage already done (%s); skipping", task.name, path)
@@ -47,10 +48,10 @@ def run_prune(config: Config, strategy, task, report: Report) -> bool:
                             task.name, config.prune_allowance)
     else:
         num_universal = config.prune_universal or 0
-    pruned = prune_lib.prune_plan(student.plan, alphas, num_universal,
+    pruned = pruning.prune_plan(student.plan, alphas, num_universal,
                                   config.prune_proxy_threshold, config.prune_universal_threshold)
     counts = pruned.counts()
-    prune_lib.save_plan(path, pruned, backbone=config.backbone,
+    pruning.save_plan(path, pruned, backbone=config.backbone,
                         backbone_weights=config.backbone_weights, image_size=config.image_size,
                         universal_blocks=[l for l, b in enumerate(pruned.blocks) if b.universal],
                         prune_universal=num_universal,

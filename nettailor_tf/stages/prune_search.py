@@ -33,11 +33,12 @@ import keras
 import numpy as np
 from absl import logging
 
-from nettailor_tf import artifacts, complexity, selection
+from nettailor_tf import artifacts, selection
+from nettailor_tf.model import complexity
 from nettailor_tf.common import atomic
 from nettailor_tf import data as data_lib
-from nettailor_tf import prune as prune_lib
-from nettailor_tf import student as student_lib
+from nettailor_tf.model import pruning
+from nettailor_tf.model import student_network
 from nettailor_tf.settings.config import Config
 from nettailor_tf.settings.options import WHOLE_FINETUNE
 from nettailor_tf.common.errors import NetTailorError
@@ -70,7 +71,7 @@ class ZeroShotScorer:
 
     def __init__(self, config: Config, task, student, splits):
         self.config, self.task, self.student, self.splits = config, task, student, tuple(splits)
-        self.recalibrate = student_lib.BatchNormRecalibrator(student)
+        self.recalibrate = student_network.BatchNormRecalibrator(student)
         self.answer = selection.answer_function(
             lambda images: student(images, training=False, mimic=False)[0])
         # The same batches `prepared_pruned` re-estimates on, decoded once.
@@ -86,7 +87,7 @@ class ZeroShotScorer:
         None: the unpruned student, statistics as trained)."""
         self._restore()  # the mask's shares are read off the student's own gates
         if plan is not None:
-            prune_lib.mask_student(self.student, plan)
+            pruning.mask_student(self.student, plan)
             self.recalibrate(self.batches)
         predicted, labels = selection.answers(self.answer, self.task, self.config.image_size,
                                               self.config.eval_batch_size, self.splits)
@@ -167,10 +168,10 @@ class PruneSearch:
     def plan(self, n: int):
         """Candidate n's plan, or None where pruning would leave no path."""
         try:
-            return prune_lib.prune_plan(self.student.plan, self.alphas, n,
+            return pruning.prune_plan(self.student.plan, self.alphas, n,
                                         self.config.prune_proxy_threshold,
                                         self.config.prune_universal_threshold)
-        except prune_lib.PruneError:
+        except pruning.PruneError:
             return None
 
     # --- zero-shot scores ----------------------------------------------------

@@ -6,11 +6,11 @@ from helpers import randomize_weights, task_layers
 import pytest
 import tensorflow as tf
 
-from nettailor_tf import backbones
-from nettailor_tf.losses import cross_entropy, mimic_loss
-from nettailor_tf.prune import mask_student
-from nettailor_tf.student import (BlockPlan, Plan, build_student, copy_task_weights,
-                                  recalibrate_batchnorm)
+from nettailor_tf.model import backbones
+from nettailor_tf.model.losses import cross_entropy, mimic_loss
+from nettailor_tf.model.pruning import mask_student
+from nettailor_tf.model.student_network import (BlockPlan, Plan, build_student, copy_task_weights,
+                                                recalibrate_batchnorm)
 
 NUM_CLASSES = 5
 IMAGE_SIZE = 32

@@ -10,9 +10,9 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from nettailor_tf.backbones import Backbone
-from nettailor_tf.layers import BasicBlock, Bottleneck, ConvBN, InvertedResidual, Normalize
-from nettailor_tf.student import proxy_hidden_channels
+from nettailor_tf.model.backbones import Backbone
+from nettailor_tf.model.layers import BasicBlock, Bottleneck, ConvBN, InvertedResidual, Normalize
+from nettailor_tf.model.student_network import proxy_hidden_channels
 
 Shape = tuple  # (batch, height, width, channels)
 

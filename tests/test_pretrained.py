@@ -1,4 +1,4 @@
-"""Tests for nettailor_tf.weights: torch-free .pth reading that never runs code from the file."""
+"""Tests for nettailor_tf.model.pretrained: torch-free .pth reading that never runs code from the file."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from nettailor_tf import weights
-from nettailor_tf.weights import (
+from nettailor_tf.model import pretrained
+from nettailor_tf.model.pretrained import (
     WeightsError,
     assign_state_dict,
     conv_kernel,
@@ -268,7 +268,7 @@ def test_non_tensor_entries_are_refused(tmp_path):
 # worker that started it (1.3 GiB once that worker has run the training tests).
 _PEAK_SCRIPT = """
 import resource, sys
-from nettailor_tf.weights import WeightsError, read_torch_state_dict
+from nettailor_tf.model.pretrained import WeightsError, read_torch_state_dict
 
 def peak():
     try:
@@ -380,7 +380,7 @@ def test_wrong_shapes_are_named_before_any_tensor_data_is_read(tmp_path, contain
     def no_reading(*args):
         raise AssertionError("tensor data was read")
 
-    monkeypatch.setattr(weights, "_array", no_reading)
+    monkeypatch.setattr(pretrained, "_array", no_reading)
     with pytest.raises(WeightsError) as caught:
         load_state_dict(str(path), _targets(variables), backbone="backbone tiny")
     assert str(caught.value) == (f"weights file {path} does not fit backbone tiny: "
@@ -391,7 +391,7 @@ def test_wrong_shapes_are_named_before_any_tensor_data_is_read(tmp_path, contain
 def test_file_over_the_size_limit_is_refused_unread(tmp_path, monkeypatch):
     state, _ = _sample_state()
     path = write_zip(tmp_path / "huge.pth", state)
-    monkeypatch.setattr(weights, "MAX_WEIGHTS_BYTES", 1024)
+    monkeypatch.setattr(pretrained, "MAX_WEIGHTS_BYTES", 1024)
     monkeypatch.setattr(zipfile, "ZipFile", None)  # never opened
     with pytest.raises(WeightsError) as caught:
         read_torch_state_dict(str(path))
@@ -404,7 +404,7 @@ def test_zip_that_inflates_past_the_limit_is_refused(tmp_path, monkeypatch):
     zeros = _Storage("0", "FloatStorage", np.zeros(2**20, np.float32))  # 4 MiB of zeros, deflated to 4 KiB
     path = write_zip(tmp_path / "inflates.pth", {"w": _TensorView(zeros, 0, (2**20,), (1,))},
                      compression=zipfile.ZIP_DEFLATED)
-    monkeypatch.setattr(weights, "MAX_WEIGHTS_BYTES", 2**20)
+    monkeypatch.setattr(pretrained, "MAX_WEIGHTS_BYTES", 2**20)
     assert path.stat().st_size < 2**20
     with pytest.raises(WeightsError, match=r"inflates\.pth refused: its tensors hold 4\.0 MiB, over the 1\.0 MiB"):
         read_torch_state_dict(str(path))

@@ -22,9 +22,9 @@ import keras
 import numpy as np
 
 from nettailor_tf.settings import config as config_lib
-from nettailor_tf import weights as weights_lib
-from nettailor_tf.layers import (BasicBlock, Bottleneck, ConvBN, InvertedResidual, Normalize,
-                                 UniversalBlock, fold_batchnorm)
+from nettailor_tf.model import pretrained
+from nettailor_tf.model.layers import (BasicBlock, Bottleneck, ConvBN, InvertedResidual, Normalize,
+                                       UniversalBlock, fold_batchnorm)
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -284,12 +284,12 @@ def _bn_targets(bn: keras.layers.BatchNormalization, prefix: str) -> dict:
 
 
 def _convbn_targets(layer: ConvBN, conv: str, bn: str) -> dict:
-    to_keras = weights_lib.depthwise_kernel if layer.depthwise else weights_lib.conv_kernel
+    to_keras = pretrained.depthwise_kernel if layer.depthwise else pretrained.conv_kernel
     return {f"{conv}.weight": (layer.conv.kernel, to_keras), **_bn_targets(layer.bn, bn)}
 
 
 def _dense_targets(dense: keras.layers.Dense, prefix: str) -> dict:
-    return {f"{prefix}.weight": (dense.kernel, weights_lib.dense_kernel),
+    return {f"{prefix}.weight": (dense.kernel, pretrained.dense_kernel),
             f"{prefix}.bias": (dense.bias, None)}
 
 
@@ -355,9 +355,9 @@ def load_backbone_weights(backbone: Backbone, source: str,
     """
     if source.endswith(".weights.h5"):
         if imagenet_classifier is not None:
-            raise weights_lib.WeightsError(f"{source} holds no ImageNet classifier")
+            raise pretrained.WeightsError(f"{source} holds no ImageNet classifier")
         if not os.path.exists(source):
-            raise weights_lib.WeightsError(f"weights file {source} does not exist")
+            raise pretrained.WeightsError(f"weights file {source} does not exist")
         model = _backbone_model(backbone)
         values = [v.numpy() for v in model.weights]
         try:
@@ -365,13 +365,13 @@ def load_backbone_weights(backbone: Backbone, source: str,
         except (ValueError, OSError) as err:  # keras assigns what fits before it raises
             for variable, value in zip(model.weights, values):
                 variable.assign(value)
-            raise weights_lib.keras_weights_error(source, f"backbone {backbone.name}", err) from None
+            raise pretrained.keras_weights_error(source, f"backbone {backbone.name}", err) from None
         return
     if source == "imagenet" and backbone.name in DOWNLOADED_IMAGENET:
         try:
             reference = keras.applications.ResNet50(weights="imagenet")
         except Exception as err:  # no network: urllib/OSError subclasses vary
-            raise weights_lib.WeightsError(
+            raise pretrained.WeightsError(
                 f"keras.applications could not download the ResNet-50 ImageNet weights "
                 f"({type(err).__name__}); on an offline machine pass a torchvision .pth with "
                 f"--backbone=resnet50") from None
@@ -379,14 +379,14 @@ def load_backbone_weights(backbone: Backbone, source: str,
         return
     if source == "imagenet":
         if backbone.name not in PACKAGED_IMAGENET:
-            raise weights_lib.WeightsError(
+            raise pretrained.WeightsError(
                 f"no packaged ImageNet weights for {backbone.name}: pass a torchvision .pth "
                 f"file (packaged: {', '.join(PACKAGED_IMAGENET)})")
-        path = weights_lib.packaged_weights_path(backbone.name)
+        path = pretrained.packaged_weights_path(backbone.name)
     else:
         path = source
     if backbone.name not in _TORCH_LAYOUTS:
-        raise weights_lib.WeightsError(
+        raise pretrained.WeightsError(
             f"{backbone.name} has no torch layout; load a .weights.h5 written by this package")
     targets, fc = _TORCH_LAYOUTS[backbone.name](backbone)
     if imagenet_classifier is not None:
@@ -395,7 +395,7 @@ def load_backbone_weights(backbone: Backbone, source: str,
     else:
         ignore = lambda key: key.endswith("num_batches_tracked") or key.startswith(fc + ".")
     # Names and shapes are checked before any tensor data is read.
-    weights_lib.load_state_dict(path, targets, ignore=ignore, backbone=f"backbone {backbone.name}")
+    pretrained.load_state_dict(path, targets, ignore=ignore, backbone=f"backbone {backbone.name}")
 
 
 def load_keras_resnet50(backbone: Backbone, reference: keras.Model,
@@ -408,7 +408,7 @@ def load_keras_resnet50(backbone: Backbone, reference: keras.Model,
     channels, so the model takes RGB like every other backbone.
     """
     if backbone.name != "resnet50_keras":
-        raise weights_lib.WeightsError(f"keras ResNet50 weights need --backbone=resnet50_keras, "
+        raise pretrained.WeightsError(f"keras ResNet50 weights need --backbone=resnet50_keras, "
                                        f"not {backbone.name}")
 
     def copy(layer: ConvBN, prefix: str, bgr: bool = False) -> None:

@@ -6,12 +6,12 @@ import numpy as np
 from helpers import randomize_weights, task_layers
 import pytest
 
-from nettailor_tf import backbones, complexity, prune
-from nettailor_tf.blocks import NetTailorBlock, Proxy
-from nettailor_tf.gates import Gate
-from nettailor_tf.layers import BasicBlock
-from nettailor_tf.prune import PruneError, prune_plan, remove_dead_paths
-from nettailor_tf.student import BlockPlan, Plan, build_student, copy_task_weights
+from nettailor_tf.model import backbones, complexity, pruning
+from nettailor_tf.model.blocks import NetTailorBlock, Proxy
+from nettailor_tf.model.gates import Gate
+from nettailor_tf.model.layers import BasicBlock
+from nettailor_tf.model.pruning import PruneError, prune_plan, remove_dead_paths
+from nettailor_tf.model.student_network import BlockPlan, Plan, build_student, copy_task_weights
 
 NUM_CLASSES = 5
 IMAGE_SIZE = 32
@@ -120,7 +120,7 @@ def trained():
     randomize_weights(task_layers(full), 1)
     pruned = build_student(backbone, NUM_CLASSES, PRUNED, "frozen", IMAGE_SIZE)
     copy_task_weights(full, pruned)
-    prune.mask_student(full, PRUNED)
+    pruning.mask_student(full, PRUNED)
     images = np.random.default_rng(2).uniform(0, 255, (4, IMAGE_SIZE, IMAGE_SIZE, 3))
     return backbone, full, pruned, images.astype(np.float32)
 
@@ -132,7 +132,7 @@ def _layers_of(model):
 def test_static_model_equals_the_masked_full_student(trained):
     """Same logits as the masked full student, with no gates and no pruned branch inside."""
     _, full, pruned, images = trained
-    static = prune.static_model(pruned)
+    static = pruning.static_model(pruned)
     np.testing.assert_allclose(static(images).numpy(), full(images, training=False)[0].numpy(),
                                rtol=1e-4, atol=1e-4)
     layers = _layers_of(static)
@@ -146,7 +146,7 @@ def test_static_model_equals_the_masked_full_student(trained):
 def test_static_model_keras_round_trip(trained, tmp_path):
     """The static network survives a `.keras` save and load."""
     _, _, pruned, images = trained
-    static = prune.static_model(pruned)
+    static = pruning.static_model(pruned)
     path = str(tmp_path / "static.keras")
     static.save(path)
     restored = keras.saving.load_model(path)
@@ -156,7 +156,7 @@ def test_static_model_keras_round_trip(trained, tmp_path):
 def test_pruned_cost_by_hand(trained):
     """Multiply-adds and parameters of the PRUNED plan at 32 px, counted by hand."""
     backbone, _, pruned, _ = trained
-    cost = prune.pruned_cost(backbone, PRUNED, IMAGE_SIZE, NUM_CLASSES, pruned)
+    cost = pruning.pruned_cost(backbone, PRUNED, IMAGE_SIZE, NUM_CLASSES, pruned)
     # Tiny at 32 px: node 0..2 are 16x16x8, node 3..4 are 8x8x16.
     stem = 16 * 16 * 9 * 3 * 8
     universal = (2 * 16 * 16 * 9 * 8 * 8                                    # block 0
@@ -194,11 +194,11 @@ def test_task_state_round_trip(trained, tmp_path):
     is in the file."""
     backbone, full, _, images = trained
     path = str(tmp_path / "task.npz")
-    prune.save_task_state(full, path)
+    pruning.save_task_state(full, path)
     fresh = build_student(backbone, NUM_CLASSES, Plan.full(4, 3), "frozen", IMAGE_SIZE)
     assert not np.allclose(fresh(images)[0].numpy(), full(images)[0].numpy(), atol=1e-3)
-    prune.load_task_state(fresh, path)
-    state, restored = prune.task_state(full), prune.task_state(fresh)
+    pruning.load_task_state(fresh, path)
+    state, restored = pruning.task_state(full), pruning.task_state(fresh)
     assert sorted(state) == sorted(restored)
     for key in state:
         np.testing.assert_array_equal(state[key], restored[key], err_msg=key)
@@ -215,7 +215,7 @@ def test_task_state_includes_universal_statistics_in_task_mode():
     """With universal_bn='task' the re-estimated universal BN statistics are task state."""
     backbone = backbones.build_backbone("tiny")
     student = build_student(backbone, NUM_CLASSES, Plan.full(4, 1), "task", IMAGE_SIZE)
-    state = prune.task_state(student)
+    state = pruning.task_state(student)
     statistics = {v.path for l in [backbone.stem, *backbone.blocks] for v in l.weights
                   if v.name in ("moving_mean", "moving_variance")}
     assert len(statistics) == 20 and statistics <= set(state)
@@ -228,17 +228,17 @@ def test_load_task_state_rejects_another_plan(trained, tmp_path):
     """A file from another plan is refused rather than half loaded."""
     backbone, _, pruned, _ = trained
     path = str(tmp_path / "pruned.npz")
-    prune.save_task_state(pruned, path)
+    pruning.save_task_state(pruned, path)
     other = build_student(backbone, NUM_CLASSES, Plan.full(4, 1), "frozen", IMAGE_SIZE)
     with pytest.raises(ValueError):
-        prune.load_task_state(other, path)
+        pruning.load_task_state(other, path)
 
 
 def test_plan_file_round_trip(tmp_path):
     """save_plan/load_plan keep the plan and the extra information."""
     path = str(tmp_path / "plan.json")
-    prune.save_plan(path, PRUNED, accuracy=0.75, prune_universal=1)
-    plan, data = prune.load_plan(path)
+    pruning.save_plan(path, PRUNED, accuracy=0.75, prune_universal=1)
+    plan, data = pruning.load_plan(path)
     assert plan == PRUNED
     assert data["accuracy"] == 0.75 and data["prune_universal"] == 1
     assert json.load(open(path))["blocks"][1] == {"universal": False, "proxy_sources": [0]}
@@ -246,16 +246,16 @@ def test_plan_file_round_trip(tmp_path):
 
 
 def test_damaged_task_files_are_named_with_what_to_do(tmp_path):
-    from nettailor_tf import backbones
-    from nettailor_tf.student import Plan, build_student
+    from nettailor_tf.model import backbones
+    from nettailor_tf.model.student_network import Plan, build_student
 
     plan_file = tmp_path / "plan.json"
     plan_file.write_text('{"blocks": [')
-    with pytest.raises(prune.DamagedFileError, match=r"plan.json cannot be read .*delete it"):
-        prune.load_plan(str(plan_file))
+    with pytest.raises(pruning.DamagedFileError, match=r"plan.json cannot be read .*delete it"):
+        pruning.load_plan(str(plan_file))
     student = build_student(backbones.build_backbone("tiny"), 3, Plan.full(4, 3), "frozen", 16)
     state = tmp_path / "nettailor.npz"
-    prune.save_task_state(student, str(state))
+    pruning.save_task_state(student, str(state))
     state.write_bytes(state.read_bytes()[:200])
-    with pytest.raises(prune.DamagedFileError, match=r"nettailor.npz cannot be read"):
-        prune.load_task_state(student, str(state))
+    with pytest.raises(pruning.DamagedFileError, match=r"nettailor.npz cannot be read"):
+        pruning.load_task_state(student, str(state))

@@ -13,10 +13,10 @@ import json
 import keras
 import tensorflow as tf
 
-from nettailor_tf.backbones import Backbone
-from nettailor_tf.blocks import NetTailorBlock, Proxy
+from nettailor_tf.model.backbones import Backbone
+from nettailor_tf.model.blocks import NetTailorBlock, Proxy
 from nettailor_tf.settings.config import UNIVERSAL_BN_MODES
-from nettailor_tf.layers import Bottleneck, fold_batchnorm
+from nettailor_tf.model.layers import Bottleneck, fold_batchnorm
 
 
 @dataclasses.dataclass

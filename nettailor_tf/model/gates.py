@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from nettailor_tf.layers import PACKAGE
+from nettailor_tf.model.layers import PACKAGE
 
 UNIVERSAL_LOGIT = 2.0  # alpha_universal about 0.95 with 3 proxies at the start
 PROXY_LOGIT = -2.0

@@ -18,11 +18,11 @@ import keras
 import numpy as np
 
 from nettailor_tf.common.errors import NetTailorError
-from nettailor_tf import complexity
+from nettailor_tf.model import complexity
 from nettailor_tf.common import atomic
-from nettailor_tf.backbones import Backbone, count_params
-from nettailor_tf.layers import PACKAGE, apply_activation, fold_batchnorm
-from nettailor_tf.student import BlockPlan, Plan, Student
+from nettailor_tf.model.backbones import Backbone, count_params
+from nettailor_tf.model.layers import PACKAGE, apply_activation, fold_batchnorm
+from nettailor_tf.model.student_network import BlockPlan, Plan, Student
 
 
 class PruneError(NetTailorError, ValueError):
