@@ -57,7 +57,8 @@ def _measure_task(config, strategy, task, candidates):
     import keras
     import numpy as np
 
-    from nettailor_tf import artifacts, selection
+    from nettailor_tf import artifacts
+    from nettailor_tf.training import selection
     from nettailor_tf.model import complexity
     from nettailor_tf.model import pruning
     from nettailor_tf.stages.nettailor import (nettailor_trainer, prepared_pruned,
@@ -124,7 +125,7 @@ def main(argv):
             f.write(text)
         return
     from nettailor_tf import data as data_lib
-    from nettailor_tf import distribution
+    from nettailor_tf.training import distribution
     from nettailor_tf.common import quiet
 
     quiet.quiet_python_loggers()

@@ -84,7 +84,7 @@ def measure_steps(backbone_name, image_size, batch_size, num_classes=10, warmup=
     import keras
     import tensorflow as tf
 
-    from nettailor_tf import train
+    from nettailor_tf.training import train
     from nettailor_tf.model import backbones, complexity, losses
     from nettailor_tf.stages import nettailor
     from nettailor_tf.model import student_network
@@ -130,7 +130,7 @@ def measure_steps(backbone_name, image_size, batch_size, num_classes=10, warmup=
     # The same step with the teacher's targets looked up instead of computed
     # (what the stages do for tasks without augmentation): a table of the
     # batch's own targets, indexed by position.
-    from nettailor_tf import teacher_cache
+    from nettailor_tf.training import teacher_cache
 
     images, _ = batch
     logits, endpoints = frozen_teacher(images, training=False)

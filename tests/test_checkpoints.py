@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nettailor_tf import checkpoints, data, train
+from nettailor_tf import data
+from nettailor_tf.training import checkpoints, train
 from nettailor_tf.model import backbones
 from nettailor_tf.model.losses import cross_entropy
 

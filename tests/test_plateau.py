@@ -5,7 +5,7 @@ import math
 import pytest
 
 from nettailor_tf.settings.config import Config, ConfigError
-from nettailor_tf.plateau import IMPROVED, KEEP, REDUCE, STOP, PlateauState, decide
+from nettailor_tf.training.plateau import IMPROVED, KEEP, REDUCE, STOP, PlateauState, decide
 from nettailor_tf.settings.schedules import Schedule
 
 

@@ -25,7 +25,7 @@ from nettailor_tf import latency_table
 from nettailor_tf import predict, stages
 from nettailor_tf.settings.config import Config
 from nettailor_tf.stages import deploy, recommend
-from nettailor_tf.train import Schedule
+from nettailor_tf.training.train import Schedule
 
 ONE_EPOCH = Schedule(epochs=1, batch_size=16, learning_rate=0.05, decay_epochs=1)
 SIZE = 16

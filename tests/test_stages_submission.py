@@ -15,7 +15,7 @@ from PIL import Image
 
 from nettailor_tf import decathlon, stages
 from nettailor_tf.settings.config import Config
-from nettailor_tf.train import Schedule
+from nettailor_tf.training.train import Schedule
 
 ONE_EPOCH = Schedule(epochs=1, batch_size=16, learning_rate=0.05, decay_epochs=1)
 # Long enough for the pruned network to tell colours apart: predictions of

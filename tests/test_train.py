@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nettailor_tf import data, progress, train
+from nettailor_tf import data
+from nettailor_tf.training import progress, train
 from nettailor_tf.model import backbones
 from nettailor_tf.model.losses import cross_entropy
 

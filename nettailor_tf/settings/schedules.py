@@ -39,7 +39,7 @@ class Schedule:
     min_steps: int = option(0, "Fewest optimiser steps of {what}: a small data set gets more "
                             "epochs (whole epochs, derived and logged). With "
                             "--{stage}_plateau, of its cap.", check=Range(0))
-    # The plateau rule (`nettailor_tf.plateau`): Keras' ReduceLROnPlateau and
+    # The plateau rule (`nettailor_tf.training.plateau`): Keras' ReduceLROnPlateau and
     # EarlyStopping on the validation loss, with their parameter names.
     plateau: bool = option(
         False, "Train {what} until its validation loss stops improving instead of for a "

@@ -15,7 +15,8 @@ import time
 import keras
 from absl import logging
 
-from nettailor_tf import artifacts, distribution, train
+from nettailor_tf import artifacts
+from nettailor_tf.training import distribution, train
 from nettailor_tf.common import atomic
 from nettailor_tf import data as data_lib
 from nettailor_tf import workdir as workdir_lib

@@ -6,7 +6,8 @@ import os
 import keras
 from absl import logging
 
-from nettailor_tf import artifacts, selection
+from nettailor_tf import artifacts
+from nettailor_tf.training import selection
 from nettailor_tf.common import atomic
 from nettailor_tf.model import backbones as backbones_lib
 from nettailor_tf.model import pruning

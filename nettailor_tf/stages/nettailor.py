@@ -10,10 +10,10 @@ from nettailor_tf.model import complexity
 from nettailor_tf.model import backbones as backbones_lib
 from nettailor_tf import data as data_lib
 from nettailor_tf.model import student_network as student_lib
-from nettailor_tf import teacher_cache, train
+from nettailor_tf.training import teacher_cache, train
 from nettailor_tf.settings.config import Config
 from nettailor_tf.model.losses import cross_entropy, mimic_loss
-from nettailor_tf.train import Trainer
+from nettailor_tf.training.train import Trainer
 from nettailor_tf.workdir import Workdir, fingerprint
 
 

@@ -33,7 +33,8 @@ import keras
 import numpy as np
 from absl import logging
 
-from nettailor_tf import artifacts, selection
+from nettailor_tf import artifacts
+from nettailor_tf.training import selection
 from nettailor_tf.model import complexity
 from nettailor_tf.common import atomic
 from nettailor_tf import data as data_lib

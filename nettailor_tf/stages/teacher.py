@@ -15,7 +15,7 @@ from nettailor_tf.settings.config import Config
 from nettailor_tf.model.losses import cross_entropy
 from nettailor_tf.report import Report
 from nettailor_tf.stages.nettailor import or_none, training_outcome
-from nettailor_tf.train import Trainer
+from nettailor_tf.training.train import Trainer
 from nettailor_tf.workdir import Workdir
 
 

@@ -27,11 +27,11 @@ import tensorflow as tf
 from absl import logging
 
 from nettailor_tf import data as data_lib
-from nettailor_tf import stopping
-from nettailor_tf.checkpoints import TrainingCheckpoints
+from nettailor_tf.training import stopping
+from nettailor_tf.training.checkpoints import TrainingCheckpoints
 # train.make_evaluator, train.format_duration: where the stages find them.
-from nettailor_tf.evaluation import make_evaluator  # noqa: F401
-from nettailor_tf.progress import format_duration, ProgressReporter  # noqa: F401
+from nettailor_tf.training.evaluation import make_evaluator  # noqa: F401
+from nettailor_tf.training.progress import format_duration, ProgressReporter  # noqa: F401
 from nettailor_tf.common.errors import TrainingError  # noqa: F401 (train.TrainingError)
 from nettailor_tf.settings.schedules import Schedule, StagePlan
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import tensorflow as tf
 from absl import logging
 
-from nettailor_tf.checkpoints import weights_by_path
-from nettailor_tf.plateau import IMPROVED, KEEP, REDUCE, STOP, PlateauState, decide
+from nettailor_tf.training.checkpoints import weights_by_path
+from nettailor_tf.training.plateau import IMPROVED, KEEP, REDUCE, STOP, PlateauState, decide
 from nettailor_tf.settings.schedules import Schedule
 
 __all__ = ["IMPROVED", "KEEP", "REDUCE", "STOP", "PlateauTracker"]
