@@ -12,9 +12,9 @@ import os
 import keras
 from absl import logging
 
-from nettailor_tf import latency_measure
+from nettailor_tf.latency import measure
 from nettailor_tf.common import atomic
-from nettailor_tf import latency_table as latency_table_lib
+from nettailor_tf.latency import table as latency_table_lib
 from nettailor_tf.model import backbones as backbones_lib
 from nettailor_tf.model import pruning
 from nettailor_tf.model import student_network
@@ -200,7 +200,7 @@ def latency_table(config: Config, threads: int | None = None):
     else:
         logging.info("latency table: %s at %d px, %d thread%s, on this machine", config.backbone,
                      config.image_size, threads, "" if threads == 1 else "s")
-        table, cached = latency_measure.cached_table(
+        table, cached = measure.cached_table(
             config.backbone, config.image_size, threads, config.max_skip,
             config.latency_cache_dir)
         logging.info("latency table: %s %s (fingerprint %s)", "read from" if cached else

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from nettailor_tf.model import backbones, complexity
 from nettailor_tf.settings import config as config_lib
-from nettailor_tf import latency_measure, latency_table as lt
+from nettailor_tf.latency import measure as latency_measure, table as lt
 from nettailor_tf.model import pruning, student_network
 from nettailor_tf.stages import nettailor as nettailor_stage
 
@@ -239,7 +239,7 @@ def test_prediction_matches_the_exported_network(tmp_path):
     quiet machine, are in the README).  With the suite's two workers timing
     at once, a factor of 1.6 still catches a branch missed or counted
     twice."""
-    from exporters import latency as latency_lib
+    from exporters import timing
 
     table, _ = latency_measure.cached_table("tiny", 48, 1, 2, str(tmp_path / "cache"))
     backbone = backbones.build_backbone("tiny")
@@ -251,6 +251,6 @@ def test_prediction_matches_the_exported_network(tmp_path):
     path = tmp_path / "pruned.tflite"
     path.write_bytes(latency_measure.whole_network_content(backbone, plan, 48))
     image = rng.integers(0, 256, (1, 48, 48, 3), dtype=np.uint8)
-    measured = latency_lib.measure(str(path), image, 1, runs=300).median_ms
+    measured = timing.measure(str(path), image, 1, runs=300).median_ms
     predicted = table.predict_ms(plan)
     assert measured / 1.6 < predicted < measured * 1.6, (predicted, measured)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from exporters import parity, savedmodel, tflite
 from nettailor_tf import data as data_lib
-from nettailor_tf import latency_table
+from nettailor_tf.latency import table as latency_table
 from nettailor_tf import predict, stages
 from nettailor_tf.settings.config import Config
 from nettailor_tf.stages import deploy, recommend

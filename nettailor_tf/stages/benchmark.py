@@ -16,10 +16,11 @@ import os
 
 from absl import logging
 
-from exporters import latency as latency_lib
+from exporters import timing as latency_lib
 from exporters import memory as memory_lib
 from exporters import savedmodel
-from nettailor_tf import artifacts, latency_measure, visualize
+from nettailor_tf import artifacts, visualize
+from nettailor_tf.latency import measure as latency_measure
 from nettailor_tf.common import quiet
 from nettailor_tf.model import pruning as prune_lib
 from nettailor_tf.model import student_network as student_lib

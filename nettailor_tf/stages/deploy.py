@@ -23,7 +23,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from exporters import latency as latency_lib
+from exporters import timing as latency_lib
 from exporters import mixed, parity, savedmodel, tflite
 from nettailor_tf import artifacts
 from nettailor_tf.common import atomic, quiet

@@ -7,7 +7,7 @@ Accuracy is read on the split the run makes its choices on
 (`--selection_split`: validation, or test under the paper's protocol),
 never on a test split the choice would then be judged on; latency is
 measured in the export stage, at 1 thread and with every core, the variants
-interleaved (`exporters.latency.measure_many`), on one real image.  The
+interleaved (`exporters.timing.measure_many`), on one real image.  The
 fastest is ranked at 1 thread among the files no slower than float32 with
 every core (give or take the timing's noise, `ALL_CORES_MARGIN`).
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from absl import logging
 
-from exporters import latency as latency_lib
+from exporters import timing
 from exporters import parity, savedmodel
 from nettailor_tf import artifacts
 from nettailor_tf.common import quiet
@@ -62,11 +62,11 @@ def candidates(config: Config, task, files: dict[str, dict], image: np.ndarray) 
     split = task.val if data_lib.selection_split(task, config.selection_split) == "val" \
         else task.test
     predictors = {v: parity.tflite_predictor(f["path"], num_threads=1) for v, f in files.items()}
-    cores = latency_lib.all_cores()
+    cores = timing.all_cores()
     with quiet.native_stderr_filtered():
         outcome = parity.run_all(predictors, lambda: parity.raw_test_batches(split),
                                  workers=cores)
-        timed = {threads: latency_lib.measure_many(
+        timed = {threads: timing.measure_many(
             {v: (f["path"], savedmodel.SERVING_KEY) for v, f in files.items()}, image, threads,
             config.benchmark_warmup, config.benchmark_runs) for threads in sorted({1, cores})}
     return {v: {"bytes": f["bytes"], "selection_accuracy": outcome.accuracy(v),

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from helpers import tiny_static_models
 
-from exporters import latency, savedmodel, tflite
+from exporters import savedmodel, tflite
+from exporters import timing
 from nettailor_tf.model.student_network import BlockPlan, Plan
 
 SIZE = 16
@@ -27,7 +28,7 @@ def tflite_file(tmp_path_factory):
 
 def test_median_of_timed_runs(tflite_file):
     image = np.zeros((1, SIZE, SIZE, 3), np.uint8)
-    result = latency.measure(tflite_file, image, threads=1, runs=60, warmup=3)
+    result = timing.measure(tflite_file, image, threads=1, runs=60, warmup=3)
     assert result.runs == 60 and result.threads == 1
     assert 0 < result.median_ms < 1000
 
@@ -42,11 +43,11 @@ def test_the_figures_are_the_timed_runs_median_and_10th_and_90th_percentiles(mon
     def invoke():
         clock["now"] += durations.pop(0) / 1e3
 
-    monkeypatch.setattr(latency, "_invoker", lambda *args, **kwargs: invoke)
-    monkeypatch.setattr(latency, "time", types.SimpleNamespace(
+    monkeypatch.setattr(timing, "_invoker", lambda *args, **kwargs: invoke)
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(
         perf_counter=lambda: clock["now"], process_time=time.process_time))
     image = np.zeros((1, SIZE, SIZE, 3), np.uint8)
-    result = latency.measure("unused.tflite", image, threads=1, runs=60, warmup=3)
+    result = timing.measure("unused.tflite", image, threads=1, runs=60, warmup=3)
     assert durations == []  # every scripted run was made, none more
     assert result.runs == 60
     # Sorted 1..60: the median of the middle two, the 7th and the 55th.
@@ -56,32 +57,32 @@ def test_the_figures_are_the_timed_runs_median_and_10th_and_90th_percentiles(mon
 def test_a_bigger_input_takes_longer(tflite_file):
     """The in-graph resize makes the latency depend on the input size: a
     sanity check that the timed call really runs the graph."""
-    small = latency.measure(tflite_file, np.zeros((1, SIZE, SIZE, 3), np.uint8), 1, runs=50)
-    big = latency.measure(tflite_file, np.zeros((1, 1024, 1024, 3), np.uint8), 1, runs=50)
+    small = timing.measure(tflite_file, np.zeros((1, SIZE, SIZE, 3), np.uint8), 1, runs=50)
+    big = timing.measure(tflite_file, np.zeros((1, 1024, 1024, 3), np.uint8), 1, runs=50)
     assert big.median_ms > small.median_ms
 
 
 def test_too_few_runs_or_a_batch_are_refused(tflite_file):
     with pytest.raises(ValueError, match="at least 50"):
-        latency.measure(tflite_file, np.zeros((1, SIZE, SIZE, 3), np.uint8), 1, runs=10)
+        timing.measure(tflite_file, np.zeros((1, SIZE, SIZE, 3), np.uint8), 1, runs=10)
     with pytest.raises(ValueError, match=r"\[1, H, W, 3\]"):
-        latency.measure(tflite_file, np.zeros((4, SIZE, SIZE, 3), np.uint8), 1)
+        timing.measure(tflite_file, np.zeros((4, SIZE, SIZE, 3), np.uint8), 1)
 
 
 def test_all_cores_is_positive():
-    assert latency.all_cores() >= 1
+    assert timing.all_cores() >= 1
 
 
 def test_other_processes_load_is_measured_and_marks_the_figure_busy(tflite_file):
     import subprocess
     import sys
 
-    if latency._machine_busy_seconds() is None:
+    if timing._machine_busy_seconds() is None:
         pytest.skip("no /proc/stat on this system")
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.5)  # the interpreter is up and spinning
-        result = latency.measure(tflite_file, np.zeros((1, SIZE, SIZE, 3), np.uint8), 1,
+        result = timing.measure(tflite_file, np.zeros((1, SIZE, SIZE, 3), np.uint8), 1,
                                  runs=2000)
     finally:
         spinner.kill()
@@ -101,15 +102,15 @@ def test_parts_and_networks_are_timed_in_the_same_rounds(monkeypatch, tflite_fil
         invoke = lambda: calls.append(key)
         return (invoke, lambda: calls.append(f"write {key}")) if refresh else invoke
 
-    monkeypatch.setattr(latency, "_invoker", fake_invoker)
+    monkeypatch.setattr(timing, "_invoker", fake_invoker)
     image = np.zeros((1, SIZE, SIZE, 3), np.uint8)
     feeds = {"stem": {}, "head": {}}
     files = {"teacher": (tflite_file, "teacher"), "pruned": (tflite_file, "pruned")}
-    results = latency.measure_parts_and_networks(tflite_file, feeds, files, image, threads=1,
+    results = timing.measure_parts_and_networks(tflite_file, feeds, files, image, threads=1,
                                                  warmup=0, runs=50, rounds=5)
     # Each network's share starts with untimed runs (the passes evicted it),
     # and the networks take turns to come first after the passes.
-    warm = latency.BLOCK_WARMUP
+    warm = timing.BLOCK_WARMUP
     passes = ["write stem", "stem", "write head", "head"] * 10
     teacher, pruned = ["teacher"] * (warm + 10), ["pruned"] * (warm + 10)
     assert calls == (passes + teacher + pruned + passes + pruned + teacher) * 2 + (

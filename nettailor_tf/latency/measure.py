@@ -1,6 +1,6 @@
 """Measuring a latency table on this machine: every branch of the student as
 a signature of one float32 .tflite, timed with LiteRT, interleaved with the
-whole networks the table is calibrated on (`nettailor_tf.latency_table`
+whole networks the table is calibrated on (`nettailor_tf.latency.table`
 holds the table itself and how it predicts; this module needs TensorFlow,
 the table does not).
 """
@@ -15,13 +15,13 @@ import numpy as np
 import tensorflow as tf
 from ai_edge_litert import __version__ as litert_version  # the runtime timed
 
-from exporters import latency as latency_lib
+from exporters import timing as latency_lib
 from exporters import savedmodel, tflite
 from nettailor_tf.model import backbones as backbones_lib
 from nettailor_tf.model import pruning as prune_lib
 from nettailor_tf.common import quiet
 from nettailor_tf.model import student_network as student_lib
-from nettailor_tf.latency_table import (EMPTY_KEY, SAMPLE_PLANS, STUDENT_KEY, TABLE_FORMAT,
+from nettailor_tf.latency.table import (EMPTY_KEY, SAMPLE_PLANS, STUDENT_KEY, TABLE_FORMAT,
                                         TABLE_RUNS, TEACHER_KEY, LatencyTable, LatencyTableError,
                                         default_cache_dir, head_key, mix_key, plan_as_dict,
                                         plan_keys,
