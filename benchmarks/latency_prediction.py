@@ -40,7 +40,7 @@ def networks_of(workdir: str, random_plans: int = 0) -> tuple[dict, dict, dict]:
     from nettailor_tf.latency import measure
     from nettailor_tf.model import pruning
     from nettailor_tf.model import student_network
-    from nettailor_tf.workdir import Workdir
+    from nettailor_tf.run.workdir import Workdir
 
     with open(os.path.join(workdir, "settings.json"), encoding="utf-8") as f:
         settings = json.load(f)

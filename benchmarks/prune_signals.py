@@ -57,7 +57,7 @@ def _measure_task(config, strategy, task, candidates):
     import keras
     import numpy as np
 
-    from nettailor_tf import artifacts
+    from nettailor_tf.run import artifacts
     from nettailor_tf.training import selection
     from nettailor_tf.model import complexity
     from nettailor_tf.model import pruning

@@ -32,7 +32,8 @@ def main(argv):
         import tensorflow as tf
         from tensorflow.python.util import _pywrap_util_port
 
-        from nettailor_tf import artifacts, stages
+        from nettailor_tf import stages
+        from nettailor_tf.run import artifacts
         from nettailor_tf.training import distribution
         from nettailor_tf.data import pipeline
     from nettailor_tf.common.errors import NetTailorError

@@ -4,7 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from nettailor_tf import artifacts
+from nettailor_tf.run import artifacts
 from nettailor_tf.settings.config import Config, ConfigError
 
 

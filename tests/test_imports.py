@@ -77,7 +77,7 @@ GRAPH = {m: _imports(m)[0] for m in MODULES}
 
 def test_the_graph_is_read():
     assert "nettailor_tf.stages.prune" in MODULES and "exporters.tflite" in MODULES
-    assert "nettailor_tf.artifacts" in GRAPH["nettailor_tf.stages.prune"]
+    assert "nettailor_tf.run.artifacts" in GRAPH["nettailor_tf.stages.prune"]
 
 
 def test_no_import_cycle():

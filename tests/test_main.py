@@ -318,7 +318,7 @@ def test_the_help_lists_every_backbone():
 def test_a_second_run_on_a_busy_workdir_refuses_at_once_naming_the_first(tmp_path):
     import time
 
-    from nettailor_tf.workdir import Workdir
+    from nettailor_tf.run.workdir import Workdir
 
     with Workdir(str(tmp_path / "w")).lock():
         started = time.monotonic()

@@ -8,11 +8,12 @@ import pytest
 import tensorflow as tf
 from helpers import stage_config as _config
 
-from nettailor_tf import artifacts, stages
+from nettailor_tf import stages
+from nettailor_tf.run import artifacts
 from nettailor_tf.model import backbones, complexity, pruning
 from nettailor_tf.model import student_network
-from nettailor_tf import workdir as workdir_lib
-from nettailor_tf.workdir import WorkdirError
+from nettailor_tf.run import workdir as workdir_lib
+from nettailor_tf.run.workdir import WorkdirError
 
 
 def test_all_stages_fill_the_report_and_are_skipped_when_done(tmp_path, mocked_svhn, caplog):

@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 from helpers import randomize_weights, stage_config, task_layers
 
-from nettailor_tf import artifacts
+from nettailor_tf.run import artifacts
 from nettailor_tf.model import losses, pruning
 from nettailor_tf import data as data_lib
 from nettailor_tf.model import student_network

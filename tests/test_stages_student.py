@@ -23,7 +23,7 @@ def test_a_student_priced_in_milliseconds_records_its_table_and_is_redone_withou
     from nettailor_tf.model import pruning
     from nettailor_tf.stages.finetune import latency_cost
     from nettailor_tf.model.student_network import Plan
-    from nettailor_tf.workdir import Workdir
+    from nettailor_tf.run.workdir import Workdir
 
     cache = str(tmp_path / "cache")
     config = _config(tmp_path / "run", complexity_cost="latency", latency_cache_dir=cache,

@@ -25,7 +25,7 @@ from absl import logging
 
 from exporters import timing as latency_lib
 from exporters import mixed, parity, savedmodel, tflite
-from nettailor_tf import artifacts
+from nettailor_tf.run import artifacts
 from nettailor_tf.common import atomic, quiet
 from nettailor_tf.model import backbones as backbones_lib
 from nettailor_tf import data as data_lib
@@ -33,9 +33,9 @@ from nettailor_tf.model import pruning as prune_lib
 from nettailor_tf.settings.config import Config
 from nettailor_tf.settings.stage_settings import stage_settings
 from nettailor_tf.data.tasks import label_names
-from nettailor_tf.report import Report
+from nettailor_tf.run.report import Report
 from nettailor_tf.stages import recommend
-from nettailor_tf.workdir import Workdir
+from nettailor_tf.run.workdir import Workdir
 
 MANIFEST = "export.json"
 # Bumped when the exported files change form (2: static .tflite input and

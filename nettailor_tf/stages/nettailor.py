@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from absl import logging
 
-from nettailor_tf import artifacts
+from nettailor_tf.run import artifacts
 from nettailor_tf.model import complexity
 from nettailor_tf.model import backbones as backbones_lib
 from nettailor_tf import data as data_lib
@@ -14,7 +14,7 @@ from nettailor_tf.training import teacher_cache, train
 from nettailor_tf.settings.config import Config
 from nettailor_tf.model.losses import cross_entropy, mimic_loss
 from nettailor_tf.training.train import Trainer
-from nettailor_tf.workdir import Workdir, fingerprint
+from nettailor_tf.run.workdir import Workdir, fingerprint
 
 
 def or_none(value: float):

@@ -6,14 +6,14 @@ import os
 
 from absl import logging
 
-from nettailor_tf import artifacts, visualize
+from nettailor_tf.run import artifacts, plots
 from nettailor_tf.model import complexity
 from nettailor_tf.model import pruning
 from nettailor_tf.settings.config import Config
-from nettailor_tf.report import Report
+from nettailor_tf.run.report import Report
 from nettailor_tf.stages import prune_search
 from nettailor_tf.stages.nettailor import gate_values
-from nettailor_tf.workdir import Workdir
+from nettailor_tf.run.workdir import Workdir
 
 
 def run_prune(config: Config, strategy, task, report: Report) -> bool:
@@ -69,7 +69,7 @@ def _draw_architecture(config, task, report, student, pruned, backbone) -> str:
     """architecture.png (the student's gates, what pruning kept) and its report entry."""
     paths = Workdir(config.workdir)
     png = paths.architecture_png(task.name)
-    visualize.plot_architecture(
+    plots.plot_architecture(
         png, f"{task.name}: NetTailor on {config.backbone} (max_skip={config.max_skip})",
         student.plan, gate_values(student), kept_plan=pruned,
         block_flops=complexity.backbone_flops(backbone, config.image_size)["blocks"])

@@ -33,7 +33,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from nettailor_tf import artifacts
+from nettailor_tf.run import artifacts
 from nettailor_tf.training import selection
 from nettailor_tf.model import complexity
 from nettailor_tf.common import atomic
@@ -46,7 +46,7 @@ from nettailor_tf.common.errors import NetTailorError
 from nettailor_tf.stages.nettailor import (nettailor_trainer, prepared_pruned,
                                            recalibration_batches, selection_accuracy,
                                            teacher_targets)
-from nettailor_tf.workdir import Workdir
+from nettailor_tf.run.workdir import Workdir
 
 # Confidence of the one-sided bounds the search logs and records.
 CONFIDENCE = 0.9

@@ -18,7 +18,7 @@ from absl import logging
 
 from exporters import timing
 from exporters import parity, savedmodel
-from nettailor_tf import artifacts
+from nettailor_tf.run import artifacts
 from nettailor_tf.common import quiet
 from nettailor_tf import data as data_lib
 from nettailor_tf.settings.config import BUNDLE_VARIANTS, Config

@@ -21,7 +21,7 @@ from nettailor_tf.model import student_network
 from nettailor_tf.model import pretrained as weights_lib
 from nettailor_tf.settings.config import Config, ConfigError
 from nettailor_tf.common.errors import NetTailorError
-from nettailor_tf.workdir import Workdir, fingerprint
+from nettailor_tf.run.workdir import Workdir, fingerprint
 
 
 class StageError(NetTailorError, RuntimeError):

@@ -9,8 +9,8 @@ import json
 import os
 
 from nettailor_tf.common import atomic
-from nettailor_tf.visualize import latency_prediction_points
-from nettailor_tf.workdir import Workdir, WorkdirError
+from nettailor_tf.run.plots import latency_prediction_points
+from nettailor_tf.run.workdir import Workdir, WorkdirError
 
 
 class Report:
