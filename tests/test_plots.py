@@ -13,7 +13,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def full_plan(num_blocks, max_skip):
     """Every universal block and proxies reading the last `max_skip` nodes
-    (as student.Plan.full builds it)."""
+    (as student_network.Plan.full builds it)."""
     return [{"universal": True,
              "proxy_sources": list(range(l, max(0, l - max_skip + 1) - 1, -1))}
             for l in range(num_blocks)]

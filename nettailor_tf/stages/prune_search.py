@@ -63,8 +63,8 @@ class ZeroShotScorer:
     """Scores pruning plans as pruning leaves them, on the student itself.
 
     Each candidate is the student with its gates masked to the plan
-    (`prune.mask_student`: the same sums as the pruned network's, tested in
-    test_student.py), BN statistics re-estimated on that masked stream, then
+    (`pruning.mask_student`: the same sums as the pruned network's, tested in
+    test_student_network.py), BN statistics re-estimated on that masked stream, then
     asked for its answer to every image of `splits`.  One traced forward
     pass serves every candidate.  Used as a context manager: the student
     leaves with the gates and statistics it came with.
