@@ -11,6 +11,7 @@ import os
 from nettailor_tf.common import atomic
 from nettailor_tf.run.plots import latency_prediction_points
 from nettailor_tf.run.workdir import Workdir, WorkdirError
+from nettailor_tf.settings.tuned import DIFFUSE_GATE_ENTROPY
 
 
 class Report:
@@ -147,11 +148,6 @@ def _how_it_stopped(part: dict) -> str:
 _STAGE_FLAGS = {"teacher": "teacher", "student": "student", "pruned": "finetune"}
 
 
-# A student whose gates stayed this close to uniform has not chosen what to
-# keep (the quickstart's short students read 0.55 on digits and 0.60 on
-# mnist5k, the second just flagged: its pruned network still matched the
-# teacher, but at 0.64 of its multiply-adds rather than under 0.60).
-DIFFUSE_GATE_ENTROPY = 0.6
 # Accuracy a pruned network (or a quantised file) may lose before it is called out.
 PRUNED_GAP_NOTED = 0.005
 # Top-1 agreement with Keras under which a quantised file is called out.

@@ -42,6 +42,7 @@ from nettailor_tf.model import pruning
 from nettailor_tf.model import student_network
 from nettailor_tf.settings.config import Config
 from nettailor_tf.settings.options import WHOLE_FINETUNE
+from nettailor_tf.settings.tuned import ABANDON_MARGIN, WEAK_UNIVERSAL
 from nettailor_tf.common.errors import NetTailorError
 from nettailor_tf.stages.nettailor import (nettailor_trainer, prepared_pruned,
                                            recalibration_batches, selection_accuracy,
@@ -338,12 +339,6 @@ def candidate_steps(config: Config, task) -> int:
     return schedule.plan(data_lib.steps_per_epoch(task, schedule.batch_size)).total_steps
 
 
-# The gates' own answer, where the walk starts: universal blocks that give
-# their block under this share of its output.  On the quickstart's students
-# these are 7-8 blocks at 0.00-0.04, and the boundary is one or two above.
-WEAK_UNIVERSAL = 0.05
-
-
 def search_boundary(passes, start: int, limit: int) -> int:
     """The largest n in [0, limit] with `passes(n)`, given that passes(0)
     holds and that passing is monotone (true up to a boundary, false after):
@@ -361,14 +356,6 @@ def search_boundary(passes, start: int, limit: int) -> int:
         else:
             n = (low + high) // 2
     return low
-
-
-# A brief fine-tune still this far below the target halfway through is
-# abandoned, a heuristic that trades a rare late recovery for time: a digits
-# candidate with 8 universal blocks cut read 41% before fine-tuning, 64%
-# after 40 steps and 92% after 80, so brief fine-tunes much shorter than the
-# recovery are not worth finishing from that far below.
-ABANDON_MARGIN = 0.10
 
 
 def score_candidate(config, strategy, task, student, plan, teacher, n, split, target,

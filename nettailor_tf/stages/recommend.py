@@ -1,5 +1,5 @@
 """Which exported file to ship: `recommended`, the fastest variant whose
-accuracy on the selection split is within `TOLERANCE` of the float32
+accuracy on the selection split is within `RECOMMENDATION_TOLERANCE` of the float32
 file's, and `smallest`, the smallest such file; and the variant a
 multi-task bundle is built in (the fastest one every task accepts).
 
@@ -22,16 +22,8 @@ from nettailor_tf.run import artifacts
 from nettailor_tf.common import quiet
 from nettailor_tf import data as data_lib
 from nettailor_tf.settings.config import BUNDLE_VARIANTS, Config
+from nettailor_tf.settings.tuned import ALL_CORES_MARGIN, RECOMMENDATION_TOLERANCE
 
-# How much slower than float32 with every core a recommended file may be:
-# the guard is for the 5-9x of hybrid kernels (L6), and two medians of the
-# same speed differed by up to 20% on the busy quickstart machine.
-ALL_CORES_MARGIN = 1.25
-# Accuracy a recommended file may lose against float32 on the selection
-# split: the prune search's tolerance on the quickstart, half a point, and
-# never less than one image (on digits' 145 validation images half a point
-# is 0.7 of one).
-TOLERANCE = 0.005
 
 
 def selection_images(config: Config, task) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +69,7 @@ def candidates(config: Config, task, files: dict[str, dict], image: np.ndarray) 
 
 
 def tolerance(images: int) -> float:
-    return max(TOLERANCE, 1.0 / max(images, 1))
+    return max(RECOMMENDATION_TOLERANCE, 1.0 / max(images, 1))
 
 
 def acceptable(found: dict) -> list[str]:
