@@ -85,7 +85,7 @@ def _measure_task(config, strategy, task, candidates):
                                         config.prune_universal_threshold)
             correct = scorer(plan)
             damage = selection.paired(reference, correct)
-            cost = pruning.pruned_cost(backbone, plan, size, task.num_classes, student)
+            cost = complexity.pruned_cost(backbone, plan, size, task.num_classes, student)
             agreement = float(np.mean(correct == (teacher_pool == labels_pool)))
             rows.append({"task": task.name, "n": n, "flops_fraction": cost["flops"] / teacher_flops,
                          "zero_shot": {

@@ -70,7 +70,7 @@ def weight_ops(content: bytes) -> list[WeightOp]:
             continue
         if kind == "DEPTHWISE_CONV_2D" and tuple(weight.ShapeAsNumpy())[1:3] == (1, 1):
             # A 1x1 depthwise kernel is a gate's per-channel scale
-            # (`pruning.Scale`), not a layer's weights: nothing to quantise.
+            # (`static_graph.Scale`), not a layer's weights: nothing to quantise.
             continue
         outputs = [subgraph.Tensors(op.Outputs(i)).Name().decode()
                    for i in range(op.OutputsLength()) if op.Outputs(i) >= 0]

@@ -66,17 +66,17 @@ def tiny_static_models(plans, num_classes=(5, 7), image_size=16, seed=0, backbon
     backbone (`backbone`, or the "tiny" one), built through one
     `UniversalLayers` as a bundle builds them: [(keras.Model, student)],
     plus the UniversalLayers."""
-    from nettailor_tf.model import backbones, pruning
+    from nettailor_tf.model import backbones, static_graph
     from nettailor_tf.model.student_network import build_student
 
     backbone = backbone or backbones.build_backbone("tiny")
     randomize_weights(backbone.layers, seed)
-    universal = pruning.UniversalLayers()
+    universal = static_graph.UniversalLayers()
     models = []
     for index, (plan, classes) in enumerate(zip(plans, num_classes)):
         student = build_student(backbone, classes, plan, "frozen", image_size)
         randomize_weights(task_layers(student), seed + 1 + index)
-        models.append((pruning.static_model(student, universal=universal, name=f"task{index}"),
+        models.append((static_graph.static_model(student, universal=universal, name=f"task{index}"),
                        student))
     return models, universal
 

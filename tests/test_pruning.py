@@ -6,7 +6,7 @@ import numpy as np
 from helpers import randomize_weights, task_layers
 import pytest
 
-from nettailor_tf.model import backbones, complexity, pruning
+from nettailor_tf.model import backbones, complexity, pruning, static_graph
 from nettailor_tf.model.blocks import NetTailorBlock, Proxy
 from nettailor_tf.model.gates import Gate
 from nettailor_tf.model.layers import BasicBlock
@@ -132,7 +132,7 @@ def _layers_of(model):
 def test_static_model_equals_the_masked_full_student(trained):
     """Same logits as the masked full student, with no gates and no pruned branch inside."""
     _, full, pruned, images = trained
-    static = pruning.static_model(pruned)
+    static = static_graph.static_model(pruned)
     np.testing.assert_allclose(static(images).numpy(), full(images, training=False)[0].numpy(),
                                rtol=1e-4, atol=1e-4)
     layers = _layers_of(static)
@@ -146,7 +146,7 @@ def test_static_model_equals_the_masked_full_student(trained):
 def test_static_model_keras_round_trip(trained, tmp_path):
     """The static network survives a `.keras` save and load."""
     _, _, pruned, images = trained
-    static = pruning.static_model(pruned)
+    static = static_graph.static_model(pruned)
     path = str(tmp_path / "static.keras")
     static.save(path)
     restored = keras.saving.load_model(path)
@@ -156,7 +156,7 @@ def test_static_model_keras_round_trip(trained, tmp_path):
 def test_pruned_cost_by_hand(trained):
     """Multiply-adds and parameters of the PRUNED plan at 32 px, counted by hand."""
     backbone, _, pruned, _ = trained
-    cost = pruning.pruned_cost(backbone, PRUNED, IMAGE_SIZE, NUM_CLASSES, pruned)
+    cost = complexity.pruned_cost(backbone, PRUNED, IMAGE_SIZE, NUM_CLASSES, pruned)
     # Tiny at 32 px: node 0..2 are 16x16x8, node 3..4 are 8x8x16.
     stem = 16 * 16 * 9 * 3 * 8
     universal = (2 * 16 * 16 * 9 * 8 * 8                                    # block 0

@@ -103,15 +103,15 @@ def test_separate_exports_store_the_universal_weights_twice(tasks, tmp_path):
 def test_universal_layers_with_different_values_are_not_shared():
     """Per-task universal statistics (universal_bn='task') cannot be shared:
     the second task gets its own copy, recorded in `unshared`."""
-    from nettailor_tf.model import backbones, pruning
+    from nettailor_tf.model import backbones, static_graph
     from nettailor_tf.model.student_network import build_student
 
     backbone = backbones.build_backbone("tiny")
-    universal = pruning.UniversalLayers()
-    first = pruning.static_model(build_student(backbone, 3, PLAN_A, "frozen", SIZE),
+    universal = static_graph.UniversalLayers()
+    first = static_graph.static_model(build_student(backbone, 3, PLAN_A, "frozen", SIZE),
                                universal=universal)
     backbone.blocks[0].conv1.bn.moving_mean.assign(np.full(8, 0.5, np.float32))
-    second = pruning.static_model(build_student(backbone, 3, PLAN_A, "frozen", SIZE),
+    second = static_graph.static_model(build_student(backbone, 3, PLAN_A, "frozen", SIZE),
                                 universal=universal)
     assert universal.unshared == ["block0"]
     shared = {id(v) for v in first.weights} & {id(v) for v in second.weights}

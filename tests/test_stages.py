@@ -10,7 +10,7 @@ from helpers import stage_config as _config
 
 from nettailor_tf import stages
 from nettailor_tf.run import artifacts
-from nettailor_tf.model import backbones, complexity, pruning
+from nettailor_tf.model import backbones, complexity, pruning, static_graph
 from nettailor_tf.model import student_network
 from nettailor_tf.run import workdir as workdir_lib
 from nettailor_tf.run.workdir import WorkdirError
@@ -70,7 +70,7 @@ def test_all_stages_fill_the_report_and_are_skipped_when_done(tmp_path, mocked_s
     rebuilt = student_network.build_student(backbone, 10, plan, "frozen", 16)
     pruning.load_task_state(rebuilt, str(task_dir / "nettailor.npz"))
     images = tf.random.uniform((4, 16, 16, 3), 0, 255)
-    static = pruning.static_model(rebuilt)
+    static = static_graph.static_model(rebuilt)
     np.testing.assert_allclose(static(images), rebuilt(images, training=False, mimic=False)[0],
                                atol=1e-4)
 

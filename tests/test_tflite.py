@@ -302,16 +302,16 @@ def test_int8_bias_overflow_rule_copies_a_near_dead_channel_unless_shared(ir_bun
 
 
 def test_a_gate_as_a_plain_multiply_is_folded_into_the_shared_head(tmp_path, monkeypatch):
-    """Why `pruning.Scale` is a depthwise convolution: as a constant multiply,
+    """Why `static_graph.Scale` is a depthwise convolution: as a constant multiply,
     task a's gate before the head is folded into the head's convolution,
     and `sharing` names the copy."""
-    from nettailor_tf.model import pruning
+    from nettailor_tf.model import static_graph
 
-    class MultiplyScale(pruning.Scale):
+    class MultiplyScale(static_graph.Scale):
         def call(self, x):
             return x * self.value
 
-    monkeypatch.setattr(pruning, "Scale", MultiplyScale)
+    monkeypatch.setattr(static_graph, "Scale", MultiplyScale)
     endpoints, path = _ir_bundle(tmp_path)
     found = tflite.sharing(tflite.convert(path, list(endpoints), "float32"))
     assert "head/conv" in found.copies, found

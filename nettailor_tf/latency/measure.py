@@ -19,6 +19,7 @@ from exporters import timing as latency_lib
 from exporters import savedmodel, tflite
 from nettailor_tf.model import backbones as backbones_lib
 from nettailor_tf.model import pruning as prune_lib
+from nettailor_tf.model import static_graph
 from nettailor_tf.common import quiet
 from nettailor_tf.model import student_network as student_lib
 from nettailor_tf.latency.table import (EMPTY_KEY, SAMPLE_PLANS, STUDENT_KEY, TABLE_FORMAT,
@@ -65,7 +66,7 @@ def branch_functions(student, image_size: int) -> dict:
             folded = fold_batchnorm(proxy, (None, None, None, shapes[source][-1]))
             add(proxy_key(l, source), proxy_fn(folded),
                 [spec(shapes[source]), spec(shapes[l + 1], name="y")])
-        add(mix_key(l), mix_fn(prune_lib.Scale(0.5), block.activation), [spec(shapes[l + 1])])
+        add(mix_key(l), mix_fn(static_graph.Scale(0.5), block.activation), [spec(shapes[l + 1])])
     head, classifier = student.head, student.classifier
 
     def head_fn(x):
@@ -215,7 +216,7 @@ def whole_network_content(backbone, plan, image_size: int, num_classes: int = 10
 
 def _random_endpoint(backbone, plan, image_size: int, num_classes: int = 10):
     student = student_lib.build_student(backbone, num_classes, plan, "frozen", image_size)
-    return savedmodel.Endpoint(prune_lib.static_model(student), image_size, False)
+    return savedmodel.Endpoint(static_graph.static_model(student), image_size, False)
 
 
 def whole_networks(backbone, max_skip, image_size: int, folder: str,

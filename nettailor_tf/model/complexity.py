@@ -10,9 +10,9 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from nettailor_tf.model.backbones import Backbone
+from nettailor_tf.model.backbones import Backbone, count_params
 from nettailor_tf.model.layers import BasicBlock, Bottleneck, ConvBN, InvertedResidual, Normalize
-from nettailor_tf.model.student_network import proxy_hidden_channels
+from nettailor_tf.model.student_network import Plan, Student, proxy_hidden_channels
 
 Shape = tuple  # (batch, height, width, channels)
 
@@ -161,3 +161,22 @@ def expected_complexity(alphas, costs, plan, exact: bool = True):
             p_in = in_.get(source_block, one) if source_block >= 0 else one
             total += costs[l][j] * (alpha_of[l][j] - p_in - p_out)
     return total
+
+
+def pruned_cost(backbone: Backbone, plan: Plan, image_size: int, num_classes: int,
+                student: Student) -> dict:
+    """Multiply-adds and parameters of the static network of `plan`."""
+    parts = backbone_flops(backbone, image_size)
+    branch = branch_flops(backbone, plan, image_size)
+    flops = (parts["stem"] + sum(map(sum, branch)) + parts["head"]
+             + backbone.feature_dim * num_classes)
+    kept = [backbone.blocks[l] for l, b in enumerate(plan.blocks) if b.universal]
+    shared = [backbone.stem, *kept] + ([] if backbone.head_task_specific else [backbone.head])
+    proxies = [p for block in student.tailored for p in block.proxies]
+    own = proxies + [student.classifier] + ([student.head] if backbone.head_task_specific else [])
+    universal_params, task_params = count_params(shared), count_params(own)
+    counts = plan.counts()
+    return {"flops": int(flops), "params_total": universal_params + task_params,
+            "params_task_specific": task_params, "params_universal_used": universal_params,
+            "universal_blocks_kept": counts["universal_blocks_kept"],
+            "proxies_kept": counts["proxies_kept"], "blocks_live": counts["blocks_live"]}

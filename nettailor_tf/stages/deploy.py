@@ -30,6 +30,7 @@ from nettailor_tf.common import atomic, quiet
 from nettailor_tf.model import backbones as backbones_lib
 from nettailor_tf import data as data_lib
 from nettailor_tf.model import pruning as prune_lib
+from nettailor_tf.model import static_graph
 from nettailor_tf.settings.config import Config
 from nettailor_tf.settings.stage_settings import stage_settings
 from nettailor_tf.data.tasks import label_names
@@ -91,11 +92,11 @@ def _export_settings(config: Config) -> dict:
     return {"format": EXPORT_FORMAT, **stage_settings(config, "export")}
 
 
-def nettailor_endpoint(config: Config, task, universal: prune_lib.UniversalLayers | None = None
+def nettailor_endpoint(config: Config, task, universal: static_graph.UniversalLayers | None = None
                        ) -> savedmodel.Endpoint:
     """The pruned, fine-tuned static network of `task`, ready to serve."""
     student, _, _ = artifacts.fine_tuned_network(config, task)
-    model = prune_lib.static_model(student, universal=universal,
+    model = static_graph.static_model(student, universal=universal,
                                    name=f"nettailor_{savedmodel.signature_key(task.name)}")
     return savedmodel.Endpoint(model, config.image_size, task.augment != "none")
 
@@ -391,7 +392,7 @@ def _bundle_files(config, tasks, endpoints: dict, staging: str, final: str,
 
 
 def _export_bundle(config, tasks, staging, final, task_params: dict, bundle_variants) -> dict:
-    universal = prune_lib.UniversalLayers()
+    universal = static_graph.UniversalLayers()
     endpoints = {savedmodel.signature_key(t.name): nettailor_endpoint(config, t, universal)
                  for t in tasks}
     if len(set(endpoints)) != len(tasks):

@@ -10,7 +10,7 @@ from nettailor_tf.run import artifacts
 from nettailor_tf.training import selection
 from nettailor_tf.common import atomic
 from nettailor_tf.model import backbones as backbones_lib
-from nettailor_tf.model import pruning
+from nettailor_tf.model import complexity, pruning
 from nettailor_tf.settings.config import Config
 from nettailor_tf.run.report import Report
 from nettailor_tf.model.student_network import Plan
@@ -52,7 +52,7 @@ def run_finetune(config: Config, strategy, task, report: Report) -> bool:
         return False
     pruning.save_task_state(pruned, state_path)
     backbone = backbones_lib.build_backbone(config.backbone)  # geometry only
-    cost = pruning.pruned_cost(backbone, plan, config.image_size, task.num_classes, pruned)
+    cost = complexity.pruned_cost(backbone, plan, config.image_size, task.num_classes, pruned)
     report.set(task.name, "pruned", {
         "accuracy": result.test_accuracy, "val_accuracy": or_none(result.val_accuracy),
         "accuracy_before_finetune": before["test"],
