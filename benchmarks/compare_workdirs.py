@@ -25,8 +25,7 @@ import nettailor_tf  # noqa: E402,F401  (before TensorFlow: it chooses the CPU k
 
 def compare(workdirs: list[str], variant: str = "float32", threads: int = 1, runs: int = 300,
             rounds: int = 10) -> list[dict]:
-    from exporters import timing
-    from exporters import savedmodel
+    from exporters import savedmodel, timing
     from nettailor_tf.common import quiet
 
     reports = []

@@ -38,8 +38,7 @@ HELD_OUT_SEED = 1  # the table's own calibration networks use seed 0
 def networks_of(workdir: str, random_plans: int = 0) -> tuple[dict, dict, dict]:
     """(settings, {(task, network): plan}, {task: classes}) of a finished workdir."""
     from nettailor_tf.latency import measure
-    from nettailor_tf.model import pruning
-    from nettailor_tf.model import student_network
+    from nettailor_tf.model import pruning, student_network
     from nettailor_tf.run.workdir import Workdir
 
     with open(os.path.join(workdir, "settings.json"), encoding="utf-8") as f:
@@ -56,7 +55,7 @@ def networks_of(workdir: str, random_plans: int = 0) -> tuple[dict, dict, dict]:
     if random_plans:
         max_skip = config_lib.parse_max_skip(str(settings["max_skip"]))
         drawn = measure.sample_plans(len(plan.blocks), max_skip, random_plans,
-                                             seed=HELD_OUT_SEED)
+                                     seed=HELD_OUT_SEED)
         for index, sample in enumerate(drawn.values()):
             networks[("held_out", f"random{index}")] = sample
         classes["held_out"] = 10
@@ -66,12 +65,11 @@ def networks_of(workdir: str, random_plans: int = 0) -> tuple[dict, dict, dict]:
 def predicted_and_measured(workdir: str, image_size: int, threads: int = 1, runs: int = 200,
                            cache_dir: str | None = None, random_plans: int = 0,
                            table_out: str | None = None) -> list[dict]:
-    from exporters import timing
-    from exporters import savedmodel
-    from nettailor_tf.latency import measure
-    from nettailor_tf.model import backbones
+    from exporters import savedmodel, timing
     from nettailor_tf.common import quiet
+    from nettailor_tf.latency import measure
     from nettailor_tf.latency.table import plan_as_dict
+    from nettailor_tf.model import backbones
 
     settings, networks, classes = networks_of(workdir, random_plans)
     name = settings["backbone"]
@@ -81,7 +79,7 @@ def predicted_and_measured(workdir: str, image_size: int, threads: int = 1, runs
     with tempfile.TemporaryDirectory(prefix="nettailor_prediction_") as folder:
         for (task, network), plan in networks.items():
             content = measure.whole_network_content(backbone, plan, image_size,
-                                                            classes[task])
+                                                    classes[task])
             path = os.path.join(folder, f"{task}_{network}.tflite")
             with open(path, "wb") as f:
                 f.write(content)
@@ -91,7 +89,7 @@ def predicted_and_measured(workdir: str, image_size: int, threads: int = 1, runs
                 name, image_size, threads, max_skip, files, runs)
         else:
             table, _ = measure.cached_table(name, image_size, threads, max_skip,
-                                                    cache_dir)
+                                            cache_dir)
             image = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3),
                                                       dtype=np.uint8)
             with quiet.native_stderr_filtered():

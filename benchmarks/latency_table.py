@@ -26,9 +26,9 @@ import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from nettailor_tf.settings import config as config_lib  # noqa: E402  (after the path above)
 from nettailor_tf.latency import measure  # noqa: E402
 from nettailor_tf.latency import table as latency_table_lib  # noqa: E402
+from nettailor_tf.settings import config as config_lib  # noqa: E402  (after the path above)
 
 # What `benchmark_model` prints at the end of a run, e.g.
 #   Inference timings in us: Init: 3063, First inference: 1013, Warmup (avg): 626.9,
@@ -49,8 +49,8 @@ done
 
 
 def _functions(backbone: str, image_size: int, max_skip):
-    from nettailor_tf.model import backbones as backbones_lib
     from nettailor_tf.model import student_network
+    from nettailor_tf.model import backbones as backbones_lib
 
     network = backbones_lib.build_backbone(backbone)
     plan = student_network.Plan.full(len(network.blocks), max_skip)

@@ -57,13 +57,11 @@ def _measure_task(config, strategy, task, candidates):
     import keras
     import numpy as np
 
+    from nettailor_tf.model import complexity, pruning
     from nettailor_tf.run import artifacts
-    from nettailor_tf.training import selection
-    from nettailor_tf.model import complexity
-    from nettailor_tf.model import pruning
-    from nettailor_tf.stages.nettailor import (nettailor_trainer, prepared_pruned,
-                                               teacher_targets)
+    from nettailor_tf.stages.nettailor import nettailor_trainer, prepared_pruned, teacher_targets
     from nettailor_tf.stages.prune_search import ZeroShotScorer
+    from nettailor_tf.training import selection
 
     size, batch = config.image_size, config.eval_batch_size
     student, backbone = artifacts.trained_student(config, task)
@@ -82,7 +80,7 @@ def _measure_task(config, strategy, task, candidates):
         reference = scorer(None)
         for n in candidates:
             plan = pruning.prune_plan(student.plan, alphas, n, config.prune_proxy_threshold,
-                                        config.prune_universal_threshold)
+                                      config.prune_universal_threshold)
             correct = scorer(plan)
             damage = selection.paired(reference, correct)
             cost = complexity.pruned_cost(backbone, plan, size, task.num_classes, student)
@@ -125,8 +123,8 @@ def main(argv):
             f.write(text)
         return
     from nettailor_tf import data as data_lib
-    from nettailor_tf.training import distribution
     from nettailor_tf.common import quiet
+    from nettailor_tf.training import distribution
 
     quiet.quiet_python_loggers()
     config = config_lib.from_flags(FLAGS)

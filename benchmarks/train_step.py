@@ -84,10 +84,9 @@ def measure_steps(backbone_name, image_size, batch_size, num_classes=10, warmup=
     import keras
     import tensorflow as tf
 
-    from nettailor_tf.training import train
-    from nettailor_tf.model import backbones, complexity, losses
+    from nettailor_tf.model import backbones, complexity, losses, student_network
     from nettailor_tf.stages import nettailor
-    from nettailor_tf.model import student_network
+    from nettailor_tf.training import train
 
     keras.utils.set_random_seed(0)
     strategy = tf.distribute.get_strategy()

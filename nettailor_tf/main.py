@@ -11,9 +11,9 @@ import sys
 
 from absl import app, flags, logging
 
-from nettailor_tf.settings import config as config_lib
 from nettailor_tf import cpu_kernels
 from nettailor_tf.common import quiet
+from nettailor_tf.settings import config as config_lib
 
 FLAGS = flags.FLAGS
 config_lib.define_flags(FLAGS)
@@ -33,9 +33,9 @@ def main(argv):
         from tensorflow.python.util import _pywrap_util_port
 
         from nettailor_tf import stages
+        from nettailor_tf.data import pipeline
         from nettailor_tf.run import artifacts
         from nettailor_tf.training import distribution
-        from nettailor_tf.data import pipeline
     from nettailor_tf.common.errors import NetTailorError
 
     quiet.quiet_python_loggers()

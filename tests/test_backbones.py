@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nettailor_tf.model import backbones
-from nettailor_tf.model import pretrained
+from nettailor_tf.model import backbones, pretrained
 
 # Parameters without the classifier, counted as torchvision counts them
 # (no BN moving statistics): e.g. resnet34 = 21,797,672 - fc (512*1000 + 1000).

@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 from absl import flags
 
-from nettailor_tf.settings import config as config_lib
 from nettailor_tf.settings import stage_settings
+from nettailor_tf.settings import config as config_lib
 from nettailor_tf.settings.config import Config, ConfigError
 from nettailor_tf.settings.options import declared_stages
 from nettailor_tf.settings.schedules import Schedule

@@ -77,8 +77,8 @@ def test_the_expected_flagfiles_exist():
 
 @pytest.mark.parametrize("name", FLAGFILES)
 def test_flagfile_parses_and_validates(cli, name, monkeypatch, tmp_path):
-    from nettailor_tf.run import artifacts
     from nettailor_tf.model import backbones
+    from nettailor_tf.run import artifacts
 
     config, _ = parse(cli, name, monkeypatch)
     weights = config.backbone_weights

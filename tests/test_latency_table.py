@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nettailor_tf.model import backbones, complexity
-from nettailor_tf.settings import config as config_lib
 from nettailor_tf.latency import measure as latency_measure, table as lt
-from nettailor_tf.model import pruning, student_network
+from nettailor_tf.model import backbones, complexity, pruning, student_network
+from nettailor_tf.settings import config as config_lib
 from nettailor_tf.stages import nettailor as nettailor_stage
 
 
@@ -76,7 +75,7 @@ def test_the_calibration_is_fitted_on_the_whole_networks_timed_with_the_branches
     assert (fit.base, fit.slope) == pytest.approx((0.7, 0.3), rel=1e-6)
     assert fit.max_error == pytest.approx(0, abs=1e-9)
     lean = student_network.Plan([student_network.BlockPlan(l == 0, list(b.proxy_sources[:1]))
-                             for l, b in enumerate(tiny_plan().blocks)])
+                                 for l, b in enumerate(tiny_plan().blocks)])
     parts = table.parts_ms(lean)
     truth = table.invoke_ms + parts * (0.7 + 0.3 * parts / fit.full_ms)
     assert synthetic.predict_ms(lean) == pytest.approx(truth, rel=1e-6)

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from nettailor_tf.settings.config import Config, ConfigError
-from nettailor_tf.training.plateau import IMPROVED, KEEP, REDUCE, STOP, PlateauState, decide
 from nettailor_tf.settings.schedules import Schedule
+from nettailor_tf.training.plateau import IMPROVED, KEEP, PlateauState, REDUCE, STOP, decide
 
 
 def _rule(**kw):

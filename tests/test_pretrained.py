@@ -17,16 +17,9 @@ import numpy as np
 import pytest
 
 from nettailor_tf.model import pretrained
-from nettailor_tf.model.pretrained import (
-    WeightsError,
-    assign_state_dict,
-    conv_kernel,
-    dense_kernel,
-    depthwise_kernel,
-    load_state_dict,
-    packaged_weights_path,
-    read_torch_state_dict,
-)
+from nettailor_tf.model.pretrained import (WeightsError, assign_state_dict, conv_kernel,
+                                           dense_kernel, depthwise_kernel, load_state_dict,
+                                           packaged_weights_path, read_torch_state_dict)
 
 
 # ---------------------------------------------------------------- writing torch-format files by hand

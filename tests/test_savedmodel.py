@@ -109,10 +109,10 @@ def test_universal_layers_with_different_values_are_not_shared():
     backbone = backbones.build_backbone("tiny")
     universal = static_graph.UniversalLayers()
     first = static_graph.static_model(build_student(backbone, 3, PLAN_A, "frozen", SIZE),
-                               universal=universal)
+                                      universal=universal)
     backbone.blocks[0].conv1.bn.moving_mean.assign(np.full(8, 0.5, np.float32))
     second = static_graph.static_model(build_student(backbone, 3, PLAN_A, "frozen", SIZE),
-                                universal=universal)
+                                       universal=universal)
     assert universal.unshared == ["block0"]
     shared = {id(v) for v in first.weights} & {id(v) for v in second.weights}
     assert shared  # the stem and block 2 still are

@@ -9,9 +9,8 @@ import tensorflow as tf
 from helpers import stage_config as _config
 
 from nettailor_tf import stages
+from nettailor_tf.model import backbones, complexity, pruning, static_graph, student_network
 from nettailor_tf.run import artifacts
-from nettailor_tf.model import backbones, complexity, pruning, static_graph
-from nettailor_tf.model import student_network
 from nettailor_tf.run import workdir as workdir_lib
 from nettailor_tf.run.workdir import WorkdirError
 
@@ -147,7 +146,7 @@ def test_a_changed_upstream_output_makes_the_downstream_stages_stale(tmp_path, m
     assert report["tasks"]["svhn_cropped"]["pruned"]["universal_blocks_kept"] == 2
     plan, _ = pruning.load_plan(str(task_dir / "plan.json"))
     rebuilt = student_network.build_student(artifacts.universal_backbone(_config(tmp_path)), 10,
-                                        plan, "frozen", 16)
+                                            plan, "frozen", 16)
     pruning.load_task_state(rebuilt, str(task_dir / "nettailor.npz"))  # fits the new plan
 
 

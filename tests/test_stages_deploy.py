@@ -20,11 +20,11 @@ from report_keys import documented, key_paths
 from PIL import Image
 
 from exporters import parity, savedmodel, tflite
+from nettailor_tf import predict, stages
 from nettailor_tf import data as data_lib
 from nettailor_tf.latency import table as latency_table
-from nettailor_tf import predict, stages
-from nettailor_tf.settings.config import Config
 from nettailor_tf.settings import tuned
+from nettailor_tf.settings.config import Config
 from nettailor_tf.stages import deploy, recommend
 from nettailor_tf.training.train import Schedule
 

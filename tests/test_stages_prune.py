@@ -8,9 +8,8 @@ from helpers import stage_config as _config
 from report_keys import documented, key_paths
 
 from nettailor_tf import stages
+from nettailor_tf.model import pruning, student_network
 from nettailor_tf.run import artifacts
-from nettailor_tf.model import pruning
-from nettailor_tf.model import student_network
 from nettailor_tf.run.report import Report
 from nettailor_tf.settings.schedules import Schedule
 from nettailor_tf.stages import prune_search

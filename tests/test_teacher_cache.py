@@ -8,8 +8,8 @@ import tensorflow_datasets as tfds
 from helpers import randomize_weights
 
 from nettailor_tf import data
-from nettailor_tf.training import teacher_cache
 from nettailor_tf.model import backbones
+from nettailor_tf.training import teacher_cache
 
 
 def _teacher():

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from helpers import tiny_static_models
 
-from exporters import savedmodel, tflite
-from exporters import timing
+from exporters import savedmodel, tflite, timing
 from nettailor_tf.model.student_network import BlockPlan, Plan
 
 SIZE = 16

@@ -13,9 +13,9 @@ import pytest
 import tensorflow as tf
 
 from nettailor_tf import data
-from nettailor_tf.training import progress, train
 from nettailor_tf.model import backbones
 from nettailor_tf.model.losses import cross_entropy
+from nettailor_tf.training import progress, train
 
 SCHEDULE = train.Schedule(epochs=2, batch_size=32, learning_rate=0.05, decay_epochs=1)
 

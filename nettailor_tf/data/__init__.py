@@ -32,7 +32,7 @@ from nettailor_tf.data.load import load_task
 from nettailor_tf.data.pipeline import (AUGMENT_POLICIES, eval_pipeline, eval_transform,
                                         keyed_eval_pipeline, steps_per_epoch, train_pipeline)
 from nettailor_tf.data.split import selection_split, with_validation_split
-from nettailor_tf.data.tasks import TASK_SPEC_HELP, DataError, TaskData
+from nettailor_tf.data.tasks import DataError, TASK_SPEC_HELP, TaskData
 from nettailor_tf.data.tfds_tasks import decathlon_test_split
 
 __all__ = [

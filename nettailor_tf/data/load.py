@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from nettailor_tf.data.folders import load_folder
 from nettailor_tf.data.in_memory import load_digits, load_mnist5k
-from nettailor_tf.data.tasks import TASK_SPEC_HELP, DataError, TaskData, task_error
+from nettailor_tf.data.tasks import DataError, TASK_SPEC_HELP, TaskData, task_error
 from nettailor_tf.data.tfds_tasks import load_tfds
 
 

@@ -21,10 +21,10 @@ from typing import Callable
 import keras
 import numpy as np
 
-from nettailor_tf.settings import config as config_lib
 from nettailor_tf.model import pretrained
 from nettailor_tf.model.layers import (BasicBlock, Bottleneck, ConvBN, InvertedResidual, Normalize,
                                        UniversalBlock, fold_batchnorm)
+from nettailor_tf.settings import config as config_lib
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)

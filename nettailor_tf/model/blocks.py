@@ -20,8 +20,8 @@ import functools
 import keras
 import tensorflow as tf
 
-from nettailor_tf.model.gates import PROXY_LOGIT, UNIVERSAL_LOGIT, Gate
-from nettailor_tf.model.layers import PACKAGE, ConvBN, apply_activation
+from nettailor_tf.model.gates import Gate, PROXY_LOGIT, UNIVERSAL_LOGIT
+from nettailor_tf.model.layers import ConvBN, PACKAGE, apply_activation
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -15,8 +15,8 @@ import tensorflow as tf
 
 from nettailor_tf.model.backbones import Backbone
 from nettailor_tf.model.blocks import NetTailorBlock, Proxy
-from nettailor_tf.settings.config import UNIVERSAL_BN_MODES
 from nettailor_tf.model.layers import Bottleneck, fold_batchnorm
+from nettailor_tf.settings.config import UNIVERSAL_BN_MODES
 
 
 @dataclasses.dataclass

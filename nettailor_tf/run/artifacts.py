@@ -12,16 +12,15 @@ import os
 import keras
 from absl import logging
 
-from nettailor_tf.latency import measure
 from nettailor_tf.common import atomic
-from nettailor_tf.latency import table as latency_table_lib
-from nettailor_tf.model import backbones as backbones_lib
-from nettailor_tf.model import pruning
-from nettailor_tf.model import student_network
-from nettailor_tf.model import pretrained as weights_lib
-from nettailor_tf.settings.config import Config, ConfigError
 from nettailor_tf.common.errors import NetTailorError
+from nettailor_tf.latency import measure
+from nettailor_tf.latency import table as latency_table_lib
+from nettailor_tf.model import pruning, student_network
+from nettailor_tf.model import backbones as backbones_lib
+from nettailor_tf.model import pretrained as weights_lib
 from nettailor_tf.run.workdir import Workdir, fingerprint
+from nettailor_tf.settings.config import Config, ConfigError
 
 
 class StageError(NetTailorError, RuntimeError):

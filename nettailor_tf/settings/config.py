@@ -17,9 +17,8 @@ from absl import flags
 
 from nettailor_tf import decathlon
 from nettailor_tf.common.errors import NetTailorError
-from nettailor_tf.settings.options import (OneOf, Range, check_value, option,
-                                           max_skip_check, parse_max_skip, parse_search_steps,
-                                           search_steps_check)
+from nettailor_tf.settings.options import (OneOf, Range, check_value, max_skip_check, option,
+                                           parse_max_skip, parse_search_steps, search_steps_check)
 from nettailor_tf.settings.schedules import Schedule
 
 STAGES = ("teacher", "student", "prune", "finetune", "export", "benchmark", "submission")

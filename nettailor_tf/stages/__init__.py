@@ -15,22 +15,22 @@ import time
 import keras
 from absl import logging
 
-from nettailor_tf.run import artifacts
-from nettailor_tf.training import distribution, train
-from nettailor_tf.common import atomic
 from nettailor_tf import data as data_lib
+from nettailor_tf.common import atomic
+from nettailor_tf.run import artifacts
 from nettailor_tf.run import workdir as workdir_lib
 from nettailor_tf.run.artifacts import StageError
+from nettailor_tf.run.report import Report, findings
+from nettailor_tf.run.workdir import Workdir, task_folder_name
 from nettailor_tf.settings.config import Config
 from nettailor_tf.settings.tuned import STAGE_WEIGHTS
-from nettailor_tf.run.report import Report, findings
 from nettailor_tf.stages import benchmark, deploy, provenance, prune_search, submission
 from nettailor_tf.stages.finetune import run_finetune
 from nettailor_tf.stages.nettailor import cost_identity
 from nettailor_tf.stages.prune import run_prune
 from nettailor_tf.stages.student import run_student
 from nettailor_tf.stages.teacher import run_teacher
-from nettailor_tf.run.workdir import Workdir, task_folder_name
+from nettailor_tf.training import distribution, train
 
 __all__ = ["StageError", "TRAINING_STAGES", "run"]
 

@@ -6,18 +6,18 @@ import os
 import keras
 from absl import logging
 
-from nettailor_tf.run import artifacts
-from nettailor_tf.training import selection
 from nettailor_tf.common import atomic
-from nettailor_tf.model import backbones as backbones_lib
 from nettailor_tf.model import complexity, pruning
-from nettailor_tf.settings.config import Config
-from nettailor_tf.run.report import Report
+from nettailor_tf.model import backbones as backbones_lib
 from nettailor_tf.model.student_network import Plan
-from nettailor_tf.stages.nettailor import (gate_values, or_none, prepared_pruned,
-                                           train_nettailor, training_outcome)
-from nettailor_tf.stages.prune_search import CONFIDENCE
+from nettailor_tf.run import artifacts
+from nettailor_tf.run.report import Report
 from nettailor_tf.run.workdir import Workdir
+from nettailor_tf.settings.config import Config
+from nettailor_tf.stages.nettailor import (gate_values, or_none, prepared_pruned, train_nettailor,
+                                           training_outcome)
+from nettailor_tf.stages.prune_search import CONFIDENCE
+from nettailor_tf.training import selection
 
 
 def run_finetune(config: Config, strategy, task, report: Report) -> bool:

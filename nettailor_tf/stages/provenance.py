@@ -17,9 +17,9 @@ import json
 
 from absl import logging
 
-from nettailor_tf.settings.stage_settings import changed_settings, stage_settings
 from nettailor_tf.run.report import Report
 from nettailor_tf.run.workdir import Workdir, fingerprint, remove
+from nettailor_tf.settings.stage_settings import changed_settings, stage_settings
 
 TRAINING_ORDER = ("teacher", "student", "prune", "finetune")
 # The report entry that says a stage is done for a task.

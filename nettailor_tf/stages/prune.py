@@ -6,14 +6,13 @@ import os
 
 from absl import logging
 
+from nettailor_tf.model import complexity, pruning
 from nettailor_tf.run import artifacts, plots
-from nettailor_tf.model import complexity
-from nettailor_tf.model import pruning
-from nettailor_tf.settings.config import Config
 from nettailor_tf.run.report import Report
+from nettailor_tf.run.workdir import Workdir
+from nettailor_tf.settings.config import Config
 from nettailor_tf.stages import prune_search
 from nettailor_tf.stages.nettailor import gate_values
-from nettailor_tf.run.workdir import Workdir
 
 
 def run_prune(config: Config, strategy, task, report: Report) -> bool:
@@ -49,15 +48,15 @@ def run_prune(config: Config, strategy, task, report: Report) -> bool:
     else:
         num_universal = config.prune_universal or 0
     pruned = pruning.prune_plan(student.plan, alphas, num_universal,
-                                  config.prune_proxy_threshold, config.prune_universal_threshold)
+                                config.prune_proxy_threshold, config.prune_universal_threshold)
     counts = pruned.counts()
     pruning.save_plan(path, pruned, backbone=config.backbone,
-                        backbone_weights=config.backbone_weights, image_size=config.image_size,
-                        universal_blocks=[l for l, b in enumerate(pruned.blocks) if b.universal],
-                        prune_universal=num_universal,
-                        prune_proxy_threshold=config.prune_proxy_threshold,
-                        prune_universal_threshold=config.prune_universal_threshold,
-                        prune_search=search, gates=gate_values(student), **counts)
+                      backbone_weights=config.backbone_weights, image_size=config.image_size,
+                      universal_blocks=[l for l, b in enumerate(pruned.blocks) if b.universal],
+                      prune_universal=num_universal,
+                      prune_proxy_threshold=config.prune_proxy_threshold,
+                      prune_universal_threshold=config.prune_universal_threshold,
+                      prune_search=search, gates=gate_values(student), **counts)
     png = _draw_architecture(config, task, report, student, pruned, backbone)
     logging.info("%s: pruned to %d universal blocks and %d proxies (%d live blocks of %d); "
                  "architecture drawn in %s", task.name, counts["universal_blocks_kept"],

@@ -33,21 +33,19 @@ import keras
 import numpy as np
 from absl import logging
 
-from nettailor_tf.run import artifacts
-from nettailor_tf.training import selection
-from nettailor_tf.model import complexity
-from nettailor_tf.common import atomic
 from nettailor_tf import data as data_lib
-from nettailor_tf.model import pruning
-from nettailor_tf.model import student_network
+from nettailor_tf.common import atomic
+from nettailor_tf.common.errors import NetTailorError
+from nettailor_tf.model import complexity, pruning, student_network
+from nettailor_tf.run import artifacts
+from nettailor_tf.run.workdir import Workdir
 from nettailor_tf.settings.config import Config
 from nettailor_tf.settings.options import WHOLE_FINETUNE
 from nettailor_tf.settings.tuned import ABANDON_MARGIN, WEAK_UNIVERSAL
-from nettailor_tf.common.errors import NetTailorError
 from nettailor_tf.stages.nettailor import (nettailor_trainer, prepared_pruned,
                                            recalibration_batches, selection_accuracy,
                                            teacher_targets)
-from nettailor_tf.run.workdir import Workdir
+from nettailor_tf.training import selection
 
 # Confidence of the one-sided bounds the search logs and records.
 CONFIDENCE = 0.9
@@ -171,8 +169,8 @@ class PruneSearch:
         """Candidate n's plan, or None where pruning would leave no path."""
         try:
             return pruning.prune_plan(self.student.plan, self.alphas, n,
-                                        self.config.prune_proxy_threshold,
-                                        self.config.prune_universal_threshold)
+                                      self.config.prune_proxy_threshold,
+                                      self.config.prune_universal_threshold)
         except pruning.PruneError:
             return None
 

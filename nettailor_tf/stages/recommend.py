@@ -16,11 +16,10 @@ from __future__ import annotations
 import numpy as np
 from absl import logging
 
-from exporters import timing
-from exporters import parity, savedmodel
-from nettailor_tf.run import artifacts
-from nettailor_tf.common import quiet
+from exporters import parity, savedmodel, timing
 from nettailor_tf import data as data_lib
+from nettailor_tf.common import quiet
+from nettailor_tf.run import artifacts
 from nettailor_tf.settings.config import BUNDLE_VARIANTS, Config
 from nettailor_tf.settings.tuned import ALL_CORES_MARGIN, RECOMMENDATION_TOLERANCE
 

@@ -6,14 +6,13 @@ import os
 import keras
 from absl import logging
 
-from nettailor_tf.run import artifacts
-from nettailor_tf.model import gates as gates_lib
 from nettailor_tf.model import pruning
-from nettailor_tf.settings.config import Config
+from nettailor_tf.model import gates as gates_lib
+from nettailor_tf.run import artifacts
 from nettailor_tf.run.report import Report
-from nettailor_tf.stages.nettailor import (gate_values, or_none, train_nettailor,
-                                           training_outcome)
 from nettailor_tf.run.workdir import Workdir
+from nettailor_tf.settings.config import Config
+from nettailor_tf.stages.nettailor import gate_values, or_none, train_nettailor, training_outcome
 
 
 def run_student(config: Config, strategy, task, report: Report) -> bool:

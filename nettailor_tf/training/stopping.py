@@ -18,9 +18,9 @@ from __future__ import annotations
 import tensorflow as tf
 from absl import logging
 
-from nettailor_tf.training.checkpoints import weights_by_path
-from nettailor_tf.training.plateau import IMPROVED, KEEP, REDUCE, STOP, PlateauState, decide
 from nettailor_tf.settings.schedules import Schedule
+from nettailor_tf.training.checkpoints import weights_by_path
+from nettailor_tf.training.plateau import IMPROVED, KEEP, PlateauState, REDUCE, STOP, decide
 
 __all__ = ["IMPROVED", "KEEP", "REDUCE", "STOP", "PlateauTracker"]
 
