@@ -9,7 +9,7 @@ import json
 import os
 
 from nettailor_tf.common import atomic
-from nettailor_tf.run.plots import latency_prediction_points
+from nettailor_tf.run.deployment_plots import latency_prediction_points
 from nettailor_tf.run.workdir import Workdir, WorkdirError
 from nettailor_tf.settings.tuned import DIFFUSE_GATE_ENTROPY
 

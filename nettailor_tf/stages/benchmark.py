@@ -19,7 +19,7 @@ from absl import logging
 from exporters import timing as latency_lib
 from exporters import memory as memory_lib
 from exporters import savedmodel
-from nettailor_tf.run import artifacts, plots as visualize
+from nettailor_tf.run import artifacts, deployment_plots as visualize
 from nettailor_tf.latency import measure as latency_measure
 from nettailor_tf.common import quiet
 from nettailor_tf.model import pruning as prune_lib

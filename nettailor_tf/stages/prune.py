@@ -7,7 +7,7 @@ import os
 from absl import logging
 
 from nettailor_tf.model import complexity, pruning
-from nettailor_tf.run import artifacts, plots
+from nettailor_tf.run import architecture_figure, artifacts
 from nettailor_tf.run.report import Report
 from nettailor_tf.run.workdir import Workdir
 from nettailor_tf.settings.config import Config
@@ -68,7 +68,7 @@ def _draw_architecture(config, task, report, student, pruned, backbone) -> str:
     """architecture.png (the student's gates, what pruning kept) and its report entry."""
     paths = Workdir(config.workdir)
     png = paths.architecture_png(task.name)
-    plots.plot_architecture(
+    architecture_figure.plot_architecture(
         png, f"{task.name}: NetTailor on {config.backbone} (max_skip={config.max_skip})",
         student.plan, gate_values(student), kept_plan=pruned,
         block_flops=complexity.backbone_flops(backbone, config.image_size)["blocks"])

@@ -1,4 +1,4 @@
-"""Architecture figures (nettailor_tf.run.plots): valid, non-blank PNGs, input checks."""
+"""Architecture figures (nettailor_tf.run.architecture_figure): valid, non-blank PNGs, input checks."""
 import os
 import random
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from nettailor_tf.run.plots import plot_architecture
+from nettailor_tf.run.architecture_figure import plot_architecture
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
