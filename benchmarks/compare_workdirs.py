@@ -25,9 +25,8 @@ import nettailor_tf  # noqa: E402,F401  (before TensorFlow: it chooses the CPU k
 
 def compare(workdirs: list[str], variant: str = "float32", threads: int = 1, runs: int = 300,
             rounds: int = 10) -> list[dict]:
-    from exporters import latency as latency_lib
-    from exporters import savedmodel
-    from nettailor_tf import quiet
+    from exporters import savedmodel, timing
+    from nettailor_tf.common import quiet
 
     reports = []
     for workdir in workdirs:
@@ -42,7 +41,7 @@ def compare(workdirs: list[str], variant: str = "float32", threads: int = 1, run
                            savedmodel.SERVING_KEY) for workdir, r in zip(workdirs, reports)}
         image = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
         with quiet.native_stderr_filtered():
-            measured = latency_lib.measure_many(files, image, threads, runs=runs, rounds=rounds)
+            measured = timing.measure_many(files, image, threads, runs=runs, rounds=rounds)
         first = measured[workdirs[0]].median_ms
         rows.append({"task": task, "variant": variant, "threads": threads, "workdirs": {
             workdir: {"median_ms": round(measured[workdir].median_ms, 4),

@@ -30,16 +30,16 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from nettailor_tf import config as config_lib  # noqa: E402  (after the path above)
+from nettailor_tf.settings import config as config_lib  # noqa: E402  (after the path above)
 
 HELD_OUT_SEED = 1  # the table's own calibration networks use seed 0
 
 
 def networks_of(workdir: str, random_plans: int = 0) -> tuple[dict, dict, dict]:
     """(settings, {(task, network): plan}, {task: classes}) of a finished workdir."""
-    from nettailor_tf import latency_measure, prune
-    from nettailor_tf import student as student_lib
-    from nettailor_tf.workdir import Workdir
+    from nettailor_tf.latency import measure
+    from nettailor_tf.model import pruning, student_network
+    from nettailor_tf.run.workdir import Workdir
 
     with open(os.path.join(workdir, "settings.json"), encoding="utf-8") as f:
         settings = json.load(f)
@@ -48,14 +48,14 @@ def networks_of(workdir: str, random_plans: int = 0) -> tuple[dict, dict, dict]:
     paths = Workdir(workdir)
     networks, classes = {}, {}
     for task, entry in report["tasks"].items():
-        plan, _ = prune.load_plan(paths.plan(task))
+        plan, _ = pruning.load_plan(paths.plan(task))
         networks[(task, "NetTailor")] = plan
-        networks[(task, "teacher")] = student_lib.Plan.backbone_only(len(plan.blocks))
+        networks[(task, "teacher")] = student_network.Plan.backbone_only(len(plan.blocks))
         classes[task] = entry["num_classes"]
     if random_plans:
         max_skip = config_lib.parse_max_skip(str(settings["max_skip"]))
-        drawn = latency_measure.sample_plans(len(plan.blocks), max_skip, random_plans,
-                                             seed=HELD_OUT_SEED)
+        drawn = measure.sample_plans(len(plan.blocks), max_skip, random_plans,
+                                     seed=HELD_OUT_SEED)
         for index, sample in enumerate(drawn.values()):
             networks[("held_out", f"random{index}")] = sample
         classes["held_out"] = 10
@@ -65,10 +65,11 @@ def networks_of(workdir: str, random_plans: int = 0) -> tuple[dict, dict, dict]:
 def predicted_and_measured(workdir: str, image_size: int, threads: int = 1, runs: int = 200,
                            cache_dir: str | None = None, random_plans: int = 0,
                            table_out: str | None = None) -> list[dict]:
-    from exporters import latency as latency_lib
-    from exporters import savedmodel
-    from nettailor_tf import backbones, latency_measure, quiet
-    from nettailor_tf.latency_table import plan_as_dict
+    from exporters import savedmodel, timing
+    from nettailor_tf.common import quiet
+    from nettailor_tf.latency import measure
+    from nettailor_tf.latency.table import plan_as_dict
+    from nettailor_tf.model import backbones
 
     settings, networks, classes = networks_of(workdir, random_plans)
     name = settings["backbone"]
@@ -77,22 +78,22 @@ def predicted_and_measured(workdir: str, image_size: int, threads: int = 1, runs
     files = {}
     with tempfile.TemporaryDirectory(prefix="nettailor_prediction_") as folder:
         for (task, network), plan in networks.items():
-            content = latency_measure.whole_network_content(backbone, plan, image_size,
-                                                            classes[task])
+            content = measure.whole_network_content(backbone, plan, image_size,
+                                                    classes[task])
             path = os.path.join(folder, f"{task}_{network}.tflite")
             with open(path, "wb") as f:
                 f.write(content)
             files[(task, network)] = (path, savedmodel.SERVING_KEY)
         if cache_dir is None:
-            table, measured = latency_measure.measure_table_beside(
+            table, measured = measure.measure_table_beside(
                 name, image_size, threads, max_skip, files, runs)
         else:
-            table, _ = latency_measure.cached_table(name, image_size, threads, max_skip,
-                                                    cache_dir)
+            table, _ = measure.cached_table(name, image_size, threads, max_skip,
+                                            cache_dir)
             image = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3),
                                                       dtype=np.uint8)
             with quiet.native_stderr_filtered():
-                measured = latency_lib.measure_many(files, image, threads, runs=runs)
+                measured = timing.measure_many(files, image, threads, runs=runs)
     if table_out:
         table.save(table_out)
     rows = []
@@ -113,13 +114,13 @@ def own_passes(workdir: str, image_size: int, rows: list[dict], threads: int = 1
                runs: int = 200) -> list[dict]:
     """Each network of `rows`: its parts summed as the table's passes time
     them and as passes over only its own branches time them."""
-    from nettailor_tf import latency_measure
-    from nettailor_tf.latency_table import plan_view
+    from nettailor_tf.latency import measure
+    from nettailor_tf.latency.table import plan_view
 
     with open(os.path.join(workdir, "settings.json"), encoding="utf-8") as f:
         settings = json.load(f)
     plans = {(r["task"], r["network"]): plan_view(r["plan"]) for r in rows}
-    sums = latency_measure.parts_by_pass(
+    sums = measure.parts_by_pass(
         settings["backbone"], image_size, threads,
         config_lib.parse_max_skip(str(settings["max_skip"])), plans, runs)
     return [{"task": r["task"], "network": r["network"], "measured_ms": r["measured_ms"],

@@ -26,9 +26,9 @@ import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from nettailor_tf import config as config_lib  # noqa: E402  (after the path above)
-from nettailor_tf import latency_measure  # noqa: E402
-from nettailor_tf import latency_table as latency_table_lib  # noqa: E402
+from nettailor_tf.latency import measure  # noqa: E402
+from nettailor_tf.latency import table as latency_table_lib  # noqa: E402
+from nettailor_tf.settings import config as config_lib  # noqa: E402  (after the path above)
 
 # What `benchmark_model` prints at the end of a run, e.g.
 #   Inference timings in us: Init: 3063, First inference: 1013, Warmup (avg): 626.9,
@@ -49,32 +49,32 @@ done
 
 
 def _functions(backbone: str, image_size: int, max_skip):
-    from nettailor_tf import backbones as backbones_lib
-    from nettailor_tf import student as student_lib
+    from nettailor_tf.model import student_network
+    from nettailor_tf.model import backbones as backbones_lib
 
     network = backbones_lib.build_backbone(backbone)
-    plan = student_lib.Plan.full(len(network.blocks), max_skip)
-    student = student_lib.build_student(network, 10, plan, "frozen", image_size)
-    return latency_measure.branch_functions(student, image_size)
+    plan = student_network.Plan.full(len(network.blocks), max_skip)
+    student = student_network.build_student(network, 10, plan, "frozen", image_size)
+    return measure.branch_functions(student, image_size)
 
 
 def write_models(backbone: str, image_size: int, max_skip, out: str, threads: int,
                  runs: int = 200) -> list[str]:
     """One float32 .tflite per table entry, and run_all.sh that times them."""
-    from nettailor_tf import backbones as backbones_lib
+    from nettailor_tf.model import backbones as backbones_lib
 
     os.makedirs(out, exist_ok=True)
     written = []
     for key, function in _functions(backbone, image_size, max_skip).items():
         path = os.path.join(out, f"{key}.tflite")
         with open(path, "wb") as f:
-            f.write(latency_measure.convert_functions({key: function}))
+            f.write(measure.convert_functions({key: function}))
         written.append(path)
     # The whole networks the table is calibrated on.
     network = backbones_lib.build_backbone(backbone)
-    networks = latency_measure.whole_networks(
+    networks = measure.whole_networks(
         network, max_skip, image_size, out,
-        latency_measure.sample_plans(len(network.blocks), max_skip))
+        measure.sample_plans(len(network.blocks), max_skip))
     written += [path for path, _ in networks.values()]
     script = os.path.join(out, "run_all.sh")
     with open(script, "w", encoding="utf-8") as f:
@@ -86,10 +86,10 @@ def write_models(backbone: str, image_size: int, max_skip, out: str, threads: in
 def collect(backbone: str, image_size: int, max_skip, threads: int, results: str,
             device: str) -> latency_table_lib.LatencyTable:
     """The table from `benchmark_model`'s outputs (<entry>.txt per branch)."""
-    from nettailor_tf import backbones as backbones_lib
+    from nettailor_tf.model import backbones as backbones_lib
 
     expected = list(_functions(backbone, image_size, max_skip))
-    samples = latency_measure.sample_plans(len(backbones_lib.build_backbone(backbone).blocks),
+    samples = measure.sample_plans(len(backbones_lib.build_backbone(backbone).blocks),
                                            max_skip)
     calibration = [latency_table_lib.TEACHER_KEY, latency_table_lib.STUDENT_KEY, *samples]
     entries, missing = {}, []
@@ -136,7 +136,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     max_skip = config_lib.parse_max_skip(args.max_skip)
     if args.command == "measure":
-        table = latency_measure.measure_table(args.backbone, args.image_size, args.threads,
+        table = measure.measure_table(args.backbone, args.image_size, args.threads,
                                                 max_skip)
         table.save(args.out)
     elif args.command == "models":

@@ -34,7 +34,7 @@ import nettailor_tf  # noqa: E402,F401  (before TensorFlow: it chooses the CPU k
 from absl import app, flags  # noqa: E402
 
 import renderers  # noqa: E402
-from nettailor_tf import config as config_lib  # noqa: E402
+from nettailor_tf.settings import config as config_lib  # noqa: E402
 
 config_lib.define_flags(flags.FLAGS)
 flags.DEFINE_list("candidates", ["0", "6", "7", "8", "9", "10", "11", "12"],
@@ -57,11 +57,11 @@ def _measure_task(config, strategy, task, candidates):
     import keras
     import numpy as np
 
-    from nettailor_tf import artifacts, complexity, selection
-    from nettailor_tf import prune as prune_lib
-    from nettailor_tf.stages.nettailor import (nettailor_trainer, prepared_pruned,
-                                               teacher_targets)
+    from nettailor_tf.model import complexity, pruning
+    from nettailor_tf.run import artifacts
+    from nettailor_tf.stages.nettailor import nettailor_trainer, prepared_pruned, teacher_targets
     from nettailor_tf.stages.prune_search import ZeroShotScorer
+    from nettailor_tf.training import selection
 
     size, batch = config.image_size, config.eval_batch_size
     student, backbone = artifacts.trained_student(config, task)
@@ -79,11 +79,11 @@ def _measure_task(config, strategy, task, candidates):
     with ZeroShotScorer(config, task, student, ("train", "val")) as scorer:
         reference = scorer(None)
         for n in candidates:
-            plan = prune_lib.prune_plan(student.plan, alphas, n, config.prune_proxy_threshold,
-                                        config.prune_universal_threshold)
+            plan = pruning.prune_plan(student.plan, alphas, n, config.prune_proxy_threshold,
+                                      config.prune_universal_threshold)
             correct = scorer(plan)
             damage = selection.paired(reference, correct)
-            cost = prune_lib.pruned_cost(backbone, plan, size, task.num_classes, student)
+            cost = complexity.pruned_cost(backbone, plan, size, task.num_classes, student)
             agreement = float(np.mean(correct == (teacher_pool == labels_pool)))
             rows.append({"task": task.name, "n": n, "flops_fraction": cost["flops"] / teacher_flops,
                          "zero_shot": {
@@ -123,7 +123,8 @@ def main(argv):
             f.write(text)
         return
     from nettailor_tf import data as data_lib
-    from nettailor_tf import distribution, quiet
+    from nettailor_tf.common import quiet
+    from nettailor_tf.training import distribution
 
     quiet.quiet_python_loggers()
     config = config_lib.from_flags(FLAGS)

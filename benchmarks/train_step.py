@@ -84,9 +84,9 @@ def measure_steps(backbone_name, image_size, batch_size, num_classes=10, warmup=
     import keras
     import tensorflow as tf
 
-    from nettailor_tf import backbones, complexity, losses, train
+    from nettailor_tf.model import backbones, complexity, losses, student_network
     from nettailor_tf.stages import nettailor
-    from nettailor_tf import student as student_lib
+    from nettailor_tf.training import train
 
     keras.utils.set_random_seed(0)
     strategy = tf.distribute.get_strategy()
@@ -115,8 +115,8 @@ def measure_steps(backbone_name, image_size, batch_size, num_classes=10, warmup=
     # gates trained with CE + complexity + mimic.
     backbone = backbones.build_backbone(backbone_name)
     frozen_teacher = backbones.folded_classifier(teacher_backbone, teacher)
-    plan = student_lib.Plan.full(len(backbone.blocks), max_skip)
-    student = student_lib.build_student(backbone, num_classes, plan, "frozen", image_size)
+    plan = student_network.Plan.full(len(backbone.blocks), max_skip)
+    student = student_network.build_student(backbone, num_classes, plan, "frozen", image_size)
     norm = complexity.universal_network_flops(backbone, image_size)
     costs = [[c / norm for c in row]
              for row in complexity.branch_flops(backbone, plan, image_size)]
@@ -129,7 +129,7 @@ def measure_steps(backbone_name, image_size, batch_size, num_classes=10, warmup=
     # The same step with the teacher's targets looked up instead of computed
     # (what the stages do for tasks without augmentation): a table of the
     # batch's own targets, indexed by position.
-    from nettailor_tf import teacher_cache
+    from nettailor_tf.training import teacher_cache
 
     images, _ = batch
     logits, endpoints = frozen_teacher(images, training=False)

@@ -31,7 +31,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from exporters import savedmodel, tflite
-from nettailor_tf.errors import first_line
+from nettailor_tf.common.errors import first_line
 
 # Convolutions and dense layers: the ops whose weights the weight-only recipe
 # quantises (input 1), and the axis of their output channels.
@@ -70,7 +70,7 @@ def weight_ops(content: bytes) -> list[WeightOp]:
             continue
         if kind == "DEPTHWISE_CONV_2D" and tuple(weight.ShapeAsNumpy())[1:3] == (1, 1):
             # A 1x1 depthwise kernel is a gate's per-channel scale
-            # (`prune.Scale`), not a layer's weights: nothing to quantise.
+            # (`static_graph.Scale`), not a layer's weights: nothing to quantise.
             continue
         outputs = [subgraph.Tensors(op.Outputs(i)).Name().decode()
                    for i in range(op.OutputsLength()) if op.Outputs(i) >= 0]

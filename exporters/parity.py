@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from exporters import savedmodel as savedmodel_lib
-from nettailor_tf.errors import NetTailorError
+from nettailor_tf.common.errors import NetTailorError
 
 Predictor = Callable[[np.ndarray], np.ndarray]  # uint8 images -> logits
 

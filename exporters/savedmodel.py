@@ -16,7 +16,7 @@ A task's class names go beside its files, one per line in label order
 per signature of a bundle.
 
 A bundle holds several tasks, one signature each, over ONE set of universal
-variables (the layers of `prune.UniversalLayers` are shared objects, and
+variables (the layers of `static_graph.UniversalLayers` are shared objects, and
 `keras.export.ExportArchive` stores a variable once however many endpoints
 use it).  A plain `tf.Module` around Keras 3 models tracks no variables at
 all, so everything goes through ExportArchive.

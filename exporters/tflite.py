@@ -43,8 +43,8 @@ import tensorflow as tf
 from ai_edge_litert import schema_py_generated as schema
 
 from exporters import savedmodel
-from nettailor_tf import quiet
-from nettailor_tf.errors import NetTailorError, first_line
+from nettailor_tf.common import quiet
+from nettailor_tf.common.errors import NetTailorError, first_line
 
 VARIANTS = ("float32", "float16", "dynamic", "int8", "int8_weights", "int4_weights", "mixed")
 # The weight-only variants and their bits: ai-edge-quantizer recipes applied

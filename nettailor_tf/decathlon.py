@@ -26,7 +26,7 @@ import numbers
 import os
 from typing import Iterable, Mapping, Sequence
 
-from nettailor_tf import atomic
+from nettailor_tf.common import atomic
 
 __all__ = [
     "DOMAINS",

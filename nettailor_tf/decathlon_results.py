@@ -18,7 +18,8 @@ import zipfile
 
 from absl import app, flags, logging
 
-from nettailor_tf import atomic, decathlon
+from nettailor_tf import decathlon
+from nettailor_tf.common import atomic
 
 FLAGS = flags.FLAGS
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from nettailor_tf.errors import PredictError, first_line
+from nettailor_tf.common.errors import PredictError, first_line
 
 
 def check_image(path: str) -> None:

@@ -17,7 +17,7 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
 from exporters.savedmodel import fit_to_input
-from nettailor_tf.errors import PREDICT_COMMAND, PredictError, first_line
+from nettailor_tf.common.errors import PREDICT_COMMAND, PredictError, first_line
 from nettailor_tf.image_files import load_image
 SERVING_KEY = "serving_default"
 MANIFEST = "export.json"

@@ -11,8 +11,9 @@ import sys
 
 from absl import app, flags, logging
 
-from nettailor_tf import config as config_lib
-from nettailor_tf import cpu_kernels, quiet
+from nettailor_tf import cpu_kernels
+from nettailor_tf.common import quiet
+from nettailor_tf.settings import config as config_lib
 
 FLAGS = flags.FLAGS
 config_lib.define_flags(FLAGS)
@@ -31,9 +32,11 @@ def main(argv):
         import tensorflow as tf
         from tensorflow.python.util import _pywrap_util_port
 
-        from nettailor_tf import artifacts, distribution, stages
+        from nettailor_tf import stages
         from nettailor_tf.data import pipeline
-    from nettailor_tf.errors import NetTailorError
+        from nettailor_tf.run import artifacts
+        from nettailor_tf.training import distribution
+    from nettailor_tf.common.errors import NetTailorError
 
     quiet.quiet_python_loggers()
     logging.info(cpu_kernels.describe(_pywrap_util_port.IsMklEnabled()))
@@ -113,7 +116,7 @@ def _file_error(err: OSError, workdir: str) -> str:
 
 def _strategy(config, distribution, tf):
     """The tf.distribute strategy, or a ConfigError naming what is missing."""
-    from nettailor_tf.config import ConfigError
+    from nettailor_tf.settings.config import ConfigError
 
     try:
         strategy = distribution.make_strategy(config.strategy, config.num_cpu_devices)

@@ -30,8 +30,8 @@ import sys
 
 from absl import flags
 
-from nettailor_tf import quiet
-from nettailor_tf.errors import PREDICT_COMMAND, NetTailorError, PredictError
+from nettailor_tf.common import quiet
+from nettailor_tf.common.errors import NetTailorError, PREDICT_COMMAND, PredictError
 from nettailor_tf.image_files import check_image
 
 FLAGS = flags.FlagValues()  # its own: importing this module adds no flag to absl's FLAGS

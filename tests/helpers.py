@@ -40,7 +40,7 @@ def tiny_inverted_residual_backbone():
     tiny ResNet-like backbone (a ReLU after each block) does not have."""
     import keras
 
-    from nettailor_tf import backbones, layers
+    from nettailor_tf.model import backbones, layers
 
     stem = keras.Sequential([
         layers.Normalize((127.0,), (128.0,), name="normalize"),
@@ -66,17 +66,17 @@ def tiny_static_models(plans, num_classes=(5, 7), image_size=16, seed=0, backbon
     backbone (`backbone`, or the "tiny" one), built through one
     `UniversalLayers` as a bundle builds them: [(keras.Model, student)],
     plus the UniversalLayers."""
-    from nettailor_tf import backbones, prune
-    from nettailor_tf.student import build_student
+    from nettailor_tf.model import backbones, static_graph
+    from nettailor_tf.model.student_network import build_student
 
     backbone = backbone or backbones.build_backbone("tiny")
     randomize_weights(backbone.layers, seed)
-    universal = prune.UniversalLayers()
+    universal = static_graph.UniversalLayers()
     models = []
     for index, (plan, classes) in enumerate(zip(plans, num_classes)):
         student = build_student(backbone, classes, plan, "frozen", image_size)
         randomize_weights(task_layers(student), seed + 1 + index)
-        models.append((prune.static_model(student, universal=universal, name=f"task{index}"),
+        models.append((static_graph.static_model(student, universal=universal, name=f"task{index}"),
                        student))
     return models, universal
 
@@ -102,8 +102,8 @@ def run_in_process(capsys, *args):
 def stage_config(workdir, **overrides):
     """A validated Config of the training stages on the tiny backbone and
     mocked svhn_cropped (one epoch each, every step logged and checkpointed)."""
-    from nettailor_tf.config import Config
-    from nettailor_tf.schedules import Schedule
+    from nettailor_tf.settings.config import Config
+    from nettailor_tf.settings.schedules import Schedule
 
     one_epoch = Schedule(epochs=1, batch_size=16, learning_rate=0.05, decay_epochs=1)
     values = dict(workdir=str(workdir), tasks=("tfds:svhn_cropped",),

@@ -4,8 +4,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from nettailor_tf import artifacts
-from nettailor_tf.config import Config, ConfigError
+from nettailor_tf.run import artifacts
+from nettailor_tf.settings.config import Config, ConfigError
 
 
 def _config(tmp_path, **changes):

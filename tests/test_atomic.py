@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from nettailor_tf import atomic
+from nettailor_tf.common import atomic
 
 
 def _write(directory, name, text):

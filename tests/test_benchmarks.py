@@ -190,7 +190,7 @@ def test_latency_table_from_device_files_round_trips(tmp_path):
     table_path = tmp_path / "table.json"
     script_module.main(["collect", *common, f"--results={models}", "--device=test machine",
                         f"--out={table_path}"])
-    from nettailor_tf import latency_table
+    from nettailor_tf.latency import table as latency_table
 
     table = latency_table.LatencyTable.load(str(table_path))
     assert table.device == "test machine" and len(table.entries) == len(files)

@@ -8,8 +8,8 @@ from helpers import randomize_weights
 import pytest
 import tensorflow as tf
 
-from nettailor_tf.blocks import NetTailorBlock, Proxy
-from nettailor_tf.layers import BasicBlock, ConvBN, fold_batchnorm
+from nettailor_tf.model.blocks import NetTailorBlock, Proxy
+from nettailor_tf.model.layers import BasicBlock, ConvBN, fold_batchnorm
 
 
 

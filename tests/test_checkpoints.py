@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nettailor_tf import backbones, checkpoints, data, train
-from nettailor_tf.losses import cross_entropy
+from nettailor_tf import data
+from nettailor_tf.model import backbones
+from nettailor_tf.model.losses import cross_entropy
+from nettailor_tf.training import checkpoints, train
 
 import helpers
 
@@ -49,10 +51,10 @@ def _trainer(tmp_dir, schedule=SCHEDULE, seed=0, loss_scale=None, rate_groups=Fa
 def test_checkpoint_holds_every_weight_of_a_subclassed_student(tmp_path):
     # TF's object graph misses layers a Keras 3 subclassed model keeps in
     # lists (the student's gates and proxies): the trainer keys weights by path.
-    from nettailor_tf import student as student_lib
+    from nettailor_tf.model import student_network
     backbone = backbones.build_backbone("tiny")
-    plan = student_lib.Plan.full(4, 3)
-    student = student_lib.build_student(backbone, 10, plan, "frozen", 16)
+    plan = student_network.Plan.full(4, 3)
+    student = student_network.build_student(backbone, 10, plan, "frozen", 16)
     weights = checkpoints.weights_by_path(student)
     assert len(weights) == len(student.weights)
     checkpoint = tf.train.Checkpoint(weights=weights)
@@ -69,9 +71,9 @@ def test_checkpoint_holds_every_weight_of_a_subclassed_student(tmp_path):
 
 def test_checkpoint_keys_stay_unique_when_folded_layers_share_a_path():
     # EfficientNet's folded stem and head both hold a ConvBN named "conv".
-    from nettailor_tf import student as student_lib
+    from nettailor_tf.model import student_network
     backbone = backbones.build_backbone("efficientnet_lite0")
-    student = student_lib.build_student(backbone, 10, student_lib.Plan.full(16, 3), "frozen", 32)
+    student = student_network.build_student(backbone, 10, student_network.Plan.full(16, 3), "frozen", 32)
     weights = checkpoints.weights_by_path(student)
     assert len(weights) == len(student.weights)
 

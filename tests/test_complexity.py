@@ -1,7 +1,7 @@
 """Analytic multiply-adds against hand counts and published figures."""
 import pytest
 
-from nettailor_tf import backbones, complexity
+from nettailor_tf.model import backbones, complexity
 
 
 def test_tiny_flops_by_hand():
@@ -46,7 +46,7 @@ def test_blocks_dominate_efficientnet():
 
 def test_tiny_branch_flops_by_hand():
     """Universal branches cost their block; a proxy H_out * W_out * C_in * C_out."""
-    from nettailor_tf.student import Plan
+    from nettailor_tf.model.student_network import Plan
 
     backbone = backbones.build_backbone("tiny")
     blocks = complexity.backbone_flops(backbone, 32)["blocks"]
@@ -63,7 +63,7 @@ def test_tiny_branch_flops_by_hand():
 
 def test_bottleneck_proxy_flops_by_hand():
     """ResNet-50 proxies: H * W * (C_in * hidden + hidden * C_out), hidden = max(C_out / 32, 16)."""
-    from nettailor_tf.student import Plan
+    from nettailor_tf.model.student_network import Plan
 
     backbone = backbones.build_backbone("resnet50")
     costs = complexity.branch_flops(backbone, Plan.full(16, 1), 224)
@@ -72,7 +72,7 @@ def test_bottleneck_proxy_flops_by_hand():
 
 
 def _three_block_case():
-    from nettailor_tf.student import BlockPlan, Plan
+    from nettailor_tf.model.student_network import BlockPlan, Plan
 
     # Block 0: universal (node 0), proxy from node 0.
     # Block 1: universal (node 1), proxies from node 1 and from node 0 (an older node).
@@ -113,7 +113,7 @@ def test_exact_and_published_complexity_differ_on_older_nodes():
     """They differ by c * (1 - in_0) for the proxy reading node 0, else agree."""
     import tensorflow as tf
 
-    from nettailor_tf.student import Plan
+    from nettailor_tf.model.student_network import Plan
 
     plan, a, c = _three_block_case()
     alphas = [tf.constant(x) for x in a]

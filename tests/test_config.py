@@ -4,11 +4,11 @@ import dataclasses
 import pytest
 from absl import flags
 
-from nettailor_tf import config as config_lib
-from nettailor_tf import stage_settings
-from nettailor_tf.config import Config, ConfigError
-from nettailor_tf.options import declared_stages
-from nettailor_tf.schedules import Schedule
+from nettailor_tf.settings import stage_settings
+from nettailor_tf.settings import config as config_lib
+from nettailor_tf.settings.config import Config, ConfigError
+from nettailor_tf.settings.options import declared_stages
+from nettailor_tf.settings.schedules import Schedule
 
 
 @pytest.fixture()
@@ -99,14 +99,14 @@ def test_config_imports_without_tensorflow():
     import subprocess
     import sys
 
-    code = ("import sys; import nettailor_tf.config, nettailor_tf.main; "
+    code = ("import sys; import nettailor_tf.settings.config, nettailor_tf.main; "
             "print(any(m.split('.')[0] in ('tensorflow', 'keras') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_backbone_names_match_the_builders():
-    from nettailor_tf import backbones
+    from nettailor_tf.model import backbones
 
     assert backbones.BACKBONES == config_lib.BACKBONES
     for name in config_lib.BACKBONES:

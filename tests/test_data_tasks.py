@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 from data_helpers import hand_made_task
 
+from nettailor_tf.common.errors import NetTailorError
 from nettailor_tf.data import tasks
-from nettailor_tf.errors import NetTailorError
 
 
 def test_data_error_is_a_nettailor_error_and_a_value_error():

@@ -5,7 +5,7 @@
 - No file of the repository names the team's private notes file.
 - Every key the stages write literally, read from their source with `ast`,
   is documented in docs/report_json.md, and every path of
-  `nettailor_tf.workdir.Workdir` is in its layout.  The keys of a report
+  `nettailor_tf.run.workdir.Workdir` is in its layout.  The keys of a report
   the current code writes (every stage, every variant, the bundle) are
   checked in tests/test_stages_deploy.py, which runs those stages anyway.
 
@@ -183,7 +183,7 @@ def _written_key_paths() -> set[str]:
     """Key paths the report code writes literally: `report.set(task, "part", {...})`,
     `report.task(task)["key"] = ...`, `report.data["key"] = ...` and the report's
     initial `self.data = {...}`."""
-    sources = [os.path.join(ROOT, "nettailor_tf", "report.py")] + sorted(
+    sources = [os.path.join(ROOT, "nettailor_tf", "run", "report.py")] + sorted(
         glob.glob(os.path.join(ROOT, "nettailor_tf", "stages", "*.py")))
     trees = [ast.parse(_read(source)) for source in sources]
     # Helpers that return one literal dict (`**training_outcome(result)`), by "name()".
@@ -238,7 +238,7 @@ def test_every_key_the_stages_write_is_documented():
 
 
 def test_every_workdir_path_is_in_the_documented_layout():
-    from nettailor_tf import workdir
+    from nettailor_tf.run import workdir
 
     text = _read(REPORT_DOC)
     root = os.path.join(os.sep, "W")

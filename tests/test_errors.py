@@ -5,7 +5,7 @@ import inspect
 import pytest
 from test_imports import MODULES
 
-from nettailor_tf.errors import NetTailorError
+from nettailor_tf.common.errors import NetTailorError
 
 # Control flow inside a module, never raised to the user.
 INTERNAL = {"nettailor_tf.stages.prune._Interrupted"}

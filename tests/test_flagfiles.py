@@ -45,7 +45,8 @@ def cli():
     """The CLI module, with backbone construction cached for this module's tests:
     validate() only reads a backbone's block count and minimum input size, and
     building ResNet-34 thirteen times would cost more than everything else."""
-    from nettailor_tf import backbones, main
+    from nettailor_tf import main
+    from nettailor_tf.model import backbones
 
     real = backbones.build_backbone
     backbones.build_backbone = functools.lru_cache(maxsize=None)(real)
@@ -58,7 +59,7 @@ def parse(cli, name, monkeypatch):
     values = copy.deepcopy(cli.FLAGS)  # the CLI's definitions, private values
     leftover = values(["nettailor_tf", f"--flagfile={os.path.join(FLAGS_DIR, name)}"])
     assert leftover == ["nettailor_tf"], f"{name}: lines that are not --flags: {leftover[1:]}"
-    from nettailor_tf import config as config_lib
+    from nettailor_tf.settings import config as config_lib
 
     return config_lib.from_flags(values), values
 
@@ -76,7 +77,8 @@ def test_the_expected_flagfiles_exist():
 
 @pytest.mark.parametrize("name", FLAGFILES)
 def test_flagfile_parses_and_validates(cli, name, monkeypatch, tmp_path):
-    from nettailor_tf import artifacts, backbones
+    from nettailor_tf.model import backbones
+    from nettailor_tf.run import artifacts
 
     config, _ = parse(cli, name, monkeypatch)
     weights = config.backbone_weights

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nettailor_tf.gates import Gate, sharpness
+from nettailor_tf.model.gates import Gate, sharpness
 
 
 def _softmax(logits):

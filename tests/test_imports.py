@@ -1,5 +1,6 @@
-"""The package's import graph: arrows point one way, and no module reaches
-into another's private names.
+"""The package's import graph: arrows point one way, down the layers of
+`LAYERS`, no module reaches into another's private names, and no two
+modules share a file name.
 
 Read from the source with `ast`, so a lazy import inside a function counts
 like any other: hiding a cycle inside a function does not make it go away.
@@ -77,7 +78,7 @@ GRAPH = {m: _imports(m)[0] for m in MODULES}
 
 def test_the_graph_is_read():
     assert "nettailor_tf.stages.prune" in MODULES and "exporters.tflite" in MODULES
-    assert "nettailor_tf.artifacts" in GRAPH["nettailor_tf.stages.prune"]
+    assert "nettailor_tf.run.artifacts" in GRAPH["nettailor_tf.stages.prune"]
 
 
 def test_no_import_cycle():
@@ -100,6 +101,65 @@ def test_no_import_cycle():
     for module in sorted(GRAPH):
         if module not in state:
             visit(module)
+
+
+# The layers, lowest first: a module may import the modules of its own part
+# and of the parts listed for it, never one above it.  A part is a
+# subpackage of nettailor_tf (`model`, ...), `exporters`, or a module of its
+# own at the top.  Each subpackage's __init__ says the same in words.
+_BELOW_RUN = {"common", "settings", "data", "model", "latency", "exporters"}
+LAYERS = {
+    "common": set(),                      # errors, atomic files, quiet start-up
+    "nettailor_tf.cpu_kernels": set(),    # imported first, before TensorFlow
+    "nettailor_tf.decathlon": {"common"},  # the challenge's domains and score
+    "data": {"common"},
+    "exporters": {"common"},
+    "settings": {"common", "nettailor_tf.decathlon"},
+    "model": {"common", "settings"},
+    "training": {"common", "settings", "data", "model"},
+    "latency": {"common", "settings", "model", "exporters"},
+    "run": _BELOW_RUN,
+    "stages": _BELOW_RUN | {"run", "training", "nettailor_tf.decathlon"},
+    "nettailor_tf.image_files": {"common"},
+    "nettailor_tf.inference": {"common", "exporters", "nettailor_tf.image_files"},
+}
+# The commands (and the package's __init__) sit on top: they may import
+# anything, and nothing imports them.
+ENTRY_POINTS = {"nettailor_tf", "nettailor_tf.main", "nettailor_tf.predict",
+                "nettailor_tf.decathlon_results"}
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    if parts[0] == "exporters":
+        return "exporters"
+    if len(parts) > 2 or (len(parts) == 2 and MODULES[module].endswith("__init__.py")):
+        return parts[1]
+    return module
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_point_down_the_layers(module):
+    part = _part(module)
+    assert part in LAYERS or module in ENTRY_POINTS, (
+        f"{module} is in no layer: place it in a subpackage or add it to LAYERS")
+    if module in ENTRY_POINTS:
+        return
+    upward = sorted(target for target in GRAPH[module]
+                    if _part(target) != part and _part(target) not in LAYERS[part])
+    assert not upward, (f"{module} ({part}) imports {upward}; {part} may import only "
+                        f"{sorted(LAYERS[part])}")
+
+
+def test_no_two_modules_share_a_file_name():
+    """`prune.py` beside `stages/prune.py` made every importer alias one of
+    them; a package counts under its folder's name."""
+    owners = {}
+    for module, path in MODULES.items():
+        name = module.split(".")[-1]
+        owners.setdefault(name, []).append(module)
+    shared = {name: found for name, found in owners.items() if len(found) > 1}
+    assert not shared, f"modules sharing a name: {shared}"
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nettailor_tf import backbones, complexity, config as config_lib
-from nettailor_tf import latency_measure, latency_table as lt
-from nettailor_tf import prune, student as student_lib
+from nettailor_tf.latency import measure as latency_measure, table as lt
+from nettailor_tf.model import backbones, complexity, pruning, student_network
+from nettailor_tf.settings import config as config_lib
 from nettailor_tf.stages import nettailor as nettailor_stage
 
 
@@ -24,7 +24,7 @@ def tiny_table(tmp_path_factory):
 
 
 def tiny_plan(max_skip=2):
-    return student_lib.Plan.full(len(backbones.build_backbone("tiny").blocks), max_skip)
+    return student_network.Plan.full(len(backbones.build_backbone("tiny").blocks), max_skip)
 
 
 def test_every_branch_of_the_student_is_timed(tiny_table):
@@ -74,13 +74,13 @@ def test_the_calibration_is_fitted_on_the_whole_networks_timed_with_the_branches
     assert fit.networks == 2 + lt.SAMPLE_PLANS
     assert (fit.base, fit.slope) == pytest.approx((0.7, 0.3), rel=1e-6)
     assert fit.max_error == pytest.approx(0, abs=1e-9)
-    lean = student_lib.Plan([student_lib.BlockPlan(l == 0, list(b.proxy_sources[:1]))
-                             for l, b in enumerate(tiny_plan().blocks)])
+    lean = student_network.Plan([student_network.BlockPlan(l == 0, list(b.proxy_sources[:1]))
+                                 for l, b in enumerate(tiny_plan().blocks)])
     parts = table.parts_ms(lean)
     truth = table.invoke_ms + parts * (0.7 + 0.3 * parts / fit.full_ms)
     assert synthetic.predict_ms(lean) == pytest.approx(truth, rel=1e-6)
     # One factor for every network (the parts' sum scaled) over-predicts it.
-    teacher = student_lib.Plan.backbone_only(len(tiny_plan().blocks))
+    teacher = student_network.Plan.backbone_only(len(tiny_plan().blocks))
     one_factor = ((synthetic.entries[lt.TEACHER_KEY] - table.invoke_ms)
                   / table.parts_ms(teacher))
     assert table.invoke_ms + parts * one_factor > 1.03 * truth
@@ -102,7 +102,7 @@ def test_a_fit_that_would_price_a_smaller_network_higher_gives_way_to_one_factor
     synthetic = _synthetic(table, 2.0, -1.5)  # the factor falls steeply with size
     fit = synthetic.calibration()
     assert fit.slope == 0 and fit.base > 0
-    teacher = student_lib.Plan.backbone_only(len(tiny_plan().blocks))
+    teacher = student_network.Plan.backbone_only(len(tiny_plan().blocks))
     assert synthetic.predict_ms(teacher) < synthetic.predict_ms(tiny_plan())
 
 
@@ -155,7 +155,7 @@ def test_prediction_sums_the_live_branches_and_one_invoke(tiny_table):
     table, _ = tiny_table
     plan = tiny_plan()
     cost = table.cost_ms
-    teacher = student_lib.Plan.backbone_only(len(plan.blocks))
+    teacher = student_network.Plan.backbone_only(len(plan.blocks))
     fit = table.calibration()
     parts = table.raw_cost_ms("stem") + table.raw_cost_ms("head") + sum(
         table.raw_cost_ms(lt.universal_key(l)) for l in range(len(plan.blocks)))
@@ -165,7 +165,7 @@ def test_prediction_sums_the_live_branches_and_one_invoke(tiny_table):
     assert cost("stem") == pytest.approx(table.raw_cost_ms("stem") * fit.factor(fit.full_ms))
     # The full student pays for every proxy and mix on top of the teacher's network.
     assert table.predict_ms(plan) > table.predict_ms(teacher)
-    lean = prune.prune_plan(plan, [np.array([0.1] + [0.9 / len(b.proxy_sources)] * len(
+    lean = pruning.prune_plan(plan, [np.array([0.1] + [0.9 / len(b.proxy_sources)] * len(
         b.proxy_sources)) for b in plan.blocks], 1, 0.05, 0.01)
     assert table.predict_ms(lean) < table.predict_ms(plan)
 
@@ -238,18 +238,18 @@ def test_prediction_matches_the_exported_network(tmp_path):
     quiet machine, are in the README).  With the suite's two workers timing
     at once, a factor of 1.6 still catches a branch missed or counted
     twice."""
-    from exporters import latency as latency_lib
+    from exporters import timing
 
     table, _ = latency_measure.cached_table("tiny", 48, 1, 2, str(tmp_path / "cache"))
     backbone = backbones.build_backbone("tiny")
     full = tiny_plan()
     rng = np.random.default_rng(0)
     alphas = [rng.dirichlet(np.ones(len(full.branch_sources(l)))) for l in range(len(full.blocks))]
-    plan = prune.prune_plan(full, alphas, 1, 0.2, 0.01)
+    plan = pruning.prune_plan(full, alphas, 1, 0.2, 0.01)
     assert plan.counts()["proxies_kept"] < sum(len(b.proxy_sources) for b in full.blocks)
     path = tmp_path / "pruned.tflite"
     path.write_bytes(latency_measure.whole_network_content(backbone, plan, 48))
     image = rng.integers(0, 256, (1, 48, 48, 3), dtype=np.uint8)
-    measured = latency_lib.measure(str(path), image, 1, runs=300).median_ms
+    measured = timing.measure(str(path), image, 1, runs=300).median_ms
     predicted = table.predict_ms(plan)
     assert measured / 1.6 < predicted < measured * 1.6, (predicted, measured)

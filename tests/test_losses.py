@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nettailor_tf.losses import cross_entropy, mimic_loss, mse
+from nettailor_tf.model.losses import cross_entropy, mimic_loss, mse
 
 
 def test_mimic_loss_by_hand():

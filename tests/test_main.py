@@ -85,7 +85,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, expected):
 
 
 def _truncated_weights(tmp_path):
-    from nettailor_tf.weights import packaged_weights_path
+    from nettailor_tf.model.pretrained import packaged_weights_path
 
     data = open(packaged_weights_path("efficientnet_lite0"), "rb").read()
     path = tmp_path / "truncated.pth"
@@ -118,7 +118,7 @@ def _corrupt_folder(tmp_path):
 
 
 def _packaged_efficientnet(tmp_path):
-    from nettailor_tf.weights import packaged_weights_path
+    from nettailor_tf.model.pretrained import packaged_weights_path
 
     return packaged_weights_path("efficientnet_lite0")
 
@@ -204,7 +204,7 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     """No space left: the first write fails with the errno's words and the path."""
     import errno
 
-    from nettailor_tf import atomic
+    from nettailor_tf.common import atomic
 
     def full(path, text):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
@@ -306,7 +306,7 @@ def test_running_out_of_memory_names_the_flags_to_lower(tmp_path):
 
 def test_the_help_lists_every_backbone():
     proc = run_cli("--helpfull", timeout=120)
-    from nettailor_tf.config import BACKBONES
+    from nettailor_tf.settings.config import BACKBONES
 
     # The --backbone entry, its wrapped lines joined: <name|name|...>.
     entry = proc.stdout[proc.stdout.index("--backbone:"):]
@@ -318,7 +318,7 @@ def test_the_help_lists_every_backbone():
 def test_a_second_run_on_a_busy_workdir_refuses_at_once_naming_the_first(tmp_path):
     import time
 
-    from nettailor_tf.workdir import Workdir
+    from nettailor_tf.run.workdir import Workdir
 
     with Workdir(str(tmp_path / "w")).lock():
         started = time.monotonic()

@@ -8,7 +8,7 @@ from ai_edge_litert.interpreter import Interpreter
 from helpers import tiny_static_models
 
 from exporters import mixed, savedmodel, tflite
-from nettailor_tf.student import BlockPlan, Plan
+from nettailor_tf.model.student_network import BlockPlan, Plan
 
 SIZE = 16
 PLAN = Plan([BlockPlan(True, [0]), BlockPlan(True, [0]), BlockPlan(True, [1]),

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from nettailor_tf.options import OneOf, Range, check_value, option
+from nettailor_tf.settings.options import OneOf, Range, check_value, option
 
 
 @pytest.mark.parametrize("check,value,problem", [

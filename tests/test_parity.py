@@ -5,7 +5,7 @@ import tensorflow as tf
 from helpers import tiny_static_models
 
 from exporters import parity, savedmodel, tflite
-from nettailor_tf.student import BlockPlan, Plan
+from nettailor_tf.model.student_network import BlockPlan, Plan
 
 SIZE = 16
 PLAN = Plan([BlockPlan(True, [0]), BlockPlan(True, []), BlockPlan(False, [1]),

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from nettailor_tf.config import Config, ConfigError
-from nettailor_tf.plateau import IMPROVED, KEEP, REDUCE, STOP, PlateauState, decide
-from nettailor_tf.schedules import Schedule
+from nettailor_tf.settings.config import Config, ConfigError
+from nettailor_tf.settings.schedules import Schedule
+from nettailor_tf.training.plateau import IMPROVED, KEEP, PlateauState, REDUCE, STOP, decide
 
 
 def _rule(**kw):

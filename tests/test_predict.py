@@ -17,7 +17,7 @@ from PIL import Image
 
 from exporters import parity, savedmodel, tflite
 from nettailor_tf import inference, predict
-from nettailor_tf.student import BlockPlan, Plan
+from nettailor_tf.model.student_network import BlockPlan, Plan
 
 SIZE = 16
 KEY = savedmodel.SERVING_KEY

@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-from nettailor_tf import quiet
+from nettailor_tf.common import quiet
 
 
 def test_known_notices_are_dropped_and_other_lines_kept():
@@ -22,7 +22,7 @@ def _stderr_of(code: str) -> str:
 
 def test_native_stderr_is_filtered_line_by_line_and_restored():
     code = ("import os, sys\n"
-            "from nettailor_tf import quiet\n"
+            "from nettailor_tf.common import quiet\n"
             "with quiet.native_stderr_filtered():\n"
             "    os.write(2, b'I0 cudart_stub.cc:31] Could not find cuda drivers\\n')\n"
             "    os.write(2, b'kept line\\n')\n"
@@ -34,7 +34,7 @@ def test_library_lines_below_error_are_dropped_from_absl():
     code = ("import logging, os, sys\n"
             "from absl import logging as absl_logging\n"
             "absl_logging.use_absl_handler(); absl_logging.set_verbosity('info')\n"
-            "from nettailor_tf import quiet\n"
+            "from nettailor_tf.common import quiet\n"
             "quiet.quiet_python_loggers()\n"
             "record = logging.LogRecord('absl', logging.INFO, '/x/tensorflow/saver.py', 1,\n"
             "                           'Sharding callback duration', None, None)\n"

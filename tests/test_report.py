@@ -1,7 +1,7 @@
 """report.md: the tables, and results that break the method's promise named as findings."""
 import json
 
-from nettailor_tf.report import Report, findings, render_markdown
+from nettailor_tf.run.report import Report, findings, render_markdown
 
 
 def _task(student=0.98, pruned=0.975, entropy=0.2, pruned_flops=50):
@@ -148,7 +148,7 @@ def test_markdown_shows_validation_pre_finetune_and_findings(tmp_path):
 def test_a_damaged_report_is_one_clear_error(tmp_path):
     import pytest
 
-    from nettailor_tf.workdir import WorkdirError
+    from nettailor_tf.run.workdir import WorkdirError
 
     (tmp_path / "report.json").write_text('{"backbone": "tiny", "tas')
     with pytest.raises(WorkdirError, match=r"report.json cannot be read .*delete it"):
@@ -156,7 +156,7 @@ def test_a_damaged_report_is_one_clear_error(tmp_path):
 
 
 def test_the_bundle_memory_table():
-    from nettailor_tf.report import render_markdown
+    from nettailor_tf.run.report import render_markdown
 
     bundle = {"savedmodel_path": "bundle/savedmodel", "savedmodel_variables": 3,
               "signatures": {"a": "a"}, "universal_params": 10, "task_specific_params": {"a": 1},

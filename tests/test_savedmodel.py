@@ -7,7 +7,7 @@ from helpers import tiny_static_models
 
 from exporters import savedmodel
 from nettailor_tf import data as data_lib
-from nettailor_tf.student import BlockPlan, Plan
+from nettailor_tf.model.student_network import BlockPlan, Plan
 
 SIZE = 16
 # Two tasks that keep different universal blocks (0, 2 and 0, 1, 3) and proxies.
@@ -103,16 +103,16 @@ def test_separate_exports_store_the_universal_weights_twice(tasks, tmp_path):
 def test_universal_layers_with_different_values_are_not_shared():
     """Per-task universal statistics (universal_bn='task') cannot be shared:
     the second task gets its own copy, recorded in `unshared`."""
-    from nettailor_tf import backbones, prune
-    from nettailor_tf.student import build_student
+    from nettailor_tf.model import backbones, static_graph
+    from nettailor_tf.model.student_network import build_student
 
     backbone = backbones.build_backbone("tiny")
-    universal = prune.UniversalLayers()
-    first = prune.static_model(build_student(backbone, 3, PLAN_A, "frozen", SIZE),
-                               universal=universal)
+    universal = static_graph.UniversalLayers()
+    first = static_graph.static_model(build_student(backbone, 3, PLAN_A, "frozen", SIZE),
+                                      universal=universal)
     backbone.blocks[0].conv1.bn.moving_mean.assign(np.full(8, 0.5, np.float32))
-    second = prune.static_model(build_student(backbone, 3, PLAN_A, "frozen", SIZE),
-                                universal=universal)
+    second = static_graph.static_model(build_student(backbone, 3, PLAN_A, "frozen", SIZE),
+                                       universal=universal)
     assert universal.unshared == ["block0"]
     shared = {id(v) for v in first.weights} & {id(v) for v in second.weights}
     assert shared  # the stem and block 2 still are

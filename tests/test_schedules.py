@@ -1,8 +1,8 @@
 """A stage's schedule resolved against a task's size: length, decay points, the log line."""
 import pytest
 
-from nettailor_tf.config import Config
-from nettailor_tf.schedules import Schedule
+from nettailor_tf.settings.config import Config
+from nettailor_tf.settings.schedules import Schedule
 
 
 def test_decay_points_are_fractions_of_the_stage_like_the_paper():

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from nettailor_tf import data as data_lib
-from nettailor_tf import selection
+from nettailor_tf.training import selection
 
 
 def test_a_paired_comparison_counts_the_images_only_one_network_gets_right():

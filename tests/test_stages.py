@@ -8,10 +8,11 @@ import pytest
 import tensorflow as tf
 from helpers import stage_config as _config
 
-from nettailor_tf import artifacts, backbones, complexity, prune, stages
-from nettailor_tf import student as student_lib
-from nettailor_tf import workdir as workdir_lib
-from nettailor_tf.workdir import WorkdirError
+from nettailor_tf import stages
+from nettailor_tf.model import backbones, complexity, pruning, static_graph, student_network
+from nettailor_tf.run import artifacts
+from nettailor_tf.run import workdir as workdir_lib
+from nettailor_tf.run.workdir import WorkdirError
 
 
 def test_all_stages_fill_the_report_and_are_skipped_when_done(tmp_path, mocked_svhn, caplog):
@@ -41,7 +42,7 @@ def test_all_stages_fill_the_report_and_are_skipped_when_done(tmp_path, mocked_s
     assert pruned["universal_blocks_kept"] == 3  # --prune_universal=1 of 4
     # Multiply-adds: the teacher's, less the cut universal block's, plus the
     # kept proxies', counted here from the plan independently of the stage.
-    plan, _ = prune.load_plan(str(tmp_path / "tasks" / "svhn_cropped" / "plan.json"))
+    plan, _ = pruning.load_plan(str(tmp_path / "tasks" / "svhn_cropped" / "plan.json"))
     tiny = backbones.build_backbone("tiny")
     block_flops = complexity.backbone_flops(tiny, 16)["blocks"]
     proxy_flops = sum(sum(row[1:] if b.universal else row)
@@ -57,7 +58,7 @@ def test_all_stages_fill_the_report_and_are_skipped_when_done(tmp_path, mocked_s
     assert "architecture.png" in (tmp_path / "report.md").read_text()
 
     # The plan names the universal blocks it uses; the task file holds no universal weight.
-    plan, info = prune.load_plan(str(task_dir / "plan.json"))
+    plan, info = pruning.load_plan(str(task_dir / "plan.json"))
     assert info["universal_blocks"] == [l for l, b in enumerate(plan.blocks) if b.universal]
     with np.load(task_dir / "nettailor.npz") as stored:
         assert not any(key.startswith(("stem", "block")) for key in stored.files)
@@ -65,10 +66,10 @@ def test_all_stages_fill_the_report_and_are_skipped_when_done(tmp_path, mocked_s
     # The pruned network rebuilt from the plan and the task file is the one the
     # report describes, and its static form gives the same predictions.
     backbone = artifacts.universal_backbone(config)
-    rebuilt = student_lib.build_student(backbone, 10, plan, "frozen", 16)
-    prune.load_task_state(rebuilt, str(task_dir / "nettailor.npz"))
+    rebuilt = student_network.build_student(backbone, 10, plan, "frozen", 16)
+    pruning.load_task_state(rebuilt, str(task_dir / "nettailor.npz"))
     images = tf.random.uniform((4, 16, 16, 3), 0, 255)
-    static = prune.static_model(rebuilt)
+    static = static_graph.static_model(rebuilt)
     np.testing.assert_allclose(static(images), rebuilt(images, training=False, mimic=False)[0],
                                atol=1e-4)
 
@@ -143,10 +144,10 @@ def test_a_changed_upstream_output_makes_the_downstream_stages_stale(tmp_path, m
                for r in caplog.records)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["tasks"]["svhn_cropped"]["pruned"]["universal_blocks_kept"] == 2
-    plan, _ = prune.load_plan(str(task_dir / "plan.json"))
-    rebuilt = student_lib.build_student(artifacts.universal_backbone(_config(tmp_path)), 10,
-                                        plan, "frozen", 16)
-    prune.load_task_state(rebuilt, str(task_dir / "nettailor.npz"))  # fits the new plan
+    plan, _ = pruning.load_plan(str(task_dir / "plan.json"))
+    rebuilt = student_network.build_student(artifacts.universal_backbone(_config(tmp_path)), 10,
+                                            plan, "frozen", 16)
+    pruning.load_task_state(rebuilt, str(task_dir / "nettailor.npz"))  # fits the new plan
 
 
 def test_a_capped_stage_still_improving_is_a_finding_and_a_changed_plateau_flag_redoes_it(

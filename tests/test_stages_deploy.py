@@ -20,12 +20,13 @@ from report_keys import documented, key_paths
 from PIL import Image
 
 from exporters import parity, savedmodel, tflite
-from nettailor_tf import data as data_lib
-from nettailor_tf import latency_table
 from nettailor_tf import predict, stages
-from nettailor_tf.config import Config
+from nettailor_tf import data as data_lib
+from nettailor_tf.latency import table as latency_table
+from nettailor_tf.settings import tuned
+from nettailor_tf.settings.config import Config
 from nettailor_tf.stages import deploy, recommend
-from nettailor_tf.train import Schedule
+from nettailor_tf.training.train import Schedule
 
 ONE_EPOCH = Schedule(epochs=1, batch_size=16, learning_rate=0.05, decay_epochs=1)
 SIZE = 16
@@ -181,7 +182,7 @@ def test_each_task_names_its_recommended_and_smallest_file(exported):
         ok = [v for v, c in found.items() if c["selection_accuracy"] >= floor]
         assert choice["acceptable"] == ok and "float32" in ok
         scales = [v for v in ok if found[v]["latency_ms_all_cores"]
-                  <= recommend.ALL_CORES_MARGIN * found["float32"]["latency_ms_all_cores"]]
+                  <= tuned.ALL_CORES_MARGIN * found["float32"]["latency_ms_all_cores"]]
         assert choice["no_slower_with_every_core"] == scales and "float32" in scales
         assert found[choice["recommended"]]["latency_ms"] == min(
             found[v]["latency_ms"] for v in scales)

@@ -3,7 +3,8 @@ import pytest
 import tensorflow as tf
 from helpers import stage_config
 
-from nettailor_tf import artifacts, stages
+from nettailor_tf import stages
+from nettailor_tf.run import artifacts
 
 
 def test_finetune_before_prune_names_the_prune_stage(tmp_path, mocked_svhn):

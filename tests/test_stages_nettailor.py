@@ -4,9 +4,9 @@ import pytest
 import tensorflow as tf
 from helpers import randomize_weights, stage_config, task_layers
 
-from nettailor_tf import artifacts, losses, prune
 from nettailor_tf import data as data_lib
-from nettailor_tf import student as student_lib
+from nettailor_tf.model import losses, pruning, student_network
+from nettailor_tf.run import artifacts
 from nettailor_tf.stages import nettailor
 
 
@@ -38,8 +38,9 @@ def test_the_mimic_term_averages_over_the_blocks_a_pruned_network_keeps(tmp_path
     config = stage_config(tmp_path)
     _, teacher = _student_and_teacher(config)
     # Block 1 is gone; block 2 reads block 0's output through a proxy.
-    plan = student_lib.Plan([student_lib.BlockPlan(True, [0]), student_lib.BlockPlan(False, []),
-                             student_lib.BlockPlan(False, [1]), student_lib.BlockPlan(True, [3])])
+    block = student_network.BlockPlan
+    plan = student_network.Plan([block(True, [0]), block(False, []), block(False, [1]),
+                                 block(True, [3])])
     network = artifacts.pruned_network(config, type("T", (), {"num_classes": 10})(), plan)
     randomize_weights(task_layers(network), 3)
     assert network.live_blocks == [0, 2, 3]
@@ -60,7 +61,7 @@ def test_a_pruned_network_gets_fresh_batchnorm_statistics(tmp_path, mocked_svhn)
     student = artifacts.full_student(config, task.num_classes)
     randomize_weights(task_layers(student), 2)
     alphas = [a.numpy() for a in student.alphas()]
-    plan = prune.prune_plan(student.plan, alphas, 1, 0.0)
+    plan = pruning.prune_plan(student.plan, alphas, 1, 0.0)
     pruned, accuracies = nettailor.prepared_pruned(
         config, tf.distribute.get_strategy(), task, student, plan, ["val"], raw_test=True)
     assert set(accuracies) == {"val", "raw_test"}

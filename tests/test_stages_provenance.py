@@ -2,10 +2,10 @@
 import dataclasses
 import json
 
-from nettailor_tf.config import Config
-from nettailor_tf.report import Report
+from nettailor_tf.run.report import Report
+from nettailor_tf.run.workdir import Workdir
+from nettailor_tf.settings.config import Config
 from nettailor_tf.stages import provenance
-from nettailor_tf.workdir import Workdir
 
 
 def test_a_stage_is_stale_when_a_file_it_read_changed(tmp_path):

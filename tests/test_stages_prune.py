@@ -7,10 +7,11 @@ import tensorflow as tf
 from helpers import stage_config as _config
 from report_keys import documented, key_paths
 
-from nettailor_tf import artifacts, prune, stages
-from nettailor_tf import student as student_lib
-from nettailor_tf.report import Report
-from nettailor_tf.schedules import Schedule
+from nettailor_tf import stages
+from nettailor_tf.model import pruning, student_network
+from nettailor_tf.run import artifacts
+from nettailor_tf.run.report import Report
+from nettailor_tf.settings.schedules import Schedule
 from nettailor_tf.stages import prune_search
 
 
@@ -70,7 +71,7 @@ def _fake_search(tmp_path, monkeypatch, damages, teacher_val=0.9, tolerance=0.03
     task = type("Task", (), {"name": "t", "num_val": VAL, "num_test": 1000,
                              "num_classes": 3})()
     backbone = artifacts.universal_backbone(config)
-    student = student_lib.build_student(backbone, 3, student_lib.Plan.full(4, 3), "frozen", 16)
+    student = student_network.build_student(backbone, 3, student_network.Plan.full(4, 3), "frozen", 16)
     # Two universal gates under 0.05 (the gates' own answer): the search tries N=2 first.
     alphas = [np.array([0.9, 0.1]), np.array([0.8, 0.1, 0.1]), np.array([0.04, 0.46, 0.4, 0.1]),
               np.array([0.03, 0.77, 0.1, 0.1])]
@@ -184,10 +185,10 @@ def _costs(tmp_path):
     backbone = artifacts.universal_backbone(config)
     task = type("Task", (), {"num_classes": 3})()
     costs = prune_search.CandidateCosts(config, task, backbone)
-    student = student_lib.build_student(backbone, 3, student_lib.Plan.full(4, 3), "frozen", 16)
+    student = student_network.build_student(backbone, 3, student_network.Plan.full(4, 3), "frozen", 16)
     alphas = [np.array([0.9, 0.1]), np.array([0.8, 0.1, 0.1]), np.array([0.04, 0.46, 0.4, 0.1]),
               np.array([0.03, 0.77, 0.1, 0.1])]
-    return [costs(prune.prune_plan(student.plan, alphas, n, 0.0, 0.01))["flops_fraction"]
+    return [costs(pruning.prune_plan(student.plan, alphas, n, 0.0, 0.01))["flops_fraction"]
             for n in range(5)]
 
 
@@ -236,7 +237,7 @@ def test_prune_search_with_brief_fine_tunes_hands_its_checkpoint_to_the_fine_tun
     monkeypatch.setattr(prune_search.ZeroShotScorer, "__call__", only_the_unpruned_pass_as_pruned)
     with caplog.at_level("INFO", logger="absl"):
         stages.run(config, tf.distribute.get_strategy())
-    _, info = prune.load_plan(str(tmp_path / "tasks" / "svhn_cropped" / "plan.json"))
+    _, info = pruning.load_plan(str(tmp_path / "tasks" / "svhn_cropped" / "plan.json"))
     search = info["prune_search"]
     assert search["met"] and search["steps_per_candidate"] == steps
     # The tiny backbone's 4 blocks: 0 and the gates' answer pass as pruned,
@@ -274,7 +275,7 @@ def test_zero_shot_scorer_scores_what_the_pruned_network_scores(tmp_path, mocked
     images = tf.random.uniform((4, 16, 16, 3), 0, 255, seed=1)
     logits = student(images, training=False)[0].numpy()
     order = (2, 0, 4, 1, 3)  # out of order: each starts from the student's own gates
-    plans = {n: prune.prune_plan(student.plan, alphas, n, 0.0) for n in order}
+    plans = {n: pruning.prune_plan(student.plan, alphas, n, 0.0) for n in order}
     expected = {}
     for n, plan in plans.items():
         pruned, accuracy = nettailor.prepared_pruned(config, strategy, task, student, plan,
@@ -298,7 +299,7 @@ def test_zero_shot_scorer_scores_what_the_pruned_network_scores(tmp_path, mocked
 
 
 def test_every_decision_setting_is_in_the_prune_stages_record(tmp_path):
-    from nettailor_tf.stage_settings import stage_settings
+    from nettailor_tf.settings.stage_settings import stage_settings
 
     config = _config(tmp_path, prune_universal=None)
     decisions = {"prune_universal", "prune_proxy_threshold", "prune_universal_threshold",
@@ -316,7 +317,7 @@ def test_a_changed_allowance_or_a_budget_redoes_the_prune_stage(tmp_path, mocked
     config = _config(tmp_path, prune_universal=None, prune_allowance=0.99)
     strategy = tf.distribute.get_strategy()
     stages.run(config, strategy)
-    _, info = prune.load_plan(str(tmp_path / "tasks" / "svhn_cropped" / "plan.json"))
+    _, info = pruning.load_plan(str(tmp_path / "tasks" / "svhn_cropped" / "plan.json"))
     assert info["prune_search"]["rule"] == "allowance"
     # Allowance 0.99 lets every cut pass: the leanest network the rules allow.
     assert info["prune_search"]["chosen"] == 4
@@ -341,7 +342,7 @@ def test_a_changed_allowance_or_a_budget_redoes_the_prune_stage(tmp_path, mocked
         stages.run(budget, strategy)
     assert any("prune stage's --flops_budget changed since it ran; redoing it" in r.getMessage()
                for r in caplog.records)
-    _, info = prune.load_plan(str(tmp_path / "tasks" / "svhn_cropped" / "plan.json"))
+    _, info = pruning.load_plan(str(tmp_path / "tasks" / "svhn_cropped" / "plan.json"))
     search = info["prune_search"]
     assert search["rule"] == "budget" and search["flops_budget"] == 0.8
     report = json.loads((tmp_path / "report.json").read_text())

@@ -5,7 +5,7 @@ import types
 
 import pytest
 
-from nettailor_tf.config import Config, DEFAULT_EXPORT_VARIANTS
+from nettailor_tf.settings.config import Config, DEFAULT_EXPORT_VARIANTS
 from nettailor_tf.stages import recommend
 
 CONFIG = Config(workdir="unused", tasks=("mnist5k",))

@@ -20,10 +20,10 @@ def test_a_student_priced_in_milliseconds_records_its_table_and_is_redone_withou
     import json
     import os
 
-    from nettailor_tf import prune
+    from nettailor_tf.model import pruning
+    from nettailor_tf.model.student_network import Plan
+    from nettailor_tf.run.workdir import Workdir
     from nettailor_tf.stages.finetune import latency_cost
-    from nettailor_tf.student import Plan
-    from nettailor_tf.workdir import Workdir
 
     cache = str(tmp_path / "cache")
     config = _config(tmp_path / "run", complexity_cost="latency", latency_cache_dir=cache,
@@ -37,8 +37,8 @@ def test_a_student_priced_in_milliseconds_records_its_table_and_is_redone_withou
     assert len(os.listdir(cache)) == 1
     # What the finetune stage reports of a pruned plan, from the same table.
     full = Plan.full(4, config.max_skip)
-    plan = prune.prune_plan(full, [[0.9] + [0.1 / len(b.proxy_sources)] * len(b.proxy_sources)
-                                   for b in full.blocks], 1, 0.2, 0.01)
+    plan = pruning.prune_plan(full, [[0.9] + [0.1 / len(b.proxy_sources)] * len(b.proxy_sources)
+                                     for b in full.blocks], 1, 0.2, 0.01)
     cost = latency_cost(config, plan)
     assert priced == f"latency:{cost['table_fingerprint']}"
     assert 0 < cost["predicted_ms"] < cost["teacher_predicted_ms"] and cost["threads"] == 1

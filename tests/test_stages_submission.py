@@ -14,8 +14,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from nettailor_tf import decathlon, stages
-from nettailor_tf.config import Config
-from nettailor_tf.train import Schedule
+from nettailor_tf.settings.config import Config
+from nettailor_tf.training.train import Schedule
 
 ONE_EPOCH = Schedule(epochs=1, batch_size=16, learning_rate=0.05, decay_epochs=1)
 # Long enough for the pruned network to tell colours apart: predictions of
@@ -170,7 +170,7 @@ def test_a_second_run_skips_and_a_changed_annotation_file_is_checked(fake, submi
 
 
 def test_submission_needs_decathlon_tasks_and_their_annotation_files(tmp_path):
-    from nettailor_tf.config import ConfigError
+    from nettailor_tf.settings.config import ConfigError
 
     with pytest.raises(ConfigError, match="'digits' is not a Visual Decathlon task"):
         _config(tmp_path, str(tmp_path), tasks=("digits",))

@@ -5,7 +5,7 @@ import tensorflow as tf
 from helpers import stage_config
 
 from nettailor_tf import data as data_lib
-from nettailor_tf.report import Report
+from nettailor_tf.run.report import Report
 from nettailor_tf.stages import teacher
 
 

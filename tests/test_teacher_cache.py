@@ -7,7 +7,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from helpers import randomize_weights
 
-from nettailor_tf import backbones, data, teacher_cache
+from nettailor_tf import data
+from nettailor_tf.model import backbones
+from nettailor_tf.training import teacher_cache
 
 
 def _teacher():

@@ -7,7 +7,7 @@ from ai_edge_litert.interpreter import Interpreter
 from helpers import tiny_inverted_residual_backbone, tiny_static_models
 
 from exporters import savedmodel, tflite
-from nettailor_tf.student import BlockPlan, Plan
+from nettailor_tf.model.student_network import BlockPlan, Plan
 
 SIZE = 16
 PLAN_A = Plan([BlockPlan(True, []), BlockPlan(False, [0]), BlockPlan(True, [1]),
@@ -166,7 +166,7 @@ def test_static_files_take_one_uint8_image_and_list_logits_first(exported):
 def test_weight_only_quantisation_keeps_the_log_quiet(exported, capfd, caplog):
     """ai-edge-quantizer's progress bar and its "Serializing model..." line
     stay out of the run's log."""
-    from nettailor_tf import quiet
+    from nettailor_tf.common import quiet
 
     _, paths = exported
     float_content = tflite.convert(paths["task_a"], [savedmodel.SERVING_KEY], "float32")
@@ -302,16 +302,16 @@ def test_int8_bias_overflow_rule_copies_a_near_dead_channel_unless_shared(ir_bun
 
 
 def test_a_gate_as_a_plain_multiply_is_folded_into_the_shared_head(tmp_path, monkeypatch):
-    """Why `prune.Scale` is a depthwise convolution: as a constant multiply,
+    """Why `static_graph.Scale` is a depthwise convolution: as a constant multiply,
     task a's gate before the head is folded into the head's convolution,
     and `sharing` names the copy."""
-    from nettailor_tf import prune
+    from nettailor_tf.model import static_graph
 
-    class MultiplyScale(prune.Scale):
+    class MultiplyScale(static_graph.Scale):
         def call(self, x):
             return x * self.value
 
-    monkeypatch.setattr(prune, "Scale", MultiplyScale)
+    monkeypatch.setattr(static_graph, "Scale", MultiplyScale)
     endpoints, path = _ir_bundle(tmp_path)
     found = tflite.sharing(tflite.convert(path, list(endpoints), "float32"))
     assert "head/conv" in found.copies, found

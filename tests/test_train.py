@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nettailor_tf import backbones, data, progress, train
-from nettailor_tf.losses import cross_entropy
+from nettailor_tf import data
+from nettailor_tf.model import backbones
+from nettailor_tf.model.losses import cross_entropy
+from nettailor_tf.training import progress, train
 
 import helpers
 
@@ -368,7 +370,7 @@ def test_mixed_precision_gates_stay_float32():
     """A student built under the mixed policy: gate values are float32
     (softmax in float16 would round small gates to 0) and its outputs match
     the float32 student's to float16 precision."""
-    from nettailor_tf.student import Plan, build_student
+    from nettailor_tf.model.student_network import Plan, build_student
 
     images = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
     reference = build_student(backbones.build_backbone("tiny"), 5, Plan.full(4, 2), "frozen", 16)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from nettailor_tf.workdir import Workdir, WorkdirError, fingerprint
+from nettailor_tf.run.workdir import Workdir, WorkdirError, fingerprint
 
 SETTINGS = {"backbone": "tiny", "image_size": 16, "max_skip": 3}
 

@@ -19,7 +19,7 @@ Modules, each importing only those listed before it:
 
 * `tasks`      -- `TaskData`, `DataError`, `TASK_SPEC_HELP`, the undecoded source of a task.
 * `split`      -- the stratified seeded splits and `with_validation_split`.
-* `memory`     -- the in-memory tasks mnist5k and digits.
+* `in_memory`  -- the in-memory tasks mnist5k and digits.
 * `tfds_tasks` -- TensorFlow Datasets tasks, the Decathlon test split, VOC object crops.
 * `folders`    -- image-folder tasks.
 * `load`       -- `load_task`, the spec dispatch over the loaders above.
@@ -32,7 +32,7 @@ from nettailor_tf.data.load import load_task
 from nettailor_tf.data.pipeline import (AUGMENT_POLICIES, eval_pipeline, eval_transform,
                                         keyed_eval_pipeline, steps_per_epoch, train_pipeline)
 from nettailor_tf.data.split import selection_split, with_validation_split
-from nettailor_tf.data.tasks import TASK_SPEC_HELP, DataError, TaskData
+from nettailor_tf.data.tasks import DataError, TASK_SPEC_HELP, TaskData
 from nettailor_tf.data.tfds_tasks import decathlon_test_split
 
 __all__ = [

@@ -1,15 +1,15 @@
 """`load_task`: reads a task spec (see `TASK_SPEC_HELP`) and hands it to the
 loader of its source.
 
-It sits above every loader (memory, tfds_tasks, folders), which all build on
+It sits above every loader (in_memory, tfds_tasks, folders), which all build on
 tasks.py, so it is a module of its own rather than part of tasks.py.
 """
 
 from __future__ import annotations
 
 from nettailor_tf.data.folders import load_folder
-from nettailor_tf.data.memory import load_digits, load_mnist5k
-from nettailor_tf.data.tasks import TASK_SPEC_HELP, DataError, TaskData, task_error
+from nettailor_tf.data.in_memory import load_digits, load_mnist5k
+from nettailor_tf.data.tasks import DataError, TASK_SPEC_HELP, TaskData, task_error
 from nettailor_tf.data.tfds_tasks import load_tfds
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from nettailor_tf.errors import NetTailorError
+from nettailor_tf.common.errors import NetTailorError
 
 TASK_SPEC_HELP = (
     "accepted task specs: 'mnist5k', 'digits', 'tfds:NAME[/CONFIG]' "

@@ -14,9 +14,9 @@ import re
 
 import tensorflow as tf
 
-from nettailor_tf.data.tasks import (DataError, TaskData, UndecodedSplit, build_source,
-                                     make_task, task_error)
-from nettailor_tf.errors import first_line
+from nettailor_tf.common.errors import first_line
+from nettailor_tf.data.tasks import (DataError, TaskData, UndecodedSplit, build_source, make_task,
+                                     task_error)
 
 # Digits, characters and signs change meaning when mirrored: no flip for them.
 _TFDS_NO_FLIP = frozenset({"svhn_cropped", "mnist", "emnist", "kmnist", "omniglot", "cmaterdb"})

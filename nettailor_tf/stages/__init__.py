@@ -15,19 +15,22 @@ import time
 import keras
 from absl import logging
 
-from nettailor_tf import artifacts, atomic, distribution, train
 from nettailor_tf import data as data_lib
-from nettailor_tf import workdir as workdir_lib
-from nettailor_tf.artifacts import StageError
-from nettailor_tf.config import Config
-from nettailor_tf.report import Report, findings
+from nettailor_tf.common import atomic
+from nettailor_tf.run import artifacts
+from nettailor_tf.run import workdir as workdir_lib
+from nettailor_tf.run.artifacts import StageError
+from nettailor_tf.run.report import Report, findings
+from nettailor_tf.run.workdir import Workdir, task_folder_name
+from nettailor_tf.settings.config import Config
+from nettailor_tf.settings.tuned import STAGE_WEIGHTS
 from nettailor_tf.stages import benchmark, deploy, provenance, prune_search, submission
 from nettailor_tf.stages.finetune import run_finetune
 from nettailor_tf.stages.nettailor import cost_identity
 from nettailor_tf.stages.prune import run_prune
 from nettailor_tf.stages.student import run_student
 from nettailor_tf.stages.teacher import run_teacher
-from nettailor_tf.workdir import Workdir, task_folder_name
+from nettailor_tf.training import distribution, train
 
 __all__ = ["StageError", "TRAINING_STAGES", "run"]
 
@@ -126,14 +129,6 @@ def _forget_latencies(report: Report, tasks) -> None:
     report.save()
 
 
-# Each stage's usual share of a run, relative to the teacher's, read from
-# three fresh quickstarts on a quiet 2-core machine ("stage N of M ... into
-# the run"; 2026-12-07): teacher 80-86 s, student 128-150 s, prune 49-82 s,
-# fine-tune 98-103 s, export 61-80 s (80 with an int8 bundle), benchmark
-# 54-59 s (it times a latency table beside the files).  Only the ratios
-# matter: the run's own pace so far scales them.
-STAGE_WEIGHTS = {"teacher": 1.0, "student": 1.65, "prune": 0.65, "finetune": 1.25,
-                 "export": 0.75, "benchmark": 0.7, "submission": 0.3}
 # Stages that took less than this were skipped (already done): no pace to read.
 _MIN_PACE_SECONDS = 5.0
 

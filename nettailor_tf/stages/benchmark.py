@@ -16,16 +16,18 @@ import os
 
 from absl import logging
 
-from exporters import latency as latency_lib
+from exporters import timing as latency_lib
 from exporters import memory as memory_lib
 from exporters import savedmodel
-from nettailor_tf import artifacts, latency_measure, quiet, visualize
-from nettailor_tf import prune as prune_lib
-from nettailor_tf import student as student_lib
-from nettailor_tf.config import Config
-from nettailor_tf.report import Report
+from nettailor_tf.run import artifacts, deployment_plots as visualize
+from nettailor_tf.latency import measure as latency_measure
+from nettailor_tf.common import quiet
+from nettailor_tf.model import pruning as prune_lib
+from nettailor_tf.model import student_network as student_lib
+from nettailor_tf.settings.config import Config
+from nettailor_tf.run.report import Report
 from nettailor_tf.stages import recommend
-from nettailor_tf.workdir import Workdir
+from nettailor_tf.run.workdir import Workdir
 
 
 def _threads() -> list[int]:

@@ -7,7 +7,7 @@ Every .tflite file takes one uint8 image [1, S, S, 3] at the trained size
 its class names (`labels.txt`; `labels_<signature>.txt` in the bundle).
 
 Each export directory is built aside and renamed into place whole
-(nettailor_tf/atomic.py), with a manifest (`export.json`) that records the
+(nettailor_tf/common/atomic.py), with a manifest (`export.json`) that records the
 fingerprint of the weights it came from: a finished export is skipped, a
 stale one (the weights changed since) is rebuilt, and a run killed after the
 rename but before the report was written takes the entries from the
@@ -23,18 +23,20 @@ import keras
 import numpy as np
 from absl import logging
 
-from exporters import latency as latency_lib
+from exporters import timing as latency_lib
 from exporters import mixed, parity, savedmodel, tflite
-from nettailor_tf import artifacts, atomic, quiet
-from nettailor_tf import backbones as backbones_lib
+from nettailor_tf.run import artifacts
+from nettailor_tf.common import atomic, quiet
+from nettailor_tf.model import backbones as backbones_lib
 from nettailor_tf import data as data_lib
-from nettailor_tf import prune as prune_lib
-from nettailor_tf.config import Config
-from nettailor_tf.stage_settings import stage_settings
+from nettailor_tf.model import pruning as prune_lib
+from nettailor_tf.model import static_graph
+from nettailor_tf.settings.config import Config
+from nettailor_tf.settings.stage_settings import stage_settings
 from nettailor_tf.data.tasks import label_names
-from nettailor_tf.report import Report
+from nettailor_tf.run.report import Report
 from nettailor_tf.stages import recommend
-from nettailor_tf.workdir import Workdir
+from nettailor_tf.run.workdir import Workdir
 
 MANIFEST = "export.json"
 # Bumped when the exported files change form (2: static .tflite input and
@@ -90,11 +92,11 @@ def _export_settings(config: Config) -> dict:
     return {"format": EXPORT_FORMAT, **stage_settings(config, "export")}
 
 
-def nettailor_endpoint(config: Config, task, universal: prune_lib.UniversalLayers | None = None
+def nettailor_endpoint(config: Config, task, universal: static_graph.UniversalLayers | None = None
                        ) -> savedmodel.Endpoint:
     """The pruned, fine-tuned static network of `task`, ready to serve."""
     student, _, _ = artifacts.fine_tuned_network(config, task)
-    model = prune_lib.static_model(student, universal=universal,
+    model = static_graph.static_model(student, universal=universal,
                                    name=f"nettailor_{savedmodel.signature_key(task.name)}")
     return savedmodel.Endpoint(model, config.image_size, task.augment != "none")
 
@@ -390,7 +392,7 @@ def _bundle_files(config, tasks, endpoints: dict, staging: str, final: str,
 
 
 def _export_bundle(config, tasks, staging, final, task_params: dict, bundle_variants) -> dict:
-    universal = prune_lib.UniversalLayers()
+    universal = static_graph.UniversalLayers()
     endpoints = {savedmodel.signature_key(t.name): nettailor_endpoint(config, t, universal)
                  for t in tasks}
     if len(set(endpoints)) != len(tasks):

@@ -6,16 +6,18 @@ import os
 import keras
 from absl import logging
 
-from nettailor_tf import artifacts, atomic, selection
-from nettailor_tf import backbones as backbones_lib
-from nettailor_tf import prune as prune_lib
-from nettailor_tf.config import Config
-from nettailor_tf.report import Report
-from nettailor_tf.student import Plan
-from nettailor_tf.stages.nettailor import (gate_values, or_none, prepared_pruned,
-                                           train_nettailor, training_outcome)
+from nettailor_tf.common import atomic
+from nettailor_tf.model import complexity, pruning
+from nettailor_tf.model import backbones as backbones_lib
+from nettailor_tf.model.student_network import Plan
+from nettailor_tf.run import artifacts
+from nettailor_tf.run.report import Report
+from nettailor_tf.run.workdir import Workdir
+from nettailor_tf.settings.config import Config
+from nettailor_tf.stages.nettailor import (gate_values, or_none, prepared_pruned, train_nettailor,
+                                           training_outcome)
 from nettailor_tf.stages.prune_search import CONFIDENCE
-from nettailor_tf.workdir import Workdir
+from nettailor_tf.training import selection
 
 
 def run_finetune(config: Config, strategy, task, report: Report) -> bool:
@@ -30,7 +32,7 @@ def run_finetune(config: Config, strategy, task, report: Report) -> bool:
         raise artifacts.StageError(f"{task.name}: no pruning plan at {paths.plan(task.name)}; "
                                    f"run the prune stage first (--stages=prune)",
                                    path=paths.plan(task.name))
-    plan, info = prune_lib.load_plan(paths.plan(task.name))
+    plan, info = pruning.load_plan(paths.plan(task.name))
     search = info.get("prune_search") or None
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
@@ -48,9 +50,9 @@ def run_finetune(config: Config, strategy, task, report: Report) -> bool:
                              "finetune", pruned=True)
     if result is None:
         return False
-    prune_lib.save_task_state(pruned, state_path)
+    pruning.save_task_state(pruned, state_path)
     backbone = backbones_lib.build_backbone(config.backbone)  # geometry only
-    cost = prune_lib.pruned_cost(backbone, plan, config.image_size, task.num_classes, pruned)
+    cost = complexity.pruned_cost(backbone, plan, config.image_size, task.num_classes, pruned)
     report.set(task.name, "pruned", {
         "accuracy": result.test_accuracy, "val_accuracy": or_none(result.val_accuracy),
         "accuracy_before_finetune": before["test"],

@@ -3,7 +3,7 @@
 Each stage records what it is made from when it starts and when it
 finishes (`Ledger`): the data, the content of the files it reads, and the
 value of every setting declared to change its results
-(`nettailor_tf.stage_settings`, derived from the settings' own declarations).
+(`nettailor_tf.settings.stage_settings`, derived from the settings' own declarations).
 Before a stage runs, a finished stage whose inputs have changed since (a
 teacher retrained, a plan re-pruned with other flags, other data) is stale:
 its outputs, checkpoints and report entry are removed and it runs again, and
@@ -17,9 +17,9 @@ import json
 
 from absl import logging
 
-from nettailor_tf.stage_settings import changed_settings, stage_settings
-from nettailor_tf.report import Report
-from nettailor_tf.workdir import Workdir, fingerprint, remove
+from nettailor_tf.run.report import Report
+from nettailor_tf.run.workdir import Workdir, fingerprint, remove
+from nettailor_tf.settings.stage_settings import changed_settings, stage_settings
 
 TRAINING_ORDER = ("teacher", "student", "prune", "finetune")
 # The report entry that says a stage is done for a task.

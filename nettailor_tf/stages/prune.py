@@ -6,13 +6,13 @@ import os
 
 from absl import logging
 
-from nettailor_tf import artifacts, complexity, visualize
-from nettailor_tf import prune as prune_lib
-from nettailor_tf.config import Config
-from nettailor_tf.report import Report
+from nettailor_tf.model import complexity, pruning
+from nettailor_tf.run import architecture_figure, artifacts
+from nettailor_tf.run.report import Report
+from nettailor_tf.run.workdir import Workdir
+from nettailor_tf.settings.config import Config
 from nettailor_tf.stages import prune_search
 from nettailor_tf.stages.nettailor import gate_values
-from nettailor_tf.workdir import Workdir
 
 
 def run_prune(config: Config, strategy, task, report: Report) -> bool:
@@ -22,7 +22,7 @@ def run_prune(config: Config, strategy, task, report: Report) -> bool:
         if report.get(task.name, "architecture_png") is None:
             # Killed after the plan (the stage's commit point) was written but
             # before its drawing was: draw it now from the same inputs.
-            plan, _ = prune_lib.load_plan(path)
+            plan, _ = pruning.load_plan(path)
             student, backbone = artifacts.trained_student(config, task)
             _draw_architecture(config, task, report, student, plan, backbone)
         logging.info("%s: prune stage already done (%s); skipping", task.name, path)
@@ -47,16 +47,16 @@ def run_prune(config: Config, strategy, task, report: Report) -> bool:
                             task.name, config.prune_allowance)
     else:
         num_universal = config.prune_universal or 0
-    pruned = prune_lib.prune_plan(student.plan, alphas, num_universal,
-                                  config.prune_proxy_threshold, config.prune_universal_threshold)
+    pruned = pruning.prune_plan(student.plan, alphas, num_universal,
+                                config.prune_proxy_threshold, config.prune_universal_threshold)
     counts = pruned.counts()
-    prune_lib.save_plan(path, pruned, backbone=config.backbone,
-                        backbone_weights=config.backbone_weights, image_size=config.image_size,
-                        universal_blocks=[l for l, b in enumerate(pruned.blocks) if b.universal],
-                        prune_universal=num_universal,
-                        prune_proxy_threshold=config.prune_proxy_threshold,
-                        prune_universal_threshold=config.prune_universal_threshold,
-                        prune_search=search, gates=gate_values(student), **counts)
+    pruning.save_plan(path, pruned, backbone=config.backbone,
+                      backbone_weights=config.backbone_weights, image_size=config.image_size,
+                      universal_blocks=[l for l, b in enumerate(pruned.blocks) if b.universal],
+                      prune_universal=num_universal,
+                      prune_proxy_threshold=config.prune_proxy_threshold,
+                      prune_universal_threshold=config.prune_universal_threshold,
+                      prune_search=search, gates=gate_values(student), **counts)
     png = _draw_architecture(config, task, report, student, pruned, backbone)
     logging.info("%s: pruned to %d universal blocks and %d proxies (%d live blocks of %d); "
                  "architecture drawn in %s", task.name, counts["universal_blocks_kept"],
@@ -68,7 +68,7 @@ def _draw_architecture(config, task, report, student, pruned, backbone) -> str:
     """architecture.png (the student's gates, what pruning kept) and its report entry."""
     paths = Workdir(config.workdir)
     png = paths.architecture_png(task.name)
-    visualize.plot_architecture(
+    architecture_figure.plot_architecture(
         png, f"{task.name}: NetTailor on {config.backbone} (max_skip={config.max_skip})",
         student.plan, gate_values(student), kept_plan=pruned,
         block_flops=complexity.backbone_flops(backbone, config.image_size)["blocks"])

@@ -33,17 +33,19 @@ import keras
 import numpy as np
 from absl import logging
 
-from nettailor_tf import artifacts, atomic, complexity, selection
 from nettailor_tf import data as data_lib
-from nettailor_tf import prune as prune_lib
-from nettailor_tf import student as student_lib
-from nettailor_tf.config import Config
-from nettailor_tf.options import WHOLE_FINETUNE
-from nettailor_tf.errors import NetTailorError
+from nettailor_tf.common import atomic
+from nettailor_tf.common.errors import NetTailorError
+from nettailor_tf.model import complexity, pruning, student_network
+from nettailor_tf.run import artifacts
+from nettailor_tf.run.workdir import Workdir
+from nettailor_tf.settings.config import Config
+from nettailor_tf.settings.options import WHOLE_FINETUNE
+from nettailor_tf.settings.tuned import ABANDON_MARGIN, WEAK_UNIVERSAL
 from nettailor_tf.stages.nettailor import (nettailor_trainer, prepared_pruned,
                                            recalibration_batches, selection_accuracy,
                                            teacher_targets)
-from nettailor_tf.workdir import Workdir
+from nettailor_tf.training import selection
 
 # Confidence of the one-sided bounds the search logs and records.
 CONFIDENCE = 0.9
@@ -60,8 +62,8 @@ class ZeroShotScorer:
     """Scores pruning plans as pruning leaves them, on the student itself.
 
     Each candidate is the student with its gates masked to the plan
-    (`prune.mask_student`: the same sums as the pruned network's, tested in
-    test_student.py), BN statistics re-estimated on that masked stream, then
+    (`pruning.mask_student`: the same sums as the pruned network's, tested in
+    test_student_network.py), BN statistics re-estimated on that masked stream, then
     asked for its answer to every image of `splits`.  One traced forward
     pass serves every candidate.  Used as a context manager: the student
     leaves with the gates and statistics it came with.
@@ -69,7 +71,7 @@ class ZeroShotScorer:
 
     def __init__(self, config: Config, task, student, splits):
         self.config, self.task, self.student, self.splits = config, task, student, tuple(splits)
-        self.recalibrate = student_lib.BatchNormRecalibrator(student)
+        self.recalibrate = student_network.BatchNormRecalibrator(student)
         self.answer = selection.answer_function(
             lambda images: student(images, training=False, mimic=False)[0])
         # The same batches `prepared_pruned` re-estimates on, decoded once.
@@ -85,7 +87,7 @@ class ZeroShotScorer:
         None: the unpruned student, statistics as trained)."""
         self._restore()  # the mask's shares are read off the student's own gates
         if plan is not None:
-            prune_lib.mask_student(self.student, plan)
+            pruning.mask_student(self.student, plan)
             self.recalibrate(self.batches)
         predicted, labels = selection.answers(self.answer, self.task, self.config.image_size,
                                               self.config.eval_batch_size, self.splits)
@@ -166,10 +168,10 @@ class PruneSearch:
     def plan(self, n: int):
         """Candidate n's plan, or None where pruning would leave no path."""
         try:
-            return prune_lib.prune_plan(self.student.plan, self.alphas, n,
-                                        self.config.prune_proxy_threshold,
-                                        self.config.prune_universal_threshold)
-        except prune_lib.PruneError:
+            return pruning.prune_plan(self.student.plan, self.alphas, n,
+                                      self.config.prune_proxy_threshold,
+                                      self.config.prune_universal_threshold)
+        except pruning.PruneError:
             return None
 
     # --- zero-shot scores ----------------------------------------------------
@@ -335,12 +337,6 @@ def candidate_steps(config: Config, task) -> int:
     return schedule.plan(data_lib.steps_per_epoch(task, schedule.batch_size)).total_steps
 
 
-# The gates' own answer, where the walk starts: universal blocks that give
-# their block under this share of its output.  On the quickstart's students
-# these are 7-8 blocks at 0.00-0.04, and the boundary is one or two above.
-WEAK_UNIVERSAL = 0.05
-
-
 def search_boundary(passes, start: int, limit: int) -> int:
     """The largest n in [0, limit] with `passes(n)`, given that passes(0)
     holds and that passing is monotone (true up to a boundary, false after):
@@ -358,14 +354,6 @@ def search_boundary(passes, start: int, limit: int) -> int:
         else:
             n = (low + high) // 2
     return low
-
-
-# A brief fine-tune still this far below the target halfway through is
-# abandoned, a heuristic that trades a rare late recovery for time: a digits
-# candidate with 8 universal blocks cut read 41% before fine-tuning, 64%
-# after 40 steps and 92% after 80, so brief fine-tunes much shorter than the
-# recovery are not worth finishing from that far below.
-ABANDON_MARGIN = 0.10
 
 
 def score_candidate(config, strategy, task, student, plan, teacher, n, split, target,

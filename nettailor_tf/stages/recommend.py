@@ -1,5 +1,5 @@
 """Which exported file to ship: `recommended`, the fastest variant whose
-accuracy on the selection split is within `TOLERANCE` of the float32
+accuracy on the selection split is within `RECOMMENDATION_TOLERANCE` of the float32
 file's, and `smallest`, the smallest such file; and the variant a
 multi-task bundle is built in (the fastest one every task accepts).
 
@@ -7,7 +7,7 @@ Accuracy is read on the split the run makes its choices on
 (`--selection_split`: validation, or test under the paper's protocol),
 never on a test split the choice would then be judged on; latency is
 measured in the export stage, at 1 thread and with every core, the variants
-interleaved (`exporters.latency.measure_many`), on one real image.  The
+interleaved (`exporters.timing.measure_many`), on one real image.  The
 fastest is ranked at 1 thread among the files no slower than float32 with
 every core (give or take the timing's noise, `ALL_CORES_MARGIN`).
 """
@@ -16,21 +16,13 @@ from __future__ import annotations
 import numpy as np
 from absl import logging
 
-from exporters import latency as latency_lib
-from exporters import parity, savedmodel
-from nettailor_tf import artifacts, quiet
+from exporters import parity, savedmodel, timing
 from nettailor_tf import data as data_lib
-from nettailor_tf.config import BUNDLE_VARIANTS, Config
+from nettailor_tf.common import quiet
+from nettailor_tf.run import artifacts
+from nettailor_tf.settings.config import BUNDLE_VARIANTS, Config
+from nettailor_tf.settings.tuned import ALL_CORES_MARGIN, RECOMMENDATION_TOLERANCE
 
-# How much slower than float32 with every core a recommended file may be:
-# the guard is for the 5-9x of hybrid kernels (L6), and two medians of the
-# same speed differed by up to 20% on the busy quickstart machine.
-ALL_CORES_MARGIN = 1.25
-# Accuracy a recommended file may lose against float32 on the selection
-# split: the prune search's tolerance on the quickstart, half a point, and
-# never less than one image (on digits' 145 validation images half a point
-# is 0.7 of one).
-TOLERANCE = 0.005
 
 
 def selection_images(config: Config, task) -> tuple[np.ndarray, np.ndarray]:
@@ -61,11 +53,11 @@ def candidates(config: Config, task, files: dict[str, dict], image: np.ndarray) 
     split = task.val if data_lib.selection_split(task, config.selection_split) == "val" \
         else task.test
     predictors = {v: parity.tflite_predictor(f["path"], num_threads=1) for v, f in files.items()}
-    cores = latency_lib.all_cores()
+    cores = timing.all_cores()
     with quiet.native_stderr_filtered():
         outcome = parity.run_all(predictors, lambda: parity.raw_test_batches(split),
                                  workers=cores)
-        timed = {threads: latency_lib.measure_many(
+        timed = {threads: timing.measure_many(
             {v: (f["path"], savedmodel.SERVING_KEY) for v, f in files.items()}, image, threads,
             config.benchmark_warmup, config.benchmark_runs) for threads in sorted({1, cores})}
     return {v: {"bytes": f["bytes"], "selection_accuracy": outcome.accuracy(v),
@@ -76,7 +68,7 @@ def candidates(config: Config, task, files: dict[str, dict], image: np.ndarray) 
 
 
 def tolerance(images: int) -> float:
-    return max(TOLERANCE, 1.0 / max(images, 1))
+    return max(RECOMMENDATION_TOLERANCE, 1.0 / max(images, 1))
 
 
 def acceptable(found: dict) -> list[str]:

@@ -6,14 +6,13 @@ import os
 import keras
 from absl import logging
 
-from nettailor_tf import artifacts
-from nettailor_tf import gates as gates_lib
-from nettailor_tf import prune as prune_lib
-from nettailor_tf.config import Config
-from nettailor_tf.report import Report
-from nettailor_tf.stages.nettailor import (gate_values, or_none, train_nettailor,
-                                           training_outcome)
-from nettailor_tf.workdir import Workdir
+from nettailor_tf.model import pruning
+from nettailor_tf.model import gates as gates_lib
+from nettailor_tf.run import artifacts
+from nettailor_tf.run.report import Report
+from nettailor_tf.run.workdir import Workdir
+from nettailor_tf.settings.config import Config
+from nettailor_tf.stages.nettailor import gate_values, or_none, train_nettailor, training_outcome
 
 
 def run_student(config: Config, strategy, task, report: Report) -> bool:
@@ -36,7 +35,7 @@ def run_student(config: Config, strategy, task, report: Report) -> bool:
                              complexity_coeff, "student")
     if result is None:
         return False
-    prune_lib.save_task_state(student, state_path)
+    pruning.save_task_state(student, state_path)
     sharpness = gates_lib.sharpness(gate_values(student))
     report.set(task.name, "student", {
         "accuracy": result.test_accuracy, "val_accuracy": or_none(result.val_accuracy),

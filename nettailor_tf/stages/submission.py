@@ -21,12 +21,13 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from nettailor_tf import decathlon
 from nettailor_tf import data as data_lib
-from nettailor_tf import artifacts, decathlon
-from nettailor_tf.config import Config
-from nettailor_tf.report import Report
+from nettailor_tf.run import artifacts
+from nettailor_tf.run.report import Report
+from nettailor_tf.run.workdir import Workdir
+from nettailor_tf.settings.config import Config
 from nettailor_tf.stages import deploy
-from nettailor_tf.workdir import Workdir
 
 def predictions_path(config: Config, task) -> str:
     return Workdir(config.workdir).decathlon_predictions(task.name)

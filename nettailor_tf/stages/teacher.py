@@ -6,15 +6,17 @@ import os
 import keras
 from absl import logging
 
-from nettailor_tf import artifacts, atomic, complexity
-from nettailor_tf import backbones as backbones_lib
 from nettailor_tf import data as data_lib
-from nettailor_tf.config import Config
-from nettailor_tf.losses import cross_entropy
-from nettailor_tf.report import Report
+from nettailor_tf.common import atomic
+from nettailor_tf.model import complexity
+from nettailor_tf.model import backbones as backbones_lib
+from nettailor_tf.model.losses import cross_entropy
+from nettailor_tf.run import artifacts
+from nettailor_tf.run.report import Report
+from nettailor_tf.run.workdir import Workdir
+from nettailor_tf.settings.config import Config
 from nettailor_tf.stages.nettailor import or_none, training_outcome
-from nettailor_tf.train import Trainer
-from nettailor_tf.workdir import Workdir
+from nettailor_tf.training.train import Trainer
 
 
 def save_weights_atomically(model: keras.Model, path: str) -> None:

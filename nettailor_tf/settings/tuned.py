@@ -1,0 +1,58 @@
+"""Constants whose values were chosen by measurement, in one place, each with
+the measurement that chose it (which runs, which figures), so that a new
+measurement shows what it may change and where.
+
+Settings a user may change are options in `config`; these are not.  Pure
+Python: every layer that reads settings may import it.
+"""
+from __future__ import annotations
+
+# --- the prune search (stages/prune_search.py; docs/method.md, "Prune search")
+
+# The gates' own answer, where the search's walk starts: universal blocks that
+# give their block under this share of its output.  On the quickstart's
+# students (2026-12-02) 7-8 blocks read 0.00-0.04 and the boundary the search
+# found was one or two above; starting there took 4 candidates instead of 6.
+WEAK_UNIVERSAL = 0.05
+
+# A brief fine-tune still this far below the target halfway through is
+# abandoned, a heuristic that trades a rare late recovery for time: a digits
+# candidate with 8 universal blocks cut read 41% before fine-tuning, 64%
+# after 40 steps and 92% after 80 (quickstart, 2026-12-02), so brief
+# fine-tunes much shorter than the recovery are not worth finishing from
+# that far below.
+ABANDON_MARGIN = 0.10
+
+# --- report.md's findings (run/report.py)
+
+# A student whose gates stayed this close to uniform (entropy over
+# log(branches)) has not chosen what to keep: the quickstart's short students
+# read 0.55 on digits and 0.60 on mnist5k, the second just flagged: its
+# pruned network still matched the teacher, but at 0.64 of its multiply-adds
+# rather than under 0.60.
+DIFFUSE_GATE_ENTROPY = 0.6
+
+# --- the recommended export file (stages/recommend.py; docs/report_json.md)
+
+# How much slower than float32 with every core a recommended file may be: the
+# guard is for the 5-9x of hybrid (dynamic-range) kernels, and two medians of
+# the same speed differed by up to 20% on the busy quickstart machine
+# (2026-12-07), which dropped float16 from digits' choice at a margin of 1.
+ALL_CORES_MARGIN = 1.25
+
+# Accuracy a recommended file may lose against float32 on the selection
+# split: the prune search's tolerance on the quickstart, half a point, and
+# never less than one image (on digits' 145 validation images half a point
+# is 0.7 of one).
+RECOMMENDATION_TOLERANCE = 0.005
+
+# --- the time-left estimate of each stage line (stages/__init__.py)
+
+# Each stage's usual share of a run, relative to the teacher's, read from
+# three fresh quickstarts on a quiet 2-core machine ("stage N of M ... into
+# the run"; 2026-12-07): teacher 80-86 s, student 128-150 s, prune 49-82 s,
+# fine-tune 98-103 s, export 61-80 s (80 with an int8 bundle), benchmark
+# 54-59 s (it times a latency table beside the files).  Only the ratios
+# matter: the run's own pace so far scales them.
+STAGE_WEIGHTS = {"teacher": 1.0, "student": 1.65, "prune": 0.65, "finetune": 1.25,
+                 "export": 0.75, "benchmark": 0.7, "submission": 0.3}
