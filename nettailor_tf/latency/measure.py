@@ -16,13 +16,13 @@ import numpy as np
 import tensorflow as tf
 from ai_edge_litert import __version__ as litert_version  # the runtime timed
 
-from exporters import timing as latency_lib
+from exporters import timing
 from exporters import savedmodel, tflite
 from nettailor_tf.model import backbones as backbones_lib
-from nettailor_tf.model import pruning as prune_lib
+from nettailor_tf.model import pruning
 from nettailor_tf.model import static_graph
 from nettailor_tf.common import quiet
-from nettailor_tf.model import student_network as student_lib
+from nettailor_tf.model import student_network
 from nettailor_tf.latency.table import (EMPTY_KEY, SAMPLE_PLANS, STUDENT_KEY, TABLE_FORMAT,
                                         TABLE_RUNS, TEACHER_KEY, LatencyTable, LatencyTableError,
                                         default_cache_dir, head_key, mix_key, plan_as_dict,
@@ -146,8 +146,8 @@ def measure_table_beside(backbone_name: str, image_size: int, threads: int,
     table and the networks it predicts under the same conditions.  Returns
     the table (which they do not enter) and {name: Latency}."""
     backbone = backbones_lib.build_backbone(backbone_name)
-    plan = student_lib.Plan.full(len(backbone.blocks), max_skip)
-    student = student_lib.build_student(backbone, 10, plan, "frozen", image_size)
+    plan = student_network.Plan.full(len(backbone.blocks), max_skip)
+    student = student_network.build_student(backbone, 10, plan, "frozen", image_size)
     functions = branch_functions(student, image_size)
     samples = sample_plans(len(backbone.blocks), max_skip)
     networks = network_functions(student, max_skip, image_size, samples)
@@ -157,7 +157,7 @@ def measure_table_beside(backbone_name: str, image_size: int, threads: int,
         image = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3),
                                                   dtype=np.uint8)
         with quiet.native_stderr_filtered():
-            measured = latency_lib.measure_parts_and_networks(
+            measured = timing.measure_parts_and_networks(
                 parts, branch_feeds(functions),
                 {**{key: (path, key) for key, path in files.items()}, **others}, image,
                 threads, warmup, runs)
@@ -178,8 +178,8 @@ def parts_by_pass(backbone_name: str, image_size: int, threads: int, max_skip: i
     its own branches)}, ms with one Invoke, the two passes alternating
     `rounds` times (medians over the rounds)."""
     backbone = backbones_lib.build_backbone(backbone_name)
-    student = student_lib.build_student(
-        backbone, 10, student_lib.Plan.full(len(backbone.blocks), max_skip), "frozen",
+    student = student_network.build_student(
+        backbone, 10, student_network.Plan.full(len(backbone.blocks), max_skip), "frozen",
         image_size)
     functions = branch_functions(student, image_size)
     feeds = branch_feeds(functions)
@@ -190,10 +190,10 @@ def parts_by_pass(backbone_name: str, image_size: int, threads: int, max_skip: i
             f.write(convert_functions(functions))
         with quiet.native_stderr_filtered():
             for _ in range(rounds):
-                every = latency_lib.measure_signatures(path, feeds, threads, runs=runs)
+                every = timing.measure_signatures(path, feeds, threads, runs=runs)
                 for name, plan in plans.items():
                     keys = [EMPTY_KEY, *plan_keys(plan)]
-                    own = latency_lib.measure_signatures(path, {k: feeds[k] for k in keys},
+                    own = timing.measure_signatures(path, {k: feeds[k] for k in keys},
                                                          threads, runs=runs)
                     for timed, out in ((every, sums[name][0]), (own, sums[name][1])):
                         invoke = timed[EMPTY_KEY].median_ms
@@ -214,7 +214,7 @@ def sample_plans(num_blocks: int, max_skip: int | None, count: int = SAMPLE_PLAN
     student with a fixed seed (the same for every table), every block kept
     live and dead paths removed as pruning removes them."""
     rng = np.random.default_rng(seed)
-    full = student_lib.Plan.full(num_blocks, max_skip)
+    full = student_network.Plan.full(num_blocks, max_skip)
     plans = {}
     for index in range(count):
         keep_universal, keep_proxy = SAMPLE_KEEP[index % len(SAMPLE_KEEP)]
@@ -224,8 +224,8 @@ def sample_plans(num_blocks: int, max_skip: int | None, count: int = SAMPLE_PLAN
             sources = [s for s in block.proxy_sources if rng.random() < keep_proxy]
             if not universal and not sources:
                 sources = [block.proxy_sources[int(rng.integers(len(block.proxy_sources)))]]
-            blocks.append(student_lib.BlockPlan(universal, sources))
-        plans[sample_key(index)] = prune_lib.remove_dead_paths(student_lib.Plan(blocks))
+            blocks.append(student_network.BlockPlan(universal, sources))
+        plans[sample_key(index)] = pruning.remove_dead_paths(student_network.Plan(blocks))
     return plans
 
 
@@ -238,8 +238,8 @@ def network_functions(student, max_skip: int | None, image_size: int,
     weights, and float32 time does not depend on them) instead of a student
     built per network, which cost ~2 s apiece."""
     num_blocks = len(student.plan.blocks)
-    plans = {TEACHER_KEY: student_lib.Plan.backbone_only(num_blocks),
-             STUDENT_KEY: student_lib.Plan.full(num_blocks, max_skip), **(samples or {})}
+    plans = {TEACHER_KEY: student_network.Plan.backbone_only(num_blocks),
+             STUDENT_KEY: student_network.Plan.full(num_blocks, max_skip), **(samples or {})}
     universal = static_graph.UniversalLayers()
     functions = {}
     for key, plan in plans.items():
@@ -265,7 +265,7 @@ def _sub_student(full, plan):
                                   block.activation, name=f"tailored{l}")
         tailored.gate.build()
         blocks.append(tailored)
-    student = student_lib.Student(full.stem, blocks, full.head, full.classifier, plan,
+    student = student_network.Student(full.stem, blocks, full.head, full.classifier, plan,
                                   full.head_trainable, name="student")
     student.node_channels = full.node_channels
     return student
@@ -280,7 +280,7 @@ def whole_network_content(backbone, plan, image_size: int, num_classes: int = 10
 
 
 def _random_endpoint(backbone, plan, image_size: int, num_classes: int = 10):
-    student = student_lib.build_student(backbone, num_classes, plan, "frozen", image_size)
+    student = student_network.build_student(backbone, num_classes, plan, "frozen", image_size)
     return savedmodel.Endpoint(static_graph.static_model(student), image_size, False)
 
 
@@ -294,8 +294,8 @@ def whole_networks(backbone, max_skip, image_size: int, folder: str,
     (each signature is its own subgraph with its own delegate: timed the
     same)."""
     num_blocks = len(backbone.blocks)
-    plans = {TEACHER_KEY: student_lib.Plan.backbone_only(num_blocks),
-             STUDENT_KEY: student_lib.Plan.full(num_blocks, max_skip), **(samples or {})}
+    plans = {TEACHER_KEY: student_network.Plan.backbone_only(num_blocks),
+             STUDENT_KEY: student_network.Plan.full(num_blocks, max_skip), **(samples or {})}
     if one_file:
         endpoints = {key: _random_endpoint(backbone, plan, image_size)
                      for key, plan in plans.items()}

@@ -16,14 +16,14 @@ import os
 
 from absl import logging
 
-from exporters import timing as latency_lib
+from exporters import timing
 from exporters import memory as memory_lib
 from exporters import savedmodel
 from nettailor_tf.run import artifacts, deployment_plots as visualize
 from nettailor_tf.latency import measure as latency_measure
 from nettailor_tf.common import quiet
-from nettailor_tf.model import pruning as prune_lib
-from nettailor_tf.model import student_network as student_lib
+from nettailor_tf.model import pruning
+from nettailor_tf.model import student_network
 from nettailor_tf.settings.config import Config
 from nettailor_tf.run.report import Report
 from nettailor_tf.stages import recommend
@@ -31,7 +31,7 @@ from nettailor_tf.run.workdir import Workdir
 
 
 def _threads() -> list[int]:
-    return sorted({1, latency_lib.all_cores()})
+    return sorted({1, timing.all_cores()})
 
 
 def run_benchmark(config: Config, strategy, task, report: Report) -> bool:
@@ -52,11 +52,11 @@ def run_benchmark(config: Config, strategy, task, report: Report) -> bool:
     files = {name: (os.path.join(config.workdir, e["path"]), savedmodel.SERVING_KEY)
              for name, e in entries.items()}
     with quiet.native_stderr_filtered():
-        results = {t: latency_lib.measure_many(files, image, t, config.benchmark_warmup,
+        results = {t: timing.measure_many(files, image, t, config.benchmark_warmup,
                                                config.benchmark_runs) for t in _threads()}
     costs = {"nettailor": report.get(task.name, "pruned"),
              "teacher": report.get(task.name, "teacher")}
-    cores = latency_lib.all_cores()
+    cores = timing.all_cores()
     for (network, variant), entry in entries.items():
         entry["latency"] = {str(t): results[t][(network, variant)].as_dict() for t in results}
         entry["latency_ms"] = results[1][(network, variant)].median_ms
@@ -111,10 +111,10 @@ def predict_latencies(config: Config, tasks, report: Report) -> None:
         config.backbone, config.image_size, 1, config.max_skip, files)
     table.save(paths.latency_prediction_table)
     table.source = paths.relative(paths.latency_prediction_table)
-    plans = {name: prune_lib.load_plan(paths.plan(name))[0] for name, _ in files}
+    plans = {name: pruning.load_plan(paths.plan(name))[0] for name, _ in files}
     for (name, part), latency in measured.items():
         plan = (plans[name] if part == "pruned"
-                else student_lib.Plan.backbone_only(len(plans[name].blocks)))
+                else student_network.Plan.backbone_only(len(plans[name].blocks)))
         predicted = table.predict_ms(plan)
         benchmark = report.get(name, "tflite" if part == "pruned" else "teacher_tflite")[
             "float32"].get("latency_ms")
@@ -128,7 +128,7 @@ def predict_latencies(config: Config, tasks, report: Report) -> None:
                      "of its time in the table's rounds (%.3f ms)", name, predicted, part,
                      100 * (predicted / latency.median_ms - 1), latency.median_ms)
     busy = (table.other_load_cores is not None
-            and table.other_load_cores > latency_lib.BUSY_CORES)
+            and table.other_load_cores > timing.BUSY_CORES)
     report.data["latency_prediction_table"] = {
         "fingerprint": table.fingerprint(), "device": table.device, "threads": table.threads,
         "path": table.source, "other_load_cores": table.other_load_cores, "busy": busy,
@@ -151,7 +151,7 @@ def benchmark_bundle(config: Config, tasks, report: Report) -> None:
         files = {(variant, task.name): (os.path.join(config.workdir, info["path"]),
                                         info["tasks"][task.name]["signature"])
                  for variant, info in bundle["variants"].items() for task in tasks}
-        measured = latency_lib.measure_many(files, image, 1, config.benchmark_warmup,
+        measured = timing.measure_many(files, image, 1, config.benchmark_warmup,
                                             config.benchmark_runs)
         bundle["latency"] = {variant: {task.name: measured[(variant, task.name)].median_ms
                                        for task in tasks} for variant in bundle["variants"]}

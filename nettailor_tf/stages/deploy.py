@@ -23,13 +23,13 @@ import keras
 import numpy as np
 from absl import logging
 
-from exporters import timing as latency_lib
+from exporters import timing
 from exporters import mixed, parity, savedmodel, tflite
 from nettailor_tf.run import artifacts
 from nettailor_tf.common import atomic, quiet
 from nettailor_tf.model import backbones as backbones_lib
 from nettailor_tf import data as data_lib
-from nettailor_tf.model import pruning as prune_lib
+from nettailor_tf.model import pruning
 from nettailor_tf.model import static_graph
 from nettailor_tf.settings.config import Config
 from nettailor_tf.settings.stage_settings import stage_settings
@@ -212,7 +212,7 @@ def _export_task(config, task, nettailor, teacher, staging, final) -> dict:
     savedmodel.write_labels(os.path.join(staging, savedmodel.LABELS_FILE), label_names(task))
     with quiet.native_stderr_filtered():  # LiteRT's "Created ... delegate" on first use
         outcome = parity.run_all(predictors, _test_batches(config, task),
-                                 workers=latency_lib.all_cores())
+                                 workers=timing.all_cores())
     entries = {}
     for artefact, (network, variant, name) in files.items():
         reference = f"{network}_keras" + ("" if variant == "savedmodel" else "_resized")
@@ -253,7 +253,7 @@ def _mixed(config: Config, task, float_content: bytes):
         # not depend on the thread count.
         choice = mixed.convert_mixed(float_content, images, labels,
                                       config.mixed_accuracy_budget, kept_bits,
-                                      latency_lib.all_cores())
+                                      timing.all_cores())
     logging.info("%s: mixed variant: %d of %d layers kept in %s, %s accuracy %.4f against "
                  "float32 %.4f (budget %.4f; all int4 would read %.4f)", task.name,
                  len(choice.kept_layers), choice.layers, config.mixed_kept_as,
@@ -300,7 +300,7 @@ def universal_params(config: Config, tasks) -> int:
     backbone = backbones_lib.build_backbone(config.backbone)
     kept = set()
     for task in tasks:
-        plan, _ = prune_lib.load_plan(Workdir(config.workdir).plan(task.name))
+        plan, _ = pruning.load_plan(Workdir(config.workdir).plan(task.name))
         kept |= {l for l, b in enumerate(plan.blocks) if b.universal}
     layers = [backbone.stem] + [backbone.blocks[l] for l in sorted(kept)]
     if not backbone.head_task_specific:
@@ -416,7 +416,7 @@ def _export_bundle(config, tasks, staging, final, task_params: dict, bundle_vari
                 os.path.join(staging, f"bundle_{variant}.tflite"), key, num_threads=1)
         with quiet.native_stderr_filtered():
             outcome = parity.run_all(predictors, _test_batches(config, task),
-                                     workers=latency_lib.all_cores())
+                                     workers=timing.all_cores())
         for name in ["savedmodel", *variants]:
             agreement = outcome.agreement(name, "keras" if name == "savedmodel"
                                           else "keras_resized")

@@ -9,7 +9,7 @@ from nettailor_tf.run import artifacts
 from nettailor_tf.model import complexity
 from nettailor_tf.model import backbones as backbones_lib
 from nettailor_tf import data as data_lib
-from nettailor_tf.model import student_network as student_lib
+from nettailor_tf.model import student_network
 from nettailor_tf.training import teacher_cache, train
 from nettailor_tf.settings.config import Config
 from nettailor_tf.model.losses import cross_entropy, mimic_loss
@@ -145,7 +145,7 @@ def nettailor_trainer(config, strategy, task, student, teacher, schedule, comple
     # evaluated.  The moving averages lag a network whose weights move fast:
     # a 60-step fine-tune of a 2-class folder task read 55% on test with them
     # and 97% with the statistics re-estimated, same weights.
-    recalibrate = student_lib.BatchNormRecalibrator(student)
+    recalibrate = student_network.BatchNormRecalibrator(student)
     batches = recalibration_batches(config, task)
     return Trainer(
         strategy, student, loss_fn, trainable, decayed, schedule, lr_multipliers=multipliers,
@@ -202,13 +202,13 @@ def prepared_pruned(config, strategy, task, student, plan, splits, raw_test=Fals
     """
     with strategy.scope():
         pruned = artifacts.pruned_network(config, task, plan)
-        student_lib.copy_task_weights(student, pruned)
+        student_network.copy_task_weights(student, pruned)
     evaluate = train.make_evaluator(
         strategy, lambda images: pruned(images, training=False, mimic=False)[0])
     accuracies = {}
     if raw_test:
         accuracies["raw_test"] = evaluate(task, config.image_size, config.eval_batch_size, "test")
-    student_lib.recalibrate_batchnorm(pruned, recalibration_batches(config, task))
+    student_network.recalibrate_batchnorm(pruned, recalibration_batches(config, task))
     for split in splits:
         accuracies[split] = evaluate(task, config.image_size, config.eval_batch_size, split)
     return pruned, accuracies
