@@ -194,8 +194,11 @@ def test_latency_table_from_device_files_round_trips(tmp_path):
 
     table = latency_table.LatencyTable.load(str(table_path))
     assert table.device == "test machine" and len(table.entries) == len(files)
-    # the whole networks were collected: the teacher, the full student, the samples
-    assert table.calibration().networks == 2 + latency_table.SAMPLE_PLANS
+    # the whole networks were collected: the teacher, the full student, the
+    # samples.  (Not asserted through the fit: these 16 px networks take a
+    # few microseconds, and on a loaded machine a network timed here can come
+    # out under the empty model's time, which the fit rightly refuses.)
+    assert len(table.calibration_networks()) == 2 + latency_table.SAMPLE_PLANS
     # A branch's .txt missing: the table is refused in one line naming it.
     (models / "universal0.txt").unlink()
     with pytest.raises(SystemExit) as refused:

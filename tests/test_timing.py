@@ -45,9 +45,9 @@ def test_parts_in_several_files_run_on_their_own_files_interpreter(monkeypatch, 
         used[key] = (path, interpreter)
         return (lambda: None, lambda: None) if refresh else (lambda: None)
 
-    monkeypatch.setattr(latency, "_invoker", fake_invoker)
+    monkeypatch.setattr(timing, "_invoker", fake_invoker)
     files = {"stem": tflite_file, "universal0": str(other), "head": tflite_file}
-    latency.measure_parts_and_networks(files, {key: {} for key in files}, {}, None, threads=1,
+    timing.measure_parts_and_networks(files, {key: {} for key in files}, {}, None, threads=1,
                                        warmup=0, runs=50, rounds=5)
     assert {key: path for key, (path, _) in used.items()} == files
     assert used["stem"][1] is used["head"][1]
