@@ -94,8 +94,8 @@ def convert(savedmodel_dir: str, signature_keys: list[str], variant: str,
 
 class Converter:
     """The listed signatures of one SavedModel as .tflite files, through ONE
-    TFLiteConverter (`from_saved_model` loads the whole SavedModel: 0.3-1 s on
-    the quickstart); each variant sets every option anew (`_set_options`)."""
+    TFLiteConverter (`from_saved_model` loads the whole SavedModel: 0.4-2 s a
+    network on the quickstart); each variant sets every option anew."""
 
     _converter = None  # made by the first conversion
 
@@ -151,9 +151,9 @@ def _set_options(converter, variant: str, calibration, signature_keys: list[str]
 
 @contextlib.contextmanager
 def _collecting_new_objects_only():
-    """The converter's gc.collect() (after a SavedModel load, TF 2.21) walks every
-    object of the process: 0.4-1.6 s a conversion on the quickstart.  Older
-    objects sit it out; what the conversion drops (its SavedModel) is collected."""
+    """The converter's gc.collect() (after a SavedModel load, TF 2.21) walks all
+    objects: 0.4-1.6 s a conversion on the quickstart.  Older ones sit it out
+    (and any a caller froze are thawed after); the conversion's are collected."""
     gc.freeze()
     try:
         yield
