@@ -42,8 +42,12 @@ def raw_test_batches(test: tf.data.Dataset, batch_size: int = 64,
         yield images.astype(np.uint8), labels
 
 
-def keras_predictor(endpoint: savedmodel_lib.Endpoint) -> Predictor:
-    serve = savedmodel_lib.serving_function(endpoint)
+def keras_predictor(endpoint: savedmodel_lib.Endpoint, serve=None) -> Predictor:
+    """The Keras model's logits through its serving computation: `serve`,
+    the endpoint's `serving_function` where one was traced already (what
+    `savedmodel.write_savedmodel` returns: the same graph, a trace of the
+    network fewer), or a new one."""
+    serve = serve or savedmodel_lib.serving_function(endpoint)
     return lambda images: serve(tf.constant(images))["logits"].numpy()
 
 

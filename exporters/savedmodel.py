@@ -123,9 +123,11 @@ def input_signature(size: int | None = None) -> list[tf.TensorSpec]:
     return [tf.TensorSpec(shape, tf.uint8, name=INPUT_NAME)]
 
 
-def write_savedmodel(path: str, endpoints: dict[str, Endpoint], static: bool = False) -> None:
+def write_savedmodel(path: str, endpoints: dict[str, Endpoint], static: bool = False) -> dict:
     """Writes a SavedModel with one signature per entry of `endpoints`
-    (`static`: each takes one image at its endpoint's size).
+    (`static`: each takes one image at its endpoint's size), and returns
+    {key: its `serving_function`}: traced here already, so that a caller
+    that runs the Keras model the same way does not trace it again.
 
     Keras's ExportArchive also makes the first endpoint visible as
     `serving_default` (TF Serving needs a default), so a bundle's SavedModel
@@ -137,12 +139,14 @@ def write_savedmodel(path: str, endpoints: dict[str, Endpoint], static: bool = F
     # stores every weight twice.  Variables used by an endpoint are tracked
     # (once) without it.
     archive = keras.export.ExportArchive()
+    functions = {}
     for key, endpoint in endpoints.items():
-        function = serving_function(endpoint, static)
+        function = functions[key] = serving_function(endpoint, static)
         archive.add_endpoint(name=key, fn=function,
                              input_signature=list(function.input_signature))
     with _quiet_tensorflow():
         archive.write_out(path, verbose=False)
+    return functions
 
 
 @contextlib.contextmanager

@@ -7,10 +7,9 @@ ai-edge-quantizer on the float32 file, `int8_weights` and `int4_weights`
 (weight-only: weights stored in 8 or 4 bits per channel, dequantised to
 float before each op, so the arithmetic stays float32); `mixed` is int4
 weight-only with the layers that int4 would cost accuracy kept in int8 or
-float, chosen on validation data (`exporters.mixed.convert_mixed`).
-The uint8
-image input and float32 outputs stay as they are in every variant, so one
-calling convention fits all files.  The files are converted from the static
+float, chosen on validation data (`exporters.mixed.convert_mixed`).  The
+uint8 image input and float32 outputs stay as they are in every variant, so
+one calling convention fits all files.  The files are converted from the static
 SavedModel of `static_savedmodel`: each signature takes one image
 `[1, S, S, 3]` at the model's size and returns `logits` (output index 0)
 and `probabilities` (index 1).
@@ -20,16 +19,17 @@ variables they came from: a multi-signature file stores the universal
 weights once only if every signature's copy is bit-identical.  In a
 full-integer (int8) file a few channels' int8 weights follow each
 signature's input scale; `share_int8_kernels` makes them one kernel
-again (`convert` applies it).  `inspect`
-reads a file's flatbuffer to show how many weight buffers are shared and
-which tensor types each signature ended up with (an int8 conversion can
-silently leave a signature in float, TensorFlow issue 52145).
+again (`convert` applies it).  `inspect` reads a file's flatbuffer to show
+how many weight buffers are shared and which tensor types each signature
+ended up with (an int8 conversion can silently leave a signature in float,
+TensorFlow issue 52145).
 """
 from __future__ import annotations
 
 import collections
 import contextlib
 import dataclasses
+import gc
 import io
 import os
 import re
@@ -88,57 +88,77 @@ def quantize_weights(float_content: bytes, bits: int) -> bytes:
 def convert(savedmodel_dir: str, signature_keys: list[str], variant: str,
             calibration: Callable[[], Iterable[np.ndarray]] | None = None,
             float_content: bytes | None = None) -> bytes:
-    """Converts the listed signatures of a SavedModel into one .tflite file.
+    """One variant of a SavedModel's signatures (`Converter.convert`)."""
+    return Converter(savedmodel_dir, signature_keys).convert(variant, calibration, float_content)
 
-    `calibration` (int8 only) returns an iterable of uint8 image batches
-    at the model's size; every image is fed, one at a time (the static
-    input's batch of 1), to EVERY signature.  Samples for only some
-    signatures leave the others in float without any error, and different
-    images per signature give the shared universal layers different
-    quantisation parameters per task.  A multi-signature int8 file comes
-    back through `share_int8_kernels`: one int8 kernel per universal layer.
 
-    The weight-only variants start from the float32 file: pass it as
-    `float_content` when it was converted already.
-    """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown TFLite variant {variant!r}; accepted: {', '.join(VARIANTS)}")
-    if variant == "mixed":
-        raise ValueError("the mixed variant is chosen on labelled images: use "
-                         "exporters.mixed.convert_mixed")
-    if variant in WEIGHT_ONLY_BITS:
-        if float_content is None:
-            float_content = convert(savedmodel_dir, signature_keys, "float32")
-        return quantize_weights(float_content, WEIGHT_ONLY_BITS[variant])
-    converter = tf.lite.TFLiteConverter.from_saved_model(savedmodel_dir,
-                                                         signature_keys=list(signature_keys))
-    if variant != "float32":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if variant == "float16":
-        converter.target_spec.supported_types = [tf.float16]
-    elif variant == "int8":
-        if calibration is None:
+class Converter:
+    """The listed signatures of one SavedModel as .tflite files, through ONE
+    TFLiteConverter (`from_saved_model` loads the whole SavedModel: 0.4-2 s a
+    network on the quickstart); each variant sets every option anew."""
+
+    _converter = None  # made by the first conversion
+
+    def __init__(self, savedmodel_dir: str, signature_keys: list[str]):
+        self.savedmodel_dir, self.signature_keys = savedmodel_dir, list(signature_keys)
+
+    def convert(self, variant: str, calibration: Callable[[], Iterable[np.ndarray]] | None = None,
+                float_content: bytes | None = None) -> bytes:
+        """`calibration` (int8): uint8 image batches at the model's size, each
+        image fed alone to EVERY signature (samples for some leave the others
+        float, silently; images per signature would quantise the shared layers
+        per task); a multi-signature int8 file gets one kernel per universal
+        layer (`share_int8_kernels`).  Weight-only variants quantise the
+        float32 file (`float_content`, or converted here)."""
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown TFLite variant {variant!r}; accepted: "
+                             f"{', '.join(VARIANTS)}")
+        if variant == "mixed":
+            raise ValueError("the mixed variant is chosen on labelled images: use "
+                             "exporters.mixed.convert_mixed")
+        if variant in WEIGHT_ONLY_BITS:
+            return quantize_weights(float_content or self.convert("float32"),
+                                    WEIGHT_ONLY_BITS[variant])
+        if variant == "int8" and calibration is None:
             raise ValueError("the int8 variant needs calibration images")
+        try:
+            with quiet.native_stderr_filtered(), _collecting_new_objects_only():
+                self._converter = self._converter or tf.lite.TFLiteConverter.from_saved_model(
+                    self.savedmodel_dir, signature_keys=self.signature_keys)
+                _set_options(self._converter, variant, calibration, self.signature_keys)
+                content = self._converter.convert()
+        except Exception as error:  # the converter raises many unrelated types
+            raise ConversionError(f"TFLite {variant} conversion of {self.savedmodel_dir} "
+                                  f"failed: {first_line(error)}") from error
+        # The converter's int8 weights can differ per signature (see
+        # `share_int8_kernels`); the other variants' do not.
+        return share_int8_kernels(content) \
+            if variant == "int8" and len(self.signature_keys) > 1 else content
 
-        def representative_dataset():
-            for images in calibration():
-                for image in np.asarray(images, np.uint8):
-                    for key in signature_keys:
-                        yield key, {savedmodel.INPUT_NAME: image[None]}
 
-        converter.representative_dataset = representative_dataset
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+def _set_options(converter, variant: str, calibration, signature_keys: list[str]) -> None:
+    """Every option a variant reads (a new converter's value where it sets none)."""
+    converter.optimizations = set() if variant == "float32" else [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_types = [tf.float16] if variant == "float16" else set()
+    converter.target_spec.supported_ops = (
+        [tf.lite.OpsSet.TFLITE_BUILTINS_INT8] if variant == "int8"
+        else {tf.lite.OpsSet.TFLITE_BUILTINS})
+    converter.representative_dataset = (lambda: (  # every image alone, to every signature
+        (key, {savedmodel.INPUT_NAME: image[None]}) for images in calibration()
+        for image in np.asarray(images, np.uint8) for key in signature_keys)) \
+        if variant == "int8" else None
+
+
+@contextlib.contextmanager
+def _collecting_new_objects_only():
+    """The converter's gc.collect() (after a SavedModel load, TF 2.21) walks all
+    objects: 0.4-1.6 s a conversion on the quickstart.  Older ones sit it out
+    (and any a caller froze are thawed after); the conversion's are collected."""
+    gc.freeze()
     try:
-        with quiet.native_stderr_filtered():
-            content = converter.convert()
-    except Exception as error:  # the converter raises many unrelated types
-        first = first_line(error)
-        raise ConversionError(f"TFLite {variant} conversion of {savedmodel_dir} failed: "
-                              f"{first}") from error
-    # The converter's int8 weights can differ per signature (see
-    # `share_int8_kernels`); the other variants' do not.
-    return share_int8_kernels(content) if variant == "int8" and len(signature_keys) > 1 \
-        else content
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @contextlib.contextmanager

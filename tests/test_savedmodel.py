@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from helpers import tiny_static_models
 
-from exporters import savedmodel
+from exporters import parity, savedmodel
 from nettailor_tf import data as data_lib
 from nettailor_tf.model.student_network import BlockPlan, Plan
 
@@ -116,6 +116,30 @@ def test_universal_layers_with_different_values_are_not_shared():
     assert universal.unshared == ["block0"]
     shared = {id(v) for v in first.weights} & {id(v) for v in second.weights}
     assert shared  # the stem and block 2 still are
+
+
+def test_the_written_serving_functions_serve_the_keras_model_untraced_again(tasks, tmp_path,
+                                                                             monkeypatch):
+    """`write_savedmodel` returns the serving functions it traced: the Keras
+    reference (`parity.keras_predictor`) runs them without tracing the
+    network again, with the answers of a function of its own."""
+    ((model_a, _), (model_b, _)), _ = tasks
+    endpoints = {"task_a": savedmodel.Endpoint(model_a, SIZE, crop=False),
+                 "task_b": savedmodel.Endpoint(model_b, SIZE, crop=True)}
+    served = savedmodel.write_savedmodel(str(tmp_path / "sm"), endpoints)
+    assert set(served) == set(endpoints)
+    traces = []
+    real_preprocess = savedmodel.preprocess
+    monkeypatch.setattr(savedmodel, "preprocess",
+                        lambda *args: traces.append(args) or real_preprocess(*args))
+    images = np.random.default_rng(3).integers(0, 256, (5, 21, 19, 3), dtype=np.uint8)
+    for key, endpoint in endpoints.items():
+        reused = parity.keras_predictor(endpoint, served[key])(images)
+        assert traces == [], key
+        fresh = parity.keras_predictor(endpoint)(images)
+        assert len(traces) == 1, key
+        traces.clear()
+        np.testing.assert_array_equal(reused, fresh)
 
 
 def test_signature_key_is_a_valid_identifier():

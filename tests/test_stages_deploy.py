@@ -85,10 +85,30 @@ def trained(tmp_path_factory, mocked, folder):
     return workdir
 
 
+# Images each Keras reference predictor was given during `exported`'s export,
+# one entry per predictor made.
+KERAS_REFERENCE_IMAGES = []
+
+
 @pytest.fixture(scope="module")
 def exported(trained, mocked):
     config = _config(trained, stages=("export", "benchmark"))
-    stages.run(config, tf.distribute.get_strategy())
+    real = parity.keras_predictor
+
+    def counted(endpoint, serve=None):
+        assert serve is not None, "a Keras reference traced its network again"
+        predict = real(endpoint, serve)
+        index = len(KERAS_REFERENCE_IMAGES)
+        KERAS_REFERENCE_IMAGES.append(0)
+
+        def run(images):
+            KERAS_REFERENCE_IMAGES[index] += len(images)
+            return predict(images)
+        return run
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(parity, "keras_predictor", counted)
+        stages.run(config, tf.distribute.get_strategy())
     return trained
 
 
@@ -149,6 +169,19 @@ def test_report_holds_every_artefact_with_its_parity_and_latency(exported):
     # The table itself is kept in the workdir, as the report names it.
     kept = latency_table.LatencyTable.load(str(pathlib.Path(exported) / table["path"]))
     assert kept.fingerprint() == table["fingerprint"]
+
+
+def test_each_keras_reference_runs_once_over_the_test_split_for_all_its_files(exported):
+    """A task's export compares a dozen files with two Keras networks, the
+    bundle each signature with one: every network's predictor (made from the
+    serving function the SavedModel write traced, `counted` checks) sees
+    each test image twice, raw and resized, whatever the number of files."""
+    report = _report(exported)
+    test_images = {t: report["tasks"][t]["export"]["test_images"] for t in NAMES}
+    # nettailor and teacher per task, then one network per bundle signature.
+    expected = [2 * test_images[t] for t in NAMES for _ in range(2)] + \
+               [2 * test_images[t] for t in NAMES]
+    assert sorted(KERAS_REFERENCE_IMAGES) == sorted(expected)
 
 
 def test_every_key_of_the_written_report_is_documented(exported):
@@ -266,14 +299,14 @@ def test_a_failing_export_keeps_the_previous_one(exported, mocked, monkeypatch):
     export = exported / "tasks" / "mnist" / "export"
     before = {p.name: p.stat().st_mtime_ns for p in export.iterdir()}
     manifest = (export / "export.json").read_text()
-    real = tflite.convert
+    real = tflite.Converter.convert
 
-    def failing(path, keys, variant, calibration=None, float_content=None):
+    def failing(converter, variant, calibration=None, float_content=None):
         if variant == "int8":
             raise tflite.ConversionError("injected failure")
-        return real(path, keys, variant, calibration)
+        return real(converter, variant, calibration, float_content)
 
-    monkeypatch.setattr(tflite, "convert", failing)
+    monkeypatch.setattr(tflite.Converter, "convert", failing)
     config = _config(exported, stages=("export",), tasks=("tfds:mnist",), calibration_images=16)
     with pytest.raises(tflite.ConversionError, match="injected"):
         stages.run(config, tf.distribute.get_strategy())

@@ -167,10 +167,11 @@ def _tflite_interface(config: Config) -> dict:
             "tflite_outputs": list(savedmodel.OUTPUT_NAMES)}
 
 
-def _keras_predictors(name: str, endpoint: savedmodel.Endpoint) -> dict:
+def _keras_predictors(name: str, endpoint: savedmodel.Endpoint, serve) -> dict:
     """The Keras references: on the raw images (for the SavedModels) and on
-    the images resized to the model's size (what the .tflite files get)."""
-    keras_predict = parity.keras_predictor(endpoint)
+    the images resized to the model's size (what the .tflite files get);
+    `serve` is the endpoint's serving function `write_savedmodel` traced."""
+    keras_predict = parity.keras_predictor(endpoint, serve)
     return {name: keras_predict, f"{name}_resized": parity.resized(keras_predict,
                                                                     endpoint.image_size)}
 
@@ -182,15 +183,17 @@ def _export_task(config, task, nettailor, teacher, staging, final) -> dict:
     files = {}  # artefact name -> (network, format, file name)
     choices = {}  # network -> what its mixed variant kept out of int4
     for network, (endpoint, variants) in networks.items():
-        predictors.update(_keras_predictors(f"{network}_keras", endpoint))
         sm_name = f"{network}_savedmodel"
-        savedmodel.write_savedmodel(os.path.join(staging, sm_name),
-                                    {savedmodel.SERVING_KEY: endpoint})
+        serve = savedmodel.write_savedmodel(os.path.join(staging, sm_name),
+                                            {savedmodel.SERVING_KEY: endpoint})
+        predictors.update(_keras_predictors(f"{network}_keras", endpoint,
+                                            serve[savedmodel.SERVING_KEY]))
         predictors[sm_name] = parity.savedmodel_predictor(os.path.join(staging, sm_name))
         files[sm_name] = (network, "savedmodel", sm_name)
         calibration = None
         converted = {}
         with tflite.static_savedmodel({savedmodel.SERVING_KEY: endpoint}) as static_path:
+            converter = tflite.Converter(static_path, [savedmodel.SERVING_KEY])
             # float32 first: the weight-only variants quantise its bytes.
             for variant in sorted(variants, key=lambda v: v != "float32"):
                 if variant == "int8" and calibration is None:
@@ -200,8 +203,8 @@ def _export_task(config, task, nettailor, teacher, staging, final) -> dict:
                     content = choice.content
                     choices[network] = choice.summary()
                 else:
-                    content = tflite.convert(static_path, [savedmodel.SERVING_KEY], variant,
-                                             (lambda c=calibration: c), converted.get("float32"))
+                    content = converter.convert(variant, (lambda c=calibration: c),
+                                                converted.get("float32"))
                 converted[variant] = content
                 name = f"{network}_{variant}.tflite"
                 with open(os.path.join(staging, name), "wb") as f:
@@ -364,10 +367,10 @@ def _bundle_files(config, tasks, endpoints: dict, staging: str, final: str,
     variants = {}
     converted = {}
     with tflite.static_savedmodel(endpoints) as static_path:
+        converter = tflite.Converter(static_path, list(endpoints))
         # float32 first: the weight-only variants quantise its bytes.
         for v in sorted(bundle_variants, key=lambda v: v != "float32"):
-            converted[v] = tflite.convert(static_path, list(endpoints), v, lambda: calibration,
-                                          converted.get("float32"))
+            converted[v] = converter.convert(v, lambda: calibration, converted.get("float32"))
     for variant, content in converted.items():
         name = f"bundle_{variant}.tflite"
         with open(os.path.join(staging, name), "wb") as f:
@@ -399,7 +402,7 @@ def _export_bundle(config, tasks, staging, final, task_params: dict, bundle_vari
         raise artifacts.StageError("bundle: two task names map to one signature key: "
                                 + ", ".join(t.name for t in tasks))
     sm_path = os.path.join(staging, "savedmodel")
-    savedmodel.write_savedmodel(sm_path, endpoints)
+    serve = savedmodel.write_savedmodel(sm_path, endpoints)
     stored = savedmodel.stored_variables(sm_path)
     labels = {}
     for task, key in zip(tasks, endpoints):
@@ -409,7 +412,7 @@ def _export_bundle(config, tasks, staging, final, task_params: dict, bundle_vari
     used = {id(w): w for e in endpoints.values() for w in e.model.weights}
     variants = _bundle_files(config, tasks, endpoints, staging, final, bundle_variants)
     for task, key in zip(tasks, endpoints):
-        predictors = {**_keras_predictors("keras", endpoints[key]),
+        predictors = {**_keras_predictors("keras", endpoints[key], serve[key]),
                       "savedmodel": parity.savedmodel_predictor(sm_path, key)}
         for variant in variants:
             predictors[variant] = parity.tflite_predictor(
