@@ -49,6 +49,8 @@ TABLES = (
           "docs/method.md", "teacher_plateau"),
     Table("docs/results/finetune_plateau.json", renderers.finetune_plateau_table,
           "docs/method.md", "finetune_plateau"),
+    Table("docs/results/finetune_shorter.json", renderers.finetune_shorter_table,
+          "docs/method.md", "finetune_shorter"),
     Table("docs/results/bundle.json", renderers.bundle_table, "docs/performance.md", "bundle"),
     Table("docs/results/bundle_memory.json", renderers.bundle_memory_table,
           "docs/performance.md", "bundle_memory"),

@@ -208,18 +208,23 @@ def teacher_plateau_table(results: dict) -> str:
 def development_runs_table(results: dict, results_file: str) -> str:
     """Per setting: each run's choice and accuracies, then the setting's mean
     validation gap to the teacher (what the choice was made on)."""
+    # Files collected before the column existed have no validation loss.
+    losses = any(row.get("pruned_val_loss") is not None for row in results["rows"])
     lines = [_generated(results_file), "", _provenance(results) + " " + results["note"], "",
              "| setting | seed | task | N | multiply-adds | fine-tune steps | "
-             "validation: teacher / pruned | test: teacher / pruned |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "validation: teacher / pruned |" + (" pruned: validation loss |" if losses
+                                                 else "") + " test: teacher / pruned |",
+             "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if losses else "") + " --- |"]
     labels = list(dict.fromkeys(row["label"] for row in results["rows"]))
     for row in results["rows"]:
         steps = f"{row['finetune_steps']:,}" + (f" ({row['stopped']})" if row.get("stopped")
                                                  else "")
+        loss = row.get("pruned_val_loss")
         lines.append(f"| {row['label']} | {row['seed']} | {row['task']} | {row['chosen']} | "
                      f"{row['flops_fraction']:.3f} | {steps} | "
                      f"{_points(row['teacher_val'])} / {_points(row['pruned_val'])} | "
-                     f"{_points(row['teacher_test'])} / {_points(row['pruned_test'])} |")
+                     + (f"{'-' if loss is None else f'{loss:.4f}'} | " if losses else "")
+                     + f"{_points(row['teacher_test'])} / {_points(row['pruned_test'])} |")
     lines += ["", "| setting | flags added | mean multiply-adds | mean validation gap to the "
               "teacher (points) | mean test gap (points) |", "| --- | --- | --- | --- | --- |"]
     for label in labels:
@@ -235,6 +240,10 @@ def development_runs_table(results: dict, results_file: str) -> str:
 
 def finetune_plateau_table(results: dict) -> str:
     return development_runs_table(results, "docs/results/finetune_plateau.json")
+
+
+def finetune_shorter_table(results: dict) -> str:
+    return development_runs_table(results, "docs/results/finetune_shorter.json")
 
 
 # --- the multi-task bundle (the `bundle` object of report.json) ---------------------

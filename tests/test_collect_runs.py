@@ -13,7 +13,7 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "collect_runs.py")
 def _workdir(path, pruned=True):
     task = {"teacher": {"accuracy": 0.98, "val_accuracy": 0.97, "flops": 100},
             **({"pruned": {"accuracy": 0.975, "val_accuracy": 0.965, "flops": 48, "steps": 640,
-                           "stopped": "plateau",
+                           "stopped": "plateau", "val_loss": 0.081,
                            "prune_search": {"chosen": 9, "rule": "allowance"}}}
                if pruned else {})}
     path.mkdir()
@@ -34,7 +34,7 @@ def test_each_tasks_choice_and_accuracies_become_a_row(tmp_path):
                    "flags": ["--finetune_plateau"], "chosen": 9, "rule": "allowance",
                    "flops_fraction": 0.48, "finetune_steps": 640, "stopped": "plateau",
                    "teacher_val": 0.97, "teacher_test": 0.98, "pruned_val": 0.965,
-                   "pruned_test": 0.975}
+                   "pruned_test": 0.975, "pruned_val_loss": 0.081}
 
 
 @pytest.mark.parametrize("spec,message", [("only|two", "expected label|seed|workdir|flags"),

@@ -110,6 +110,16 @@ def test_the_seed_study_renders_from_either_form_of_its_results():
     assert renderers.seed_study_page(as_lines) == renderers.seed_study_page(study)
 
 
+def test_development_runs_show_the_validation_loss_only_where_collected():
+    older = json.loads(_read(os.path.join(ROOT, "docs", "results", "finetune_plateau.json")))
+    newer = json.loads(_read(os.path.join(ROOT, "docs", "results", "finetune_shorter.json")))
+    assert "validation loss" not in renderers.development_runs_table(older, "a.json")
+    table = renderers.development_runs_table(newer, "b.json")
+    row = next(line for line in table.splitlines() if line.startswith("| starting rate"))
+    loss = next(r for r in newer["rows"] if r["label"] == "starting rate 0.001")
+    assert "validation loss" in table and f"| {loss['pruned_val_loss']:.4f} |" in row
+
+
 def test_the_machine_is_described_by_model_and_cores():
     assert f"{os.cpu_count()} cores" in renderers.machine()
 
