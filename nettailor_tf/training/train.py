@@ -136,9 +136,8 @@ class Trainer:
         refresh_statistics: called before an evaluation when the weights
             have moved since its last call, to re-estimate the model's BN
             statistics on them (None: evaluate with the moving averages).
-        evaluator: a `make_evaluator` function of `predict_fn` that has
-            already been traced (None: one is made at the first
-            evaluation); sharing it saves tracing the network again.
+        evaluator: a `make_evaluator` of `predict_fn` traced elsewhere, whose
+            trace it reuses (None: one is made at the first evaluation).
     """
 
     def __init__(self, strategy, model, loss_fn: LossFn, trainable, decayed, schedule: Schedule,
