@@ -1,4 +1,6 @@
 """The loss and the student-to-pruned step the NetTailor stages share."""
+import functools
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -80,3 +82,41 @@ def test_choices_read_the_selection_split(tmp_path, split, expected):
     config = stage_config(tmp_path, selection_split=split)
     assert nettailor.selection_accuracy(config, {"accuracy": 0.9, "val_accuracy": 0.5}) == expected
     assert nettailor.or_none(float("nan")) is None and nettailor.or_none(0.5) == 0.5
+
+
+def test_the_fine_tune_trainer_reuses_the_passes_its_network_was_prepared_with(
+        tmp_path, mocked_svhn, monkeypatch):
+    """The trainer of a prepared pruned network evaluates and re-estimates
+    its BN statistics with the passes `prepared_pruned_with_passes` traced
+    (no second trace of the network), and reads what they read."""
+    config = stage_config(tmp_path)
+    strategy = tf.distribute.get_strategy()
+    task = data_lib.with_validation_split(data_lib.load_task("tfds:svhn_cropped"), 0.1, 0)
+    student = artifacts.full_student(config, task.num_classes)
+    randomize_weights(task_layers(student), 2)
+    plan = pruning.prune_plan(student.plan, [a.numpy() for a in student.alphas()], 1, 0.0)
+    traces = []  # one entry per trace of the network (its passes are traced, never eager)
+    call = student_network.Student.call
+
+    @functools.wraps(call)  # Keras reads the `training` argument off the signature
+    def counting_call(self, images, training=None, mimic=True):
+        traces.append(training)
+        return call(self, images, training=training, mimic=mimic)
+
+    monkeypatch.setattr(student_network.Student, "call", counting_call)
+    pruned, accuracies, passes = nettailor.prepared_pruned_with_passes(
+        config, strategy, task, student, plan, ["val"], raw_test=True)
+    traced = len(traces)
+    assert True in traces and False in traces  # the BN pass and the inference pass
+    trainer = nettailor.nettailor_trainer(config, strategy, task, pruned, None, config.finetune,
+                                          0.0, "finetune", pruned=True, passes=passes)
+    assert trainer.evaluate(task, config.image_size, config.eval_batch_size, "val") \
+        == accuracies["val"]
+    trainer.refresh_statistics()
+    assert len(traces) == traced
+    # Without them the trainer traces the network again.
+    fresh = nettailor.nettailor_trainer(config, strategy, task, pruned, None, config.finetune,
+                                        0.0, "finetune", pruned=True)
+    assert fresh.evaluate(task, config.image_size, config.eval_batch_size, "val") \
+        == accuracies["val"]
+    assert len(traces) > traced

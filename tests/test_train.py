@@ -347,6 +347,29 @@ def test_each_evaluation_sees_statistics_refreshed_once_per_set_of_weights(digit
         assert events.index(("refresh", step)) < events.index(("evaluate", step))
 
 
+def test_a_given_evaluator_is_the_one_evaluations_use(digits, tmp_path):
+    """`Trainer(evaluator=...)`: an evaluator traced elsewhere for the same
+    network (the fine-tune's, from preparing the pruned network) serves every
+    evaluation, after the statistics refresh."""
+    split = data.with_validation_split(digits, 0.1, seed=0)
+    probe, _ = _trainer(tmp_path / "probe")
+    evaluator = train.make_evaluator(probe.strategy, probe.predict_fn)
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(args[3])
+        return evaluator(*args, **kwargs)
+
+    keras.utils.set_random_seed(0)
+    trainer = train.Trainer(probe.strategy, probe.model, probe.loss_fn, probe.trainable,
+                            probe.trainable, train.Schedule(1, 32, 0.05, min_steps=20),
+                            checkpoint_dir=str(tmp_path / "given"), evaluator=recording,
+                            refresh_statistics=lambda: calls.append("refresh"))
+    result = trainer.fit(split, 16, seed=0)
+    assert calls[0] == "refresh" and calls.count("val") >= 1 and calls[-1] == "test"
+    assert result.test_accuracy == evaluator(split, 16, 32, "test")
+
+
 def test_mixed_precision_trains_in_float16_with_float32_weights_and_loss_scaling(digits,
                                                                                tmp_path):
     """--mixed_precision: float16 compute, float32 variables, a loss-scale

@@ -14,8 +14,8 @@ from nettailor_tf.run import artifacts
 from nettailor_tf.run.report import Report
 from nettailor_tf.run.workdir import Workdir
 from nettailor_tf.settings.config import Config
-from nettailor_tf.stages.nettailor import (gate_values, or_none, prepared_pruned, train_nettailor,
-                                           training_outcome)
+from nettailor_tf.stages.nettailor import (gate_values, or_none, prepared_pruned_with_passes,
+                                           train_nettailor, training_outcome)
 from nettailor_tf.stages.prune_search import CONFIDENCE
 from nettailor_tf.training import selection
 
@@ -39,15 +39,16 @@ def run_finetune(config: Config, strategy, task, report: Report) -> bool:
         teacher = artifacts.frozen_teacher(config, task)
         full, _ = artifacts.trained_student(config, task)
     splits = ["test"] + (["val"] if task.num_val else [])
-    pruned, before = prepared_pruned(config, strategy, task, full, plan, splits,
-                                     raw_test=True)
+    # The trainer evaluates and re-estimates with the passes traced here.
+    pruned, before, passes = prepared_pruned_with_passes(config, strategy, task, full, plan,
+                                                         splits, raw_test=True)
     _reuse_search_checkpoint(paths, task, search)
     logging.info("%s: finetune stage: training the pruned network (%d universal blocks, "
                  "%d proxies); before fine-tuning: test accuracy %.4f (%.4f with the student's "
                  "BN statistics)", task.name, plan.counts()["universal_blocks_kept"],
                  plan.counts()["proxies_kept"], before["test"], before["raw_test"])
     result = train_nettailor(config, strategy, task, pruned, teacher, config.finetune, 0.0,
-                             "finetune", pruned=True)
+                             "finetune", pruned=True, passes=passes)
     if result is None:
         return False
     pruning.save_task_state(pruned, state_path)

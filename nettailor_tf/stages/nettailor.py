@@ -3,6 +3,9 @@ the prune search and the fine-tune share, and the step from a student to a
 pruned network ready to fine-tune."""
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 from absl import logging
 
 from nettailor_tf.run import artifacts
@@ -124,10 +127,31 @@ def cost_identity(config: Config) -> dict:
     return {"complexity_cost": f"latency:{artifacts.latency_table(config).fingerprint()}"}
 
 
+@dataclasses.dataclass(frozen=True)
+class CompiledPasses:
+    """A NetTailor network's inference pass, its evaluation and its BN
+    re-estimation, each traced at its first use and reused after: whoever
+    evaluates or re-estimates the same network shares them (tracing a pruned
+    network's pass costs seconds of a stage)."""
+    predict: Callable
+    evaluate: Callable      # `train.make_evaluator` of `predict`
+    recalibrate: student_network.BatchNormRecalibrator
+
+
+def compiled_passes(strategy, network) -> CompiledPasses:
+    """The passes of `network` (a student or pruned network)."""
+    def predict(images):
+        return network(images, training=False, mimic=False)[0]
+    return CompiledPasses(predict, train.make_evaluator(strategy, predict),
+                          student_network.BatchNormRecalibrator(network))
+
+
 def nettailor_trainer(config, strategy, task, student, teacher, schedule, complexity_coeff,
-                      name, targets=None, pruned: bool = False) -> Trainer:
+                      name, targets=None, pruned: bool = False,
+                      passes: CompiledPasses | None = None) -> Trainer:
     """The trainer of a NetTailor network: the student, or (`pruned`) a pruned
-    network, which also trains its gates' masses."""
+    network, which also trains its gates' masses; `passes`: the network's
+    `compiled_passes` where they exist already (None: new ones)."""
     paths = Workdir(config.workdir)
     backbone = backbones_lib.build_backbone(config.backbone)  # geometry only
     costs = branch_costs(config, backbone, student.plan) if complexity_coeff else None
@@ -145,7 +169,7 @@ def nettailor_trainer(config, strategy, task, student, teacher, schedule, comple
     # evaluated.  The moving averages lag a network whose weights move fast:
     # a 60-step fine-tune of a 2-class folder task read 55% on test with them
     # and 97% with the statistics re-estimated, same weights.
-    recalibrate = student_network.BatchNormRecalibrator(student)
+    passes = passes or compiled_passes(strategy, student)
     batches = recalibration_batches(config, task)
     return Trainer(
         strategy, student, loss_fn, trainable, decayed, schedule, lr_multipliers=multipliers,
@@ -154,16 +178,17 @@ def nettailor_trainer(config, strategy, task, student, teacher, schedule, comple
         summary_dir=paths.tensorboard(task.name, name),
         jit_compile=config.jit_compile, checkpoint_every=config.checkpoint_every,
         log_every=config.log_every,
-        predict_fn=lambda images: student(images, training=False, mimic=False)[0],
-        refresh_statistics=lambda: recalibrate(batches))
+        predict_fn=passes.predict, evaluator=passes.evaluate,
+        refresh_statistics=lambda: passes.recalibrate(batches))
 
 
 def train_nettailor(config, strategy, task, student, teacher, schedule, complexity_coeff,
-                    name, pruned: bool = False) -> "train.TrainResult | None":
+                    name, pruned: bool = False,
+                    passes: CompiledPasses | None = None) -> "train.TrainResult | None":
     """Trains to the end of `schedule`; None when --max_steps stopped it first."""
     targets = teacher_targets(config, strategy, task, teacher)
     trainer = nettailor_trainer(config, strategy, task, student, teacher, schedule,
-                                complexity_coeff, name, targets, pruned)
+                                complexity_coeff, name, targets, pruned, passes)
     result = trainer.fit(task, config.image_size, config.seed, config.eval_batch_size,
                          max_steps=config.max_steps)
     if not result.complete:
@@ -200,15 +225,25 @@ def prepared_pruned(config, strategy, task, student, plan, splits, raw_test=Fals
     quickstart's digits this step alone moved a pruned network from 18% to
     41% before any training.
     """
+    pruned, accuracies, _ = prepared_pruned_with_passes(config, strategy, task, student, plan,
+                                                        splits, raw_test)
+    return pruned, accuracies
+
+
+def prepared_pruned_with_passes(config, strategy, task, student, plan, splits,
+                                raw_test=False):
+    """`prepared_pruned`, and the `compiled_passes` it traced, for the
+    trainer of the same network (`train_nettailor(passes=...)`)."""
     with strategy.scope():
         pruned = artifacts.pruned_network(config, task, plan)
         student_network.copy_task_weights(student, pruned)
-    evaluate = train.make_evaluator(
-        strategy, lambda images: pruned(images, training=False, mimic=False)[0])
+    passes = compiled_passes(strategy, pruned)
     accuracies = {}
     if raw_test:
-        accuracies["raw_test"] = evaluate(task, config.image_size, config.eval_batch_size, "test")
-    student_network.recalibrate_batchnorm(pruned, recalibration_batches(config, task))
+        accuracies["raw_test"] = passes.evaluate(task, config.image_size,
+                                                 config.eval_batch_size, "test")
+    passes.recalibrate(recalibration_batches(config, task))
     for split in splits:
-        accuracies[split] = evaluate(task, config.image_size, config.eval_batch_size, split)
-    return pruned, accuracies
+        accuracies[split] = passes.evaluate(task, config.image_size, config.eval_batch_size,
+                                            split)
+    return pruned, accuracies, passes

@@ -136,13 +136,15 @@ class Trainer:
         refresh_statistics: called before an evaluation when the weights
             have moved since its last call, to re-estimate the model's BN
             statistics on them (None: evaluate with the moving averages).
+        evaluator: a `make_evaluator` of `predict_fn` traced elsewhere, whose
+            trace it reuses (None: one is made at the first evaluation).
     """
 
     def __init__(self, strategy, model, loss_fn: LossFn, trainable, decayed, schedule: Schedule,
                  checkpoint_dir: str, summary_dir: str | None = None, jit_compile: bool = False,
                  checkpoint_every: int = 200, log_every: int = 20, predict_fn=None,
                  lr_multipliers=None, held=(), eval_split: str = "val", indexed: bool = False,
-                 refresh_statistics=None):
+                 refresh_statistics=None, evaluator=None):
         self.strategy = strategy
         self.predict_fn = predict_fn or (lambda images: model(images, training=False)[0])
         self.model = model
@@ -160,7 +162,7 @@ class Trainer:
         self.indexed = indexed
         self.refresh_statistics = refresh_statistics
         self._refreshed_at = None  # the step whose weights the statistics describe
-        self._evaluator = None
+        self._evaluator = evaluator
         self._stage = None  # the schedule `fit` built its steps for
         self.schedule = schedule
         self.checkpoint_dir = checkpoint_dir
