@@ -370,6 +370,28 @@ def test_a_given_evaluator_is_the_one_evaluations_use(digits, tmp_path):
     assert result.test_accuracy == evaluator(split, 16, 32, "test")
 
 
+def test_a_fixed_schedule_draws_its_curve_in_a_few_evaluations_ending_with_the_last(
+        digits, tmp_path):
+    """Nine short epochs are evaluated every third epoch, the last included:
+    a few points of the curve, not one pass per epoch."""
+    trainer, _ = _trainer(tmp_path, train.Schedule(epochs=9, batch_size=256,
+                                                   learning_rate=0.05))
+    steps_per_epoch = data.steps_per_epoch(digits, 256)
+    evaluator = train.make_evaluator(trainer.strategy, trainer.predict_fn)
+    evaluated = []
+
+    def recording(*args, **kwargs):
+        evaluated.append(int(trainer.step.numpy()))
+        return evaluator(*args, **kwargs)
+
+    trainer._evaluator = recording
+    result = trainer.fit(digits, 16, seed=0)
+    # Without a validation split the curve is the test split's, and its last
+    # point is the stage's result.
+    assert result.steps == 9 * steps_per_epoch
+    assert evaluated == [3 * steps_per_epoch, 6 * steps_per_epoch, 9 * steps_per_epoch]
+
+
 def test_mixed_precision_trains_in_float16_with_float32_weights_and_loss_scaling(digits,
                                                                                tmp_path):
     """--mixed_precision: float16 compute, float32 variables, a loss-scale
