@@ -46,6 +46,14 @@ ALL_CORES_MARGIN = 1.25
 # is 0.7 of one).
 RECOMMENDATION_TOLERANCE = 0.005
 
+# --- the training loop (training/train.py)
+
+# Points of a fixed schedule's validation curve per stage (and the last
+# epoch): they only draw the curve, and each costs a pass and, for NetTailor
+# networks, a BN re-estimation: 2-3 s apiece on the quickstart (2026-12-07),
+# where ten a stage took 15-20 s of its student stage.
+EVALUATIONS_PER_STAGE = 4
+
 # --- the time-left estimate of each stage line (stages/__init__.py)
 
 # Each stage's usual share of a run, relative to the teacher's, read from

@@ -35,11 +35,9 @@ from nettailor_tf.training.evaluation import make_evaluator  # noqa: F401
 from nettailor_tf.training.progress import format_duration, ProgressReporter  # noqa: F401
 from nettailor_tf.common.errors import TrainingError  # noqa: F401 (train.TrainingError)
 from nettailor_tf.settings.schedules import Schedule, StagePlan
+from nettailor_tf.settings.tuned import EVALUATIONS_PER_STAGE
 
 
-# Points of a fixed schedule's validation curve: each costs a pass and a BN
-# re-estimation (2-3 s on the quickstart; ten were 15-20 s of its student).
-_EVALUATIONS_PER_STAGE = 4
 # Steps between the divergence check's reads of the loss (each reads every
 # step's loss since the last; a save checks first, so no checkpoint holds a
 # diverged network).
@@ -405,10 +403,10 @@ class Trainer:
         """A fixed schedule's evaluation at the end of some epochs.
 
         A small data set's many short epochs are evaluated a few times per
-        stage (`_EVALUATIONS_PER_STAGE`, and the last epoch), not after each
+        stage (`EVALUATIONS_PER_STAGE`, and the last epoch), not after each
         one (digits' 13 student epochs, a 150-image folder's 38)."""
         stage = run.stage
-        evaluate_every = -(-stage.epochs // _EVALUATIONS_PER_STAGE)
+        evaluate_every = -(-stage.epochs // EVALUATIONS_PER_STAGE)
         epochs_done = run.step // stage.steps_per_epoch
         if run.step % stage.steps_per_epoch or not (epochs_done % evaluate_every == 0
                                                      or epochs_done == stage.epochs):
