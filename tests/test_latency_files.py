@@ -3,11 +3,12 @@ code, read back by a second table instead of converted again, and converted
 again where the code changed or the folder was damaged."""
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
 
-from nettailor_tf.latency import measure as latency_measure, table as lt
+from nettailor_tf.latency import file_cache, measure as latency_measure, table as lt
 from nettailor_tf.model import backbones, student_network
 
 
@@ -74,21 +75,45 @@ def _copying_converter(monkeypatch, files):
     return calls
 
 
-def test_other_codes_files_replace_the_old_ones_and_other_settings_sit_beside(
-        converted, tmp_path, monkeypatch):
+def test_other_codes_files_sit_beside_until_unused_for_a_week(converted, tmp_path,
+                                                              monkeypatch):
     files, cache = converted
     cache = shutil.copytree(cache, tmp_path / "cache")
+    parent = os.path.join(cache, "converted")
     calls = _copying_converter(monkeypatch, files)
     with latency_measure.table_files("tiny", 24, 2, cache) as other_size:
         assert not other_size.cached
+    first = os.path.basename(os.path.dirname(files.parts["stem"]))
     monkeypatch.setattr(latency_measure, "files_fingerprint", lambda per_file=10: "othercode")
     with latency_measure.table_files("tiny", 16, 2, cache) as other_code:
         assert not other_code.cached
     with latency_measure.table_files("tiny", 16, 2, cache) as again:
         assert again.cached and again.parts == other_code.parts
     assert len(calls) == 2
-    assert sorted(os.listdir(os.path.join(cache, "converted"))) == [
-        "tiny_16_skip2_othercode", os.path.basename(os.path.dirname(other_size.parts["stem"]))]
+    # Another checkout may still use the first code's files: they stay...
+    assert first in os.listdir(parent) and len(os.listdir(parent)) == 3
+    # ...until no run has used them for a week.
+    week = time.time() - 8 * 86400
+    os.utime(os.path.join(parent, first, "manifest.json"), (week, week))
+    assert file_cache.remove_unused(parent, "manifest.json", keep="tiny_16_skip2_othercode") == [
+        first]
+
+
+def test_a_folder_another_process_finished_first_is_the_one_used(tmp_path):
+    """Two processes building the same folder: the one that finishes second
+    keeps the first one's folder and drops its own, leaving no staging."""
+    def valid(folder):
+        return os.path.isfile(os.path.join(folder, "done"))
+
+    def build(staging, other=str(tmp_path / "files")):
+        open(os.path.join(staging, "done"), "w").write("mine")
+        os.makedirs(other)  # the other process renames its folder into place meanwhile
+        open(os.path.join(other, "done"), "w").write("theirs")
+
+    folder, cached = file_cache.cached_folder(str(tmp_path), "files", "done", build, valid)
+    assert not cached and open(os.path.join(folder, "done")).read() == "theirs"
+    assert os.listdir(tmp_path) == ["files"]
+    assert file_cache.cached_folder(str(tmp_path), "files", "done", None, valid) == (folder, True)
 
 
 def test_a_damaged_folder_is_converted_again(converted, tmp_path, monkeypatch):

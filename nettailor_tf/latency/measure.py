@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 
 import keras
@@ -29,6 +28,7 @@ from nettailor_tf.common import atomic, quiet
 from nettailor_tf.model import student_network
 from nettailor_tf.model import blocks as blocks_lib
 from nettailor_tf.model import layers as layers_lib
+from nettailor_tf.latency import file_cache
 from nettailor_tf.latency import table as table_lib
 from nettailor_tf.latency.table import (EMPTY_KEY, SAMPLE_PLANS, STUDENT_KEY, TABLE_FORMAT,
                                         TABLE_RUNS, TEACHER_KEY, LatencyTable, LatencyTableError,
@@ -228,25 +228,19 @@ def table_files(backbone_name: str, image_size: int, max_skip: int | None,
             _convert_table_files(backbone_name, image_size, max_skip, folder, per_file)
             yield _read_table_files(folder)
         return
-    settings = (f"{backbone_name}_{image_size}_skip"
-                f"{'dense' if max_skip is None else max_skip}_")
-    parent = os.path.join(cache_dir, "converted")
-    folder = os.path.join(parent, settings + files_fingerprint(per_file))
+    name = "_".join([backbone_name, str(image_size),
+                     f"skip{'dense' if max_skip is None else max_skip}",
+                     files_fingerprint(per_file)])
+    folder, cached = file_cache.cached_folder(
+        os.path.join(cache_dir, "converted"), name, _MANIFEST,
+        lambda staging: _convert_table_files(backbone_name, image_size, max_skip, staging,
+                                             per_file),
+        lambda folder: _read_table_files(folder) is not None)
     files = _read_table_files(folder)
-    if files is None:  # not converted yet, or damaged
-        with atomic.staged_directory(folder) as staging:
-            _convert_table_files(backbone_name, image_size, max_skip, staging, per_file)
-        # Older code's files for these settings go (36 MB for
-        # EfficientNet-Lite0 at 64 px): the cache keeps one set per settings.
-        for other in os.listdir(parent):
-            if other.startswith(settings) and other != os.path.basename(folder):
-                shutil.rmtree(os.path.join(parent, other), ignore_errors=True)
-        files = _read_table_files(folder)
-        if files is None:
-            raise LatencyTableError(f"the latency table's files in {folder} cannot be read "
-                                    f"back; delete the folder and run again")
-    else:
-        files.cached = True
+    if files is None:
+        raise LatencyTableError(f"the latency table's files in {folder} cannot be read "
+                                f"back; delete the folder and run again")
+    files.cached = cached
     yield files
 
 
