@@ -15,7 +15,9 @@ measured time of every branch the student can have:
   head               node L -> features -> logits and probabilities
 
 Each branch is converted to float32 TFLite as a signature of one of a few
-files (`latency_measure.SIGNATURES_PER_FILE` each) and timed with the LiteRT interpreter (batch 1, XNNPACK), every pass running
+files (`latency_measure.SIGNATURES_PER_FILE` each; the files are kept in the
+cache's converted/ folder for the next table of the same settings and code)
+and timed with the LiteRT interpreter (batch 1, XNNPACK), every pass running
 each branch once in the network's order with its inputs written just
 before, so that a branch finds the CPU's caches as a forward pass leaves
 them: its inputs there, its weights not (timed alone in a loop, a branch
