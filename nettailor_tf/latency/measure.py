@@ -160,7 +160,9 @@ def measure_table_beside(backbone_name: str, image_size: int, threads: int,
     """`measure_table`, with the networks `others` ({name: (path, signature
     key)}, on a uint8 image) timed in the same rounds and load check: the
     table and the networks it predicts under the same conditions.  Returns
-    the table (which they do not enter) and {name: Latency}."""
+    the table (which they do not enter) and {name: Latency}.  The branches'
+    and calibration networks' files come from `cache_dir` where a run
+    converted them (`table_files`)."""
     with table_files(backbone_name, image_size, max_skip, cache_dir) as files:
         image = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3),
                                                   dtype=np.uint8)
