@@ -79,8 +79,14 @@ READABLE_FORMATS = (2, 3)
 # fit then rests on networks as small as the ones it predicts.
 SAMPLE_PLANS = 4
 # Timed passes over every branch: a branch takes 10-500 us at the sizes that
-# train on a CPU, so 200 passes cost seconds.
-TABLE_RUNS = 200
+# train on a CPU, so 100 passes cost a second or two.  Not 200: on the
+# quickstart's settings (EfficientNet-Lite0, 64 px), over 74 tables timed
+# with the quickstart's four float32 networks while other processes kept
+# 0.7-1.1 of 2 cores busy, a table of every other pass (100) predicted them
+# as one of all 200 did (each network's error spread by 1.2-2.4 points
+# either way, 71 of 74 tables within 10%); the spread comes from the
+# machine between tables, not from the passes within one.
+TABLE_RUNS = 100
 
 
 class LatencyTableError(NetTailorError, ValueError):
