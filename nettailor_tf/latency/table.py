@@ -80,11 +80,11 @@ READABLE_FORMATS = (2, 3)
 SAMPLE_PLANS = 4
 # Timed passes over every branch: a branch takes 10-500 us at the sizes that
 # train on a CPU, so 100 passes cost a second or two.  Not 200: on the
-# quickstart's settings (EfficientNet-Lite0, 64 px), over 74 tables timed
+# quickstart's settings (EfficientNet-Lite0, 64 px), over 225 tables timed
 # with the quickstart's four float32 networks while other processes kept
-# 0.7-1.1 of 2 cores busy, a table of every other pass (100) predicted them
-# as one of all 200 did (each network's error spread by 1.2-2.4 points
-# either way, 71 of 74 tables within 10%); the spread comes from the
+# 0.15-1.1 of 2 cores busy, a table of every other pass (100) predicted them
+# as one of all 200 did (each network's error spread by 1.1-1.9 points
+# either way, 221-222 of 225 tables within 10%); the spread comes from the
 # machine between tables, not from the passes within one.
 TABLE_RUNS = 100
 
