@@ -7,7 +7,10 @@ the table does not).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import json
 import os
 import tempfile
 
@@ -21,8 +24,12 @@ from exporters import savedmodel, tflite
 from nettailor_tf.model import backbones as backbones_lib
 from nettailor_tf.model import pruning
 from nettailor_tf.model import static_graph
-from nettailor_tf.common import quiet
+from nettailor_tf.common import atomic, quiet
 from nettailor_tf.model import student_network
+from nettailor_tf.model import blocks as blocks_lib
+from nettailor_tf.model import layers as layers_lib
+from nettailor_tf.latency import file_cache
+from nettailor_tf.latency import table as table_lib
 from nettailor_tf.latency.table import (EMPTY_KEY, SAMPLE_PLANS, STUDENT_KEY, TABLE_FORMAT,
                                         TABLE_RUNS, TEACHER_KEY, LatencyTable, LatencyTableError,
                                         default_cache_dir, head_key, mix_key, plan_as_dict,
@@ -117,58 +124,170 @@ def write_grouped(functions: dict, folder: str, prefix: str,
     return files
 
 
-def branch_feeds(functions: dict, seed: int = 0) -> dict:
-    """Random inputs per signature: uint8 images, activations N(0, 1)."""
+def input_specs(functions: dict) -> dict:
+    """{key: [(input name, shape, dtype name)]} of `functions`' signatures."""
+    return {key: [(spec.name, tuple(spec.shape), spec.dtype.name) for spec in specs]
+            for key, (_, specs) in functions.items()}
+
+
+def branch_feeds(inputs: dict, seed: int = 0) -> dict:
+    """Random inputs per signature of `inputs` (`input_specs`): uint8
+    images, activations N(0, 1)."""
     rng = np.random.default_rng(seed)
     feeds = {}
-    for key, (_, specs) in functions.items():
-        feeds[key] = {s.name: (rng.integers(0, 256, s.shape, dtype=np.uint8)
-                               if s.dtype.name == "uint8"
-                               else rng.standard_normal(s.shape).astype(np.float32))
-                      for s in specs}
+    for key, specs in inputs.items():
+        feeds[key] = {name: (rng.integers(0, 256, shape, dtype=np.uint8) if dtype == "uint8"
+                             else rng.standard_normal(shape).astype(np.float32))
+                      for name, shape, dtype in specs}
     return feeds
 
 
 def measure_table(backbone_name: str, image_size: int, threads: int, max_skip: int | None,
-                  runs: int = TABLE_RUNS, warmup: int = 10) -> LatencyTable:
+                  runs: int = TABLE_RUNS, warmup: int = 10,
+                  cache_dir: str | None = None) -> LatencyTable:
     """Times every branch of `backbone_name`'s student here, interleaved with
     the calibration networks under one load check (random weights: float32
-    time does not depend on the values)."""
+    time does not depend on the values); the converted files are kept in
+    `cache_dir` (`table_files`)."""
     return measure_table_beside(backbone_name, image_size, threads, max_skip, {}, runs,
-                                warmup)[0]
+                                warmup, cache_dir)[0]
 
 
 def measure_table_beside(backbone_name: str, image_size: int, threads: int,
                          max_skip: int | None, others: dict, runs: int = TABLE_RUNS,
-                         warmup: int = 10) -> tuple[LatencyTable, dict]:
+                         warmup: int = 10, cache_dir: str | None = None
+                         ) -> tuple[LatencyTable, dict]:
     """`measure_table`, with the networks `others` ({name: (path, signature
     key)}, on a uint8 image) timed in the same rounds and load check: the
     table and the networks it predicts under the same conditions.  Returns
-    the table (which they do not enter) and {name: Latency}."""
-    backbone = backbones_lib.build_backbone(backbone_name)
-    plan = student_network.Plan.full(len(backbone.blocks), max_skip)
-    student = student_network.build_student(backbone, 10, plan, "frozen", image_size)
-    functions = branch_functions(student, image_size)
-    samples = sample_plans(len(backbone.blocks), max_skip)
-    networks = network_functions(student, max_skip, image_size, samples)
-    with tempfile.TemporaryDirectory(prefix="nettailor_latency_") as folder:
-        parts = write_grouped(functions, folder, "branches")
-        files = write_grouped(networks, folder, "networks")
+    the table (which they do not enter) and {name: Latency}.  The branches'
+    and calibration networks' files come from `cache_dir` where a run
+    converted them (`table_files`)."""
+    with table_files(backbone_name, image_size, max_skip, cache_dir) as files:
         image = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3),
                                                   dtype=np.uint8)
         with quiet.native_stderr_filtered():
             measured = timing.measure_parts_and_networks(
-                parts, branch_feeds(functions),
-                {**{key: (path, key) for key, path in files.items()}, **others}, image,
-                threads, warmup, runs)
+                files.parts, branch_feeds(files.inputs),
+                {**{key: (path, key) for key, path in files.networks.items()}, **others},
+                image, threads, warmup, runs)
     beside = {name: measured.pop(name) for name in others}
     loads = [v.other_load_cores for v in measured.values() if v.other_load_cores is not None]
     table = LatencyTable(backbone=backbone_name, image_size=image_size, threads=threads,
                          max_skip=max_skip,
                          entries={k: round(v.median_ms, 5) for k, v in measured.items()},
                          device=this_device(), other_load_cores=max(loads) if loads else None,
-                         calibration_plans={k: plan_as_dict(p) for k, p in samples.items()})
+                         calibration_plans=files.calibration_plans)
     return table, beside
+
+
+# Version of the converted files' manifest (`table_files`).
+FILES_FORMAT = 1
+_MANIFEST = "manifest.json"
+
+
+@dataclasses.dataclass
+class TableFiles:
+    """The converted files a table times: its branches ({key: file}, in a
+    network's order) with their inputs (`input_specs`), its calibration
+    networks ({key: file}, the key also the signature's) and the sampled
+    networks' plans (`plan_as_dict`)."""
+    parts: dict[str, str]
+    inputs: dict[str, list]
+    networks: dict[str, str]
+    calibration_plans: dict
+    cached: bool = False
+
+
+def files_fingerprint(per_file: int = SIGNATURES_PER_FILE) -> str:
+    """What the converted files depend on besides the settings: the code
+    that builds and converts them, TensorFlow's and Keras' versions, the
+    grouping (not the device: a float32 .tflite is the same everywhere)."""
+    digest = hashlib.sha256(f"{FILES_FORMAT}|{tf.__version__}|{keras.__version__}|"
+                            f"{per_file}".encode())
+    for module in (__file__, table_lib.__file__, backbones_lib.__file__, blocks_lib.__file__,
+                   layers_lib.__file__, pruning.__file__, static_graph.__file__,
+                   student_network.__file__, savedmodel.__file__):
+        with open(module, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
+
+
+# Converting is most of a table's cost (busy 2-core machine,
+# EfficientNet-Lite0 at 64 px: building the student and its tf.functions
+# ~30 s, converting the branches and the calibration networks ~150 s, the
+# timing ~14 s); the files depend on the settings and the code only, so
+# a second table (the benchmark stage's after a latency-priced student's, or
+# the next run's) finds them in the cache and only times them.
+@contextlib.contextmanager
+def table_files(backbone_name: str, image_size: int, max_skip: int | None,
+                cache_dir: str | None = None, per_file: int = SIGNATURES_PER_FILE):
+    """Yields the `TableFiles` of these settings: read from `cache_dir`
+    where a run converted them, else converted now and kept there (without
+    a `cache_dir`, in a temporary folder deleted on exit)."""
+    if cache_dir is None:
+        with tempfile.TemporaryDirectory(prefix="nettailor_latency_") as folder:
+            _convert_table_files(backbone_name, image_size, max_skip, folder, per_file)
+            yield _read_table_files(folder)
+        return
+    name = "_".join([backbone_name, str(image_size),
+                     f"skip{'dense' if max_skip is None else max_skip}",
+                     files_fingerprint(per_file)])
+    folder, cached = file_cache.cached_folder(
+        os.path.join(cache_dir, "converted"), name, _MANIFEST,
+        lambda staging: _convert_table_files(backbone_name, image_size, max_skip, staging,
+                                             per_file),
+        lambda folder: _read_table_files(folder) is not None)
+    files = _read_table_files(folder)
+    if files is None:
+        raise LatencyTableError(f"the latency table's files in {folder} cannot be read "
+                                f"back; delete the folder and run again")
+    files.cached = cached
+    yield files
+
+
+def _convert_table_files(backbone_name: str, image_size: int, max_skip: int | None,
+                         folder: str, per_file: int) -> None:
+    """Builds the full student and writes its branches and calibration
+    networks into `folder`, with the manifest `_read_table_files` reads."""
+    backbone = backbones_lib.build_backbone(backbone_name)
+    plan = student_network.Plan.full(len(backbone.blocks), max_skip)
+    student = student_network.build_student(backbone, 10, plan, "frozen", image_size)
+    functions = branch_functions(student, image_size)
+    samples = sample_plans(len(backbone.blocks), max_skip)
+    parts = write_grouped(functions, folder, "branches", per_file)
+    networks = write_grouped(network_functions(student, max_skip, image_size, samples), folder,
+                             "networks", per_file)
+    inputs = input_specs(functions)
+    manifest = {
+        "format": FILES_FORMAT, "backbone": backbone_name, "image_size": image_size,
+        "max_skip": max_skip,
+        "branches": [[key, os.path.basename(parts[key]), [list(i) for i in inputs[key]]]
+                     for key in functions],
+        "networks": {key: os.path.basename(path) for key, path in networks.items()},
+        "calibration_plans": {key: plan_as_dict(p) for key, p in samples.items()}}
+    atomic.write_text(os.path.join(folder, _MANIFEST), json.dumps(manifest, indent=1) + "\n")
+
+
+def _read_table_files(folder: str) -> TableFiles | None:
+    """The files in `folder` by its manifest; None where it is missing,
+    of another format or names a file that is not there."""
+    try:
+        with open(os.path.join(folder, _MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+        if manifest.get("format") != FILES_FORMAT:
+            return None
+        files = TableFiles(
+            parts={key: os.path.join(folder, file) for key, file, _ in manifest["branches"]},
+            inputs={key: [(name, tuple(shape), dtype) for name, shape, dtype in specs]
+                    for key, _, specs in manifest["branches"]},
+            networks={key: os.path.join(folder, file)
+                      for key, file in manifest["networks"].items()},
+            calibration_plans=manifest["calibration_plans"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    every = [*files.parts.values(), *files.networks.values()]
+    return files if all(os.path.isfile(path) for path in every) else None
 
 
 def parts_by_pass(backbone_name: str, image_size: int, threads: int, max_skip: int | None,
@@ -182,7 +301,7 @@ def parts_by_pass(backbone_name: str, image_size: int, threads: int, max_skip: i
         backbone, 10, student_network.Plan.full(len(backbone.blocks), max_skip), "frozen",
         image_size)
     functions = branch_functions(student, image_size)
-    feeds = branch_feeds(functions)
+    feeds = branch_feeds(input_specs(functions))
     sums = {name: ([], []) for name in plans}
     with tempfile.TemporaryDirectory(prefix="nettailor_latency_") as folder:
         path = os.path.join(folder, "branches.tflite")
@@ -340,7 +459,7 @@ def cached_table(backbone_name: str, image_size: int, threads: int, max_skip: in
                 return table, True
         except LatencyTableError:
             pass  # a damaged cache entry is measured again
-    table = measure_table(backbone_name, image_size, threads, max_skip)
+    table = measure_table(backbone_name, image_size, threads, max_skip, cache_dir=cache_dir)
     table.save(path)
     table.source = path
     return table, False

@@ -15,7 +15,9 @@ measured time of every branch the student can have:
   head               node L -> features -> logits and probabilities
 
 Each branch is converted to float32 TFLite as a signature of one of a few
-files (`latency_measure.SIGNATURES_PER_FILE` each) and timed with the LiteRT interpreter (batch 1, XNNPACK), every pass running
+files (`latency_measure.SIGNATURES_PER_FILE` each; the files are kept in the
+cache's converted/ folder for the next table of the same settings and code)
+and timed with the LiteRT interpreter (batch 1, XNNPACK), every pass running
 each branch once in the network's order with its inputs written just
 before, so that a branch finds the CPU's caches as a forward pass leaves
 them: its inputs there, its weights not (timed alone in a loop, a branch
@@ -77,8 +79,14 @@ READABLE_FORMATS = (2, 3)
 # fit then rests on networks as small as the ones it predicts.
 SAMPLE_PLANS = 4
 # Timed passes over every branch: a branch takes 10-500 us at the sizes that
-# train on a CPU, so 200 passes cost seconds.
-TABLE_RUNS = 200
+# train on a CPU, so 100 passes cost a second or two.  Not 200: on the
+# quickstart's settings (EfficientNet-Lite0, 64 px), over 225 tables timed
+# with the quickstart's four float32 networks while other processes kept
+# 0.15-1.1 of 2 cores busy, a table of every other pass (100) predicted them
+# as one of all 200 did (each network's error spread by 1.1-1.9 points
+# either way, 221-222 of 225 tables within 10%); the spread comes from the
+# machine between tables, not from the passes within one.
+TABLE_RUNS = 100
 
 
 class LatencyTableError(NetTailorError, ValueError):

@@ -21,6 +21,7 @@ from exporters import memory as memory_lib
 from exporters import savedmodel
 from nettailor_tf.run import artifacts, deployment_plots as visualize
 from nettailor_tf.latency import measure as latency_measure
+from nettailor_tf.latency.table import default_cache_dir
 from nettailor_tf.common import quiet
 from nettailor_tf.model import pruning
 from nettailor_tf.model import student_network
@@ -107,8 +108,11 @@ def predict_latencies(config: Config, tasks, report: Report) -> None:
         return
     logging.info("latency table: measuring one for the predictions, with the %d float32 files "
                  "timed in its rounds", len(files))
+    # The branches' files come from the latency cache when a run (this
+    # one's latency-priced student, or an earlier run) converted them.
     table, measured = latency_measure.measure_table_beside(
-        config.backbone, config.image_size, 1, config.max_skip, files)
+        config.backbone, config.image_size, 1, config.max_skip, files,
+        cache_dir=config.latency_cache_dir or default_cache_dir())
     table.save(paths.latency_prediction_table)
     table.source = paths.relative(paths.latency_prediction_table)
     plans = {name: pruning.load_plan(paths.plan(name))[0] for name, _ in files}
