@@ -56,11 +56,11 @@ EVALUATIONS_PER_STAGE = 4
 
 # --- the time-left estimate of each stage line (stages/__init__.py)
 
-# Each stage's usual share of a run, relative to the teacher's, read from
-# three fresh quickstarts on a quiet 2-core machine ("stage N of M ... into
-# the run"; 2026-12-07): teacher 80-86 s, student 128-150 s, prune 49-82 s,
-# fine-tune 98-103 s, export 61-80 s (80 with an int8 bundle), benchmark
-# 54-59 s (it times a latency table beside the files).  Only the ratios
+# Each stage's usual share of a run, relative to the teacher's, read from a
+# fresh quickstart on a quiet 2-core machine ("stage N of M ... into the
+# run"; 2026-12-07, code 3faebf0): teacher 82 s, student 167 s, prune 60 s,
+# fine-tune 119 s (the plateau rule), export 59 s, benchmark 40 s (a
+# latency table converted and timed beside the files).  Only the ratios
 # matter: the run's own pace so far scales them.
-STAGE_WEIGHTS = {"teacher": 1.0, "student": 1.65, "prune": 0.65, "finetune": 1.25,
-                 "export": 0.75, "benchmark": 0.7, "submission": 0.3}
+STAGE_WEIGHTS = {"teacher": 1.0, "student": 2.0, "prune": 0.75, "finetune": 1.45,
+                 "export": 0.7, "benchmark": 0.5, "submission": 0.3}
