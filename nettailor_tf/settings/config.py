@@ -114,9 +114,9 @@ class Config:
                                         stages=("student",))
     # The fine-tune trains by the plateau rule too: on the development tasks
     # (mnist5k and digits, seeds 0 and 1) the fixed 200-224 steps left the
-    # pruned networks 0.52 validation points below their teachers on
-    # average; the rule (640-880 steps) 0.09 (docs/results/finetune_plateau.json,
-    # rendered in docs/method.md, "Training to convergence").
+    # pruned networks 0.67 validation points below their teachers on
+    # average, the rule (480-720 steps) 0.52 above (docs/results/
+    # finetune_shorter.json, rendered in docs/method.md, "The fine-tune").
     finetune: Schedule = option(Schedule(epochs=20, batch_size=32, learning_rate=0.01,
                                          min_steps=2000, plateau=True),
                                 "fine-tuning the pruned network", stages=_finetune_readers)
