@@ -37,8 +37,11 @@ def test_every_branch_of_the_student_is_timed(tiny_table):
         expected |= {lt.proxy_key(l, s) for s in block.proxy_sources}
     assert set(table.entries) == expected
     assert all(0 < ms < 50 for ms in table.entries.values()), table.entries
-    # One Invoke's fixed cost is what an empty signature takes: less than any branch.
-    assert table.invoke_ms <= min(v for k, v in table.entries.items() if k != "empty")
+    # One Invoke's fixed cost is what an empty signature takes: less than any
+    # branch, up to the medians' noise where a branch (a 16 px mix, an add)
+    # costs next to nothing on top (0.85 against 0.84 us once, 100 runs).
+    assert table.invoke_ms <= 1.1 * min(v for k, v in table.entries.items() if k != "empty")
+    assert table.invoke_ms < table.entries["stem"]
     assert table.entries[lt.STUDENT_KEY] > table.entries[lt.TEACHER_KEY]
     assert (table.backbone, table.image_size, table.threads, table.max_skip) == ("tiny", 16, 1, 2)
     # A network runs its parts in the order the table timed them.
