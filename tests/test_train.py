@@ -354,6 +354,29 @@ def test_each_evaluation_sees_statistics_refreshed_once_per_set_of_weights(digit
     assert len(briefs) >= 2 and all(briefs[:-1]) and not briefs[-1]
 
 
+def test_a_stage_that_only_makes_its_starting_weights_worse_ends_with_them(digits, tmp_path):
+    """The plateau rule evaluates the starting weights first; where no later
+    evaluation improves on them the stage ends with them (without
+    `restore_best`), not with what training made of them."""
+    split = data.with_validation_split(digits, 0.1, seed=0)
+    trainer, model = _trainer(tmp_path / "worse", dataclasses.replace(PLATEAU,
+                                                                       restore_best=False))
+    # Trained away from the labels: every step raises the validation loss.
+    trainer.loss_fn = lambda images, labels, training: (
+        lambda logits: (-cross_entropy(logits, labels), logits, {}))(
+            model(images, training=training)[0])
+    start = [w.numpy().copy() for w in model.weights]
+    start_accuracy, start_loss = trainer.evaluate(split, 16, 32, "val", with_loss=True)
+    seen = _recording(trainer)
+    result = trainer.fit(split, 16, seed=3)
+    assert seen[0][:2] == (0, "improved") and result.best_step == 0
+    assert result.stopped == "plateau" and result.steps > 0
+    for before, weight in zip(start, model.weights):
+        np.testing.assert_array_equal(weight.numpy(), before, err_msg=weight.path)
+    assert result.val_accuracy == pytest.approx(start_accuracy)
+    assert result.val_loss == pytest.approx(start_loss)
+
+
 def test_brief_refreshes_only_draw_the_curve(digits, tmp_path):
     """The plateau rule's evaluations, which decide, follow full statistics
     refreshes; a fixed schedule's curve points a brief one, and a run

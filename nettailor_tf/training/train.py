@@ -247,6 +247,12 @@ class Trainer:
         as an interruption would.
         """
         run = self._start(task, image_size, eval_batch_size, max_steps)
+        if self.plateau.enabled and run.step == 0 and not self.plateau.state().evaluations:
+            # The starting weights are the rule's first candidate: a stage
+            # that only makes them worse (a pruned 2-class network that a
+            # rate of 0.01 drove to one constant answer within 9 steps)
+            # ends with them, not at chance.
+            self._plateau_evaluation(run)
         while run.step < run.stop_at and not run.stopped:
             self._train_epoch(run, seed)
         run.writer.flush()
@@ -420,9 +426,7 @@ class Trainer:
         run.stopped = self.plateau.verdict(run.task.name, step, run.eval_split, decision, state,
                                            rate, float(self.optimizer.learning_rate),
                                            at_cap=step >= run.stage.total_steps)
-        if run.stopped and self.plateau.restore_best(self.model, step):
-            logging.info("%s: keeping the weights of step %d (the last improvement on %s)",
-                         run.task.name, state.best_step, run.eval_split)
+        if run.stopped and self.plateau.restore_best(step, run.task.name, run.eval_split):
             run.eval_accuracy = float("nan")  # the kept weights are evaluated at the end
         run.paused += time.perf_counter() - tic
 
