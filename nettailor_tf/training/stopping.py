@@ -3,10 +3,10 @@
 `PlateauTracker` keeps the rule's state in a variable and a copy of the
 weights of its last improvement; both go into the stage's checkpoints
 (`checkpoint_objects`), so a stage resumed in the middle of a wait decides
-exactly as the uninterrupted one would.  The
-learning rate the rule lowers is the optimizer's own variable, checkpointed
-with the optimizer: the stage's rate, which every rate group that is not held
-follows at its multiple (`rate_groups`).
+exactly as the uninterrupted one would.  The learning rate the rule lowers
+is the optimizer's own variable, checkpointed with the optimizer: the
+stage's rate, which every rate group that is not held follows at its
+multiple (`rate_groups`).
 
 Restoring the best weights is off by default (as in Keras): the last
 weights were trained at the lowered rate, and on a small task the lowest
