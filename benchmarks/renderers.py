@@ -443,7 +443,8 @@ def eval_suite_page(data: dict) -> str:
         f"Measured with `{data['command']}` on {data['machine']['cpu']} "
         f"({data['machine']['cores']} cores), {data['date']}, code {data['code']}. "
         f"Seeds {seed_list}: mean ± sample standard deviation of the test accuracy (%) "
-        "and of the pruned network's multiply-adds as a fraction of its teacher's.", "",
+        "and of the pruned network's multiply-adds as a fraction of its teacher's."
+        + (f" {data['note']}" if data.get("note") else ""), "",
         "| task | teacher | student | pruned | multiply-adds of the teacher's | "
         "pruned - teacher per seed (points) |",
         "| --- | --- | --- | --- | --- | --- |"]

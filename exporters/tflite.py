@@ -122,7 +122,7 @@ class Converter:
         if variant == "int8" and calibration is None:
             raise ValueError("the int8 variant needs calibration images")
         try:
-            with quiet.native_stderr_filtered(), _collecting_new_objects_only():
+            with quiet.native_stderr_filtered(), collecting_new_objects_only():
                 self._converter = self._converter or tf.lite.TFLiteConverter.from_saved_model(
                     self.savedmodel_dir, signature_keys=self.signature_keys)
                 _set_options(self._converter, variant, calibration, self.signature_keys)
@@ -150,7 +150,7 @@ def _set_options(converter, variant: str, calibration, signature_keys: list[str]
 
 
 @contextlib.contextmanager
-def _collecting_new_objects_only():
+def collecting_new_objects_only():
     """The converter's gc.collect() (after a SavedModel load, TF 2.21) walks all
     objects: 0.4-1.6 s a conversion on the quickstart.  Older ones sit it out
     (and any a caller froze are thawed after); the conversion's are collected."""

@@ -36,6 +36,16 @@ def test_each_broken_promise_is_named():
     assert findings(search) == []
 
 
+def test_a_stage_that_ended_with_its_starting_weights_is_a_finding():
+    task = _task()
+    task["pruned"].update(stopped="plateau", best_step=0, val_loss=0.40001, converged=True)
+    assert findings(task) == ["the finetune stage never improved on its starting weights and "
+                              "ends with them (validation loss 0.4): its training only made "
+                              "them worse; try a lower --finetune_lr."]
+    task["pruned"]["best_step"] = 40
+    assert findings(task) == []
+
+
 def test_a_pruned_network_confidently_below_its_teacher_on_test_is_a_finding():
     task = _task(pruned=0.97)  # the same accuracy as the teacher's: no gap finding
     paired = {"images": 1000, "difference": -0.012, "standard_error": 0.004, "lower": -0.0171,

@@ -112,7 +112,8 @@ def test_the_fine_tune_trainer_reuses_the_passes_its_network_was_prepared_with(
                                           0.0, "finetune", pruned=True, passes=passes)
     assert trainer.evaluate(task, config.image_size, config.eval_batch_size, "val") \
         == accuracies["val"]
-    trainer.refresh_statistics()
+    trainer.refresh_statistics(False)
+    trainer.refresh_statistics(True)
     assert len(traces) == traced
     # Without them the trainer traces the network again.
     fresh = nettailor.nettailor_trainer(config, strategy, task, pruned, None, config.finetune,

@@ -9,7 +9,8 @@ import tensorflow as tf
 from nettailor_tf.model import backbones
 from nettailor_tf.model.losses import cross_entropy, mimic_loss
 from nettailor_tf.model.pruning import mask_student
-from nettailor_tf.model.student_network import (BlockPlan, Plan, build_student, copy_task_weights,
+from nettailor_tf.model.student_network import (BatchNormRecalibrator, BlockPlan, Plan,
+                                                build_student, copy_task_weights,
                                                 recalibrate_batchnorm)
 
 NUM_CLASSES = 5
@@ -347,3 +348,34 @@ def test_recalibrated_statistics_are_the_mean_of_the_batch_moments():
     expected = np.mean([tf.reduce_mean(p, axis=[0, 1, 2]).numpy() for p in pre_bn], axis=0)
     np.testing.assert_allclose(bn.moving_mean.numpy(), expected, rtol=1e-4, atol=1e-5)
     assert not np.allclose(before, expected)
+
+
+def test_recalibration_summed_on_the_device_equals_the_host_average_bit_for_bit():
+    """The traced sums give exactly the statistics of averaging each batch's
+    moments on the host (the re-estimation's first form), so moving the sum
+    onto the device changed no result."""
+    backbone = _tiny_backbone()
+    student = _student(backbone, PRUNED, seed=3)
+    batches = [(_images(8, seed=s), np.zeros(8, np.int32)) for s in range(4)]
+    recalibrator = BatchNormRecalibrator(student)
+    start = recalibrator.save()
+    for layer in recalibrator.layers:
+        layer.momentum = 0.0
+    forward = tf.function(lambda images: student(images, training=True, mimic=False)[0])
+    per_batch = []
+    for images, _ in batches:
+        forward(images)
+        per_batch.append(recalibrator.save())
+    for layer in recalibrator.layers:
+        layer.momentum = 0.99
+    sums = per_batch[0]
+    for stats in per_batch[1:]:
+        sums = [(m0 + m, v0 + v) for (m0, v0), (m, v) in zip(sums, stats)]
+    expected = [(m / len(batches), v / len(batches)) for m, v in sums]
+    for _ in range(2):  # the second call reuses the trace and starts from other statistics
+        recalibrator.restore(start)
+        assert recalibrator(batches) == len(batches)
+        for (mean, variance), (want_mean, want_variance) in zip(recalibrator.save(), expected):
+            np.testing.assert_array_equal(mean, want_mean)
+            np.testing.assert_array_equal(variance, want_variance)
+    assert all(layer.momentum == 0.99 for layer in recalibrator.layers)

@@ -326,11 +326,17 @@ def test_fit_selects_on_validation_and_reports_test_once(digits, tmp_path):
 def test_each_evaluation_sees_statistics_refreshed_once_per_set_of_weights(digits, tmp_path):
     """`refresh_statistics` runs before the first evaluation of each set of
     weights (every epoch evaluation, the final validation and test passes
-    sharing one), never after the evaluation it is meant for."""
+    sharing one), never after the evaluation it is meant for; brief before
+    the curve's points, full before the last epoch's, the stage's result."""
     split = data.with_validation_split(digits, 0.1, seed=0)
     trainer, model = _trainer(tmp_path, train.Schedule(1, 32, 0.05, min_steps=60))
-    events = []
-    trainer.refresh_statistics = lambda: events.append(("refresh", int(trainer.step.numpy())))
+    events, briefs = [], []
+
+    def refresh(brief):
+        events.append(("refresh", int(trainer.step.numpy())))
+        briefs.append(brief)
+
+    trainer.refresh_statistics = refresh
     evaluator = train.make_evaluator(trainer.strategy, trainer.predict_fn)
 
     def recording(*args, **kwargs):
@@ -345,6 +351,52 @@ def test_each_evaluation_sees_statistics_refreshed_once_per_set_of_weights(digit
     assert refreshed == sorted(set(evaluated)) and result.steps in refreshed
     for step in set(evaluated):  # the refresh comes first
         assert events.index(("refresh", step)) < events.index(("evaluate", step))
+    assert len(briefs) >= 2 and all(briefs[:-1]) and not briefs[-1]
+
+
+def test_a_stage_that_only_makes_its_starting_weights_worse_ends_with_them(digits, tmp_path):
+    """The plateau rule evaluates the starting weights first; where no later
+    evaluation improves on them the stage ends with them (without
+    `restore_best`), not with what training made of them."""
+    split = data.with_validation_split(digits, 0.1, seed=0)
+    trainer, model = _trainer(tmp_path / "worse", dataclasses.replace(PLATEAU,
+                                                                       restore_best=False))
+    # Trained away from the labels: every step raises the validation loss.
+    trainer.loss_fn = lambda images, labels, training: (
+        lambda logits: (-cross_entropy(logits, labels), logits, {}))(
+            model(images, training=training)[0])
+    start = [w.numpy().copy() for w in model.weights]
+    start_accuracy, start_loss = trainer.evaluate(split, 16, 32, "val", with_loss=True)
+    seen = _recording(trainer)
+    result = trainer.fit(split, 16, seed=3)
+    assert seen[0][:2] == (0, "improved") and result.best_step == 0
+    assert result.stopped == "plateau" and result.steps > 0
+    for before, weight in zip(start, model.weights):
+        np.testing.assert_array_equal(weight.numpy(), before, err_msg=weight.path)
+    assert result.val_accuracy == pytest.approx(start_accuracy)
+    assert result.val_loss == pytest.approx(start_loss)
+
+
+def test_brief_refreshes_only_draw_the_curve(digits, tmp_path):
+    """The plateau rule's evaluations, which decide, follow full statistics
+    refreshes; a fixed schedule's curve points a brief one, and a run
+    stopped at one (`max_steps` at an epoch's end, as the prune search's
+    halfway check does) answers after a full refresh."""
+    split = data.with_validation_split(digits, 0.1, seed=0)
+    ruled, _ = _trainer(tmp_path / "ruled", PLATEAU)
+    ruled_briefs = []
+    ruled.refresh_statistics = ruled_briefs.append
+    assert ruled.fit(split, 16, seed=3).stopped == "plateau"
+    assert len(ruled_briefs) > 3 and not any(ruled_briefs)
+
+    halted, _ = _trainer(tmp_path / "halted", train.Schedule(1, 32, 0.05, min_steps=60))
+    briefs = []
+    halted.refresh_statistics = briefs.append
+    evaluator = train.make_evaluator(halted.strategy, halted.predict_fn)
+    early = halted.fit(split, 16, seed=0, max_steps=data.steps_per_epoch(split, 32),
+                       evaluate_test=False)
+    assert not early.complete and briefs == [True, False]
+    assert early.val_accuracy == pytest.approx(evaluator(split, 16, 32, "val"))
 
 
 def test_a_given_evaluator_is_the_one_evaluations_use(digits, tmp_path):
@@ -364,7 +416,7 @@ def test_a_given_evaluator_is_the_one_evaluations_use(digits, tmp_path):
     trainer = train.Trainer(probe.strategy, probe.model, probe.loss_fn, probe.trainable,
                             probe.trainable, train.Schedule(1, 32, 0.05, min_steps=20),
                             checkpoint_dir=str(tmp_path / "given"), evaluator=recording,
-                            refresh_statistics=lambda: calls.append("refresh"))
+                            refresh_statistics=lambda brief: calls.append("refresh"))
     result = trainer.fit(split, 16, seed=0)
     assert calls[0] == "refresh" and calls.count("val") >= 1 and calls[-1] == "test"
     assert result.test_accuracy == evaluator(split, 16, 32, "test")

@@ -94,7 +94,7 @@ def convert_functions(functions: dict) -> bytes:
     for key, (fn, specs) in functions.items():
         archive.add_endpoint(name=key, fn=fn, input_signature=specs)
     with tempfile.TemporaryDirectory(prefix="nettailor_latency_") as folder:
-        with quiet.native_stderr_filtered():
+        with quiet.native_stderr_filtered(), tflite.collecting_new_objects_only():
             archive.write_out(folder, verbose=False)
             converter = tf.lite.TFLiteConverter.from_saved_model(
                 folder, signature_keys=list(functions))

@@ -180,6 +180,11 @@ def findings(task: dict) -> list[str]:
                          "its teacher.")
     for part, flag in _STAGE_FLAGS.items():
         entry = task.get(part) or {}
+        if entry.get("stopped") == "plateau" and entry.get("best_step") == 0:
+            loss = entry.get("val_loss")
+            notes.append(f"the {flag} stage never improved on its starting weights and ends "
+                         f"with them (validation loss {loss if loss is None else round(loss, 4)}"
+                         f"): its training only made them worse; try a lower --{flag}_lr.")
         if entry.get("converged") is False:
             notes.append(f"the {flag} stage reached its cap of {entry['cap_steps']} steps "
                          f"still improving (last at step {entry['best_step']}): it has not "

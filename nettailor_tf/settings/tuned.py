@@ -54,6 +54,17 @@ RECOMMENDATION_TOLERANCE = 0.005
 # where ten a stage took 15-20 s of its student stage.
 EVALUATIONS_PER_STAGE = 4
 
+# BN re-estimation batches before a fixed schedule's curve points (of the 32
+# that `stages/nettailor.RECALIBRATION_BATCHES` gives the stage's result):
+# they decide nothing, and a full one cost ~2 s per point of a quickstart
+# student.  Not before the plateau rule's evaluations, which decide: there
+# (2026-12-07, the fine-tune of development seeds 0 and 1, each from the same
+# student and plan, docs/results/finetune_shorter.json) 8 batches ended with
+# a higher validation loss on three of four runs (mnist5k 0.090 and 0.056
+# against 0.075 and 0.053, digits 0.070 against 0.041, one run the same) and
+# moved the rule's stop by -80 to +160 steps.
+BRIEF_RECALIBRATION_BATCHES = 8
+
 # --- the time-left estimate of each stage line (stages/__init__.py)
 
 # Each stage's usual share of a run, relative to the teacher's, read from a

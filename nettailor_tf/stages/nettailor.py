@@ -15,6 +15,7 @@ from nettailor_tf import data as data_lib
 from nettailor_tf.model import student_network
 from nettailor_tf.training import teacher_cache, train
 from nettailor_tf.settings.config import Config
+from nettailor_tf.settings.tuned import BRIEF_RECALIBRATION_BATCHES
 from nettailor_tf.model.losses import cross_entropy, mimic_loss
 from nettailor_tf.training.train import Trainer
 from nettailor_tf.run.workdir import Workdir, fingerprint
@@ -171,6 +172,8 @@ def nettailor_trainer(config, strategy, task, student, teacher, schedule, comple
     # and 97% with the statistics re-estimated, same weights.
     passes = passes or compiled_passes(strategy, student)
     batches = recalibration_batches(config, task)
+    brief = (batches[:BRIEF_RECALIBRATION_BATCHES] if isinstance(batches, list)
+             else batches.take(BRIEF_RECALIBRATION_BATCHES))
     return Trainer(
         strategy, student, loss_fn, trainable, decayed, schedule, lr_multipliers=multipliers,
         held=[] if config.gate_lr_decay else student.gate_variables(), indexed=targets is not None,
@@ -179,7 +182,7 @@ def nettailor_trainer(config, strategy, task, student, teacher, schedule, comple
         jit_compile=config.jit_compile, checkpoint_every=config.checkpoint_every,
         log_every=config.log_every,
         predict_fn=passes.predict, evaluator=passes.evaluate,
-        refresh_statistics=lambda: passes.recalibrate(batches))
+        refresh_statistics=lambda short: passes.recalibrate(brief if short else batches))
 
 
 def train_nettailor(config, strategy, task, student, teacher, schedule, complexity_coeff,
@@ -207,11 +210,19 @@ def gate_values(student) -> list[list[float]]:
 # cost a second or two.
 RECALIBRATION_BATCHES = 32
 
+# Decoded once and kept while they fit in this many bytes (the quickstart's
+# 32 batches at 64 px: 50 MB), else decoded at each re-estimation.
+_KEPT_RECALIBRATION_BYTES = 256 * 2 ** 20
+
 
 def recalibration_batches(config: Config, task):
-    """The training batches a pruned network's BN statistics are re-estimated on."""
-    return data_lib.train_pipeline(task, config.image_size, config.finetune.batch_size,
-                                   epoch=0, seed=config.seed).take(RECALIBRATION_BATCHES)
+    """The training batches a pruned network's BN statistics are re-estimated
+    on: the same ones at every call (the first of epoch 0), as a list where
+    they fit in memory (decoding them took a fifth of each re-estimation)."""
+    batches = data_lib.train_pipeline(task, config.image_size, config.finetune.batch_size,
+                                      epoch=0, seed=config.seed).take(RECALIBRATION_BATCHES)
+    size = RECALIBRATION_BATCHES * config.finetune.batch_size * config.image_size ** 2 * 3 * 4
+    return list(batches) if size <= _KEPT_RECALIBRATION_BYTES else batches
 
 
 def prepared_pruned(config, strategy, task, student, plan, splits, raw_test=False):

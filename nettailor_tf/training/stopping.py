@@ -1,18 +1,20 @@
 """The plateau rule inside the training loop (the rule itself: `plateau`).
 
-`PlateauTracker` keeps the rule's state in a variable and, with
-`restore_best`, a copy of the weights of its last improvement; both go
-into the stage's checkpoints (`checkpoint_objects`), so a stage resumed in
-the middle of a wait decides exactly as the uninterrupted one would.  The
-learning rate the rule lowers is the optimizer's own variable, checkpointed
-with the optimizer: the stage's rate, which every rate group that is not held
-follows at its multiple (`rate_groups`).
+`PlateauTracker` keeps the rule's state in a variable and a copy of the
+weights of its last improvement; both go into the stage's checkpoints
+(`checkpoint_objects`), so a stage resumed in the middle of a wait decides
+exactly as the uninterrupted one would.  The learning rate the rule lowers
+is the optimizer's own variable, checkpointed with the optimizer: the
+stage's rate, which every rate group that is not held follows at its
+multiple (`rate_groups`).
 
 Restoring the best weights is off by default (as in Keras): the last
 weights were trained at the lowered rate, and on a small task the lowest
 validation loss can come long before the best network (the development
 folder task's was at step 40, at chance, while its accuracy rose through a
-rising loss: docs/method.md, "Training to convergence").
+rising loss: docs/method.md, "Training to convergence").  One exception:
+a stage that never improved on its starting weights (the loop evaluates
+them first) ends with them rather than with what its training made of them.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ class PlateauTracker:
                                   trainable=False, name="plateau_state")
         self._weights = weights_by_path(model) if model is not None else {}
         self.best_weights = {}
-        if self.enabled and schedule.restore_best:
+        if self.enabled:
             self.best_weights = {key: tf.Variable(tf.convert_to_tensor(weight),
                                                   trainable=False, name=f"best_{i}")
                                  for i, (key, weight) in enumerate(self._weights.items())}
@@ -69,14 +71,24 @@ class PlateauTracker:
         self.vector.assign(state.to_vector())
         return decision, state
 
-    def restore_best(self, model, step: int) -> bool:
-        """Puts the kept best weights back into `model` (the one the tracker
-        was built with) unless they are the current ones; whether it did."""
+    def restore_best(self, step: int, name: str = "", split: str = "val") -> bool:
+        """Puts the kept best weights back into the model the tracker was
+        built with, unless they are the current ones; whether it did (said
+        in the log for `name`).  Without `restore_best` only the starting
+        weights, where no later evaluation improved on them (their
+        evaluation at step 0 the best)."""
         state = self.state()
-        if not self.best_weights or state.best_step in (0, step):
+        wanted = self.schedule.restore_best or (state.best_step == 0 and state.evaluations)
+        if not self.best_weights or not wanted or state.best_step == step:
             return False
         for key, best in self.best_weights.items():
             self._weights[key].assign(best)
+        if state.best_step:
+            logging.info("%s: keeping the weights of step %d (the last improvement on %s)",
+                         name, state.best_step, split)
+        else:
+            logging.warning("%s: no evaluation improved on the starting weights (%s loss "
+                            "%.4f): the stage ends with them", name, split, state.best)
         return True
 
     def verdict(self, name: str, step: int, split: str, decision: str, state: PlateauState,

@@ -30,6 +30,7 @@ from nettailor_tf import data as data_lib
 from nettailor_tf.training import stopping
 from nettailor_tf.training.checkpoints import TrainingCheckpoints
 from nettailor_tf.training.rate_groups import GroupedOptimizer, RateGroup, learning_rate_schedule
+from nettailor_tf.training.result import TrainResult
 # train.make_evaluator, train.format_duration: where the stages find them.
 from nettailor_tf.training.evaluation import make_evaluator  # noqa: F401
 from nettailor_tf.training.progress import format_duration, ProgressReporter  # noqa: F401
@@ -69,37 +70,6 @@ class _Window:
 LossFn = Callable[..., tuple]
 
 
-@dataclasses.dataclass
-class TrainResult:
-    steps: int
-    test_accuracy: float        # nan until the stage is complete
-    train_images_per_second: float
-    resumed_from_step: int
-    # nan for a task without a validation split, and for a stage stopped
-    # early anywhere but at an epoch's end (evaluated there).
-    val_accuracy: float = float("nan")
-    total_steps: int = 0       # the schedule's length; with the plateau rule its cap
-    epochs: int = 0
-    # Why the stage ended: 'schedule' (its fixed length), 'plateau' (the
-    # plateau rule), 'cap' (the rule's cap, still improving); '' while it is
-    # not done.
-    stopped: str = ""
-    val_loss: float = float("nan")     # the monitored loss of the weights kept (plateau rule)
-    best_step: int = 0                 # the step of the rule's last improvement
-    reductions: int = 0                # times the rule lowered the rate
-    learning_rate: float = float("nan")  # the rate at the end
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.stopped) or self.steps >= self.total_steps
-
-    @property
-    def converged(self) -> bool | None:
-        """Whether the plateau rule judged the stage converged (None: a fixed
-        schedule, which cannot tell)."""
-        return None if self.stopped in ("", "schedule") else self.stopped == "plateau"
-
-
 class Trainer:
     """Trains `model`'s `trainable` variables with `loss_fn` on one task.
 
@@ -135,7 +105,10 @@ class Trainer:
             (to look up targets computed once, e.g. a frozen teacher's).
         refresh_statistics: called before an evaluation when the weights
             have moved since its last call, to re-estimate the model's BN
-            statistics on them (None: evaluate with the moving averages).
+            statistics on them (None: evaluate with the moving averages);
+            its argument `brief` asks for a cheaper estimate, enough for a
+            fixed schedule's curve points: the stage's result, and the
+            plateau rule's evaluations, follow a full one.
         evaluator: a `make_evaluator` of `predict_fn` traced elsewhere, whose
             trace it reuses (None: one is made at the first evaluation).
     """
@@ -161,7 +134,8 @@ class Trainer:
         self.eval_split = eval_split
         self.indexed = indexed
         self.refresh_statistics = refresh_statistics
-        self._refreshed_at = None  # the step whose weights the statistics describe
+        # (step, brief) of the last refresh: the weights the statistics describe.
+        self._refreshed = None
         self._evaluator = evaluator
         self._stage = None  # the schedule `fit` built its steps for
         self.schedule = schedule
@@ -239,16 +213,19 @@ class Trainer:
     # --- evaluation ----------------------------------------------------------
 
     def evaluate(self, task: data_lib.TaskData, image_size: int, batch_size: int,
-                 split: str = "test", with_loss: bool = False):
-        """Top-1 accuracy on `split`; (accuracy, mean cross-entropy) `with_loss`."""
+                 split: str = "test", with_loss: bool = False, brief: bool = False):
+        """Top-1 accuracy on `split`; (accuracy, mean cross-entropy) `with_loss`;
+        `brief`: after a brief statistics refresh (see `refresh_statistics`)."""
         if self.refresh_statistics is not None:
             # Once per set of weights: the final validation and test passes
-            # share one re-estimation.  Before the first step there is no
-            # step counter yet; the statistics are then the caller's.
+            # share one re-estimation, which a brief one does not replace.
+            # Before the first step there is no step counter yet; the
+            # statistics are then the caller's.
             step = int(self.step.numpy()) if hasattr(self, "step") else None
-            if step is not None and step != self._refreshed_at:
-                self.refresh_statistics()
-                self._refreshed_at = step
+            last_step, last_brief = self._refreshed or (None, False)
+            if step is not None and (step != last_step or (last_brief and not brief)):
+                self.refresh_statistics(brief)
+                self._refreshed = (step, brief)
         if self._evaluator is None:
             self._evaluator = make_evaluator(self.strategy, self.predict_fn)
         return self._evaluator(task, image_size, batch_size, split, with_loss)
@@ -270,6 +247,12 @@ class Trainer:
         as an interruption would.
         """
         run = self._start(task, image_size, eval_batch_size, max_steps)
+        if self.plateau.enabled and run.step == 0 and not self.plateau.state().evaluations:
+            # The starting weights are the rule's first candidate: a stage
+            # that only makes them worse (a pruned 2-class network that a
+            # rate of 0.01 drove to one constant answer within 9 steps)
+            # ends with them, not at chance.
+            self._plateau_evaluation(run)
         while run.step < run.stop_at and not run.stopped:
             self._train_epoch(run, seed)
         run.writer.flush()
@@ -411,9 +394,14 @@ class Trainer:
         if run.step % stage.steps_per_epoch or not (epochs_done % evaluate_every == 0
                                                      or epochs_done == stage.epochs):
             return
+        # The curve's points before the last follow a brief statistics
+        # refresh: they decide nothing (a refresh leaves no trace in training,
+        # whose BN layers read their batches' moments) and the last one, the
+        # stage's result, follows a full one.
+        brief = epochs_done < stage.epochs
         run.eval_accuracy = self.evaluate(run.task, run.image_size, run.eval_batch_size,
-                                          run.eval_split)
-        run.evaluated_at = run.step
+                                          run.eval_split, brief=brief)
+        run.evaluated_at, run.eval_brief = run.step, brief and self.refresh_statistics is not None
         logging.debug("%s: epoch %d/%d %s accuracy %.4f", run.task.name, epochs_done,
                       stage.epochs, "validation" if run.eval_split == "val" else "test",
                       run.eval_accuracy)
@@ -423,6 +411,8 @@ class Trainer:
     def _plateau_evaluation(self, run: "_Run") -> None:
         """Evaluates, lets the plateau rule decide, and acts on it."""
         tic, step = time.perf_counter(), run.step
+        # A full refresh: the rule compares these losses, and a brief one
+        # made its decisions noisier (`tuned.BRIEF_RECALIBRATION_BATCHES`).
         accuracy, loss = self.evaluate(run.task, run.image_size, run.eval_batch_size,
                                        run.eval_split, with_loss=True)
         run.eval_accuracy, run.evaluated_at = accuracy, step
@@ -436,9 +426,7 @@ class Trainer:
         run.stopped = self.plateau.verdict(run.task.name, step, run.eval_split, decision, state,
                                            rate, float(self.optimizer.learning_rate),
                                            at_cap=step >= run.stage.total_steps)
-        if run.stopped and self.plateau.restore_best(self.model, step):
-            logging.info("%s: keeping the weights of step %d (the last improvement on %s)",
-                         run.task.name, state.best_step, run.eval_split)
+        if run.stopped and self.plateau.restore_best(step, run.task.name, run.eval_split):
             run.eval_accuracy = float("nan")  # the kept weights are evaluated at the end
         run.paused += time.perf_counter() - tic
 
@@ -450,13 +438,18 @@ class Trainer:
                            else "plateau" if state.stopped else "cap")
         test_accuracy = val_accuracy = float("nan")
         eval_accuracy, eval_loss = run.eval_accuracy, state.last
-        if run.stopped:
+        if run.eval_brief:
+            # A curve point's: the weights the stage ends with are evaluated
+            # after a full refresh of their statistics.
+            eval_accuracy = float("nan")
+        if run.stopped or run.evaluated_at == run.step and run.eval_split == "val":
             if not math.isfinite(eval_accuracy):
-                # Resumed after the end, or the best weights were restored:
-                # evaluate what the stage ends with.
+                # Resumed after the end, the best weights restored, or the
+                # last evaluation a brief one: evaluate what the stage ends with.
                 eval_accuracy, eval_loss = self.evaluate(
                     run.task, run.image_size, run.eval_batch_size, run.eval_split,
                     with_loss=True)
+        if run.stopped:
             if run.eval_split == "val":
                 val_accuracy = eval_accuracy
                 if evaluate_test:
@@ -498,3 +491,4 @@ class _Run:
     paused: float = 0.0             # seconds of this epoch spent evaluating
     eval_accuracy: float = float("nan")
     evaluated_at: int | None = None
+    eval_brief: bool = False        # the last evaluation followed a brief refresh
