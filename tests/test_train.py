@@ -361,6 +361,7 @@ def test_a_stage_that_only_makes_its_starting_weights_worse_ends_with_them(digit
     split = data.with_validation_split(digits, 0.1, seed=0)
     trainer, model = _trainer(tmp_path / "worse", dataclasses.replace(PLATEAU,
                                                                        restore_best=False))
+    trainer.start_is_candidate = True  # as a fine-tune's pruned network
     # Trained away from the labels: every step raises the validation loss.
     trainer.loss_fn = lambda images, labels, training: (
         lambda logits: (-cross_entropy(logits, labels), logits, {}))(

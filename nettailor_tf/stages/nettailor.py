@@ -182,7 +182,8 @@ def nettailor_trainer(config, strategy, task, student, teacher, schedule, comple
         jit_compile=config.jit_compile, checkpoint_every=config.checkpoint_every,
         log_every=config.log_every,
         predict_fn=passes.predict, evaluator=passes.evaluate,
-        refresh_statistics=lambda short: passes.recalibrate(brief if short else batches))
+        refresh_statistics=lambda short: passes.recalibrate(brief if short else batches),
+        start_is_candidate=pruned)
 
 
 def train_nettailor(config, strategy, task, student, teacher, schedule, complexity_coeff,

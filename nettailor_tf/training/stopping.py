@@ -13,8 +13,9 @@ weights were trained at the lowered rate, and on a small task the lowest
 validation loss can come long before the best network (the development
 folder task's was at step 40, at chance, while its accuracy rose through a
 rising loss: docs/method.md, "Training to convergence").  One exception:
-a stage that never improved on its starting weights (the loop evaluates
-them first) ends with them rather than with what its training made of them.
+a stage that starts from a trained network (`keep_start`: the fine-tune's
+pruned one, evaluated before the first step) and never improves on it ends
+with it rather than with what its training made of it.
 """
 from __future__ import annotations
 
@@ -31,14 +32,14 @@ __all__ = ["IMPROVED", "KEEP", "REDUCE", "STOP", "PlateauTracker"]
 class PlateauTracker:
     """The plateau rule's state for one trainer; inert for a fixed schedule."""
 
-    def __init__(self, model, schedule: Schedule):
+    def __init__(self, model, schedule: Schedule, keep_start: bool = False):
         self.schedule = schedule
         self.enabled = schedule.plateau
         self.vector = tf.Variable(PlateauState().to_vector(), dtype=tf.float64,
                                   trainable=False, name="plateau_state")
         self._weights = weights_by_path(model) if model is not None else {}
         self.best_weights = {}
-        if self.enabled:
+        if self.enabled and (schedule.restore_best or keep_start):
             self.best_weights = {key: tf.Variable(tf.convert_to_tensor(weight),
                                                   trainable=False, name=f"best_{i}")
                                  for i, (key, weight) in enumerate(self._weights.items())}
@@ -75,8 +76,8 @@ class PlateauTracker:
         """Puts the kept best weights back into the model the tracker was
         built with, unless they are the current ones; whether it did (said
         in the log for `name`).  Without `restore_best` only the starting
-        weights, where no later evaluation improved on them (their
-        evaluation at step 0 the best)."""
+        weights (`keep_start`), where no later evaluation improved on them
+        (their evaluation at step 0 the best)."""
         state = self.state()
         wanted = self.schedule.restore_best or (state.best_step == 0 and state.evaluations)
         if not self.best_weights or not wanted or state.best_step == step:

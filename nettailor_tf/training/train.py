@@ -111,13 +111,16 @@ class Trainer:
             plateau rule's evaluations, follow a full one.
         evaluator: a `make_evaluator` of `predict_fn` traced elsewhere, whose
             trace it reuses (None: one is made at the first evaluation).
+        start_is_candidate: the model starts trained (a pruned network): the
+            plateau rule evaluates it before the first step, and a stage
+            that never improves on it ends with it.
     """
 
     def __init__(self, strategy, model, loss_fn: LossFn, trainable, decayed, schedule: Schedule,
                  checkpoint_dir: str, summary_dir: str | None = None, jit_compile: bool = False,
                  checkpoint_every: int = 200, log_every: int = 20, predict_fn=None,
                  lr_multipliers=None, held=(), eval_split: str = "val", indexed: bool = False,
-                 refresh_statistics=None, evaluator=None):
+                 refresh_statistics=None, evaluator=None, start_is_candidate=False):
         self.strategy = strategy
         self.predict_fn = predict_fn or (lambda images: model(images, training=False)[0])
         self.model = model
@@ -137,6 +140,7 @@ class Trainer:
         # (step, brief) of the last refresh: the weights the statistics describe.
         self._refreshed = None
         self._evaluator = evaluator
+        self.start_is_candidate = start_is_candidate
         self._stage = None  # the schedule `fit` built its steps for
         self.schedule = schedule
         self.checkpoint_dir = checkpoint_dir
@@ -174,7 +178,7 @@ class Trainer:
             # before the first distributed step (measured on 2 CPU cores).
             self.optimizer.build(self.trainable)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        self.plateau = stopping.PlateauTracker(self.model, schedule)
+        self.plateau = stopping.PlateauTracker(self.model, schedule, self.start_is_candidate)
         decay = schedule.weight_decay
 
         def replica_step(images, labels, *indices):
@@ -247,11 +251,12 @@ class Trainer:
         as an interruption would.
         """
         run = self._start(task, image_size, eval_batch_size, max_steps)
-        if self.plateau.enabled and run.step == 0 and not self.plateau.state().evaluations:
-            # The starting weights are the rule's first candidate: a stage
-            # that only makes them worse (a pruned 2-class network that a
-            # rate of 0.01 drove to one constant answer within 9 steps)
-            # ends with them, not at chance.
+        if (self.start_is_candidate and self.plateau.enabled and run.step == 0
+                and not self.plateau.state().evaluations):
+            # The trained starting weights are the rule's first candidate: a
+            # stage that only makes them worse (a pruned 2-class network
+            # that a rate of 0.01 drove to one constant answer within 9
+            # steps) ends with them, not at chance.
             self._plateau_evaluation(run)
         while run.step < run.stop_at and not run.stopped:
             self._train_epoch(run, seed)
